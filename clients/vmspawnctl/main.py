@@ -1,0 +1,197 @@
+# SPDX-License-Identifier: LGPL-2.1-or-later
+"""vmspawnctl: control vmspawnd over Varlink.
+
+Kept light on purpose (no asyncio, no daemon modules): a one-shot call should cost
+little more than starting Python. Errors are one line on stderr and a non-zero exit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+from vmspawnd.errors import InvalidSpec
+
+from .varlink import Connection, ConnectionFailed, VarlinkError
+
+INTERFACE = "io.vmspawnd.Manager"
+EXIT_FAILURE = 1
+EXIT_USAGE = 2
+
+
+def default_address() -> str:
+    if env := os.environ.get("VMSPAWN_ADDRESS"):
+        return env
+    if os.geteuid() == 0:
+        return "/run/vmspawnd/io.vmspawnd.Manager"
+    runtime = os.environ.get("XDG_RUNTIME_DIR", f"/run/user/{os.geteuid()}")
+    return f"{runtime}/vmspawnd/io.vmspawnd.Manager"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from vmspawnd import __version__
+
+    parser = argparse.ArgumentParser(prog="vmspawnctl", description="Control virtual machines supervised by vmspawnd.")
+    parser.add_argument("--address", default=None, help="vmspawnd socket (default: $VMSPAWN_ADDRESS, else the system or user instance)")
+    parser.add_argument("--version", action="version", version=f"vmspawnctl {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    start = sub.add_parser("start", help="spawn a VM (systemd-vmspawn options)", description="Spawn a VM; takes systemd-vmspawn's options.")
+    from .start_options import add_start_options
+
+    add_start_options(start)
+
+    lst = sub.add_parser("list", help="list VMs")
+    lst.add_argument("--json", action="store_true", help="print JSON")
+    status = sub.add_parser("status", help="show one VM")
+    status.add_argument("name")
+    status.add_argument("--json", action="store_true", help="print JSON")
+    stop = sub.add_parser("stop", help="power a VM off (ACPI), terminating it after the deadline")
+    stop.add_argument("name")
+    stop.add_argument("--deadline", type=float, default=None, metavar="SECONDS", help="grace period before termination (default 60)")
+    for verb, text in (("terminate", "stop a VM immediately"), ("remove", "forget a stopped VM"), ("log", "print a VM's console log")):
+        sub.add_parser(verb, help=text).add_argument("name")
+    kill = sub.add_parser("kill", help="send a signal to a VM's QEMU")
+    kill.add_argument("name")
+    kill.add_argument("-s", "--signal", default="SIGTERM", help="signal name or number (default SIGTERM)")
+    return parser
+
+
+def signal_number(text: str) -> int:
+    import signal
+
+    if text.isdigit():
+        return int(text)
+    name = text.upper() if text.upper().startswith("SIG") else f"SIG{text.upper()}"
+    try:
+        return int(signal.Signals[name])
+    except KeyError:
+        raise SystemExit(f"vmspawnctl: --signal: unknown signal {text!r}; expected a name like SIGTERM or a number") from None
+
+
+def format_error(exc: VarlinkError) -> str:
+    p = exc.parameters
+    match exc.short_name:
+        case "InvalidSpec":
+            return f"invalid {p.get('field')}: {p.get('reason')}"
+        case "NoSuchMachine":
+            return f"no machine named {p.get('name')!r}"
+        case "MachineExists":
+            return f"a machine named {p.get('name')!r} already exists"
+        case "InvalidState":
+            return f"cannot {p.get('operation')} {p.get('name')!r} while it is {p.get('state')}"
+        case "StartFailed":
+            tail = str(p.get("stderrTail") or "").strip()
+            return f"failed to start ({p.get('step')}): {p.get('message')}" + (f"\n{tail}" if tail else "")
+        case "PermissionDenied":
+            return "permission denied: this vmspawnd instance only serves its owner"
+        case "Timeout":
+            return f"timed out: {p.get('operation')}"
+    return f"{exc.name}: {json.dumps(p)}" if p else exc.name
+
+
+def print_table(machines: list[dict[str, object]]) -> None:
+    rows = [("NAME", "STATE", "PID", "ID", "REASON")]
+    for m in machines:
+        qemu = m.get("qemu") or {}
+        pid = str(qemu.get("pid", "-")) if isinstance(qemu, dict) and m.get("state") not in ("stopped", "failed") else "-"
+        rows.append((str(m["name"]), str(m["state"]), pid, str(m["id"]), str(m.get("reason") or "")))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    bold = sys.stdout.isatty() and "NO_COLOR" not in os.environ
+    for index, row in enumerate(rows):
+        line = "  ".join(cell.ljust(widths[i]) for i, cell in enumerate(row)).rstrip()
+        print(f"\033[1m{line}\033[0m" if bold and index == 0 else line)
+    print(f"\n{len(machines)} machine{'s' if len(machines) != 1 else ''} listed.")
+
+
+def print_status(m: dict[str, object]) -> None:
+    qemu = m.get("qemu") if isinstance(m.get("qemu"), dict) else {}
+    lines = [
+        f"{m['name']} ({m['id']})",
+        f"     State: {m['state']}" + (f" ({m['reason']})" if m.get("reason") else ""),
+        f"    Leader: {qemu.get('pid', '-')} (qemu)",  # type: ignore[union-attr]
+        f"       UID: {m['uid']}",
+        f"       QMP: {m.get('qmpAddress') or '-'}",
+        f"   Console: {m.get('consoleAddress') or '-'}",
+        f"       Log: {m.get('consoleLog') or '-'}",
+    ]
+    if m.get("exitCode") is not None:
+        lines.append(f"      Exit: status {m['exitCode']}")
+    if m.get("exitSignal") is not None:
+        lines.append(f"      Exit: signal {m['exitSignal']}")
+    print("\n".join(lines))
+    tail = str(m.get("stderrTail") or "").strip()
+    if tail and m.get("state") == "failed":
+        print("\nQEMU said:\n" + tail)
+
+
+def run(args: argparse.Namespace) -> int:
+    address = args.address or default_address()
+    method = f"{INTERFACE}."
+    if args.command == "start":
+        from .start_options import spec_from_args
+
+        spec = spec_from_args(args)
+        with Connection(address) as conn:
+            machine = conn.call(method + "Spawn", {"spec": spec.to_json()})["machine"]
+        if not args.quiet:
+            print(f"Spawned VM {machine['name']} (id {machine['id']}, QEMU pid {machine['qemu']['pid']}).")  # type: ignore[index]
+        return 0
+    with Connection(address) as conn:
+        if args.command == "list":
+            machines = conn.call(method + "List")["machines"]
+            if args.json:
+                print(json.dumps(machines, indent=2))
+            else:
+                print_table(machines)  # type: ignore[arg-type]
+        elif args.command == "status":
+            machine = conn.call(method + "Describe", {"name": args.name})["machine"]
+            print(json.dumps(machine, indent=2) if args.json else "", end="\n" if args.json else "")
+            if not args.json:
+                print_status(machine)  # type: ignore[arg-type]
+        elif args.command == "stop":
+            params: dict[str, object] = {"name": args.name}
+            if args.deadline is not None:
+                params["deadline"] = args.deadline
+            machine = conn.call(method + "PowerOff", params)["machine"]
+            print(f"{machine['name']}: {machine['state']} ({machine['reason']})")  # type: ignore[index]
+        elif args.command == "terminate":
+            machine = conn.call(method + "Terminate", {"name": args.name})["machine"]
+            print(f"{machine['name']}: {machine['state']} ({machine['reason']})")  # type: ignore[index]
+        elif args.command == "kill":
+            conn.call(method + "Kill", {"name": args.name, "signal": signal_number(args.signal)})
+        elif args.command == "remove":
+            conn.call(method + "Remove", {"name": args.name})
+        elif args.command == "log":
+            machine = conn.call(method + "Describe", {"name": args.name})["machine"]
+            path = machine.get("consoleLog")  # type: ignore[union-attr]
+            if not path:
+                raise SystemExit(f"vmspawnctl: {args.name} has no console log (console mode {machine['spec'].get('console', 'interactive')})")  # type: ignore[index]
+            with open(str(path), "rb") as f:
+                sys.stdout.buffer.write(f.read())
+    return 0
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        code = run(args)
+    except VarlinkError as exc:
+        print(f"vmspawnctl: {format_error(exc)}", file=sys.stderr)
+        code = EXIT_FAILURE
+    except ConnectionFailed as exc:
+        print(f"vmspawnctl: {exc} (is vmspawnd running? see --address)", file=sys.stderr)
+        code = EXIT_FAILURE
+    except InvalidSpec as exc:  # spec validation before any call
+        print(f"vmspawnctl {args.command}: {exc}", file=sys.stderr)
+        code = EXIT_USAGE
+    except BrokenPipeError:
+        code = EXIT_FAILURE
+    sys.exit(code)
+
+
+if __name__ == "__main__":
+    main()

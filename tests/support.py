@@ -1,0 +1,283 @@
+# SPDX-License-Identifier: LGPL-2.1-or-later
+"""Test support: a real vmspawnd in a subprocess, clients, console reading, leak checks.
+
+Nothing here calls daemon internals: tests talk to the daemon over its socket (with
+the CLI's stdlib client or python-varlink's CLI) and look at the host (/proc, files).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+import re
+import select
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+from vmspawnctl.varlink import Connection
+
+MANAGER = "io.vmspawnd.Manager"
+BOOT_TIMEOUT = 120.0  # TCG on 2 shared cores with OVMF: ~13 s normally, much more under load
+TAG = "VMSPAWND-TEST:"
+
+
+def wait_notify(sock: socket.socket, wanted: str, timeout: float) -> str:
+    """Wait for a datagram containing `wanted` on a NOTIFY_SOCKET stand-in."""
+    deadline = time.monotonic() + timeout
+    while True:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise TimeoutError(f"no {wanted!r} on the notify socket within {timeout}s")
+        sock.settimeout(remaining)
+        data = sock.recv(4096).decode()
+        if wanted in data.split("\n"):
+            return data
+
+
+@dataclasses.dataclass
+class Daemon:
+    """A vmspawnd process under test, with its runtime directory and socket."""
+
+    process: subprocess.Popen[bytes]
+    runtime_dir: Path
+    socket_path: Path
+    log_path: Path
+    notify: socket.socket
+
+    @property
+    def address(self) -> str:
+        return str(self.socket_path)
+
+    def connect(self, timeout: float = 300.0) -> Connection:
+        return Connection(self.address, timeout=timeout)
+
+    def call(self, method: str, params: dict[str, object] | None = None, timeout: float = 300.0) -> dict[str, object]:
+        with self.connect(timeout) as conn:
+            return conn.call(f"{MANAGER}.{method}", params)
+
+    def ctl(self, *args: str, check: bool = False, timeout: float = 300.0) -> subprocess.CompletedProcess[str]:
+        """Run the real vmspawnctl entry point against this daemon."""
+        env = dict(os.environ, VMSPAWN_ADDRESS=self.address)
+        return subprocess.run(
+            [sys.executable, "-m", "vmspawnctl.main", *args],
+            env=env, capture_output=True, text=True, check=check, timeout=timeout,
+        )
+
+    def alive(self) -> bool:
+        return self.process.poll() is None
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+
+def start_daemon(runtime_dir: Path, *extra: str, env: dict[str, str] | None = None) -> Daemon:
+    """Start vmspawnd and wait for READY=1 (the same signal systemd waits for)."""
+    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+    notify_path = runtime_dir.parent / f".{runtime_dir.name}.notify"
+    notify_path.unlink(missing_ok=True)
+    notify.bind(str(notify_path))
+    socket_path = runtime_dir / "io.vmspawnd.Manager"
+    log_path = runtime_dir.parent / f"{runtime_dir.name}.log"
+    environment = dict(os.environ if env is None else env, NOTIFY_SOCKET=str(notify_path))
+    with open(log_path, "ab") as log:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "vmspawnd.daemon", f"--runtime-dir={runtime_dir}", "--log-level=debug", *extra],
+            stdout=log, stderr=log, env=environment,
+        )
+    daemon = Daemon(process, runtime_dir, socket_path, log_path, notify)
+    try:
+        wait_notify(notify, "READY=1", 30)
+    except TimeoutError:
+        process.kill()
+        process.wait()
+        raise AssertionError(f"vmspawnd did not become ready:\n{daemon.log()}") from None
+    return daemon
+
+
+def stop_daemon(daemon: Daemon) -> None:
+    """Terminate every VM it still has, remove them, then SIGTERM the daemon and reap it."""
+    if daemon.alive():
+        for machine in daemon.call("List")["machines"]:  # type: ignore[union-attr]
+            if machine["state"] not in ("stopped", "failed"):
+                with contextlib.suppress(Exception):
+                    daemon.call("Terminate", {"name": machine["name"]})
+            with contextlib.suppress(Exception):
+                daemon.call("Remove", {"name": machine["name"]})
+        daemon.process.send_signal(signal.SIGTERM)
+    daemon.process.wait(timeout=60)
+    daemon.notify.close()
+
+
+def make_runtime_dir(prefix: str = "vmspawnd-test-") -> Path:
+    """A runtime directory others can traverse (the socket is 0666 like the system one)."""
+    base = Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))
+    base.chmod(0o755)
+    runtime = base / "run"
+    runtime.mkdir(mode=0o755)
+    return runtime
+
+
+# --- console -------------------------------------------------------------------------
+
+
+class Console:
+    """Reads a VM's console as the guest writes it: history from the log, live from the socket."""
+
+    def __init__(self, machine: dict[str, object]) -> None:
+        self.log_path = Path(str(machine["consoleLog"]))
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        self.sock.connect(str(machine["consoleAddress"]))
+        self.live = b""
+
+    def close(self) -> None:
+        self.sock.close()
+
+    def __enter__(self) -> Console:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.close()
+
+    def text(self) -> str:
+        history = self.log_path.read_bytes() if self.log_path.exists() else b""
+        return (history + b"\n" + self.live).decode(errors="replace")
+
+    def wait_for(self, pattern: str, timeout: float = BOOT_TIMEOUT) -> re.Match[str]:
+        """Block on the console socket until `pattern` shows up (in history or live output)."""
+        regex = re.compile(pattern, re.M)
+        deadline = time.monotonic() + timeout
+        while True:
+            if match := regex.search(self.text()):
+                return match
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise AssertionError(f"console never showed {pattern!r}; last output:\n{self.text()[-3000:]}")
+            ready, _, _ = select.select([self.sock], [], [], remaining)
+            if ready:
+                chunk = self.sock.recv(65536)
+                if not chunk:
+                    if match := regex.search(self.text()):
+                        return match
+                    raise AssertionError(f"console closed before {pattern!r}; last output:\n{self.text()[-3000:]}")
+                self.live += chunk
+
+    def send(self, text: str) -> None:
+        self.sock.sendall(text.encode())
+
+    def facts(self) -> dict[str, list[str]]:
+        """The guest's `VMSPAWND-TEST: key value` lines, grouped by key."""
+        out: dict[str, list[str]] = {}
+        for line in self.text().splitlines():
+            line = line.strip("\r")
+            if line.startswith(TAG):
+                key, _, value = line[len(TAG):].strip().partition(" ")
+                out.setdefault(key, []).append(value)
+        return out
+
+
+# --- host state -------------------------------------------------------------------------
+
+
+def children_of(pid: int) -> list[int]:
+    """Direct children of `pid`, from /proc (covers zombies too)."""
+    kids = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        with contextlib.suppress(OSError):
+            stat = Path(f"/proc/{entry}/stat").read_bytes()
+            fields = stat[stat.rindex(b")") + 2:].split()
+            if int(fields[1]) == pid:
+                kids.append(int(entry))
+    return kids
+
+
+def process_state(pid: int) -> str:
+    stat = Path(f"/proc/{pid}/stat").read_bytes()
+    return stat[stat.rindex(b")") + 2:].split()[0].decode()
+
+
+def parent_of(pid: int) -> int:
+    stat = Path(f"/proc/{pid}/stat").read_bytes()
+    return int(stat[stat.rindex(b")") + 2:].split()[1])
+
+
+def zombies() -> list[int]:
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            with contextlib.suppress(OSError):
+                if process_state(int(entry)) == "Z":
+                    found.append(int(entry))
+    return found
+
+
+def qemu_processes() -> list[int]:
+    pids = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            with contextlib.suppress(OSError):
+                if Path(f"/proc/{entry}/comm").read_text().startswith("qemu-system"):
+                    pids.append(int(entry))
+    return pids
+
+
+def open_fds(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+@contextlib.contextmanager
+def no_leaks(daemon: Daemon) -> Iterator[None]:
+    """Assert that the block leaves the daemon's fds, children and machine dirs as they were."""
+    fds = open_fds(daemon.process.pid)
+    kids = sorted(children_of(daemon.process.pid))
+    dirs = sorted(p.name for p in (daemon.runtime_dir / "machines").iterdir())
+    yield
+    assert daemon.alive(), daemon.log()[-3000:]
+    assert sorted(children_of(daemon.process.pid)) == kids
+    assert sorted(p.name for p in (daemon.runtime_dir / "machines").iterdir()) == dirs
+    assert open_fds(daemon.process.pid) == fds
+
+
+class EventStream:
+    """A SubscribeEvents stream; events after `__enter__` returns are never missed."""
+
+    def __init__(self, daemon: Daemon, name: str | None = None, timeout: float = BOOT_TIMEOUT) -> None:
+        self._conn = daemon.connect(timeout)
+        params: dict[str, object] = {} if name is None else {"name": name}
+        self._conn.send(f"{MANAGER}.SubscribeEvents", params, more=True)
+        first = self._conn.receive()["parameters"]["event"]  # type: ignore[index]
+        assert first["event"] == "Subscribed", first
+        self.seen: list[dict[str, object]] = []
+
+    def __enter__(self) -> EventStream:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self._conn.close()
+
+    def next(self) -> dict[str, object]:
+        event = self._conn.receive()["parameters"]["event"]  # type: ignore[index]
+        self.seen.append(event)  # type: ignore[arg-type]
+        return event  # type: ignore[return-value]
+
+    def wait_state(self, machine: str, *states: str) -> dict[str, object]:
+        """Block until `machine` enters one of `states`; returns that event."""
+        while True:
+            event = self.next()
+            if event["machine"] == machine and event["event"] == "StateChanged":
+                if event["data"]["state"] in states:  # type: ignore[index]
+                    return event
+
+    def wait_event(self, machine: str, name: str) -> dict[str, object]:
+        while True:
+            event = self.next()
+            if event["machine"] == machine and event["event"] == name:
+                return event

@@ -1,0 +1,191 @@
+# SPDX-License-Identifier: LGPL-2.1-or-later
+"""The Varlink interface io.vmspawnd.Manager.
+
+The Python classes here are the source of truth for the IDL (asyncvarlink renders it);
+interfaces/io.vmspawnd.Manager.varlink is that rendering, committed for readers and
+checked by a test. The wire types are derived from the pure dataclasses (`VmSpec`,
+`MachineRecord`) and the error classes from `errors`, so each field is defined once.
+No `from __future__ import annotations` here: asyncvarlink reads real annotations.
+"""
+
+import collections.abc
+import dataclasses
+import signal
+import typing
+
+from asyncvarlink import TypedVarlinkErrorReply, VarlinkInterface, varlinkmethod
+
+from . import errors
+from .errors import InvalidSpec, to_camel
+from .manager import Manager
+from .model import MachineRecord, MachineState, ProcessRecord
+from .spec import VmSpec
+from .varlink_server import current_peer
+
+INTERFACE = errors.INTERFACE
+
+
+def _wire_dataclass(cls: type, name: str, *, optional: bool, overrides: dict[str, object] | None = None) -> type:
+    """A camelCase twin of a dataclass for asyncvarlink to validate and render."""
+    hints = typing.get_type_hints(cls)
+    fields: list[tuple[str, object, object]] = []
+    for f in dataclasses.fields(cls):
+        hint = (overrides or {}).get(f.name, hints[f.name])
+        if optional:
+            fields.append((to_camel(f.name), hint | None, dataclasses.field(default=None)))  # type: ignore[operator]
+        else:
+            fields.append((to_camel(f.name), hint, dataclasses.field()))
+    wire = dataclasses.make_dataclass(name, fields, kw_only=True)  # type: ignore[arg-type]
+    wire.__doc__ = cls.__doc__
+    return wire
+
+
+VmSpecWire = _wire_dataclass(VmSpec, "VmSpec", optional=True)
+ProcessWire = _wire_dataclass(ProcessRecord, "Process", optional=False)
+MachineStateName = typing.Literal[tuple(s.value for s in MachineState)]  # type: ignore[valid-type]
+MachineWire = _wire_dataclass(
+    MachineRecord,
+    "Machine",
+    optional=False,
+    overrides={"spec": VmSpecWire, "qemu": ProcessWire | None, "state": MachineStateName},
+)
+
+
+def _typed_error(cls: type[errors.VmspawnError]) -> type[TypedVarlinkErrorReply]:
+    hints = typing.get_type_hints(cls)
+    params = type("Parameters", (), {"__annotations__": {to_camel(f.name): hints[f.name] for f in dataclasses.fields(cls)}})
+    return type(cls.__name__, (TypedVarlinkErrorReply,), {"Parameters": params}, interface=INTERFACE)
+
+
+VARLINK_ERRORS = tuple(_typed_error(cls) for cls in errors.ALL_ERRORS)
+
+
+def to_wire(wire_cls: type, data: typing.Mapping[str, object] | None) -> object:
+    """JSON-shaped dict → instance of a wire dataclass (nested ones included)."""
+    if data is None:
+        return None
+    hints = typing.get_type_hints(wire_cls)
+    kwargs = {}
+    for f in dataclasses.fields(wire_cls):
+        value = data.get(f.name)
+        inner = [a for a in typing.get_args(hints[f.name]) if dataclasses.is_dataclass(a)]
+        target = hints[f.name] if dataclasses.is_dataclass(hints[f.name]) else (inner[0] if inner else None)
+        if target is not None and isinstance(value, dict):
+            value = to_wire(target, value)
+        kwargs[f.name] = value
+    return wire_cls(**kwargs)
+
+
+def from_wire(obj: object) -> dict[str, object]:
+    """Wire dataclass → JSON-shaped dict, absent (None) fields left out."""
+    return {k: v for k, v in dataclasses.asdict(obj).items() if v is not None}  # type: ignore[call-overload]
+
+
+def machine_to_wire(record: MachineRecord) -> object:
+    return to_wire(MachineWire, record.to_json())
+
+
+def _peer_uid() -> int:
+    peer = current_peer.get(None)
+    return peer.uid if peer is not None else -1
+
+
+def _parse_signal(value: int | str) -> int:
+    if isinstance(value, int):
+        valid = 1 <= value <= signal.SIGRTMAX
+        signo = value
+    else:
+        name = value.upper()
+        name = name if name.startswith("SIG") else f"SIG{name}"
+        signo = getattr(signal.Signals, name, None) if hasattr(signal.Signals, name) else None  # type: ignore[assignment]
+        valid = signo is not None
+    if not valid:
+        raise InvalidSpec("signal", f"{value!r} is not a signal (a number 1-{int(signal.SIGRTMAX)} or a name like SIGTERM)")
+    return int(signo)
+
+
+@dataclasses.dataclass(kw_only=True)
+class Event:
+    """One event: a VM's state change, a QMP event of its QEMU, or a notice to the subscriber."""
+
+    machine: str | None
+    event: str
+    data: dict[str, typing.Any]
+
+
+class ManagerInterface(VarlinkInterface, name=INTERFACE):
+    """Supervise virtual machines spawned like systemd-vmspawn does, many per daemon."""
+
+    errors = VARLINK_ERRORS
+
+    def __init__(self, manager: Manager) -> None:
+        self._manager = manager
+
+    @varlinkmethod(return_parameter="machine")
+    async def Spawn(self, *, spec: VmSpecWire) -> MachineWire:  # type: ignore[valid-type]
+        """Create and start a VM; returns once QEMU runs it. A failed start leaves nothing behind."""
+        record = await self._manager.spawn(from_wire(spec), _peer_uid())
+        return machine_to_wire(record)
+
+    @varlinkmethod(return_parameter="machines")
+    def List(self) -> list[MachineWire]:  # type: ignore[valid-type]
+        """All VMs this daemon knows, running or ended (until removed); answered from memory."""
+        return [machine_to_wire(r) for r in self._manager.list()]
+
+    @varlinkmethod(return_parameter="machine")
+    def Describe(self, *, name: str) -> MachineWire:  # type: ignore[valid-type]
+        """One VM's record; answered from the daemon's state without asking QEMU."""
+        return machine_to_wire(self._manager.get(name).record)
+
+    @varlinkmethod(return_parameter="machine")
+    async def PowerOff(self, *, name: str, deadline: float | None = None) -> MachineWire:  # type: ignore[valid-type]
+        """Press the ACPI power button; after `deadline` seconds (default 60) terminate."""
+        machine = self._manager.get(name)
+        if deadline is not None and not 0 <= deadline <= 86400:
+            raise InvalidSpec("deadline", "must be between 0 and 86400 seconds")
+        await machine.power_off(60.0 if deadline is None else deadline)
+        return machine_to_wire(machine.record)
+
+    @varlinkmethod(return_parameter="machine")
+    async def Terminate(self, *, name: str) -> MachineWire:  # type: ignore[valid-type]
+        """Stop the VM now: QMP quit, then SIGTERM, then SIGKILL."""
+        machine = self._manager.get(name)
+        await machine.terminate()
+        return machine_to_wire(machine.record)
+
+    @varlinkmethod
+    def Kill(self, *, name: str, signal: int | None = None) -> None:
+        """Send a signal (default SIGTERM) to the VM's QEMU process."""
+        signo = _parse_signal(15 if signal is None else signal)
+        self._manager.get(name).kill(signo)
+
+    @varlinkmethod(return_parameter="machine")
+    async def WaitReady(self, *, name: str, timeout: float | None = None) -> MachineWire:  # type: ignore[valid-type]
+        """Wait until the VM is ready (default timeout 60 s); Timeout otherwise."""
+        machine = self._manager.get(name)
+        await machine.wait_ready(60.0 if timeout is None else timeout)
+        return machine_to_wire(machine.record)
+
+    @varlinkmethod
+    async def Remove(self, *, name: str) -> None:
+        """Forget a stopped or failed VM and delete its runtime directory; frees the name."""
+        await self._manager.remove(name)
+
+    @varlinkmethod(return_parameter="event", delay_generator=False, allow_foreign=True)
+    async def SubscribeEvents(
+        self, *, name: str | None = None, filter: list[str] | None = None
+    ) -> collections.abc.AsyncIterator[Event]:
+        """Stream events (needs `more`). The first reply is `Subscribed`: events after it are
+        not missed. `name` limits to one VM, `filter` to event names (StateChanged, QMP names).
+        """
+        if name is not None:
+            self._manager.get(name)
+        with self._manager.subscribe() as queue:
+            yield Event(machine=name, event="Subscribed", data={})
+            while True:
+                message = await queue.get()
+                if name is not None and message["machine"] not in (name, None):
+                    continue
+                if filter is not None and message["event"] not in filter and message["event"] != "EventsLost":
+                    continue
+                yield Event(**message)  # type: ignore[arg-type]

@@ -1,0 +1,156 @@
+# SPDX-License-Identifier: LGPL-2.1-or-later
+"""The one exception tree of vmspawnd.
+
+Every error a client can see is a subclass of `VmspawnError`; `api` maps each to the
+Varlink error `io.vmspawnd.Manager.<ClassName>` with `parameters()` as its parameters.
+This module is pure (no asyncio, no asyncvarlink) so that the CLI can share the names.
+
+    VmspawnError
+     ├── InvalidSpec{field, reason}        a spec value is malformed or unusable
+     ├── NoSuchMachine{name}
+     ├── MachineExists{name}
+     ├── InvalidState{name, state, operation}   e.g. Remove of a running VM
+     ├── StartFailed{step, message, stderrTail} the VM could not be started; all unwound
+     ├── PermissionDenied{}                the peer may not use this socket or VM
+     ├── Timeout{operation}                a bounded wait ran out (QEMU wedged, guest slow)
+     ├── NotConnected{name}                QMP to this VM is gone
+     ├── NotSupported{feature}             valid, but not implemented here
+     └── ProtocolViolation{reason}         a frame that is not a Varlink call
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+INTERFACE = "io.vmspawnd.Manager"
+
+
+@dataclasses.dataclass
+class VmspawnError(Exception):
+    """Root of all errors that cross the API; subclasses are dataclasses of their parameters."""
+
+    def __post_init__(self) -> None:
+        Exception.__init__(self, str(self))
+
+    @classmethod
+    def varlink_name(cls) -> str:
+        return f"{INTERFACE}.{cls.__name__}"
+
+    def parameters(self) -> dict[str, object]:
+        """Parameters on the wire, lowerCamelCase like systemd's."""
+        return {to_camel(f.name): getattr(self, f.name) for f in dataclasses.fields(self)}
+
+    def __str__(self) -> str:
+        params = ", ".join(f"{k}={v!r}" for k, v in self.parameters().items())
+        return f"{type(self).__name__}({params})"
+
+
+@dataclasses.dataclass
+class InvalidSpec(VmspawnError):
+    field: str
+    reason: str
+
+    def __str__(self) -> str:
+        return f"invalid {self.field}: {self.reason}"
+
+
+@dataclasses.dataclass
+class NoSuchMachine(VmspawnError):
+    name: str
+
+    def __str__(self) -> str:
+        return f"no machine named {self.name!r}"
+
+
+@dataclasses.dataclass
+class MachineExists(VmspawnError):
+    name: str
+
+    def __str__(self) -> str:
+        return f"a machine named {self.name!r} already exists (remove it first if it stopped)"
+
+
+@dataclasses.dataclass
+class InvalidState(VmspawnError):
+    name: str
+    state: str
+    operation: str
+
+    def __str__(self) -> str:
+        return f"cannot {self.operation} machine {self.name!r} while it is {self.state}"
+
+
+@dataclasses.dataclass
+class StartFailed(VmspawnError):
+    step: str
+    message: str
+    stderr_tail: str = ""
+
+    def __str__(self) -> str:
+        text = f"start failed at {self.step}: {self.message}"
+        if self.stderr_tail:
+            text += f"\n{self.stderr_tail.rstrip()}"
+        return text
+
+
+@dataclasses.dataclass
+class PermissionDenied(VmspawnError):
+    def __str__(self) -> str:
+        return "permission denied"
+
+
+@dataclasses.dataclass
+class Timeout(VmspawnError):
+    operation: str
+
+    def __str__(self) -> str:
+        return f"timed out: {self.operation}"
+
+
+@dataclasses.dataclass
+class NotConnected(VmspawnError):
+    name: str
+
+    def __str__(self) -> str:
+        return f"no QMP connection to machine {self.name!r}"
+
+
+@dataclasses.dataclass
+class NotSupported(VmspawnError):
+    feature: str
+
+    def __str__(self) -> str:
+        return f"not supported: {self.feature}"
+
+
+@dataclasses.dataclass
+class ProtocolViolation(VmspawnError):
+    reason: str
+
+    def __str__(self) -> str:
+        return f"protocol violation: {self.reason}"
+
+
+ALL_ERRORS: tuple[type[VmspawnError], ...] = (
+    InvalidSpec,
+    NoSuchMachine,
+    MachineExists,
+    InvalidState,
+    StartFailed,
+    PermissionDenied,
+    Timeout,
+    NotConnected,
+    NotSupported,
+    ProtocolViolation,
+)
+
+
+def to_camel(name: str) -> str:
+    """snake_case → lowerCamelCase, the field convention of systemd's Varlink APIs."""
+    head, *rest = name.split("_")
+    return head + "".join(part.capitalize() for part in rest)
+
+
+def to_snake(name: str) -> str:
+    """lowerCamelCase → snake_case (inverse of `to_camel` for our field names)."""
+    return "".join(f"_{c.lower()}" if c.isupper() else c for c in name)

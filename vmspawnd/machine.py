@@ -1,0 +1,385 @@
+# SPDX-License-Identifier: LGPL-2.1-or-later
+"""One VM: start it, supervise it, stop it, and keep its record.
+
+Start acquires resources step by step on one AsyncExitStack; a failure at any step
+unwinds exactly what was acquired, in reverse, and surfaces as StartFailed{step} with
+QEMU's stderr tail. Once running, a supervisor task waits for QEMU to exit and records
+why. Stop requests (PowerOff, Terminate, Kill) set the reason and climb the ladder:
+ACPI power button → QMP quit → SIGTERM → SIGKILL, each step bounded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import shutil
+import signal
+import socket
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+from . import resolve
+from .errors import InvalidSpec, InvalidState, NotConnected, StartFailed, Timeout, VmspawnError
+from .model import MachineRecord, MachineState
+from .process import ChildProcess, read_tail, spawn_detached
+from .qemu_command import Resources, build_qemu_command
+from .qmp import QmpError, QmpSession
+from .runtime_dir import bind_listening_socket, make_private_dir, write_json_atomic
+from .spec import ConsoleMode, VmSpec
+
+_log = logging.getLogger(__name__)
+
+QUIT_GRACE = 3.0
+TERM_GRACE = 5.0
+DEFAULT_POWEROFF_DEADLINE = 60.0
+
+EventCallback = Callable[["Machine", str, dict[str, object]], None]
+
+
+def describe_exit(returncode: int | None) -> str:
+    if returncode is None:
+        return "QEMU exited (status unknown: not our child)"
+    if returncode < 0:
+        return f"QEMU was killed by {signal.Signals(-returncode).name}"
+    return f"QEMU exited with status {returncode}"
+
+
+class Machine:
+    """A VM and everything the daemon holds for it."""
+
+    def __init__(self, record: MachineRecord, spec: VmSpec, directory: Path, on_event: EventCallback) -> None:
+        self.record = record
+        self.spec = spec
+        self.directory = directory
+        self._on_event = on_event
+        self._qemu: ChildProcess | None = None
+        self._qmp: QmpSession | None = None
+        self._supervisor: asyncio.Task[None] | None = None
+        self._finished = asyncio.Event()
+        self._changed = asyncio.Condition()
+        self._stop_reason: str | None = None
+        self._requested_signal: int | None = None
+
+    # --- paths --------------------------------------------------------------------
+    @property
+    def qmp_path(self) -> Path:
+        return self.directory / "qmp"
+
+    @property
+    def console_path(self) -> Path:
+        return self.directory / "console"
+
+    @property
+    def console_log_path(self) -> Path:
+        return self.directory / "console.log"
+
+    @property
+    def qemu_log_path(self) -> Path:
+        return self.directory / "qemu.log"
+
+    @property
+    def name(self) -> str:
+        return self.record.name
+
+    # --- state ----------------------------------------------------------------------
+    def _enter(self, state: MachineState) -> None:
+        self.record.enter(state)
+        self._persist()
+        self._notify()
+
+    def _persist(self) -> None:
+        try:
+            write_json_atomic(self.directory / "state.json", {"version": 1, "machine": self.record.to_json()})
+        except OSError:
+            # Losing state.json costs re-adoption after a restart, not the running VM.
+            _log.exception("%s: could not write state.json", self.name)
+
+    def _notify(self) -> None:
+        rec = self.record
+        self._on_event(self, "StateChanged", {"state": rec.state.value, "ready": rec.ready, "reason": rec.reason})
+
+        async def wake() -> None:
+            async with self._changed:
+                self._changed.notify_all()
+
+        asyncio.get_running_loop().create_task(wake())
+
+    async def wait_for(self, predicate: Callable[[], bool], timeout: float, operation: str) -> None:
+        """Wait until `predicate()` holds; Timeout naming `operation` after `timeout` s."""
+        try:
+            async with asyncio.timeout(timeout):
+                async with self._changed:
+                    await self._changed.wait_for(predicate)
+        except TimeoutError:
+            raise Timeout(operation) from None
+
+    # --- start ------------------------------------------------------------------------
+    async def start(self) -> None:
+        """Bring the VM to RUNNING (and READY), or unwind everything and raise StartFailed."""
+        step = "runtime-directory"
+        try:
+            async with contextlib.AsyncExitStack() as stack:
+                make_private_dir(self.directory)
+                stack.callback(shutil.rmtree, self.directory, ignore_errors=True)
+                self.record.runtime_directory = str(self.directory)
+                self._persist()
+
+                step = "resolve"
+                resources = self._resolve()
+
+                step = "sockets"
+                sockets = self._bind_sockets(stack)
+                qmp_fd = sockets["qmp"].fileno()
+                console = sockets.get("console")
+                resources = Resources(
+                    qemu_binary=resources.qemu_binary,
+                    kvm=resources.kvm,
+                    qmp_fd=qmp_fd,
+                    console_fd=console.fileno() if console else None,
+                    console_log=str(self.console_log_path),
+                    firmware=resources.firmware,
+                    initrd=resources.initrd,
+                    arch=resources.arch,
+                )
+                command = build_qemu_command(self.spec, resources)
+
+                step = "qemu"
+                self._qemu = spawn_detached(
+                    "qemu", command.argv, pass_fds=command.pass_fds, log_path=self.qemu_log_path
+                )
+                stack.push_async_callback(self._kill_qemu)
+                for sock in sockets.values():
+                    sock.close()  # QEMU holds them now; we reconnect by path
+                self.record.qemu = self._qemu.record
+                self.record.qmp_address = str(self.qmp_path)
+                if console:
+                    self.record.console_address = str(self.console_path)
+                    self.record.console_log = str(self.console_log_path)
+                self._persist()
+
+                step = "qmp"
+                self._qmp = QmpSession(self.name, self._on_qmp_event)
+                await self._unless_qemu_exits(self._qmp.connect(str(self.qmp_path)), step)
+                stack.push_async_callback(self._qmp.close)
+
+                step = "cont"
+                await self._unless_qemu_exits(self._qmp.execute("cont"), step)
+
+                self._supervisor = asyncio.create_task(self._supervise(), name=f"supervise-{self.name}")
+                stack.pop_all()
+        except InvalidSpec:
+            raise
+        except StartFailed:
+            raise
+        except VmspawnError as exc:
+            raise StartFailed(step, str(exc), self._stderr_tail()) from exc
+        except OSError as exc:
+            raise StartFailed(step, f"{exc.strerror or exc}: {exc.filename or ''}".rstrip(": "), self._stderr_tail()) from exc
+        except QmpError as exc:
+            raise StartFailed(step, str(exc), self._stderr_tail()) from exc
+        self._enter(MachineState.RUNNING)
+        # Nothing in the guest can report readiness yet (no notify channel): running is ready.
+        self.record.ready = True
+        self._enter(MachineState.READY)
+
+    def _resolve(self) -> Resources:
+        resolve.check_spec_paths(self.spec)
+        arch = resolve.native_arch()
+        initrd = None
+        if self.spec.initrds:
+            initrd = resolve.merge_initrds(list(self.spec.initrds), self.directory / "initrd")
+        firmware = resolve.resolve_firmware(arch, None, self.directory / "efi-vars.fd")
+        return Resources(
+            qemu_binary=resolve.find_qemu_binary(arch),
+            kvm=resolve.decide_kvm(self.spec.kvm),
+            qmp_fd=-1,
+            console_fd=None,
+            console_log=str(self.console_log_path),
+            firmware=firmware,
+            initrd=initrd,
+            arch=arch,
+        )
+
+    def _bind_sockets(self, stack: contextlib.AsyncExitStack) -> dict[str, socket.socket]:
+        """Bind QEMU's sockets ourselves: no connect race, and reconnectable after a restart."""
+        wanted = ["qmp"]
+        if ConsoleMode(self.spec.console) not in (ConsoleMode.GUI, ConsoleMode.HEADLESS):
+            wanted.append("console")
+        sockets = {}
+        for name in wanted:
+            sock = bind_listening_socket(self.directory / name, 0o600)
+            stack.callback(sock.close)
+            sockets[name] = sock
+        return sockets
+
+    async def _unless_qemu_exits(self, awaitable: Awaitable[object], step: str) -> object:
+        """Await a start step, but fail fast (with QEMU's stderr) if QEMU dies meanwhile."""
+        assert self._qemu is not None
+        work = asyncio.ensure_future(awaitable)
+        exited = asyncio.ensure_future(self._qemu.wait())
+        try:
+            await asyncio.wait({work, exited}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            exited.cancel()
+        if work.done() and not work.cancelled() and work.exception() is None:
+            return work.result()
+        if not work.done():
+            work.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await work
+        # Either QEMU exited, or the step failed (most likely because QEMU is exiting).
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(2):
+                await self._qemu.wait()
+        if self._qemu.exited:
+            reason = self._stop_reason or describe_exit(self._qemu.returncode)
+            raise StartFailed(step, reason, self._stderr_tail())
+        exc = work.exception()
+        assert exc is not None
+        raise exc
+
+    async def _kill_qemu(self) -> None:
+        if self._qemu is not None and not self._qemu.exited:
+            self._qemu.send_signal(signal.SIGKILL)
+        if self._qemu is not None:
+            await self._qemu.wait()
+
+    def _stderr_tail(self) -> str:
+        return read_tail(self.qemu_log_path, 2048)
+
+    def _on_qmp_event(self, name: str, data: dict[str, object]) -> None:
+        """QMP events go to subscribers as they are; a guest reset is not a stop."""
+        _log.debug("%s: QMP event %s %s", self.name, name, data)
+        self._on_event(self, name, data)
+
+    # --- supervision ---------------------------------------------------------------------
+    async def _supervise(self) -> None:
+        assert self._qemu is not None
+        returncode = await self._qemu.wait()
+        await self._finish(returncode)
+
+    async def _finish(self, returncode: int | None) -> None:
+        if self._qmp is not None:
+            await self._qmp.close()
+        rec = self.record
+        rec.stderr_tail = self._stderr_tail()
+        if returncode is not None and returncode >= 0:
+            rec.exit_code = returncode
+        elif returncode is not None:
+            rec.exit_signal = -returncode
+        requested_kill = self._requested_signal is not None and returncode == -self._requested_signal
+        if self._stop_reason is not None:
+            rec.reason = self._stop_reason
+            final = MachineState.STOPPED
+        elif requested_kill:
+            assert self._requested_signal is not None
+            rec.reason = f"killed with {signal.Signals(self._requested_signal).name} on request"
+            final = MachineState.STOPPED
+        elif returncode == 0:
+            rec.reason = "QEMU exited: the guest powered off"
+            final = MachineState.STOPPED
+        else:
+            rec.reason = describe_exit(returncode)
+            final = MachineState.FAILED
+        rec.ready = False
+        rec.qmp_address = rec.console_address = ""  # the sockets die with QEMU
+        for leftover in (self.qmp_path, self.console_path, self.directory / "efi-vars.fd", self.directory / "initrd"):
+            leftover.unlink(missing_ok=True)
+        self._enter(final)
+        self._finished.set()
+        _log.info("%s: %s (%s)", self.name, final.value, rec.reason)
+
+    # --- lifecycle requests ------------------------------------------------------------------
+    def _require(self, operation: str, *states: MachineState) -> None:
+        if self.record.state not in states:
+            raise InvalidState(self.name, self.record.state.value, operation)
+
+    async def power_off(self, deadline: float = DEFAULT_POWEROFF_DEADLINE) -> None:
+        """ACPI power button; if the guest has not powered off by `deadline`, escalate."""
+        if self.record.state is MachineState.STOPPING:
+            await self._finished.wait()
+            return
+        self._require("power off", MachineState.RUNNING, MachineState.READY)
+        self._stop_reason = "powered off on request"
+        self._enter(MachineState.STOPPING)
+        try:
+            assert self._qmp is not None
+            await self._qmp.execute("system_powerdown")
+        except (Timeout, NotConnected, QmpError) as exc:
+            _log.warning("%s: ACPI power-off request failed (%s), escalating", self.name, exc)
+            deadline = 0
+        if not await self._wait_finished(deadline):
+            self._stop_reason = f"terminated: the guest did not power off within {deadline:g}s"
+            await self._escalate()
+
+    async def terminate(self) -> None:
+        """Stop QEMU now (QMP quit, then signals), as vmspawn's Terminate."""
+        if self._qemu is None or self.record.state.is_final:
+            raise InvalidState(self.name, self.record.state.value, "terminate")
+        self._stop_reason = self._stop_reason or "terminated on request"
+        if self.record.state is not MachineState.STOPPING and self.record.state is not MachineState.STARTING:
+            self._enter(MachineState.STOPPING)
+        await self._escalate()
+
+    def kill(self, signo: int) -> None:
+        """Send a signal to QEMU (like machinectl kill); the supervisor records the outcome."""
+        if self._qemu is None or self.record.state.is_final:
+            raise InvalidState(self.name, self.record.state.value, "kill")
+        self._requested_signal = signo
+        self._qemu.send_signal(signo)
+
+    async def _escalate(self) -> None:
+        assert self._qemu is not None
+        if self._qmp is not None and self._qmp.connected:
+            with contextlib.suppress(Timeout, NotConnected, QmpError):
+                await self._qmp.execute("quit", timeout=QUIT_GRACE)
+            if await self._wait_exit(QUIT_GRACE):
+                await self._wait_finished(None)
+                return
+        await self._qemu.terminate(TERM_GRACE)
+        await self._wait_finished(None)
+
+    async def _wait_exit(self, timeout: float) -> bool:
+        assert self._qemu is not None
+        try:
+            async with asyncio.timeout(timeout):
+                await self._qemu.wait()
+            return True
+        except TimeoutError:
+            return False
+
+    async def _wait_finished(self, timeout: float | None) -> bool:
+        """Wait for the supervisor to record the end (or for start to unwind)."""
+        if self._supervisor is None:
+            # Still starting: the start path owns the process and will unwind.
+            if self._qemu is not None:
+                return await self._wait_exit(timeout if timeout is not None else 3600)
+            return True
+        try:
+            async with asyncio.timeout(timeout):
+                await self._finished.wait()
+            return True
+        except TimeoutError:
+            return False
+
+    async def wait_ready(self, timeout: float) -> None:
+        rec = self.record
+        await self.wait_for(lambda: rec.ready or rec.state.is_final, timeout, f"waiting for {self.name} to be ready")
+        if not rec.ready:
+            raise InvalidState(self.name, rec.state.value, "wait for readiness")
+
+    def remove_files(self) -> None:
+        shutil.rmtree(self.directory, ignore_errors=True)
+
+    async def detach(self) -> None:
+        """Daemon exit without stopping the VM: let go of QMP and the process watch."""
+        if self._supervisor is not None:
+            self._supervisor.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._supervisor
+        if self._qmp is not None:
+            await self._qmp.close()
+        if self._qemu is not None:
+            self._qemu.close()

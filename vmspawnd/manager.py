@@ -1,0 +1,131 @@
+# SPDX-License-Identifier: LGPL-2.1-or-later
+"""The set of VMs of one daemon: names, ownership, and tasks that outlive a request.
+
+A Spawn runs in a task the manager owns, shielded from the caller: if the client hangs
+up mid-call, the start still completes (the VM then runs) or unwinds completely.
+A VM that failed to start leaves no record: its error went to the caller, and its name
+is free at once. A VM that ran keeps its record (exit status, reason, stderr tail)
+until `Remove`, as machinectl/libvirt users expect to be able to ask what happened.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+
+from .errors import InvalidState, MachineExists, NoSuchMachine
+from .machine import Machine
+from .model import MachineRecord, MachineState
+from .runtime_dir import make_private_dir, new_machine_id
+from .spec import VmSpec
+
+_log = logging.getLogger(__name__)
+
+SUBSCRIBER_QUEUE_SIZE = 1024
+
+
+class Manager:
+    def __init__(self, runtime_dir: Path) -> None:
+        self.runtime_dir = runtime_dir
+        self.machines_dir = runtime_dir / "machines"
+        make_private_dir(self.machines_dir)
+        self._machines: dict[str, Machine] = {}
+        self._tasks: set[asyncio.Task[object]] = set()
+        self._subscribers: set[asyncio.Queue[dict[str, object]]] = set()
+
+    # --- lookup ---------------------------------------------------------------------
+    def get(self, name: str) -> Machine:
+        try:
+            return self._machines[name]
+        except KeyError:
+            raise NoSuchMachine(name) from None
+
+    def list(self) -> list[MachineRecord]:
+        return [m.record for m in sorted(self._machines.values(), key=lambda m: m.name)]
+
+    # --- spawn ----------------------------------------------------------------------
+    def _new_id(self) -> str:
+        taken = {m.record.id for m in self._machines.values()}
+        while True:
+            candidate = new_machine_id()
+            if candidate not in taken and not (self.machines_dir / candidate).exists():
+                return candidate
+
+    async def spawn(self, spec_json: Mapping[str, object], uid: int) -> MachineRecord:
+        """Validate, reserve the name, start; returns once QEMU runs the guest."""
+        spec = VmSpec.from_json(spec_json)
+        name = spec.machine_name()
+        if name in self._machines:
+            raise MachineExists(name)
+        machine_id = self._new_id()
+        record = MachineRecord(name=name, id=machine_id, uid=uid, spec=spec.to_json())
+        record.enter(MachineState.STARTING)
+        machine = Machine(record, spec, self.machines_dir / machine_id, self._publish)
+        self._machines[name] = machine
+        task = asyncio.create_task(machine.start(), name=f"start-{name}")
+        self._own(task)
+        task.add_done_callback(lambda t: self._after_start(machine, t))
+        await asyncio.shield(task)
+        return machine.record
+
+    def _after_start(self, machine: Machine, task: asyncio.Task[None]) -> None:
+        if task.cancelled() or task.exception() is not None:
+            # A failed start leaves nothing: the caller got the error (if still there).
+            if self._machines.get(machine.name) is machine:
+                del self._machines[machine.name]
+            if not task.cancelled():
+                _log.warning("%s: %s", machine.name, task.exception())
+
+    def _own(self, task: asyncio.Task[object]) -> None:
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    # --- events -----------------------------------------------------------------------
+    def _publish(self, machine: Machine, event: str, data: dict[str, object]) -> None:
+        """Fan an event out to every subscriber without ever blocking the publisher.
+
+        A subscriber that does not keep up loses events and is told so (EventsLost)
+        rather than slowing the VMs or the other subscribers.
+        """
+        message = {"machine": machine.name, "event": event, "data": data}
+        for queue in self._subscribers:
+            try:
+                queue.put_nowait(message)
+            except asyncio.QueueFull:
+                while not queue.empty():
+                    queue.get_nowait()
+                queue.put_nowait({"machine": None, "event": "EventsLost", "data": {}})
+
+    @contextlib.contextmanager
+    def subscribe(self) -> Iterator[asyncio.Queue[dict[str, object]]]:
+        queue: asyncio.Queue[dict[str, object]] = asyncio.Queue(maxsize=SUBSCRIBER_QUEUE_SIZE)
+        self._subscribers.add(queue)
+        try:
+            yield queue
+        finally:
+            self._subscribers.discard(queue)
+
+    # --- lifecycle ---------------------------------------------------------------------
+    async def remove(self, name: str) -> None:
+        machine = self.get(name)
+        if not machine.record.state.is_final:
+            raise InvalidState(name, machine.record.state.value, "remove")
+        del self._machines[name]
+        machine.remove_files()
+
+    async def shutdown(self, stop_vms: bool) -> None:
+        """Daemon exit: leave VMs running (default) or power them off."""
+        for task in list(self._tasks):
+            if task.get_name().startswith("start-"):
+                with contextlib.suppress(Exception, asyncio.CancelledError):
+                    await task
+        machines = list(self._machines.values())
+        if stop_vms:
+            await asyncio.gather(
+                *(m.power_off() for m in machines if m.record.state.is_active), return_exceptions=True
+            )
+        for machine in machines:
+            await machine.detach()

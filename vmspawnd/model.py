@@ -1,0 +1,122 @@
+# SPDX-License-Identifier: LGPL-2.1-or-later
+"""What the daemon knows about one VM: its state machine and its persisted record.
+
+Pure data. `MachineRecord` is both what `Describe` returns and what goes to
+`machines/ID/state.json`, so a restarted daemon sees exactly what clients saw.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import time
+
+from .errors import to_camel
+
+STATE_FORMAT_VERSION = 1
+
+
+class MachineState(enum.StrEnum):
+    STARTING = "starting"
+    RUNNING = "running"
+    READY = "ready"
+    STOPPING = "stopping"
+    STOPPED = "stopped"
+    FAILED = "failed"
+
+    @property
+    def is_final(self) -> bool:
+        return self in (MachineState.STOPPED, MachineState.FAILED)
+
+    @property
+    def is_active(self) -> bool:
+        """QEMU may be running: a poweroff or kill makes sense."""
+        return self in (MachineState.STARTING, MachineState.RUNNING, MachineState.READY)
+
+
+# Which transitions the state machine allows; anything else is a bug, not a client error.
+TRANSITIONS: dict[MachineState, frozenset[MachineState]] = {
+    MachineState.STARTING: frozenset(
+        {MachineState.RUNNING, MachineState.STOPPING, MachineState.FAILED}
+    ),
+    MachineState.RUNNING: frozenset(
+        {MachineState.READY, MachineState.STOPPING, MachineState.STOPPED, MachineState.FAILED}
+    ),
+    MachineState.READY: frozenset(
+        {MachineState.STOPPING, MachineState.STOPPED, MachineState.FAILED}
+    ),
+    MachineState.STOPPING: frozenset({MachineState.STOPPED, MachineState.FAILED}),
+    MachineState.STOPPED: frozenset(),
+    MachineState.FAILED: frozenset(),
+}
+
+
+@dataclasses.dataclass
+class ProcessRecord:
+    """Enough to find a process again after a daemon restart: pid + start time + boot."""
+
+    pid: int
+    start_time: int  # /proc/PID/stat field 22, clock ticks since boot
+    boot_id: str
+
+    def to_json(self) -> dict[str, object]:
+        return {"pid": self.pid, "startTime": self.start_time, "bootId": self.boot_id}
+
+    @classmethod
+    def from_json(cls, data: dict[str, object]) -> ProcessRecord:
+        return cls(int(data["pid"]), int(data["startTime"]), str(data["bootId"]))  # type: ignore[call-overload]
+
+
+@dataclasses.dataclass
+class MachineRecord:
+    """The daemon's view of one VM, as `Describe` reports it and state.json keeps it."""
+
+    name: str
+    id: str
+    uid: int
+    spec: dict[str, object]
+    state: MachineState = MachineState.STARTING
+    timestamps: dict[str, int] = dataclasses.field(default_factory=dict)
+    qemu: ProcessRecord | None = None
+    qmp_address: str = ""
+    console_address: str = ""
+    console_log: str = ""
+    runtime_directory: str = ""
+    exit_code: int | None = None
+    exit_signal: int | None = None
+    reason: str = ""
+    stderr_tail: str = ""
+    ready: bool = False
+
+    def enter(self, state: MachineState) -> None:
+        """Move to `state`, stamping the time (µs since the epoch, as systemd does)."""
+        if state is not self.state and state not in TRANSITIONS[self.state]:
+            raise AssertionError(f"{self.name}: bad transition {self.state} -> {state}")
+        self.state = state
+        self.timestamps[state.value] = time.time_ns() // 1000
+
+    def to_json(self) -> dict[str, object]:
+        out: dict[str, object] = {}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, ProcessRecord):
+                value = value.to_json()
+            elif isinstance(value, MachineState):
+                value = value.value
+            out[to_camel(f.name)] = value
+        return out
+
+    @classmethod
+    def from_json(cls, data: dict[str, object]) -> MachineRecord:
+        kwargs: dict[str, object] = {}
+        for f in dataclasses.fields(cls):
+            key = to_camel(f.name)
+            if key not in data:
+                continue
+            value = data[key]
+            if f.name == "qemu" and value is not None:
+                value = ProcessRecord.from_json(value)  # type: ignore[arg-type]
+            elif f.name == "state":
+                value = MachineState(value)
+            kwargs[f.name] = value
+        return cls(**kwargs)  # type: ignore[arg-type]

@@ -1,0 +1,166 @@
+# SPDX-License-Identifier: LGPL-2.1-or-later
+"""Child processes that outlive the daemon: spawn, watch by pidfd, stop with a ladder.
+
+VM processes run in their own session with no parent-death signal, so a daemon
+restart (or crash) leaves them running; their pid + start time + boot id go into
+state.json so that a later daemon can tell "still the same process" from "pid reused".
+While the daemon is the parent it watches the child through a pidfd on the event loop
+(no SIGCHLD handler, no watcher thread) and reaps it with waitpid, so no zombie remains.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import subprocess
+from collections.abc import Sequence
+from pathlib import Path
+
+from .model import ProcessRecord
+
+_log = logging.getLogger(__name__)
+_BOOT_ID_PATH = "/proc/sys/kernel/random/boot_id"
+
+
+def boot_id() -> str:
+    with open(_BOOT_ID_PATH) as f:
+        return f.read().strip()
+
+
+def process_start_time(pid: int) -> int:
+    """Field 22 of /proc/PID/stat; the comm field may contain spaces and parentheses."""
+    with open(f"/proc/{pid}/stat", "rb") as f:
+        stat = f.read()
+    after_comm = stat[stat.rindex(b")") + 2 :].split()
+    return int(after_comm[19])
+
+
+def describe_process(pid: int) -> ProcessRecord:
+    return ProcessRecord(pid=pid, start_time=process_start_time(pid), boot_id=boot_id())
+
+
+def is_same_process(record: ProcessRecord) -> bool:
+    """True only if pid, start time and boot all match: a reused pid is not our VM."""
+    try:
+        return record.boot_id == boot_id() and process_start_time(record.pid) == record.start_time
+    except (FileNotFoundError, ProcessLookupError, ValueError, IndexError):
+        return False
+
+
+class ChildProcess:
+    """A process we spawned (and so can reap) or adopted (and can only watch).
+
+    `wait()` resolves when the process has exited; for our own children it also reaps
+    them and records the exit status.
+    """
+
+    def __init__(self, name: str, pid: int, popen: subprocess.Popen[bytes] | None) -> None:
+        self.name = name
+        self.pid = pid
+        self._popen = popen
+        self.returncode: int | None = None
+        self._exited = asyncio.get_running_loop().create_future()
+        self._pidfd: int | None = None
+        try:
+            self._pidfd = os.pidfd_open(pid)
+        except ProcessLookupError:
+            self._on_exit()
+            return
+        asyncio.get_running_loop().add_reader(self._pidfd, self._on_exit)
+
+    @property
+    def record(self) -> ProcessRecord:
+        return describe_process(self.pid)
+
+    def _on_exit(self) -> None:
+        if self._pidfd is not None:
+            asyncio.get_running_loop().remove_reader(self._pidfd)
+            os.close(self._pidfd)
+            self._pidfd = None
+        if self._popen is not None:
+            self.returncode = self._popen.wait()  # reaps; cannot block, the pidfd said so
+        if not self._exited.done():
+            self._exited.set_result(self.returncode)
+
+    @property
+    def exited(self) -> bool:
+        return self._exited.done()
+
+    async def wait(self) -> int | None:
+        """Wait for exit; the exit status is None for adopted (non-child) processes."""
+        return await asyncio.shield(self._exited)
+
+    def send_signal(self, signo: int) -> None:
+        if self.exited:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            if self._pidfd is not None:
+                signal.pidfd_send_signal(self._pidfd, signo)
+            else:
+                os.kill(self.pid, signo)
+
+    async def terminate(self, grace: float = 5.0) -> int | None:
+        """SIGTERM, wait up to `grace` seconds, then SIGKILL and wait: always ends reaped."""
+        self.send_signal(signal.SIGTERM)
+        try:
+            async with asyncio.timeout(grace):
+                return await self.wait()
+        except TimeoutError:
+            _log.warning("%s (pid %d) ignored SIGTERM for %.0fs, killing", self.name, self.pid, grace)
+        self.send_signal(signal.SIGKILL)
+        return await self.wait()
+
+    def close(self) -> None:
+        """Stop watching without waiting (daemon shutdown leaving VMs running)."""
+        if self._pidfd is not None:
+            asyncio.get_running_loop().remove_reader(self._pidfd)
+            os.close(self._pidfd)
+            self._pidfd = None
+
+
+def spawn_detached(
+    name: str,
+    argv: Sequence[str],
+    *,
+    pass_fds: Sequence[int] = (),
+    log_path: Path,
+    env: dict[str, str] | None = None,
+) -> ChildProcess:
+    """Start `argv` in its own session with stdin /dev/null and output appended to `log_path`.
+
+    Own session: not killed by the daemon's terminal or process group, and no
+    parent-death signal, so it outlives the daemon (the restart story builds on this).
+    Only `pass_fds` are inherited; everything else the daemon holds is close-on-exec.
+    """
+    log_fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    try:
+        popen = subprocess.Popen(
+            list(argv),
+            stdin=subprocess.DEVNULL,
+            stdout=log_fd,
+            stderr=log_fd,
+            pass_fds=tuple(pass_fds),
+            close_fds=True,
+            start_new_session=True,
+            env=env,
+        )
+    finally:
+        os.close(log_fd)
+    # Popen would otherwise reap in its own bookkeeping; ChildProcess owns reaping.
+    return ChildProcess(name, popen.pid, popen)
+
+
+def read_tail(path: Path, max_bytes: int = 4096) -> str:
+    """The last `max_bytes` of a log, for error reports (QEMU's stderr tail)."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            size = f.tell()
+            f.seek(max(0, size - max_bytes))
+            data = f.read()
+    except FileNotFoundError:
+        return ""
+    return data.decode("utf-8", "replace")

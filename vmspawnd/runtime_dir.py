@@ -1,0 +1,106 @@
+# SPDX-License-Identifier: LGPL-2.1-or-later
+"""The layout of a daemon's runtime directory, and safe writes into it.
+
+    RUNTIME/                      0700 (the manager socket is bound by path, mode 0666)
+      io.vmspawnd.Manager         manager socket (when not socket-activated)
+      lock                        one daemon per runtime directory (flock)
+      machines/ID/                0700, one per VM; ID is 8 hex digits
+        state.json                versioned MachineRecord, replaced atomically
+        qmp                       QMP listening socket (bound by the daemon, fd passed to QEMU)
+        console                   console listening socket (ditto)
+        console.log               console history (QEMU logfile=)
+        qemu.log                  QEMU stdout+stderr
+
+IDs are short because AF_UNIX paths must stay under 108 bytes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import socket
+import stat
+from pathlib import Path
+
+SOCKET_PATH_MAX = 107  # sizeof(sun_path) minus the terminating NUL
+MANAGER_SOCKET_NAME = "io.vmspawnd.Manager"
+
+
+def default_runtime_dir() -> Path:
+    """/run/vmspawnd for root (system instance), $XDG_RUNTIME_DIR/vmspawnd otherwise."""
+    if os.geteuid() == 0:
+        return Path("/run/vmspawnd")
+    xdg = os.environ.get("XDG_RUNTIME_DIR")
+    if not xdg:
+        raise RuntimeError("XDG_RUNTIME_DIR is not set; pass --runtime-dir=DIR")
+    return Path(xdg) / "vmspawnd"
+
+
+def new_machine_id() -> str:
+    return secrets.token_hex(4)
+
+
+def check_socket_path(path: Path) -> None:
+    """Refuse early what bind() would refuse late with a less helpful error."""
+    if len(os.fsencode(path)) > SOCKET_PATH_MAX:
+        raise ValueError(f"socket path too long for AF_UNIX ({SOCKET_PATH_MAX} bytes max): {path}")
+
+
+def make_private_dir(path: Path) -> None:
+    """Create a 0700 directory, refusing a symlink planted in its place."""
+    path.mkdir(mode=0o700, parents=False, exist_ok=True)
+    st = os.lstat(path)
+    if not (st.st_mode & 0o170000 == 0o040000):
+        raise RuntimeError(f"{path} is not a directory")
+    if st.st_uid != os.geteuid():
+        raise RuntimeError(f"{path} is owned by uid {st.st_uid}, not by us")
+    os.chmod(path, 0o700)
+
+
+def write_json_atomic(path: Path, data: object) -> None:
+    """Write JSON so that a reader (or a crash) sees the old or the new file, never half.
+
+    O_EXCL|O_NOFOLLOW on the temp name: a planted symlink makes this fail, not follow.
+    """
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(data, f, indent=1, sort_keys=True)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def read_json(path: Path) -> object:
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    with os.fdopen(fd) as f:
+        return json.load(f)
+
+
+def bind_listening_socket(path: Path, mode: int) -> socket.socket:
+    """Bind and listen on an AF_UNIX stream socket at `path` with `mode`.
+
+    A stale socket at the path is replaced; anything else there (a planted symlink or
+    file) makes bind fail rather than be followed.
+    """
+    check_socket_path(path)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    try:
+        try:
+            if stat.S_ISSOCK(os.lstat(path).st_mode):
+                os.unlink(path)
+        except FileNotFoundError:
+            pass
+        sock.bind(os.fspath(path))
+        os.chmod(path, mode)
+        sock.listen(socket.SOMAXCONN)
+    except BaseException:
+        sock.close()
+        raise
+    return sock

@@ -1,0 +1,199 @@
+# SPDX-License-Identifier: LGPL-2.1-or-later
+"""The VM spec: what a client asks for, mirroring systemd-vmspawn's options.
+
+Pure and shared with the CLI: the client parses vmspawn's command line into a `VmSpec`,
+sends `VmSpec.to_json()`, and the daemon rebuilds it with `VmSpec.from_json()`, which
+is also where a raw Varlink caller's mistakes become `InvalidSpec{field, reason}`.
+Paths in a spec are absolute: the client resolves them against its own cwd, the daemon
+never uses its cwd on a client's behalf.
+
+Field names are snake_case here and lowerCamelCase on the wire (`errors.to_camel`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import types
+import typing
+from collections.abc import Mapping
+
+from .errors import InvalidSpec, to_camel, to_snake
+
+DEFAULT_RAM = 2 * 1024**3
+MAX_NAME_LENGTH = 64
+
+
+class ConsoleMode(enum.StrEnum):
+    INTERACTIVE = "interactive"
+    READ_ONLY = "read-only"
+    NATIVE = "native"
+    GUI = "gui"
+    HEADLESS = "headless"
+
+
+@dataclasses.dataclass(frozen=True)
+class VmSpec:
+    """One VM request. Defaults are systemd-vmspawn 259's defaults."""
+
+    name: str | None = None
+    image: str | None = None
+    linux: str | None = None
+    initrds: list[str] = dataclasses.field(default_factory=list)
+    cpus: str = "1"
+    ram: int = DEFAULT_RAM
+    kvm: bool | None = None
+    uuid: str | None = None
+    extra_drives: list[str] = dataclasses.field(default_factory=list)
+    network_user_mode: bool = False
+    discard_disk: bool = True
+    console: str = ConsoleMode.INTERACTIVE.value
+    kernel_cmdline: list[str] = dataclasses.field(default_factory=list)
+
+    def to_json(self) -> dict[str, object]:
+        """The wire form: camelCase keys, defaults left out so requests stay short."""
+        out: dict[str, object] = {}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if value != _default_of(f):
+                out[to_camel(f.name)] = value
+        return out
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, object]) -> VmSpec:
+        """Rebuild and validate a spec from the wire; every problem names its field."""
+        if not isinstance(data, Mapping):
+            raise InvalidSpec("spec", "must be an object")
+        hints = typing.get_type_hints(cls)
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        kwargs: dict[str, object] = {}
+        for key, value in data.items():
+            name = to_snake(key)
+            if name not in fields or to_camel(name) != key:
+                raise InvalidSpec(key, "unknown field")
+            if value is None:
+                continue  # null means "default", like an absent field
+            kwargs[name] = _check_type(key, hints[name], value)
+        spec = cls(**kwargs)  # type: ignore[arg-type]
+        spec.validate()
+        return spec
+
+    def validate(self) -> None:
+        """Checks that need no I/O; the daemon checks paths when it resolves them."""
+        if self.name is not None:
+            check_machine_name(self.name)
+        for field in ("image", "linux"):
+            _check_absolute(field, getattr(self, field))
+        for index, path in enumerate(self.initrds):
+            _check_absolute(f"initrds[{index}]", path)
+        for index, path in enumerate(self.extra_drives):
+            _check_absolute(f"extraDrives[{index}]", path)
+        if self.initrds and not self.linux:
+            raise InvalidSpec("initrds", "--initrd= requires --linux=")
+        if not self.cpus or any(c.isspace() for c in self.cpus):
+            raise InvalidSpec("cpus", "must be a non-empty QEMU -smp value")
+        if self.ram <= 0:
+            raise InvalidSpec("ram", "must be a positive number of bytes")
+        if self.console not in {m.value for m in ConsoleMode}:
+            accepted = ", ".join(m.value for m in ConsoleMode)
+            raise InvalidSpec("console", f"must be one of {accepted}")
+        if self.image is None and self.linux is None:
+            raise InvalidSpec("image", "one of image or linux is required")
+        for index, word in enumerate(self.kernel_cmdline):
+            if "\n" in word or "\0" in word:
+                raise InvalidSpec(f"kernelCmdline[{index}]", "must not contain newlines or NUL")
+
+    def machine_name(self) -> str:
+        """The name vmspawn would use: -M, else the image file name without `.raw`."""
+        if self.name:
+            return self.name
+        if self.image:
+            base = self.image.rstrip("/").rsplit("/", 1)[-1]
+            base = base.removesuffix(".raw")
+            cleaned = hostname_cleanup(base)
+            check_machine_name(cleaned, field="name", hint="please use -M/--machine=")
+            return cleaned
+        raise InvalidSpec("name", "required when no image is given (use -M/--machine=)")
+
+
+def check_machine_name(name: str, field: str = "name", hint: str = "") -> None:
+    """Machine names are hostnames (systemd's hostname_is_valid without a trailing dot)."""
+    if not is_valid_hostname(name):
+        reason = (
+            "must be a valid hostname: 1-64 characters of letters, digits, '-' and '.', "
+            "not starting or ending with '-' or '.'"
+        )
+        raise InvalidSpec(field, f"{reason}{'; ' + hint if hint else ''}")
+
+
+def is_valid_hostname(name: str) -> bool:
+    """systemd hostname_is_valid(): labels of [A-Za-z0-9-], '.'-separated, ≤ 64 chars."""
+    if not name or len(name) > MAX_NAME_LENGTH:
+        return False
+    for label in name.split("."):
+        if not label or label[0] == "-" or label[-1] == "-":
+            return False
+        if not all(c.isascii() and (c.isalnum() or c == "-") for c in label):
+            return False
+    return True
+
+
+def hostname_cleanup(name: str) -> str:
+    """systemd hostname_cleanup(): drop invalid characters, collapse dots, cut at 64."""
+    out: list[str] = []
+    dot = True
+    for c in name:
+        if c == ".":
+            if dot:
+                continue
+            out.append(".")
+            dot = True
+        elif c.isascii() and (c.isalnum() or c == "-"):
+            out.append(c)
+            dot = False
+    cleaned = "".join(out).strip(".")[:MAX_NAME_LENGTH]
+    return cleaned.strip(".")
+
+
+def _check_absolute(field: str, path: str | None) -> None:
+    if path is not None and not path.startswith("/"):
+        raise InvalidSpec(field, f"must be an absolute path, got {path!r}")
+
+
+def _default_of(f: dataclasses.Field[object]) -> object:
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    assert f.default_factory is not dataclasses.MISSING
+    return f.default_factory()
+
+
+def _check_type(field: str, hint: object, value: object) -> object:
+    """Minimal runtime type check for JSON values against the dataclass hints."""
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        options = [a for a in args if a is not type(None)]
+        errors = []
+        for option in options:
+            try:
+                return _check_type(field, option, value)
+            except InvalidSpec as exc:
+                errors.append(exc)
+        raise errors[0]
+    if origin is list:
+        if not isinstance(value, list):
+            raise InvalidSpec(field, "must be a list")
+        return [_check_type(f"{field}[{i}]", args[0], v) for i, v in enumerate(value)]
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise InvalidSpec(field, "must be a boolean")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise InvalidSpec(field, "must be an integer")
+        return value
+    if hint is str:
+        if not isinstance(value, str):
+            raise InvalidSpec(field, "must be a string")
+        return value
+    raise AssertionError(f"unhandled type {hint!r} for {field}")

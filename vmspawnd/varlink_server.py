@@ -1,0 +1,166 @@
+# SPDX-License-Identifier: LGPL-2.1-or-later
+"""asyncvarlink's server, hardened for a daemon: the workarounds of libraries.md §1.6.
+
+Kept in one module so they can be dropped one by one as upstream fixes land (they
+touch private attributes, hence the exact pin of asyncvarlink==0.3.3):
+
+1. a client that hangs up while its call is in flight is noticed (MSG_PEEK reader)
+   and the handler is cancelled — otherwise a `more` stream or a slow call leaks;
+3. listening sockets get a real backlog instead of listen(1);
+4. every call knows its peer (SO_PEERCRED) through a ContextVar, and calls from a
+   peer the policy refuses get a typed PermissionDenied before any method runs;
+5. LISTEN_* are removed from the environment after adoption (see sdnotify);
+7. our exceptions are mapped to their Varlink names in exactly one place.
+Also: frames without a NUL terminator are capped at MAX_MESSAGE_SIZE, and a frame
+that is not a JSON object gets a typed ProtocolViolation and a close.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import dataclasses
+import logging
+import socket
+import struct
+from collections.abc import Callable
+
+from asyncvarlink import (
+    FileDescriptorArray,
+    GenericVarlinkErrorReply,
+    VarlinkErrorReply,
+    VarlinkInterfaceRegistry,
+    VarlinkInterfaceServerProtocol,
+    VarlinkMethodCall,
+    create_unix_server,
+)
+from asyncvarlink.util import VarlinkUnixServer
+
+from .errors import PermissionDenied, ProtocolViolation, VmspawnError
+
+_log = logging.getLogger(__name__)
+
+MAX_MESSAGE_SIZE = 4 * 1024 * 1024
+PUBLIC_INTERFACES = frozenset({"org.varlink.service"})
+
+
+@dataclasses.dataclass(frozen=True)
+class Peer:
+    pid: int
+    uid: int
+    gid: int
+
+
+current_peer: contextvars.ContextVar[Peer] = contextvars.ContextVar("current_peer")
+
+PeerPolicy = Callable[[Peer], bool]
+
+
+def peer_credentials(sock: socket.socket) -> Peer:
+    data = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    pid, uid, gid = struct.unpack("3i", data)
+    return Peer(pid, uid, gid)
+
+
+def to_varlink_error(exc: VmspawnError) -> VarlinkErrorReply:
+    return GenericVarlinkErrorReply(exc.varlink_name(), exc.parameters())
+
+
+class HardenedServerProtocol(VarlinkInterfaceServerProtocol):
+    """One connection: peer check per call, hang-up detection, size cap, error mapping."""
+
+    def __init__(self, registry: VarlinkInterfaceRegistry, policy: PeerPolicy) -> None:
+        super().__init__(registry)
+        self._policy = policy
+        self._peer: Peer | None = None
+        self._watching = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        sock = self._socket()
+        if sock is not None:
+            try:
+                self._peer = peer_credentials(sock)
+            except OSError:
+                self._peer = None
+
+    def _socket(self) -> socket.socket | None:
+        sock = getattr(self._transport, "_recvfd", None)  # private: libraries.md §1.6 item 4
+        return sock if isinstance(sock, socket.socket) else None
+
+    # --- framing -------------------------------------------------------------------
+    def message_received(self, data: bytes, fds: FileDescriptorArray | None) -> None:
+        super().message_received(data, fds)
+        if len(self._recv_buffer) > MAX_MESSAGE_SIZE:
+            _log.warning("closing connection from %s: frame larger than %d bytes", self._peer, MAX_MESSAGE_SIZE)
+            self._recv_buffer = b""
+            if self._transport is not None:
+                self._transport.abort()
+
+    def error_received(self, err: Exception, data: bytes, fds: FileDescriptorArray | None) -> None:
+        reason = "frame is not a JSON object" if not isinstance(err, UnicodeDecodeError) else "frame is not UTF-8"
+        _log.info("protocol violation from %s: %s", self._peer, err)
+        self.send_error(to_varlink_error(ProtocolViolation(reason)))
+        self._closing = True
+        self._maybe_close_if_idle()
+
+    # --- calls -----------------------------------------------------------------------
+    def call_received(
+        self, call: VarlinkMethodCall, fds: FileDescriptorArray | None
+    ) -> asyncio.Future[None] | None:
+        if call.method_interface not in PUBLIC_INTERFACES:
+            if self._peer is None or not self._policy(self._peer):
+                raise to_varlink_error(PermissionDenied())
+        if self._peer is not None:
+            current_peer.set(self._peer)
+        fut = super().call_received(call, fds)
+        if fut is not None and not fut.done():
+            asyncio.get_running_loop().call_soon(self._watch_hangup, fut)
+        return fut
+
+    def handle_call_exception(self, exc: BaseException, oneway: bool) -> None:
+        if isinstance(exc, VmspawnError):
+            raise to_varlink_error(exc)
+        if isinstance(exc, asyncio.CancelledError):
+            return  # the client hung up; nobody to answer
+        _log.error("internal error in a method call", exc_info=exc)
+        raise GenericVarlinkErrorReply("io.vmspawnd.Manager.InternalError", {"message": str(exc)})
+
+    # --- hang-up detection (libraries.md §1.6 item 1) ------------------------------------
+    def _watch_hangup(self, fut: asyncio.Future[None]) -> None:
+        sock = self._socket()
+        if fut.done() or sock is None or self._watching:
+            return
+        if not getattr(self._transport, "_paused", False):
+            return  # the transport reads by itself and will see EOF
+        loop = asyncio.get_running_loop()
+        self._watching = True
+        loop.add_reader(sock, self._check_hangup, sock, fut)
+        fut.add_done_callback(lambda _: self._unwatch(sock))
+
+    def _unwatch(self, sock: socket.socket) -> None:
+        if self._watching:
+            self._watching = False
+            if sock.fileno() >= 0:
+                asyncio.get_running_loop().remove_reader(sock)
+
+    def _check_hangup(self, sock: socket.socket, fut: asyncio.Future[None]) -> None:
+        try:
+            data = sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        self._unwatch(sock)
+        if data == b"" and not fut.done():
+            _log.debug("peer %s hung up during a call; cancelling it", self._peer)
+            fut.cancel()
+
+
+async def serve_unix(
+    sock: socket.socket, registry: VarlinkInterfaceRegistry, policy: PeerPolicy
+) -> VarlinkUnixServer:
+    """Serve `registry` on a bound (or socket-activated) AF_UNIX stream socket."""
+    server = await create_unix_server(lambda: HardenedServerProtocol(registry, policy), sock=sock)
+    sock.listen(socket.SOMAXCONN)  # asyncvarlink sets backlog 1 (libraries.md §1.6 item 3)
+    return server
