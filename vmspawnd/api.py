@@ -166,6 +166,27 @@ class ManagerInterface(VarlinkInterface, name=INTERFACE):
         await machine.wait_ready(60.0 if timeout is None else timeout)
         return machine_to_wire(machine.record)
 
+    @varlinkmethod(return_parameter="machine")
+    async def Pause(self, *, name: str) -> MachineWire:  # type: ignore[valid-type]
+        """Freeze the VM's vCPUs (QMP stop)."""
+        machine = self._manager.get(name)
+        await machine.pause()
+        return machine_to_wire(machine.record)
+
+    @varlinkmethod(return_parameter="machine")
+    async def Resume(self, *, name: str) -> MachineWire:  # type: ignore[valid-type]
+        """Let a paused VM run again (QMP cont)."""
+        machine = self._manager.get(name)
+        await machine.resume()
+        return machine_to_wire(machine.record)
+
+    @varlinkmethod(return_parameter="machine")
+    async def Reboot(self, *, name: str) -> MachineWire:  # type: ignore[valid-type]
+        """Reset the VM (QMP system_reset); a reset is not a stop."""
+        machine = self._manager.get(name)
+        await machine.reboot()
+        return machine_to_wire(machine.record)
+
     @varlinkmethod
     async def Remove(self, *, name: str) -> None:
         """Forget a stopped or failed VM and delete its runtime directory; frees the name."""

@@ -252,7 +252,14 @@ class Machine:
     def _on_qmp_event(self, name: str, data: dict[str, object]) -> None:
         """QMP events go to subscribers as they are; a guest reset is not a stop."""
         _log.debug("%s: QMP event %s %s", self.name, name, data)
+        if name in ("STOP", "RESUME"):
+            self._set_paused(name == "STOP")
         self._on_event(self, name, data)
+
+    def _set_paused(self, paused: bool) -> None:
+        if paused != self.record.paused:
+            self.record.paused = paused
+            self._persist()
 
     # --- supervision ---------------------------------------------------------------------
     async def _supervise(self) -> None:
@@ -363,6 +370,34 @@ class Machine:
             return True
         except TimeoutError:
             return False
+
+    async def _qmp_command(self, operation: str, command: str) -> None:
+        self._require(operation, MachineState.RUNNING, MachineState.READY)
+        if self._qmp is None or not self._qmp.connected:
+            raise NotConnected(self.name)
+        try:
+            await self._qmp.execute(command)
+        except QmpError as exc:
+            raise InvalidState(self.name, self.record.state.value, f"{operation} ({exc})") from exc
+
+    async def pause(self) -> None:
+        """Freeze the vCPUs (QMP stop); the STOP event updates `paused`."""
+        await self._qmp_command("pause", "stop")
+        self._set_paused(True)  # the STOP event may be pumped after the reply
+
+    async def resume(self) -> None:
+        await self._qmp_command("resume", "cont")
+        self._set_paused(False)
+
+    async def reboot(self) -> None:
+        """Hard reset (QMP system_reset), as vmspawn's Reboot; the VM keeps running."""
+        await self._qmp_command("reboot", "system_reset")
+
+    async def query_status(self) -> dict[str, object]:
+        """QEMU's own view (running flag and status string), bounded like every QMP call."""
+        if self._qmp is None or not self._qmp.connected:
+            raise NotConnected(self.name)
+        return await self._qmp.query_status()
 
     async def wait_ready(self, timeout: float) -> None:
         rec = self.record

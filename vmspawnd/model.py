@@ -87,6 +87,7 @@ class MachineRecord:
     reason: str = ""
     stderr_tail: str = ""
     ready: bool = False
+    paused: bool = False
 
     def enter(self, state: MachineState) -> None:
         """Move to `state`, stamping the time (µs since the epoch, as systemd does)."""

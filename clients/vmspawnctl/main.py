@@ -51,8 +51,18 @@ def build_parser() -> argparse.ArgumentParser:
     stop = sub.add_parser("stop", help="power a VM off (ACPI), terminating it after the deadline")
     stop.add_argument("name")
     stop.add_argument("--deadline", type=float, default=None, metavar="SECONDS", help="grace period before termination (default 60)")
-    for verb, text in (("terminate", "stop a VM immediately"), ("remove", "forget a stopped VM"), ("log", "print a VM's console log")):
+    for verb, text in (
+        ("terminate", "stop a VM immediately"),
+        ("remove", "forget a stopped VM"),
+        ("log", "print a VM's console log"),
+        ("pause", "freeze a VM's vCPUs"),
+        ("resume", "let a paused VM run again"),
+        ("reboot", "reset a VM"),
+    ):
         sub.add_parser(verb, help=text).add_argument("name")
+    events = sub.add_parser("events", help="follow VM events (state changes, QMP events)")
+    events.add_argument("name", nargs="?", help="only this VM")
+    events.add_argument("--json", action="store_true", help="one JSON object per line")
     kill = sub.add_parser("kill", help="send a signal to a VM's QEMU")
     kill.add_argument("name")
     kill.add_argument("-s", "--signal", default="SIGTERM", help="signal name or number (default SIGTERM)")
@@ -127,6 +137,25 @@ def print_status(m: dict[str, object]) -> None:
         print("\nQEMU said:\n" + tail)
 
 
+def follow_events(conn: Connection, name: str | None, as_json: bool) -> None:
+    """Print events until interrupted (the stream never ends by itself)."""
+    params = {"name": name} if name else {}
+    try:
+        for reply in conn.call_more(f"{INTERFACE}.SubscribeEvents", params):
+            event = reply["event"]
+            if as_json:
+                print(json.dumps(event), flush=True)
+                continue
+            assert isinstance(event, dict)
+            if event["event"] == "Subscribed":
+                continue
+            data = event.get("data") or {}
+            detail = data.get("state") if event["event"] == "StateChanged" else json.dumps(data) if data else ""
+            print(f"{event.get('machine') or '-'}\t{event['event']}\t{detail}", flush=True)
+    except KeyboardInterrupt:
+        pass
+
+
 def run(args: argparse.Namespace) -> int:
     address = args.address or default_address()
     method = f"{INTERFACE}."
@@ -157,6 +186,11 @@ def run(args: argparse.Namespace) -> int:
                 params["deadline"] = args.deadline
             machine = conn.call(method + "PowerOff", params)["machine"]
             print(f"{machine['name']}: {machine['state']} ({machine['reason']})")  # type: ignore[index]
+        elif args.command in ("pause", "resume", "reboot"):
+            machine = conn.call(method + args.command.capitalize(), {"name": args.name})["machine"]
+            print(f"{machine['name']}: {machine['state']}{' (paused)' if machine.get('paused') else ''}")  # type: ignore[index,union-attr]
+        elif args.command == "events":
+            follow_events(conn, args.name, args.json)
         elif args.command == "terminate":
             machine = conn.call(method + "Terminate", {"name": args.name})["machine"]
             print(f"{machine['name']}: {machine['state']} ({machine['reason']})")  # type: ignore[index]
