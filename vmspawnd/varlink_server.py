@@ -90,6 +90,20 @@ class HardenedServerProtocol(VarlinkInterfaceServerProtocol):
 
     # --- framing -------------------------------------------------------------------
     def message_received(self, data: bytes, fds: FileDescriptorArray | None) -> None:
+        # asyncvarlink only catches JSONDecodeError; a frame that is not UTF-8 raises
+        # UnicodeDecodeError out of the transport and wedges the connection. Replace such
+        # frames by one that fails JSON parsing, so error_received answers it.
+        frames = data.split(b"\0")
+        if len(frames) > 1:
+            head = self._recv_buffer + frames[0]
+            complete = [head, *frames[1:-1]]
+            for index, frame in enumerate(complete):
+                try:
+                    frame.decode("utf-8")
+                except UnicodeDecodeError:
+                    complete[index] = b"\x01not-utf-8"
+            self._recv_buffer = b""
+            data = b"\0".join([*complete, frames[-1]])
         super().message_received(data, fds)
         if len(self._recv_buffer) > MAX_MESSAGE_SIZE:
             _log.warning("closing connection from %s: frame larger than %d bytes", self._peer, MAX_MESSAGE_SIZE)
@@ -98,7 +112,7 @@ class HardenedServerProtocol(VarlinkInterfaceServerProtocol):
                 self._transport.abort()
 
     def error_received(self, err: Exception, data: bytes, fds: FileDescriptorArray | None) -> None:
-        reason = "frame is not a JSON object" if not isinstance(err, UnicodeDecodeError) else "frame is not UTF-8"
+        reason = "frame is not UTF-8" if data == b"\x01not-utf-8" else "frame is not a JSON object"
         _log.info("protocol violation from %s: %s", self._peer, err)
         self.send_error(to_varlink_error(ProtocolViolation(reason)))
         self._closing = True

@@ -162,9 +162,11 @@ def test_client_hanging_up_mid_spawn_leaves_a_consistent_vm(daemon: Daemon, gues
 
 
 def test_unprivileged_peer_gets_permission_denied(daemon: Daemon) -> None:
+    # Import before dropping privileges: the interpreter may live under root's home.
     code = (
-        "import os, sys; os.setgid(65534); os.setuid(65534);"
+        "import os, sys\n"
         "from vmspawnctl.varlink import Connection, VarlinkError\n"
+        "os.setgid(65534); os.setuid(65534)\n"
         "try:\n"
         f"    Connection({daemon.address!r}).call('{MANAGER}.List')\n"
         "except VarlinkError as e:\n"
@@ -174,8 +176,8 @@ def test_unprivileged_peer_gets_permission_denied(daemon: Daemon) -> None:
     assert result.stdout.strip() == f"{MANAGER}.PermissionDenied", result.stderr
     # Introspection stays public, as on systemd's sockets.
     info = subprocess.run(
-        [sys.executable, "-c", "import os; os.setgid(65534); os.setuid(65534);"
-         f"from vmspawnctl.varlink import Connection; print(Connection({daemon.address!r}).call('org.varlink.service.GetInfo')['product'])"],
+        [sys.executable, "-c", "import os; from vmspawnctl.varlink import Connection; os.setgid(65534); os.setuid(65534);"
+         f"print(Connection({daemon.address!r}).call('org.varlink.service.GetInfo')['product'])"],
         capture_output=True, text=True, timeout=60,
     )
     assert info.stdout.strip() == "vmspawnd", info.stderr
