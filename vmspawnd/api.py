@@ -11,6 +11,7 @@ No `from __future__ import annotations` here: asyncvarlink reads real annotation
 import collections.abc
 import dataclasses
 import signal
+import types
 import typing
 
 from asyncvarlink import TypedVarlinkErrorReply, VarlinkInterface, varlinkmethod
@@ -47,7 +48,12 @@ MachineWire = _wire_dataclass(
     MachineRecord,
     "Machine",
     optional=False,
-    overrides={"spec": VmSpecWire, "qemu": ProcessWire | None, "state": MachineStateName},
+    overrides={
+        "spec": VmSpecWire,
+        "qemu": ProcessWire | None,
+        "state": MachineStateName,
+        "helpers": dict[str, ProcessWire],  # type: ignore[valid-type]
+    },
 )
 
 
@@ -65,15 +71,23 @@ def to_wire(wire_cls: type, data: typing.Mapping[str, object] | None) -> object:
     if data is None:
         return None
     hints = typing.get_type_hints(wire_cls)
-    kwargs = {}
-    for f in dataclasses.fields(wire_cls):
-        value = data.get(f.name)
-        inner = [a for a in typing.get_args(hints[f.name]) if dataclasses.is_dataclass(a)]
-        target = hints[f.name] if dataclasses.is_dataclass(hints[f.name]) else (inner[0] if inner else None)
-        if target is not None and isinstance(value, dict):
-            value = to_wire(target, value)
-        kwargs[f.name] = value
-    return wire_cls(**kwargs)
+    return wire_cls(**{f.name: _convert(hints[f.name], data.get(f.name)) for f in dataclasses.fields(wire_cls)})
+
+
+def _convert(hint: object, value: object) -> object:
+    """Build wire dataclasses wherever the hint asks for one (also inside dicts and lists)."""
+    if value is None:
+        return None
+    options = [a for a in typing.get_args(hint) if a is not type(None)] if typing.get_origin(hint) in (typing.Union, types.UnionType) else [hint]
+    for option in options:
+        origin = typing.get_origin(option)
+        if dataclasses.is_dataclass(option) and isinstance(value, dict):
+            return to_wire(option, value)  # type: ignore[arg-type]
+        if origin is dict and isinstance(value, dict):
+            return {k: _convert(typing.get_args(option)[1], v) for k, v in value.items()}
+        if origin is list and isinstance(value, list):
+            return [_convert(typing.get_args(option)[0], v) for v in value]
+    return value
 
 
 def from_wire(obj: object) -> dict[str, object]:

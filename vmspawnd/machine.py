@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import os
 import shutil
@@ -21,12 +22,13 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 from . import resolve
+from .helpers import start_helpers
 from .errors import InvalidSpec, InvalidState, NotConnected, StartFailed, Timeout, VmspawnError
 from .model import MachineRecord, MachineState
 from .process import ChildProcess, read_tail, spawn_detached
 from .qemu_command import Resources, build_qemu_command
 from .qmp import QmpError, QmpSession
-from .runtime_dir import bind_listening_socket, make_private_dir, write_json_atomic
+from .runtime_dir import bind_listening_socket, make_private_dir, write_json_atomic, write_private_file
 from .spec import ConsoleMode, VmSpec
 
 _log = logging.getLogger(__name__)
@@ -36,6 +38,14 @@ TERM_GRACE = 5.0
 DEFAULT_POWEROFF_DEADLINE = 60.0
 
 EventCallback = Callable[["Machine", str, dict[str, object]], None]
+
+
+def describe_status(returncode: int | None) -> str:
+    if returncode is None:
+        return "status unknown: not our child"
+    if returncode < 0:
+        return f"killed by {signal.Signals(-returncode).name}"
+    return f"status {returncode}"
 
 
 def describe_exit(returncode: int | None) -> str:
@@ -55,12 +65,14 @@ class Machine:
         self.directory = directory
         self._on_event = on_event
         self._qemu: ChildProcess | None = None
+        self._helpers: dict[str, ChildProcess] = {}
         self._qmp: QmpSession | None = None
         self._supervisor: asyncio.Task[None] | None = None
         self._finished = asyncio.Event()
         self._changed = asyncio.Condition()
         self._stop_reason: str | None = None
         self._requested_signal: int | None = None
+        self._helper_failed = False
 
     # --- paths --------------------------------------------------------------------
     @property
@@ -129,21 +141,23 @@ class Machine:
                 step = "resolve"
                 resources = self._resolve()
 
+                step = "helpers"
+                helpers = await start_helpers(self.spec, self.name, self.directory, stack)
+                self._helpers = helpers.processes
+                self.record.helpers = {name: p.record for name, p in helpers.processes.items()}
+
                 step = "sockets"
                 sockets = self._bind_sockets(stack)
-                qmp_fd = sockets["qmp"].fileno()
                 console = sockets.get("console")
-                resources = Resources(
-                    qemu_binary=resources.qemu_binary,
-                    kvm=resources.kvm,
-                    qmp_fd=qmp_fd,
+                resources = dataclasses.replace(
+                    resources,
+                    qmp_fd=sockets["qmp"].fileno(),
                     console_fd=console.fileno() if console else None,
-                    console_log=str(self.console_log_path),
-                    firmware=resources.firmware,
-                    initrd=resources.initrd,
-                    arch=resources.arch,
+                    **helpers.resources,  # type: ignore[arg-type]
                 )
                 command = build_qemu_command(self.spec, resources)
+                for path, content in command.files.items():
+                    write_private_file(Path(path), content)
 
                 step = "qemu"
                 self._qemu = spawn_detached(
@@ -263,7 +277,21 @@ class Machine:
 
     # --- supervision ---------------------------------------------------------------------
     async def _supervise(self) -> None:
+        """Wait for QEMU to exit; a helper dying first ends the VM, as in systemd-vmspawn."""
         assert self._qemu is not None
+        waiters = {asyncio.ensure_future(self._qemu.wait()): "qemu"}
+        for name, helper in self._helpers.items():
+            waiters[asyncio.ensure_future(helper.wait())] = name
+        done, _ = await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+        first = waiters[next(iter(done))]
+        if first != "qemu" and not self._qemu.exited:
+            status = self._helpers[first].returncode
+            self._stop_reason = self._stop_reason or f"helper {first} exited ({describe_status(status)})"
+            _log.warning("%s: %s, terminating the VM", self.name, self._stop_reason)
+            self._helper_failed = True
+            await self._qemu.terminate(TERM_GRACE)
+        for waiter in waiters:
+            waiter.cancel()
         returncode = await self._qemu.wait()
         await self._finish(returncode)
 
@@ -277,7 +305,10 @@ class Machine:
         elif returncode is not None:
             rec.exit_signal = -returncode
         requested_kill = self._requested_signal is not None and returncode == -self._requested_signal
-        if self._stop_reason is not None:
+        if self._helper_failed:
+            rec.reason = self._stop_reason or "a helper exited"
+            final = MachineState.FAILED
+        elif self._stop_reason is not None:
             rec.reason = self._stop_reason
             final = MachineState.STOPPED
         elif requested_kill:

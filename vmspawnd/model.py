@@ -88,6 +88,7 @@ class MachineRecord:
     stderr_tail: str = ""
     ready: bool = False
     paused: bool = False
+    helpers: dict[str, ProcessRecord] = dataclasses.field(default_factory=dict)
 
     def enter(self, state: MachineState) -> None:
         """Move to `state`, stamping the time (µs since the epoch, as systemd does)."""
@@ -102,6 +103,8 @@ class MachineRecord:
             value = getattr(self, f.name)
             if isinstance(value, ProcessRecord):
                 value = value.to_json()
+            elif f.name == "helpers":
+                value = {k: v.to_json() for k, v in value.items()}
             elif isinstance(value, MachineState):
                 value = value.value
             out[to_camel(f.name)] = value
@@ -117,6 +120,8 @@ class MachineRecord:
             value = data[key]
             if f.name == "qemu" and value is not None:
                 value = ProcessRecord.from_json(value)  # type: ignore[arg-type]
+            elif f.name == "helpers":
+                value = {k: ProcessRecord.from_json(v) for k, v in value.items()}  # type: ignore[union-attr]
             elif f.name == "state":
                 value = MachineState(value)
             kwargs[f.name] = value

@@ -34,8 +34,25 @@ class Firmware:
 
 
 @dataclasses.dataclass(frozen=True)
+class VirtiofsShare:
+    """A virtiofsd the daemon started: QEMU connects to its socket (chardev), guest sees `tag`."""
+
+    tag: str
+    chardev_id: str
+    socket_path: str
+
+
+@dataclasses.dataclass(frozen=True)
+class Credential:
+    """A credential for the guest (SMBIOS type 11 `io.systemd.credential.binary:ID=base64`)."""
+
+    id: str
+    data: bytes
+
+
+@dataclasses.dataclass(frozen=True)
 class Resources:
-    """Everything the spec needs that only the host can answer."""
+    """Everything the spec needs that only the host can answer (and what helpers provide)."""
 
     qemu_binary: str
     kvm: bool
@@ -45,12 +62,22 @@ class Resources:
     firmware: Firmware | None
     initrd: str | None  # a single initrd, or the merged copy of several
     arch: str = "x86_64"
+    # Filled by the helper processes (swtpm, virtiofsd, journal, SSH keys) and the notify listener:
+    tpm_socket: str | None = None
+    virtiofs: tuple[VirtiofsShare, ...] = ()
+    credentials: tuple[Credential, ...] = ()
+    kernel_cmdline_extra: tuple[str, ...] = ()
+    payload_dir: str | None = None  # where SMBIOS payload files are written (0600)
+    vsock_cid: int | None = None
+    vhost_vsock_fd: int | None = None
+    notify_address: str | None = None
 
 
 @dataclasses.dataclass(frozen=True)
 class QemuCommand:
     argv: list[str]
     pass_fds: list[int]
+    files: dict[str, bytes] = dataclasses.field(default_factory=dict)  # path → content, written 0600 first
 
 
 def is_x86(arch: str) -> bool:

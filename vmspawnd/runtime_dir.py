@@ -104,3 +104,10 @@ def bind_listening_socket(path: Path, mode: int) -> socket.socket:
         sock.close()
         raise
     return sock
+
+
+def write_private_file(path: Path, content: bytes) -> None:
+    """A 0600 payload file (SMBIOS credentials, keys): created new, never through a symlink."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(content)
