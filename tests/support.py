@@ -263,6 +263,7 @@ def daemon_fds(daemon: Daemon) -> list[str]:
 @contextlib.contextmanager
 def no_leaks(daemon: Daemon) -> Iterator[None]:
     """Assert that the block leaves the daemon's fds, children and machine dirs as they were."""
+    daemon.call("List")  # a round trip: the daemon is past start-up (its READY=1 socket is closed)
     fds = daemon_fds(daemon)
     kids = sorted(children_of(daemon.process.pid))
     dirs = sorted(p.name for p in (daemon.runtime_dir / "machines").iterdir())
