@@ -26,12 +26,35 @@ from .varlink_server import current_peer
 INTERFACE = errors.INTERFACE
 
 
+_WIRE_TYPES: dict[type, type] = {}
+
+
+def _wire_hint(hint: object) -> object:
+    """Map nested pure dataclasses inside a hint to their camelCase wire twins."""
+    if dataclasses.is_dataclass(hint):
+        if hint not in _WIRE_TYPES:
+            _WIRE_TYPES[hint] = _wire_dataclass(hint, hint.__name__, optional=False)  # type: ignore[arg-type]
+        return _WIRE_TYPES[hint]  # type: ignore[index]
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if origin is list:
+        return list[_wire_hint(args[0])]  # type: ignore[misc]
+    if origin is dict:
+        return dict[args[0], _wire_hint(args[1])]  # type: ignore[misc]
+    if origin in (typing.Union, types.UnionType):
+        return typing.Union[tuple(_wire_hint(a) for a in args)]  # type: ignore[return-value]
+    return hint
+
+
 def _wire_dataclass(cls: type, name: str, *, optional: bool, overrides: dict[str, object] | None = None) -> type:
     """A camelCase twin of a dataclass for asyncvarlink to validate and render."""
     hints = typing.get_type_hints(cls)
     fields: list[tuple[str, object, object]] = []
     for f in dataclasses.fields(cls):
-        hint = (overrides or {}).get(f.name, hints[f.name])
+        hint = (overrides or {}).get(f.name, _wire_hint(hints[f.name]))
+        if not optional and f.default is not dataclasses.MISSING:
+            fields.append((to_camel(f.name), hint, dataclasses.field(default=f.default)))
+            continue
         if optional:
             fields.append((to_camel(f.name), hint | None, dataclasses.field(default=None)))  # type: ignore[operator]
         else:

@@ -33,21 +33,70 @@ class ConsoleMode(enum.StrEnum):
 
 
 @dataclasses.dataclass(frozen=True)
+class BindMount:
+    """--bind / --bind-ro: a host directory shared into the guest by one virtiofsd."""
+
+    source: str
+    target: str
+    read_only: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class CredentialData:
+    """--set-credential / --load-credential, read by the client: `data` is base64."""
+
+    id: str
+    data: str
+
+
+@dataclasses.dataclass(frozen=True)
 class VmSpec:
-    """One VM request. Defaults are systemd-vmspawn 259's defaults."""
+    """One VM request, one field per systemd-vmspawn 259 option (defaults are its defaults).
+
+    Tri-states are `bool | None` (None = auto). What the client read from its own
+    environment travels here too: credential contents, $SYSTEMD_VMSPAWN_QEMU_EXTRA
+    (`qemu_extra`, already split), $SYSTEMD_VMSPAWN_NETWORK_MAC (`network_mac`), $TERM.
+    """
 
     name: str | None = None
     image: str | None = None
+    directory: str | None = None
     linux: str | None = None
     initrds: list[str] = dataclasses.field(default_factory=list)
     cpus: str = "1"
     ram: int = DEFAULT_RAM
     kvm: bool | None = None
-    uuid: str | None = None
-    extra_drives: list[str] = dataclasses.field(default_factory=list)
+    vsock: bool | None = None
+    vsock_cid: int | None = None
+    tpm: bool | None = None
+    tpm_state: str = "auto"  # "auto", "off" or an absolute path
+    network_tap: bool = False
     network_user_mode: bool = False
+    network_mac: str | None = None
+    firmware: str | None = None  # path of a firmware descriptor
+    secure_boot: bool | None = None
     discard_disk: bool = True
+    grow_image: int | None = None
+    smbios11: list[str] = dataclasses.field(default_factory=list)
+    notify_ready: bool = True
+    uuid: str | None = None
+    slice: str | None = None
+    properties: list[str] = dataclasses.field(default_factory=list)
+    register: bool | None = None
+    keep_unit: bool = False
+    private_users: str | None = None  # "UIDBASE[:NUIDS]"
+    binds: list[BindMount] = dataclasses.field(default_factory=list)
+    extra_drives: list[str] = dataclasses.field(default_factory=list)
+    bind_users: list[str] = dataclasses.field(default_factory=list)
+    bind_user_shell: str | None = None  # boolean word or absolute path
+    bind_user_groups: list[str] = dataclasses.field(default_factory=list)
+    forward_journal: str | None = None
+    pass_ssh_key: bool = True
+    ssh_key_type: str = "ed25519"
     console: str = ConsoleMode.INTERACTIVE.value
+    credentials: list[CredentialData] = dataclasses.field(default_factory=list)
+    qemu_extra: list[str] = dataclasses.field(default_factory=list)
+    term: str | None = None
     kernel_cmdline: list[str] = dataclasses.field(default_factory=list)
 
     def to_json(self) -> dict[str, object]:
@@ -56,7 +105,7 @@ class VmSpec:
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
             if value != _default_of(f):
-                out[to_camel(f.name)] = value
+                out[to_camel(f.name)] = _jsonable(value)
         return out
 
     @classmethod
@@ -97,8 +146,10 @@ class VmSpec:
         if self.console not in {m.value for m in ConsoleMode}:
             accepted = ", ".join(m.value for m in ConsoleMode)
             raise InvalidSpec("console", f"must be one of {accepted}")
-        if self.image is None and self.linux is None:
-            raise InvalidSpec("image", "one of image or linux is required")
+        if self.image is None and self.linux is None and self.directory is None:
+            raise InvalidSpec("image", "one of image, directory or linux is required")
+        if self.image is not None and self.directory is not None:
+            raise InvalidSpec("directory", "--directory= and --image= cannot be combined")
         for index, word in enumerate(self.kernel_cmdline):
             if "\n" in word or "\0" in word:
                 raise InvalidSpec(f"kernelCmdline[{index}]", "must not contain newlines or NUL")
@@ -167,6 +218,15 @@ def _default_of(f: dataclasses.Field[object]) -> object:
     return f.default_factory()
 
 
+def _jsonable(value: object) -> object:
+    """Nested spec dataclasses → camelCase dicts for the wire."""
+    if dataclasses.is_dataclass(value):
+        return {to_camel(f.name): _jsonable(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, list):
+        return [_jsonable(v) for v in value]
+    return value
+
+
 def _check_type(field: str, hint: object, value: object) -> object:
     """Minimal runtime type check for JSON values against the dataclass hints."""
     origin = typing.get_origin(hint)
@@ -184,6 +244,22 @@ def _check_type(field: str, hint: object, value: object) -> object:
         if not isinstance(value, list):
             raise InvalidSpec(field, "must be a list")
         return [_check_type(f"{field}[{i}]", args[0], v) for i, v in enumerate(value)]
+    if dataclasses.is_dataclass(hint):
+        if not isinstance(value, Mapping):
+            raise InvalidSpec(field, "must be an object")
+        sub_hints = typing.get_type_hints(hint)
+        names = {f.name: f for f in dataclasses.fields(hint)}
+        kwargs: dict[str, object] = {}
+        for key, item in value.items():
+            name = to_snake(key)
+            if name not in names or to_camel(name) != key:
+                raise InvalidSpec(f"{field}.{key}", "unknown field")
+            if item is not None:
+                kwargs[name] = _check_type(f"{field}.{key}", sub_hints[name], item)
+        missing = [n for n, f in names.items() if n not in kwargs and f.default is dataclasses.MISSING]
+        if missing:
+            raise InvalidSpec(f"{field}.{to_camel(missing[0])}", "is required")
+        return hint(**kwargs)  # type: ignore[operator]
     if hint is bool:
         if not isinstance(value, bool):
             raise InvalidSpec(field, "must be a boolean")
