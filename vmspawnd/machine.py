@@ -153,6 +153,7 @@ class Machine:
                     resources,
                     qmp_fd=sockets["qmp"].fileno(),
                     console_fd=console.fileno() if console else None,
+                    payload_dir=str(self._make_payload_dir()),
                     **helpers.resources,  # type: ignore[arg-type]
                 )
                 command = build_qemu_command(self.spec, resources)
@@ -215,6 +216,13 @@ class Machine:
             initrd=initrd,
             arch=arch,
         )
+
+    def _make_payload_dir(self) -> Path:
+        """SMBIOS payloads (credentials may be secrets): 0600 files in a 0700 directory,
+        passed to QEMU with path= so nothing secret shows in /proc/PID/cmdline."""
+        payload = self.directory / "payload"
+        make_private_dir(payload)
+        return payload
 
     def _bind_sockets(self, stack: contextlib.AsyncExitStack) -> dict[str, socket.socket]:
         """Bind QEMU's sockets ourselves: no connect race, and reconnectable after a restart."""
