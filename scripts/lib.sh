@@ -18,6 +18,9 @@ VMSPAWND_SYSTEM_PACKAGES=(
     systemd-journal-remote
     openssh-client
     busybox-static
+    systemd-boot-efi
+    mtools
+    dosfstools
     cpio
     zstd
     python3-venv

@@ -102,17 +102,45 @@ def start_daemon(runtime_dir: Path, *extra: str, env: dict[str, str] | None = No
 
 
 def stop_daemon(daemon: Daemon) -> None:
-    """Terminate every VM it still has, remove them, then SIGTERM the daemon and reap it."""
-    if daemon.alive():
-        for machine in daemon.call("List")["machines"]:  # type: ignore[union-attr]
-            if machine["state"] not in ("stopped", "failed"):
+    """Terminate every VM it still has, remove them, then SIGTERM the daemon and reap it.
+
+    Whatever goes wrong on the way, nothing of this daemon may outlive the test run: on a
+    host whose PID 1 does not reap, a leftover would become a zombie (or burn CPU).
+    """
+    try:
+        if daemon.alive():
+            for machine in daemon.call("List", timeout=60)["machines"]:  # type: ignore[union-attr]
+                if machine["state"] not in ("stopped", "failed"):
+                    with contextlib.suppress(Exception):
+                        daemon.call("Terminate", {"name": machine["name"]}, timeout=60)
                 with contextlib.suppress(Exception):
-                    daemon.call("Terminate", {"name": machine["name"]})
-            with contextlib.suppress(Exception):
-                daemon.call("Remove", {"name": machine["name"]})
-        daemon.process.send_signal(signal.SIGTERM)
-    daemon.process.wait(timeout=60)
-    daemon.notify.close()
+                    daemon.call("Remove", {"name": machine["name"]}, timeout=60)
+    finally:
+        if daemon.alive():
+            daemon.process.send_signal(signal.SIGTERM)
+        try:
+            daemon.process.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            daemon.process.kill()
+            daemon.process.wait()
+        kill_leftovers(daemon.runtime_dir)
+        daemon.notify.close()
+
+
+def kill_leftovers(runtime_dir: Path) -> list[int]:
+    """SIGKILL processes that mention `runtime_dir` on their command line (VMs, helpers).
+
+    Only for test teardown after something failed; returns what it had to kill.
+    """
+    needle = str(runtime_dir).encode()
+    killed = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit() and int(entry) != os.getpid():
+            with contextlib.suppress(OSError):
+                if needle in Path(f"/proc/{entry}/cmdline").read_bytes():
+                    os.kill(int(entry), signal.SIGKILL)
+                    killed.append(int(entry))
+    return killed
 
 
 def make_runtime_dir(prefix: str = "vmspawnd-test-") -> Path:
@@ -127,17 +155,33 @@ def make_runtime_dir(prefix: str = "vmspawnd-test-") -> Path:
 # --- console -------------------------------------------------------------------------
 
 
+def open_console(address: str, name: str, mode: str = "read-only", **params: object) -> socket.socket:
+    """OpenConsole over Varlink: the console stream arrives as a passed fd."""
+    with Connection(address, timeout=60) as conn:
+        conn.call(f"{MANAGER}.OpenConsole", {"name": name, "mode": mode, **params})
+        fds = conn.take_fds()
+    assert len(fds) == 1, fds
+    return socket.socket(fileno=fds[0])
+
+
 class Console:
-    """Reads a VM's console as the guest writes it: history from the log, live from the socket."""
+    """Reads a VM's console as the guest writes it: history from the log, live from a
+    read-only OpenConsole stream (the daemon holds QEMU's console socket itself).
+    """
 
     def __init__(self, machine: dict[str, object]) -> None:
         self.log_path = Path(str(machine["consoleLog"]))
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-        self.sock.connect(str(machine["consoleAddress"]))
+        runtime = Path(str(machine["runtimeDirectory"]))
+        self.address = str(runtime.parent.parent / "io.vmspawnd.Manager")  # RUNTIME/machines/ID
+        self.name = str(machine["name"])
+        self.sock = open_console(self.address, self.name)
+        self.writer: socket.socket | None = None
         self.live = b""
 
     def close(self) -> None:
         self.sock.close()
+        if self.writer is not None:
+            self.writer.close()
 
     def __enter__(self) -> Console:
         return self
@@ -168,8 +212,15 @@ class Console:
                     raise AssertionError(f"console closed before {pattern!r}; last output:\n{self.text()[-3000:]}")
                 self.live += chunk
 
+    def wait_count(self, needle: str, count: int, timeout: float = BOOT_TIMEOUT) -> None:
+        """Block until `needle` occurs `count` times in the log (e.g. a second boot's marker)."""
+        regex = "(?:[\\s\\S]*?" + re.escape(needle) + "){" + str(count) + "}"
+        self.wait_for(regex, timeout)
+
     def send(self, text: str) -> None:
-        self.sock.sendall(text.encode())
+        if self.writer is None:
+            self.writer = open_console(self.address, self.name, "interactive", force=True)
+        self.writer.sendall(text.encode())
 
     def facts(self) -> dict[str, list[str]]:
         """The guest's `VMSPAWND-TEST: key value` lines, grouped by key."""
@@ -209,12 +260,13 @@ def parent_of(pid: int) -> int:
     return int(stat[stat.rindex(b")") + 2:].split()[1])
 
 
-def zombies() -> list[int]:
+def zombies(parents: set[int] | None = None) -> list[int]:
+    """Zombie processes, optionally only those whose parent is in `parents`."""
     found = []
     for entry in os.listdir("/proc"):
         if entry.isdigit():
             with contextlib.suppress(OSError):
-                if process_state(int(entry)) == "Z":
+                if process_state(int(entry)) == "Z" and (parents is None or parent_of(int(entry)) in parents):
                     found.append(int(entry))
     return found
 

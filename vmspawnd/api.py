@@ -8,16 +8,19 @@ checked by a test. The wire types are derived from the pure dataclasses (`VmSpec
 No `from __future__ import annotations` here: asyncvarlink reads real annotations.
 """
 
+import asyncio
 import collections.abc
 import dataclasses
+import logging
 import signal
 import types
 import typing
 
-from asyncvarlink import TypedVarlinkErrorReply, VarlinkInterface, varlinkmethod
+from asyncvarlink import FileDescriptor, TypedVarlinkErrorReply, VarlinkInterface, varlinkmethod
 
 from . import errors
 from .errors import InvalidSpec, to_camel
+from .console import ConsoleMode, last_lines, read_history
 from .manager import Manager
 from .model import MachineRecord, MachineState, ProcessRecord
 from .spec import VmSpec
@@ -247,3 +250,74 @@ class ManagerInterface(VarlinkInterface, name=INTERFACE):
                 if filter is not None and message["event"] not in filter and message["event"] != "EventsLost":
                     continue
                 yield Event(**message)  # type: ignore[arg-type]
+
+    @varlinkmethod(return_parameter="fd")
+    def OpenConsole(
+        self, *, name: str, mode: str | None = None, force: bool | None = None, history: int | None = None
+    ) -> FileDescriptor:
+        """Attach to the VM's console (`mode` interactive, the default, or read-only): the reply
+        carries one end of a stream socket (fd 0 of the message). One interactive client at a
+        time (ConsoleBusy), unless `force`, which detaches the current one with a message; any
+        number of read-only ones. `history` replays up to that many bytes of the console
+        history first (at most 128 KiB).
+        """
+        if mode not in (None, "interactive", "read-only"):
+            raise InvalidSpec("mode", f"{mode!r} is not a console mode (interactive or read-only)")
+        machine = self._manager.get(name)
+        hub = getattr(machine, "console", None)
+        if hub is None:
+            if machine.record.state.is_final:
+                raise errors.InvalidState(name, machine.record.state.value, "open the console")
+            raise errors.NotSupported(f"console of a VM with console mode {machine.spec.console}")
+        theirs = hub.open(ConsoleMode(mode or "interactive"), force=bool(force), history=history or 0)
+        return FileDescriptor(theirs, should_close=True)
+
+    @varlinkmethod(return_parameter="text")
+    def ReadConsoleLog(self, *, name: str, lines: int | None = None) -> str:
+        """The console history kept on disk (console.log.1 + console.log, at most 2 MiB), or
+        its last `lines` lines; undecodable bytes are replaced. Works after the VM ended.
+        """
+        machine = self._manager.get(name)
+        if lines is not None and lines < 0:
+            raise InvalidSpec("lines", "must not be negative")
+        return last_lines(read_history(machine.console_log_path), lines)
+
+    @varlinkmethod(return_parameter="machine", delay_generator=False)
+    async def HoldMachine(self, *, name: str) -> collections.abc.AsyncIterator[MachineWire]:  # type: ignore[valid-type]
+        """Bind the VM's life to this call (needs `more`): if the caller hangs up while the VM
+        runs, the VM is terminated and removed (what `vmspawnctl run` uses, so a killed `run`
+        frees the name). Replies once at once and once more, last, when the VM has ended.
+        """
+        machine = self._manager.get(name)
+        rec = machine.record
+        yield machine_to_wire(rec)
+        try:
+            while not rec.state.is_final:
+                try:
+                    await machine.wait_for(lambda: rec.state.is_final, 3600.0, "hold")
+                except errors.Timeout:
+                    continue
+        except asyncio.CancelledError:
+            if not rec.state.is_final and not getattr(machine, "detached", False):
+                _HOLD_TASKS.add(task := asyncio.get_running_loop().create_task(_end_held(self._manager, machine)))
+                task.add_done_callback(_HOLD_TASKS.discard)
+            raise
+        yield machine_to_wire(rec)
+
+
+_HOLD_TASKS: set["asyncio.Task[None]"] = set()
+
+
+async def _end_held(manager: Manager, machine: typing.Any) -> None:
+    """The holder of a HoldMachine call went away (e.g. `vmspawnctl run` was killed): end
+    its VM and forget it, so the name is free again, as after systemd-vmspawn dies."""
+    try:
+        await machine.terminate()
+    except errors.VmspawnError:
+        pass
+    try:
+        await machine.wait_for(lambda: machine.record.state.is_final, 60.0, "end a held VM")
+        if manager.get(machine.name) is machine:
+            await manager.remove(machine.name)
+    except errors.VmspawnError as exc:
+        logging.getLogger(__name__).warning("%s: could not end the VM of a departed holder: %s", machine.name, exc)

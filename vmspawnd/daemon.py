@@ -22,7 +22,8 @@ from pathlib import Path
 
 from . import __version__, sdnotify
 from .runtime_dir import MANAGER_SOCKET_NAME, bind_listening_socket, default_runtime_dir
-from .varlink_server import Peer, serve_unix
+from .settings import Settings, owner_only
+from .varlink_server import serve_unix
 
 _log = logging.getLogger("vmspawnd")
 
@@ -39,6 +40,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--runtime-dir", type=Path, help="state and sockets (default: /run/vmspawnd as root, $XDG_RUNTIME_DIR/vmspawnd otherwise)")
     parser.add_argument("--listen", type=Path, help="manager socket path when not socket-activated (default: RUNTIME_DIR/io.vmspawnd.Manager)")
     parser.add_argument("--stop-vms-on-exit", action="store_true", help="power off all VMs when the daemon stops (default: leave them running)")
+    parser.add_argument(
+        "--notify-transport", choices=["vsock", "unix"], default="vsock",
+        help="where guests report readiness: vsock (what guests can reach), or unix: an AF_UNIX "
+        "socket per VM at machines/ID/notify, for hosts without vsock (tests, development)",
+    )
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     parser.add_argument("--version", action="version", version=f"vmspawnd {__version__}")
     return parser.parse_args(argv)
@@ -56,11 +62,6 @@ def take_lock(runtime_dir: Path) -> int:
     os.ftruncate(fd, 0)
     os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
     return fd
-
-
-def owner_only(peer: Peer) -> bool:
-    """System instance: root only; user instance: its owner only. Same rule: our euid."""
-    return peer.uid == os.geteuid()
 
 
 def manager_socket(args: argparse.Namespace, runtime_dir: Path) -> socket.socket:
@@ -81,7 +82,7 @@ async def serve(args: argparse.Namespace) -> int:
     runtime_dir = args.runtime_dir or default_runtime_dir()
     runtime_dir.mkdir(mode=0o755, parents=True, exist_ok=True)
     lock_fd = take_lock(runtime_dir)
-    manager = Manager(runtime_dir)
+    manager = Manager(runtime_dir, Settings(notify_transport=args.notify_transport, peer_policy=owner_only))
     registry = VarlinkInterfaceRegistry()
     registry.register_interface(ManagerInterface(manager))
     registry.register_interface(

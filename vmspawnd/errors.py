@@ -15,7 +15,8 @@ This module is pure (no asyncio, no asyncvarlink) so that the CLI can share the 
      ├── Timeout{operation}                a bounded wait ran out (QEMU wedged, guest slow)
      ├── NotConnected{name}                QMP to this VM is gone
      ├── NotSupported{feature}             valid, but not implemented here
-     └── ProtocolViolation{reason}         a frame that is not a Varlink call
+     ├── ProtocolViolation{reason}         a frame that is not a Varlink call
+     └── ConsoleBusy{name}                 another client holds the interactive console
 """
 
 from __future__ import annotations
@@ -131,6 +132,13 @@ class ProtocolViolation(VmspawnError):
         return f"protocol violation: {self.reason}"
 
 
+@dataclasses.dataclass
+class ConsoleBusy(VmspawnError):
+    """Another client holds the VM's interactive console (take it over with force)."""
+
+    name: str
+
+
 ALL_ERRORS: tuple[type[VmspawnError], ...] = (
     InvalidSpec,
     NoSuchMachine,
@@ -142,6 +150,7 @@ ALL_ERRORS: tuple[type[VmspawnError], ...] = (
     NotConnected,
     NotSupported,
     ProtocolViolation,
+    ConsoleBusy,
 )
 
 

@@ -2,9 +2,14 @@
 """Helper processes of a VM (swtpm, virtiofsd, journal-remote) and SSH keys.
 
 `start_helpers` runs before QEMU is built: it starts what the spec needs, each on a socket
-the daemon created, registers their teardown on the VM's exit stack (reverse order of
-start), and returns what the QEMU command needs from them. The machine supervises the
-returned processes: if one dies while the VM runs, the VM ends with a reason naming it.
+the daemon created, and returns what the QEMU command needs from them. Everything it
+acquires goes on the HelperSet's own exit stack, in systemd-vmspawn 259's order (root
+virtiofsd, bind virtiofsds, swtpm, journal-remote, SSH keys; reference §1.2), so teardown
+runs in reverse. That stack is closed twice over: by the start stack if start fails, and by
+the machine (`HelperSet.aclose`) once QEMU has exited; a successful start pops the start
+stack, so the machine's call is what stops helpers of a VM that ran. The machine
+supervises the returned processes: if one dies while the VM runs, the VM ends with a reason
+naming it.
 """
 
 from __future__ import annotations
@@ -13,7 +18,9 @@ import contextlib
 import dataclasses
 from pathlib import Path
 
+from . import journal, resolve, sshkeys, swtpm, virtiofsd
 from .process import ChildProcess
+from .qemu_command import Credential
 from .spec import VmSpec
 
 
@@ -23,10 +30,60 @@ class HelperSet:
 
     processes: dict[str, ChildProcess] = dataclasses.field(default_factory=dict)
     resources: dict[str, object] = dataclasses.field(default_factory=dict)
+    ssh_private_key_path: str = ""
+    _stack: contextlib.AsyncExitStack = dataclasses.field(default_factory=contextlib.AsyncExitStack, repr=False)
+
+    async def aclose(self) -> None:
+        """Stop every helper (reverse order of start, each reaped) and delete keys and sockets.
+
+        Idempotent: closing an exit stack empties it.
+        """
+        await self._stack.aclose()
 
 
 async def start_helpers(
-    spec: VmSpec, machine_name: str, directory: Path, stack: contextlib.AsyncExitStack
+    spec: VmSpec,
+    machine_name: str,
+    directory: Path,
+    stack: contextlib.AsyncExitStack,
+    vsock_cid: int | None = None,
 ) -> HelperSet:
-    """Start every helper the spec asks for; nothing yet (see the helper-processes issue)."""
-    return HelperSet()
+    """Start every helper the spec asks for; unwinds what it started if one fails.
+
+    `vsock_cid` is the guest CID the machine assigned (None without vsock): journal
+    forwarding listens on host port = that CID, as vmspawn.
+    """
+    if spec.pass_ssh_key:
+        sshkeys.check_key_type(spec.ssh_key_type)  # refuse before starting anything
+    helpers = HelperSet()
+    stack.push_async_callback(helpers.aclose)
+    own = helpers._stack
+    credentials: list[Credential] = []
+    cmdline: list[str] = []
+
+    processes, shares, words = await virtiofsd.start_virtiofsd(spec, directory, own)
+    helpers.processes.update(processes)
+    cmdline += words
+    if shares:
+        helpers.resources["virtiofs"] = shares
+
+    tpm = await swtpm.start_swtpm(spec, machine_name, directory, resolve.native_arch(), own)
+    if tpm is not None:
+        helpers.processes["swtpm"], sock = tpm
+        helpers.resources["tpm_socket"] = str(sock)
+
+    if spec.forward_journal:
+        process, credential = journal.start_journal_remote(spec.forward_journal, vsock_cid, directory, own)
+        helpers.processes["journal-remote"] = process
+        credentials.append(credential)
+
+    if spec.pass_ssh_key:
+        key_path, key_credentials = sshkeys.create_ssh_keys(machine_name, spec.ssh_key_type, directory, own)
+        helpers.ssh_private_key_path = str(key_path)
+        credentials += key_credentials
+
+    if credentials:
+        helpers.resources["credentials"] = tuple(credentials)
+    if cmdline:
+        helpers.resources["kernel_cmdline_extra"] = tuple(cmdline)
+    return helpers

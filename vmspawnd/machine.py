@@ -18,23 +18,30 @@ import os
 import shutil
 import signal
 import socket
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 
 from . import resolve
-from .helpers import start_helpers
+from .console import ConsoleHub
+from .guest_notify import NotifyListener, open_unix_listener, open_vsock_listener, parse_exit_status
+from .helpers import HelperSet, start_helpers
 from .errors import InvalidSpec, InvalidState, NotConnected, StartFailed, Timeout, VmspawnError
 from .model import MachineRecord, MachineState
 from .process import ChildProcess, read_tail, spawn_detached
 from .qemu_command import Resources, build_qemu_command
 from .qmp import QmpError, QmpSession
+from .registration import Registration, info_for, register_machine
 from .runtime_dir import bind_listening_socket, make_private_dir, write_json_atomic, write_private_file
+from .settings import Settings
 from .spec import ConsoleMode, VmSpec
+from .machine_instance import serve_machine_instance
+from asyncvarlink.util import VarlinkUnixServer
 
 _log = logging.getLogger(__name__)
 
 QUIT_GRACE = 3.0
 TERM_GRACE = 5.0
+HELPER_EXIT_GRACE = 2.0  # how long QEMU may take to follow a helper that ended with it
 DEFAULT_POWEROFF_DEADLINE = 60.0
 
 EventCallback = Callable[["Machine", str, dict[str, object]], None]
@@ -59,13 +66,17 @@ def describe_exit(returncode: int | None) -> str:
 class Machine:
     """A VM and everything the daemon holds for it."""
 
-    def __init__(self, record: MachineRecord, spec: VmSpec, directory: Path, on_event: EventCallback) -> None:
+    def __init__(
+        self, record: MachineRecord, spec: VmSpec, directory: Path, on_event: EventCallback, settings: Settings
+    ) -> None:
+        self.settings = settings
         self.record = record
         self.spec = spec
         self.directory = directory
         self._on_event = on_event
         self._qemu: ChildProcess | None = None
         self._helpers: dict[str, ChildProcess] = {}
+        self._helper_set: HelperSet | None = None  # stopped by _finish once QEMU is gone
         self._qmp: QmpSession | None = None
         self._supervisor: asyncio.Task[None] | None = None
         self._finished = asyncio.Event()
@@ -73,6 +84,13 @@ class Machine:
         self._stop_reason: str | None = None
         self._requested_signal: int | None = None
         self._helper_failed = False
+        self._registration: Registration | None = None  # machined and the scope unit, undone in _finish
+        self.console: ConsoleHub | None = None  # the daemon's console connection and history
+        self.detached = False  # set when the daemon lets go of the VM without stopping it
+        self._notify_listener: NotifyListener | None = None
+        self._ready_pending = False
+        self._control: VarlinkUnixServer | None = None
+        self._qmp_subscribers: set[asyncio.Queue[tuple[str | None, dict[str, object] | None]]] = set()
 
     # --- paths --------------------------------------------------------------------
     @property
@@ -142,9 +160,16 @@ class Machine:
                 resources = self._resolve()
 
                 step = "helpers"
-                helpers = await start_helpers(self.spec, self.name, self.directory, stack)
+                helpers = await start_helpers(
+                    self.spec, self.name, self.directory, stack, vsock_cid=resources.vsock_cid
+                )
                 self._helpers = helpers.processes
+                self._helper_set = helpers
                 self.record.helpers = {name: p.record for name, p in helpers.processes.items()}
+                self.record.ssh_private_key_path = helpers.ssh_private_key_path
+
+                step = "notify"
+                notify_address = await self._open_notify_listener(stack, resources)
 
                 step = "sockets"
                 sockets = self._bind_sockets(stack)
@@ -154,6 +179,7 @@ class Machine:
                     qmp_fd=sockets["qmp"].fileno(),
                     console_fd=console.fileno() if console else None,
                     payload_dir=str(self._make_payload_dir()),
+                    notify_address=notify_address,
                     **helpers.resources,  # type: ignore[arg-type]
                 )
                 command = build_qemu_command(self.spec, resources)
@@ -179,8 +205,31 @@ class Machine:
                 await self._unless_qemu_exits(self._qmp.connect(str(self.qmp_path)), step)
                 stack.push_async_callback(self._qmp.close)
 
+                step = "control"
+                self._control = await serve_machine_instance(self, self.directory / "control", self.settings.peer_policy)
+                stack.push_async_callback(self._close_control)
+                self.record.control_address = str(self.directory / "control")
+
+                if console:
+                    # Before `cont`: the hub sees the guest's first byte (QEMU drops output
+                    # while no client is connected).
+                    step = "console"
+                    hub = ConsoleHub(self.name, self.console_path, self.console_log_path)
+                    await self._unless_qemu_exits(hub.connect(), step)
+                    self.console = hub
+                    stack.push_async_callback(hub.close, False)
+
                 step = "cont"
                 await self._unless_qemu_exits(self._qmp.execute("cont"), step)
+
+                step = "register"
+                self._registration = await register_machine(
+                    info_for(self.record, self.spec, self._qemu.pid, vsock_cid=resources.vsock_cid),
+                    register=self.spec.register, keep_unit=self.spec.keep_unit, slice_name=self.spec.slice,
+                    properties=self.spec.properties,
+                    pids=[self._qemu.pid, *(p.pid for p in self._helpers.values())],
+                    on_request_stop=self.terminate,
+                )
 
                 self._supervisor = asyncio.create_task(self._supervise(), name=f"supervise-{self.name}")
                 stack.pop_all()
@@ -195,23 +244,128 @@ class Machine:
         except QmpError as exc:
             raise StartFailed(step, str(exc), self._stderr_tail()) from exc
         self._enter(MachineState.RUNNING)
-        # Nothing in the guest can report readiness yet (no notify channel): running is ready.
+        if self._notify_listener is None or not self.spec.notify_ready or self._ready_pending:
+            self._set_ready()
+
+    # --- readiness and the guest's notify channel ------------------------------------------
+    async def _open_notify_listener(self, stack: contextlib.AsyncExitStack, resources: Resources) -> str | None:
+        """Listen for the guest's READY/STATUS/EXIT_STATUS, if anything can reach us.
+
+        With vsock the guest gets the address as the vmm.notify_socket credential. Without
+        it nothing in the guest can report readiness, so running counts as ready (vmspawn
+        never signals READY there at all: a documented deviation).
+        """
+        rec = self.record
+        if self.settings.notify_transport == "unix":
+            sock, address = open_unix_listener(self.directory / "notify")
+        elif resources.vsock_cid is not None:
+            sock, address = open_vsock_listener()
+        else:
+            rec.readiness = "running (no vsock: the guest cannot report readiness)"
+            return None
+        self._notify_listener = NotifyListener(sock, address, self._on_notify, self.name)
+        await self._notify_listener.start()
+        stack.push_async_callback(self._notify_listener.close)
+        rec.notify_address = address
+        rec.readiness = "guest (READY=1 over the notify socket)" if self.spec.notify_ready else "running (--notify-ready=no)"
+        return address if address.startswith("vsock") else None
+
+    def _on_notify(self, fields: dict[str, str]) -> None:
+        """Handle one message as vmspawn does: READY=1, STATUS=, EXIT_STATUS= (uint8)."""
+        rec = self.record
+        if "STATUS" in fields:
+            rec.status_text = fields["STATUS"]
+        if "EXIT_STATUS" in fields:
+            status = parse_exit_status(fields["EXIT_STATUS"])
+            if status is None:
+                _log.warning("%s: ignoring invalid EXIT_STATUS=%r", self.name, fields["EXIT_STATUS"])
+            else:
+                rec.exit_status = status
+        self._persist()
+        self._on_event(self, "Notify", dict(fields))
+        if fields.get("READY") == "1" and self.spec.notify_ready:
+            if rec.state is MachineState.STARTING:
+                self._ready_pending = True
+            elif rec.state is MachineState.RUNNING:
+                self._set_ready()
+        else:
+            self._notify_waiters()
+
+    def _set_ready(self) -> None:
         self.record.ready = True
         self._enter(MachineState.READY)
 
+    def _notify_waiters(self) -> None:
+        async def wake() -> None:
+            async with self._changed:
+                self._changed.notify_all()
+
+        asyncio.get_running_loop().create_task(wake())
+
+    # --- QMP for the per-VM control interface --------------------------------------------------
+    async def qmp_execute(self, command: str) -> object:
+        """One bounded QMP command on behalf of a client (Timeout / NotConnected otherwise)."""
+        if self._qmp is None or not self._qmp.connected or self.record.state.is_final:
+            raise NotConnected(self.name)
+        try:
+            return await self._qmp.execute(command)
+        except QmpError as exc:
+            raise InvalidState(self.name, self.record.state.value, f"{command} ({exc})") from exc
+
+    @contextlib.contextmanager
+    def subscribe_qmp(self) -> Iterator[asyncio.Queue[tuple[str | None, dict[str, object] | None]]]:
+        """Raw QMP events of this VM; (None, None) marks the end of the VM."""
+        queue: asyncio.Queue[tuple[str | None, dict[str, object] | None]] = asyncio.Queue(maxsize=1024)
+        self._qmp_subscribers.add(queue)
+        try:
+            yield queue
+        finally:
+            self._qmp_subscribers.discard(queue)
+
+    async def _close_control(self) -> None:
+        for queue in self._qmp_subscribers:
+            with contextlib.suppress(asyncio.QueueFull):
+                queue.put_nowait((None, None))
+        if self._control is not None:
+            self._control.close()
+            self._control.close_clients()
+            self._control = None
+        (self.directory / "control").unlink(missing_ok=True)
+
     def _resolve(self) -> Resources:
+        from . import vsock
+
         resolve.check_spec_paths(self.spec)
         arch = resolve.native_arch()
+        if self.spec.grow_image is not None and self.spec.image:
+            resolve.grow_image(self.spec.image, self.spec.grow_image)
         initrd = None
         if self.spec.initrds:
             initrd = resolve.merge_initrds(list(self.spec.initrds), self.directory / "initrd")
-        firmware = resolve.resolve_firmware(arch, None, self.directory / "efi-vars.fd")
+        firmware = resolve.load_firmware(arch, self.spec.firmware, self.spec.secure_boot, self.directory / "efi-vars.fd")
+        vsock_fd = vsock_cid = None
+        try:
+            vsock_fd = vsock.open_vhost_vsock(self.spec.vsock)
+            if vsock_fd is not None:
+                vsock_cid = vsock.assign_cid(vsock_fd, self.name, self.spec.vsock_cid)
+        except OSError as exc:
+            if vsock_fd is not None:
+                os.close(vsock_fd)
+            raise StartFailed("resolve", f"vsock: {exc.strerror or exc}") from None
         return Resources(
+            name=self.name,
+            host_machine_id=resolve.host_machine_id(),
+            vmgenid=resolve.derive_vmgenid(self.record.id),
+            block_devices=resolve.block_devices(list(self.spec.extra_drives)),
+            vsock_cid=vsock_cid,
+            vhost_vsock_fd=vsock_fd,
             qemu_binary=resolve.find_qemu_binary(arch),
             kvm=resolve.decide_kvm(self.spec.kvm),
             qmp_fd=-1,
             console_fd=None,
-            console_log=str(self.console_log_path),
+            # History is written by the ConsoleHub (capped and rotated); QEMU's logfile=
+            # would grow without bound, so it gets nowhere to write.
+            console_log="/dev/null",
             firmware=firmware,
             initrd=initrd,
             arch=arch,
@@ -276,6 +430,9 @@ class Machine:
         _log.debug("%s: QMP event %s %s", self.name, name, data)
         if name in ("STOP", "RESUME"):
             self._set_paused(name == "STOP")
+        for queue in self._qmp_subscribers:
+            with contextlib.suppress(asyncio.QueueFull):
+                queue.put_nowait((name, data))
         self._on_event(self, name, data)
 
     def _set_paused(self, paused: bool) -> None:
@@ -291,8 +448,11 @@ class Machine:
         for name, helper in self._helpers.items():
             waiters[asyncio.ensure_future(helper.wait())] = name
         done, _ = await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
-        first = waiters[next(iter(done))]
-        if first != "qemu" and not self._qemu.exited:
+        ended = {waiters[w] for w in done}
+        first = "qemu" if "qemu" in ended else next(iter(ended))
+        # swtpm exits on the shutdown command QEMU sends while it exits itself: a helper that
+        # ends while QEMU is ending is part of QEMU's exit, not a helper failure.
+        if first != "qemu" and not self._qemu.exited and not await self._wait_exit(HELPER_EXIT_GRACE):
             status = self._helpers[first].returncode
             self._stop_reason = self._stop_reason or f"helper {first} exited ({describe_status(status)})"
             _log.warning("%s: %s, terminating the VM", self.name, self._stop_reason)
@@ -304,8 +464,14 @@ class Machine:
         await self._finish(returncode)
 
     async def _finish(self, returncode: int | None) -> None:
+        if self.console is not None:
+            await self.console.close(drain=True)
         if self._qmp is not None:
             await self._qmp.close()
+        await self._close_control()
+        if self._notify_listener is not None:
+            await self._notify_listener.close()
+            self._notify_listener = None
         rec = self.record
         rec.stderr_tail = self._stderr_tail()
         if returncode is not None and returncode >= 0:
@@ -329,9 +495,14 @@ class Machine:
         else:
             rec.reason = describe_exit(returncode)
             final = MachineState.FAILED
+        if self._helper_set is not None:
+            await self._helper_set.aclose()  # helpers stop (reaped) and keys/sockets go with the VM
+        if self._registration is not None:
+            await self._registration.close()  # unregister, end the scope; failures are only logged
+        rec.ssh_private_key_path = ""
         rec.ready = False
-        rec.qmp_address = rec.console_address = ""  # the sockets die with QEMU
-        for leftover in (self.qmp_path, self.console_path, self.directory / "efi-vars.fd", self.directory / "initrd"):
+        rec.qmp_address = rec.console_address = rec.control_address = rec.notify_address = ""  # gone with QEMU
+        for leftover in (self.qmp_path, self.console_path, self.directory / "notify", self.directory / "efi-vars.fd", self.directory / "initrd"):
             leftover.unlink(missing_ok=True)
         self._enter(final)
         self._finished.set()
@@ -343,19 +514,23 @@ class Machine:
             raise InvalidState(self.name, self.record.state.value, operation)
 
     async def power_off(self, deadline: float = DEFAULT_POWEROFF_DEADLINE) -> None:
-        """ACPI power button; if the guest has not powered off by `deadline`, escalate."""
+        """ACPI power button; if the guest has not powered off by `deadline`, escalate.
+
+        A QEMU that does not answer the power-button command gets a typed Timeout and no
+        state change (Terminate is the way out of a wedged QEMU).
+        """
         if self.record.state is MachineState.STOPPING:
             await self._finished.wait()
             return
         self._require("power off", MachineState.RUNNING, MachineState.READY)
-        self._stop_reason = "powered off on request"
-        self._enter(MachineState.STOPPING)
         try:
             assert self._qmp is not None
             await self._qmp.execute("system_powerdown")
-        except (Timeout, NotConnected, QmpError) as exc:
+        except (NotConnected, QmpError) as exc:
             _log.warning("%s: ACPI power-off request failed (%s), escalating", self.name, exc)
             deadline = 0
+        self._stop_reason = "powered off on request"
+        self._enter(MachineState.STOPPING)
         if not await self._wait_finished(deadline):
             self._stop_reason = f"terminated: the guest did not power off within {deadline:g}s"
             await self._escalate()
@@ -449,6 +624,9 @@ class Machine:
 
     async def detach(self) -> None:
         """Daemon exit without stopping the VM: let go of QMP and the process watch."""
+        self.detached = True
+        if self.console is not None:
+            await self.console.close(drain=False)
         if self._supervisor is not None:
             self._supervisor.cancel()
             with contextlib.suppress(asyncio.CancelledError):

@@ -21,6 +21,7 @@ from .machine import Machine
 from .model import MachineRecord, MachineState
 from .runtime_dir import make_private_dir, new_machine_id
 from .spec import VmSpec
+from .settings import Settings
 
 _log = logging.getLogger(__name__)
 
@@ -28,7 +29,8 @@ SUBSCRIBER_QUEUE_SIZE = 1024
 
 
 class Manager:
-    def __init__(self, runtime_dir: Path) -> None:
+    def __init__(self, runtime_dir: Path, settings: Settings | None = None) -> None:
+        self.settings = settings or Settings()
         self.runtime_dir = runtime_dir
         self.machines_dir = runtime_dir / "machines"
         make_private_dir(self.machines_dir)
@@ -63,7 +65,7 @@ class Manager:
         machine_id = self._new_id()
         record = MachineRecord(name=name, id=machine_id, uid=uid, spec=spec.to_json())
         record.enter(MachineState.STARTING)
-        machine = Machine(record, spec, self.machines_dir / machine_id, self._publish)
+        machine = Machine(record, spec, self.machines_dir / machine_id, self._publish, self.settings)
         self._machines[name] = machine
         task = asyncio.create_task(machine.start(), name=f"start-{name}")
         self._own(task)

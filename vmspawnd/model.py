@@ -89,6 +89,12 @@ class MachineRecord:
     ready: bool = False
     paused: bool = False
     helpers: dict[str, ProcessRecord] = dataclasses.field(default_factory=dict)
+    ssh_private_key_path: str = ""  # the ephemeral key (--pass-ssh-key), deleted when the VM ends
+    control_address: str = ""  # io.systemd.MachineInstance socket of this VM
+    notify_address: str = ""  # where the guest's systemd reports READY/STATUS/EXIT_STATUS; "" if nowhere
+    readiness: str = ""  # what "ready" means for this VM: "guest" (READY=1) or why running counts as ready
+    status_text: str = ""  # the guest's last STATUS=
+    exit_status: int | None = None  # the guest's EXIT_STATUS=, if it sent one
 
     def enter(self, state: MachineState) -> None:
         """Move to `state`, stamping the time (µs since the epoch, as systemd does)."""

@@ -82,6 +82,11 @@ def check_spec_paths(spec: VmSpec) -> None:
         check_disk("image", spec.image)
     for index, path in enumerate(spec.extra_drives):
         check_disk(f"extraDrives[{index}]", path)
+    if spec.directory and not os.path.isdir(spec.directory):
+        raise InvalidSpec("directory", f"{spec.directory} is not a directory")
+    for index, bind in enumerate(spec.binds):
+        if not os.path.isdir(bind.source):
+            raise InvalidSpec(f"binds[{index}].source", f"{bind.source} is not a directory")
 
 
 def merge_initrds(paths: list[str], target: Path) -> str:
@@ -126,3 +131,82 @@ def resolve_firmware(arch: str, secure_boot: bool | None, vars_copy: Path) -> Fi
         secure_boot=chosen.supports_secure_boot,
         vars_path=vars_path,
     )
+
+
+def load_firmware(
+    arch: str, descriptor: str | None, secure_boot: bool | None, vars_copy: Path
+) -> Firmware:
+    """`--firmware=PATH` (parsed, not filtered) or the search; `--secure-boot=yes` with a
+    non-Secure-Boot descriptor is refused as vmspawn 259 does (EMEDIUMTYPE)."""
+    if descriptor is None:
+        return resolve_firmware(arch, secure_boot, vars_copy)
+    check_regular_file("firmware", descriptor)
+    try:
+        chosen = firmware_db.parse_descriptor(descriptor, Path(descriptor).read_bytes())
+    except ValueError as exc:
+        raise InvalidSpec("firmware", f"{descriptor}: {exc}") from None
+    if secure_boot and not chosen.supports_secure_boot:
+        raise InvalidSpec("secureBoot", f"Secure Boot requested, but {descriptor} does not support it")
+    vars_path = None
+    if chosen.supports_secure_boot:
+        fd = os.open(vars_copy, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        with os.fdopen(fd, "wb") as out, open(chosen.nvram_template_path, "rb") as src:
+            shutil.copyfileobj(src, out)
+        vars_path = str(vars_copy)
+    return Firmware(
+        code_path=chosen.executable_path,
+        code_format=chosen.executable_format,
+        secure_boot=chosen.supports_secure_boot,
+        vars_path=vars_path,
+    )
+
+
+def grow_image(path: str, size: int) -> int:
+    """--grow-image: round up to 4096 and ftruncate only if the file is smaller (never shrink).
+
+    Returns the new size. The image must be a regular file (a block device cannot grow).
+    """
+    target = (size + 4095) // 4096 * 4096
+    fd = os.open(path, os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW)
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise InvalidSpec("growImage", f"{path} is not a regular file, cannot grow it")
+        if st.st_size < target:
+            os.ftruncate(fd, target)
+            os.fsync(fd)
+            return target
+        return st.st_size
+    finally:
+        os.close(fd)
+
+
+def host_machine_id(path: str = "/etc/machine-id") -> bytes | None:
+    """The host's machine ID as 16 bytes (for the TAP MAC), or None when there is none."""
+    try:
+        text = Path(path).read_text().strip()
+        return bytes.fromhex(text) if len(text) == 32 else None
+    except (OSError, ValueError):
+        return None
+
+
+def block_devices(paths: list[str]) -> frozenset[str]:
+    """Which extra drives are block devices (QEMU's host_device driver instead of file)."""
+    return frozenset(p for p in paths if stat.S_ISBLK(os.stat(p).st_mode))
+
+
+VMGENID_APP_ID = bytes.fromhex("bd846de3e47d4b6ca6854a870f3ca3a0")
+
+
+def derive_vmgenid(invocation_id: str) -> str:
+    """systemd's app-specific id: HMAC-SHA256(key=invocation id, msg=app id), 128 bits,
+    marked as a v4 UUID. The daemon uses the VM's per-start id as its invocation id."""
+    import hashlib
+    import hmac
+    import uuid
+
+    key = bytes.fromhex(invocation_id.replace("-", "")) if len(invocation_id.replace("-", "")) == 32 else invocation_id.encode()
+    digest = bytearray(hmac.new(key, VMGENID_APP_ID, hashlib.sha256).digest()[:16])
+    digest[6] = (digest[6] & 0x0F) | 0x40
+    digest[8] = (digest[8] & 0x3F) | 0x80
+    return str(uuid.UUID(bytes=bytes(digest)))

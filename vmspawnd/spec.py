@@ -153,11 +153,21 @@ class VmSpec:
         for index, word in enumerate(self.kernel_cmdline):
             if "\n" in word or "\0" in word:
                 raise InvalidSpec(f"kernelCmdline[{index}]", "must not contain newlines or NUL")
+        validate_options(self)
 
     def machine_name(self) -> str:
         """The name vmspawn would use: -M, else the image file name without `.raw`."""
         if self.name:
             return self.name
+        if self.directory and not self.image:
+            import socket
+
+            from .parsers import default_machine_name
+
+            try:
+                return default_machine_name(None, self.directory, socket.gethostname())
+            except ValueError as exc:
+                raise InvalidSpec("name", str(exc)) from None
         if self.image:
             base = self.image.rstrip("/").rsplit("/", 1)[-1]
             base = base.removesuffix(".raw")
@@ -273,3 +283,139 @@ def _check_type(field: str, hint: object, value: object) -> object:
             raise InvalidSpec(field, "must be a string")
         return value
     raise AssertionError(f"unhandled type {hint!r} for {field}")
+
+
+# --- validation of the remaining options (shared by vmspawnctl and the daemon) -----------
+
+SSH_KEY_TYPES = ("ed25519", "rsa", "ecdsa", "ecdsa-sk", "ed25519-sk")
+
+# The scope properties --property= accepts: resource limits that apply to a VM's scope.
+# Anything else is refused by name (vmspawn forwards any property to systemd; the daemon
+# applies only what it implements, see docs/deviations.md).
+SCOPE_PROPERTIES = frozenset(
+    {
+        "CPUQuota", "CPUWeight", "StartupCPUWeight", "AllowedCPUs", "AllowedMemoryNodes",
+        "MemoryMin", "MemoryLow", "MemoryHigh", "MemoryMax", "MemorySwapMax", "TasksMax",
+        "IOWeight", "StartupIOWeight", "DeviceAllow", "DevicePolicy", "ManagedOOMMemoryPressure",
+    }
+)
+
+
+def check_property(text: str) -> None:
+    """`NAME=VALUE` with NAME in SCOPE_PROPERTIES and VALUE in the form NAME takes."""
+    name, sep, value = text.partition("=")
+    accepted = ", ".join(sorted(SCOPE_PROPERTIES))
+    if not sep or not name:
+        raise InvalidSpec("properties", f"invalid property {text!r}: expected NAME=VALUE with NAME one of {accepted}")
+    if name not in SCOPE_PROPERTIES:
+        raise InvalidSpec("properties", f"property {name}= is not supported; supported: {accepted}")
+    from .parsers import parse_size
+
+    def bad(forms: str) -> InvalidSpec:
+        return InvalidSpec("properties", f"invalid value for {name}=: {value!r}; expected {forms}")
+
+    if name == "CPUQuota":
+        if not (value.endswith("%") and value[:-1].isdigit() and int(value[:-1]) > 0):
+            raise bad("a positive percentage such as 50% or 200%")
+    elif name in ("CPUWeight", "StartupCPUWeight", "IOWeight", "StartupIOWeight"):
+        if not (value == "" or (value.isdigit() and 1 <= int(value) <= 10000) or (name.endswith("CPUWeight") and value == "idle")):
+            raise bad("an integer 1…10000" + (" or idle" if "CPU" in name else ""))
+    elif name.startswith("Memory"):
+        if value == "infinity" or (value.endswith("%") and value[:-1].isdigit() and int(value[:-1]) <= 100):
+            return
+        try:
+            parse_size(value)
+        except ValueError:
+            raise bad("a size with an optional K, M, G, T suffix, a percentage, or infinity") from None
+    elif name == "TasksMax":
+        if not (value == "infinity" or value.isdigit() or (value.endswith("%") and value[:-1].isdigit())):
+            raise bad("a number, a percentage or infinity")
+    elif name == "DevicePolicy":
+        if value not in ("auto", "closed", "strict"):
+            raise bad("auto, closed or strict")
+    elif name == "DeviceAllow":
+        path, _, perms = value.partition(" ")
+        if not path or not (path.startswith(("/dev/", "char-", "block-"))) or any(c not in "rwm" for c in perms):
+            raise bad("a device node (/dev/…, char-…, block-…) followed by r, w, m")
+    elif name in ("AllowedCPUs", "AllowedMemoryNodes"):
+        if not value or any(c not in "0123456789-, " for c in value):
+            raise bad("a list of CPU or node indices and ranges, e.g. 0-3,6")
+    elif name == "ManagedOOMMemoryPressure" and value not in ("auto", "kill"):
+        raise bad("auto or kill")
+
+
+def is_valid_user_name(name: str) -> bool:
+    """systemd valid_user_group_name() (relaxed): letters, digits, _ - . and not leading digit/-."""
+    if not name or len(name) > 256 or name in (".", ".."):
+        return False
+    if name[0].isdigit() or name[0] == "-":
+        return False
+    return all(c.isascii() and (c.isalnum() or c in "_-.") for c in name)
+
+
+def validate_options(spec: VmSpec) -> None:
+    """Checks of the option fields beyond paths and names, each naming its field."""
+    import base64
+    import binascii
+
+    from .parsers import credential_name_is_valid, parse_ether_addr, parse_private_users
+
+    _check_absolute("directory", spec.directory)
+    _check_absolute("forwardJournal", spec.forward_journal)
+    if spec.vsock_cid is not None and not 3 <= spec.vsock_cid <= 0xFFFFFFFE:
+        raise InvalidSpec("vsockCid", "must be a regular CID (3…4294967294)")
+    if spec.tpm_state not in ("auto", "off"):
+        _check_absolute("tpmState", spec.tpm_state)
+    if spec.network_tap and spec.network_user_mode:
+        raise InvalidSpec("networkTap", "--network-tap and --network-user-mode cannot be combined")
+    if spec.network_mac is not None:
+        try:
+            parse_ether_addr(spec.network_mac)
+        except ValueError as exc:
+            raise InvalidSpec("networkMac", str(exc)) from None
+    if spec.firmware is not None:
+        _check_absolute("firmware", spec.firmware)
+    if spec.grow_image is not None and spec.grow_image <= 0:
+        raise InvalidSpec("growImage", "must be a positive number of bytes")
+    if spec.grow_image is not None and not spec.image:
+        raise InvalidSpec("growImage", "--grow-image= requires --image=")
+    for index, text in enumerate(spec.smbios11):
+        if "\0" in text:
+            raise InvalidSpec(f"smbios11[{index}]", "must not contain NUL")
+    if spec.slice is not None and (not spec.slice.endswith(".slice") or "/" in spec.slice):
+        raise InvalidSpec("slice", "must be a slice unit name (NAME.slice)")
+    for prop in spec.properties:
+        check_property(prop)
+    if spec.private_users is not None:
+        try:
+            parse_private_users(spec.private_users)
+        except ValueError as exc:
+            raise InvalidSpec("privateUsers", str(exc)) from None
+    for index, bind in enumerate(spec.binds):
+        _check_absolute(f"binds[{index}].source", bind.source)
+        _check_absolute(f"binds[{index}].target", bind.target)
+    for index, user in enumerate(spec.bind_users):
+        if not is_valid_user_name(user):
+            raise InvalidSpec(f"bindUsers[{index}]", "must be a valid user name")
+    for index, group in enumerate(spec.bind_user_groups):
+        if not is_valid_user_name(group):
+            raise InvalidSpec(f"bindUserGroups[{index}]", "must be a valid group name")
+    if spec.bind_user_shell is not None and not spec.bind_users:
+        raise InvalidSpec("bindUserShell", "--bind-user-shell= requires --bind-user=")
+    if spec.bind_user_groups and not spec.bind_users:
+        raise InvalidSpec("bindUserGroups", "--bind-user-group= requires --bind-user=")
+    if spec.bind_user_shell is not None and spec.bind_user_shell not in ("yes", "no"):
+        _check_absolute("bindUserShell", spec.bind_user_shell)
+    if spec.ssh_key_type not in SSH_KEY_TYPES:
+        raise InvalidSpec("sshKeyType", f"must be one of {', '.join(SSH_KEY_TYPES)}")
+    seen: set[str] = set()
+    for index, cred in enumerate(spec.credentials):
+        if not credential_name_is_valid(cred.id):
+            raise InvalidSpec(f"credentials[{index}].id", "not a valid credential name")
+        if cred.id in seen:
+            raise InvalidSpec(f"credentials[{index}].id", f"Duplicate credential '{cred.id}', refusing")
+        seen.add(cred.id)
+        try:
+            base64.b64decode(cred.data, validate=True)
+        except (binascii.Error, ValueError):
+            raise InvalidSpec(f"credentials[{index}].data", "must be base64") from None

@@ -54,12 +54,29 @@ def build_parser() -> argparse.ArgumentParser:
     for verb, text in (
         ("terminate", "stop a VM immediately"),
         ("remove", "forget a stopped VM"),
-        ("log", "print a VM's console log"),
         ("pause", "freeze a VM's vCPUs"),
         ("resume", "let a paused VM run again"),
         ("reboot", "reset a VM"),
     ):
         sub.add_parser(verb, help=text).add_argument("name")
+    log = sub.add_parser("log", help="print a VM's console history (kept across daemon restarts)")
+    log.add_argument("name")
+    log.add_argument("-f", "--follow", action="store_true", help="then follow the live console (read-only)")
+    log.add_argument("-n", "--lines", type=int, default=None, metavar="N", help="only the last N lines")
+    console = sub.add_parser(
+        "console", help="attach to a VM's console", description="Attach the terminal to a VM's console; Ctrl-] three times within 1s detaches (the VM keeps running).",
+    )
+    console.add_argument("name")
+    console.add_argument("--read-only", action="store_true", help="watch only; any number of watchers may attach")
+    console.add_argument("--force", action="store_true", help="take the console over from its current interactive client")
+    run_parser = sub.add_parser(
+        "run", help="run a VM in the foreground, like systemd-vmspawn",
+        description="Drop-in for systemd-vmspawn: start the VM, attach its console, wait for it to end. "
+        "Ctrl-] three times within 1s kills the VM; SIGINT/SIGTERM power it off; if this process dies, the VM is terminated.",
+    )
+    from .run import add_run_options
+
+    add_run_options(run_parser)
     events = sub.add_parser("events", help="follow VM events (state changes, QMP events)")
     events.add_argument("name", nargs="?", help="only this VM")
     events.add_argument("--json", action="store_true", help="one JSON object per line")
@@ -99,6 +116,8 @@ def format_error(exc: VarlinkError) -> str:
             return "permission denied: this vmspawnd instance only serves its owner"
         case "Timeout":
             return f"timed out: {p.get('operation')}"
+        case "ConsoleBusy":
+            return f"the console of {p.get('name')!r} is in use by another interactive client (use --force to take it over, or --read-only)"
     return f"{exc.name}: {json.dumps(p)}" if p else exc.name
 
 
@@ -168,6 +187,10 @@ def run(args: argparse.Namespace) -> int:
         if not args.quiet:
             print(f"Spawned VM {machine['name']} (id {machine['id']}, QEMU pid {machine['qemu']['pid']}).")  # type: ignore[index]
         return 0
+    if args.command == "run":
+        from .run import run_vm
+
+        return run_vm(args, address)
     with Connection(address) as conn:
         if args.command == "list":
             machines = conn.call(method + "List")["machines"]
@@ -199,12 +222,13 @@ def run(args: argparse.Namespace) -> int:
         elif args.command == "remove":
             conn.call(method + "Remove", {"name": args.name})
         elif args.command == "log":
-            machine = conn.call(method + "Describe", {"name": args.name})["machine"]
-            path = machine.get("consoleLog")  # type: ignore[union-attr]
-            if not path:
-                raise SystemExit(f"vmspawnctl: {args.name} has no console log (console mode {machine['spec'].get('console', 'interactive')})")  # type: ignore[index]
-            with open(str(path), "rb") as f:
-                sys.stdout.buffer.write(f.read())
+            from .console import follow_log
+
+            return follow_log(conn, args.name, args.lines, args.follow)
+        elif args.command == "console":
+            from .console import attach
+
+            return attach(conn, args.name, args.read_only, args.force)
     return 0
 
 

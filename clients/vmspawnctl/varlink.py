@@ -88,6 +88,10 @@ class Connection:
             raise VarlinkError(reply["error"], reply.get("parameters") or {})
         return reply
 
+    def fileno(self) -> int:
+        """For select(): a reply (or the end of a `more` stream) is readable here."""
+        return self._sock.fileno()
+
     def take_fds(self) -> list[int]:
         fds, self._fds = self._fds, []
         return fds

@@ -157,6 +157,73 @@ report_efi() {
     if [ -d /sys/firmware/efi ]; then fact "efi yes"; else fact "efi no"; fi
 }
 
+# PCR 0 of the SHA-256 bank, as the kernel exposes it (only with a TPM 2.0).
+report_pcrs() {
+    pcr=/sys/class/tpm/tpm0/pcr-sha256/0
+    if [ -r "$pcr" ]; then fact "pcr-sha256-0 $(cat "$pcr")"; fi
+}
+
+# Mount options of the mount at $1, from /proc/mounts.
+mount_options() {
+    awk -v where="$1" '$2 == where { opts = $4 } END { print opts }' /proc/mounts
+}
+
+# Try to create (and remove) a file below $1; report whether it worked.
+report_write() {
+    if (echo vmspawnd >"$1/.vmspawnd-write-test") 2>/dev/null; then
+        rm -f "$1/.vmspawnd-write-test"
+        fact "write $1 ok"
+    else
+        fact "write $1 failed"
+    fi
+}
+
+# root=TAG rootfstype=virtiofs: mount the share at /mnt/root (this guest keeps its
+# initramfs as /) and report its listing and marker file, if any.
+mount_virtiofs_root() {
+    [ "$(cmdline_value rootfstype)" = virtiofs ] || return 0
+    tag=$(cmdline_value root)
+    mkdir -p /mnt/root
+    if mount -t virtiofs "$tag" /mnt/root 2>/dev/null; then
+        fact "root-mount $tag /mnt/root $(mount_options /mnt/root)"
+        fact "root-listing $(ls -A /mnt/root | tr '\n' ' ')"
+        [ -r /mnt/root/marker ] && fact "root-marker $(cat /mnt/root/marker)"
+        report_write /mnt/root
+    else
+        fact "root-mount-failed $tag"
+    fi
+}
+
+# Each systemd.mount-extra="TAG:WHERE:TYPE:OPTIONS" word (as systemd-vmspawn writes it,
+# with " and : in WHERE escaped as \x22 and \x3a): mount it and report what we got.
+mount_extras() {
+    set -f
+    for word in $CMDLINE; do
+        case "$word" in
+            systemd.mount-extra=*) ;;
+            *) continue ;;
+        esac
+        spec=${word#systemd.mount-extra=}
+        spec=${spec#\"}
+        spec=${spec%\"}
+        tag=${spec%%:*}
+        rest=${spec#*:}
+        where=${rest%%:*}
+        rest=${rest#*:}
+        fstype=${rest%%:*}
+        options=${rest#*:}
+        where=$(echo "$where" | sed 's/\\x3a/:/g; s/\\x22/"/g')
+        mkdir -p "$where"
+        if mount -t "$fstype" -o "$options" "$tag" "$where" 2>/dev/null; then
+            fact "mount $tag $where $(mount_options "$where")"
+            report_write "$where"
+        else
+            fact "mount-failed $tag $where"
+        fi
+    done
+    set +f
+}
+
 print_facts() {
     fact "cmdline $CMDLINE"
     fact "memtotal-kb $(awk '/^MemTotal:/ { print $2 }' /proc/meminfo)"
@@ -165,8 +232,11 @@ print_facts() {
     report_block
     report_net
     report_tpm
+    report_pcrs
     fact "uuid $(cat /sys/class/dmi/id/product_uuid 2>/dev/null)"
     report_efi
+    mount_virtiofs_root
+    mount_extras
     fact "facts-done"
 }
 

@@ -1,0 +1,240 @@
+# SPDX-License-Identifier: LGPL-2.1-or-later
+"""The console end to end: one real guest (busybox shell on hvc0) shared by the module.
+
+Clients are the stdlib OpenConsole reader and the real `vmspawnctl console` on a pty;
+every expected string is computed by the guest's shell ($((...))), so seeing it proves
+the input went in and the output came out.
+"""
+
+from __future__ import annotations
+
+import os
+import pty
+import re
+import select
+import signal
+import socket
+import subprocess
+import sys
+import termios
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.support import BOOT_TIMEOUT, Console, Daemon, open_console
+
+pytestmark = pytest.mark.vm
+
+MIB = 1024 * 1024
+NAME = "con"
+ESCAPE3 = b"\x1d\x1d\x1d"
+
+
+@pytest.fixture(scope="module")
+def vm(daemon: Daemon, guest) -> Iterator[dict[str, object]]:  # type: ignore[no-untyped-def]
+    daemon.call("Spawn", {"spec": {
+        "name": NAME, "kvm": False, "ram": 256 * MIB, "linux": str(guest.kernel),
+        "initrds": [str(guest.initrd)], "kernelCmdline": ["vmspawnd_test.mode=wait"],
+    }})
+    machine = daemon.call("Describe", {"name": NAME})["machine"]
+    with Console(machine) as console:  # type: ignore[arg-type]
+        console.wait_for(r"VMSPAWND-TEST: acpid-running")
+        console.wait_for(r"guest# ")
+    yield machine  # type: ignore[misc]
+    daemon.call("Terminate", {"name": NAME})
+    daemon.call("Remove", {"name": NAME})
+
+
+def read_until(sock: socket.socket, pattern: bytes, timeout: float = 60.0) -> bytes:
+    """Read `sock` until `pattern` (a regex) shows up; returns everything read."""
+    regex = re.compile(pattern)
+    seen = b""
+    deadline = time.monotonic() + timeout
+    while not regex.search(seen):
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise AssertionError(f"no {pattern!r} within {timeout}s; got {seen[-2000:]!r}")
+        ready, _, _ = select.select([sock], [], [], remaining)
+        if ready:
+            chunk = sock.recv(65536)
+            if not chunk:
+                raise AssertionError(f"console closed before {pattern!r}; got {seen[-2000:]!r}")
+            seen += chunk
+    return seen
+
+
+def type_line(daemon: Daemon, line: str) -> None:
+    """Type one command line as the interactive client (taking the console over)."""
+    writer = open_console(daemon.address, NAME, "interactive", force=True)
+    try:
+        writer.sendall(line.encode() + b"\r")
+    finally:
+        writer.close()
+
+
+def test_stdlib_client_receives_output_produced_after_attach(daemon: Daemon, vm: dict[str, object]) -> None:
+    watcher = open_console(daemon.address, NAME, "read-only")
+    try:
+        type_line(daemon, "echo after-attach-$((6*7))")
+        read_until(watcher, rb"after-attach-42")
+    finally:
+        watcher.close()
+
+
+def test_second_interactive_client_is_refused_then_forced(daemon: Daemon, vm: dict[str, object]) -> None:
+    first = open_console(daemon.address, NAME, "interactive")
+    try:
+        with daemon.connect() as conn:
+            with pytest.raises(Exception) as refused:
+                conn.call("io.vmspawnd.Manager.OpenConsole", {"name": NAME, "mode": "interactive"})
+        assert getattr(refused.value, "short_name", "") == "ConsoleBusy"
+        second = open_console(daemon.address, NAME, "interactive", force=True)
+        told = read_until(first, rb"took over")
+        first.settimeout(30)
+        while first.recv(65536):  # then end of stream: the first client is detached
+            pass
+        assert b"another client took over" in told
+        second.sendall(b"echo forced-$((5*5))\r")
+        read_until(second, rb"forced-25")
+        second.close()
+    finally:
+        first.close()
+
+
+def test_slow_reader_does_not_stall_others_or_guest(daemon: Daemon, vm: dict[str, object]) -> None:
+    slow = open_console(daemon.address, NAME, "read-only")
+    slow.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1024)  # and it never reads
+    fast = open_console(daemon.address, NAME, "read-only")
+    try:
+        # ~590 KB of output: far beyond the slow client's buffers and the daemon's cap.
+        type_line(daemon, "seq 1 100000; echo flood-done-$((2*21))")
+        seen = read_until(fast, rb"flood-done-42", timeout=BOOT_TIMEOUT)
+        assert b"\n99999\r\n" in seen or b"\n99999\n" in seen
+        # The slow client was cut off (end of stream after what it had buffered).
+        slow.settimeout(30)
+        total = 0
+        while chunk := slow.recv(65536):
+            total += len(chunk)
+        assert total < 590_000
+        assert "stopped reading" in daemon.log()
+        # The guest still answers.
+        type_line(daemon, "echo still-alive-$((1+1))")
+        read_until(fast, rb"still-alive-2")
+    finally:
+        slow.close()
+        fast.close()
+
+
+# --- a real terminal ---------------------------------------------------------------------
+
+
+class Terminal:
+    """`vmspawnctl console` on a pty of its own; the test is the user at the keyboard."""
+
+    def __init__(self, daemon: Daemon, *args: str) -> None:
+        self.master, self.slave = pty.openpty()
+        self.before = stty(self.slave)
+        env = dict(os.environ, VMSPAWN_ADDRESS=daemon.address)
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "vmspawnctl.main", *args],
+            stdin=self.slave, stdout=self.slave, stderr=self.slave, env=env, start_new_session=True,
+        )
+        self.output = b""
+
+    def type(self, data: bytes) -> None:
+        os.write(self.master, data)
+
+    def expect(self, pattern: bytes, timeout: float = 60.0) -> None:
+        regex = re.compile(pattern)
+        deadline = time.monotonic() + timeout
+        while not regex.search(self.output):
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise AssertionError(f"terminal never showed {pattern!r}; got {self.output[-2000:]!r}")
+            ready, _, _ = select.select([self.master], [], [], remaining)
+            if ready:
+                try:
+                    self.output += os.read(self.master, 65536)
+                except OSError:
+                    raise AssertionError(f"terminal closed before {pattern!r}; got {self.output[-2000:]!r}") from None
+
+    def wait(self, timeout: float = 60.0) -> int:
+        """Wait for the client to exit (reading the pty meanwhile so it never blocks)."""
+        deadline = time.monotonic() + timeout
+        while self.process.poll() is None:
+            if time.monotonic() > deadline:
+                self.process.kill()
+                self.process.wait()
+                raise AssertionError(f"vmspawnctl console did not exit; output {self.output[-2000:]!r}")
+            ready, _, _ = select.select([self.master], [], [], 0.2)
+            if ready:
+                self.output += os.read(self.master, 65536)
+        assert stty(self.slave) == self.before, "the terminal was not restored"
+        return self.process.returncode
+
+    def close(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+        os.close(self.master)
+        os.close(self.slave)
+
+
+def stty(fd: int) -> str:
+    """`stty -a` of the terminal, as a user would compare it."""
+    return subprocess.run(["stty", "-a"], stdin=fd, capture_output=True, text=True, check=True).stdout
+
+
+def test_terminal_types_detaches_reattaches_and_is_taken_over(daemon: Daemon, vm: dict[str, object]) -> None:
+    first = Terminal(daemon, "console", NAME)
+    try:
+        first.expect(rb"Connected to con")
+        assert stty(first.slave) != first.before  # raw while attached
+        first.type(b"echo typed-$((3+4))\r")
+        first.expect(rb"typed-7")
+        first.type(ESCAPE3)
+        assert first.wait() == 0
+        assert b"Detached" in first.output
+    finally:
+        first.close()
+    assert daemon.call("Describe", {"name": NAME})["machine"]["state"] == "ready"  # type: ignore[index]
+
+    again = Terminal(daemon, "console", NAME)
+    try:
+        again.expect(rb"typed-7")  # history replayed on attach
+        busy = daemon.ctl("console", NAME)
+        assert busy.returncode == 1 and "--force" in busy.stderr, busy.stderr
+        thief = Terminal(daemon, "console", "--force", NAME)
+        try:
+            thief.expect(rb"Connected to con")
+            again.expect(rb"another client took over")
+            assert again.wait() == 0
+            thief.type(b"echo thief-$((8*8))\r")
+            thief.expect(rb"thief-64")
+            os.kill(thief.process.pid, signal.SIGTERM)  # a signal is an exit path too
+            thief.wait()
+        finally:
+            thief.close()
+    finally:
+        again.close()
+
+    log = daemon.ctl("log", NAME)
+    assert log.returncode == 0 and "thief-64" in log.stdout
+    last = daemon.ctl("log", "-n", "3", NAME)
+    assert len(last.stdout.splitlines()) <= 3
+
+
+def test_log_history_is_capped_and_rotated(daemon: Daemon, vm: dict[str, object]) -> None:
+    log = Path(str(vm["consoleLog"]))
+    watcher = open_console(daemon.address, NAME, "read-only")
+    try:
+        type_line(daemon, "seq 1 200000; echo rotate-done-$((3*3))")  # ~1.3 MB
+        read_until(watcher, rb"rotate-done-9", timeout=BOOT_TIMEOUT)
+    finally:
+        watcher.close()
+    rotated = log.with_name(log.name + ".1")
+    assert rotated.exists()
+    assert log.stat().st_size <= MIB and rotated.stat().st_size <= MIB
+    assert "rotate-done-9" in daemon.ctl("log", NAME).stdout

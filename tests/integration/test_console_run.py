@@ -1,0 +1,166 @@
+# SPDX-License-Identifier: LGPL-2.1-or-later
+"""`vmspawnctl run`, the drop-in for systemd-vmspawn, against a real daemon and guest.
+
+One boot per behaviour (there is no way to test "the guest powered off" twice on one VM).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import pty
+import re
+import select
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.support import BOOT_TIMEOUT, Daemon, qemu_processes, wait_notify
+
+pytestmark = pytest.mark.vm
+
+
+def run_args(guest, name: str, mode: str, *extra: str) -> list[str]:  # type: ignore[no-untyped-def]
+    return [
+        sys.executable, "-m", "vmspawnctl.main", "run", "-M", name, "--kvm=no", "--ram=256M",
+        f"--linux={guest.kernel}", f"--initrd={guest.initrd}", *extra, f"vmspawnd_test.mode={mode}",
+    ]
+
+
+class Output:
+    """Collects a child's stdout (a pipe or a pty master) and waits for patterns in it."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self.data = b""
+
+    def pump(self, timeout: float) -> bool:
+        ready, _, _ = select.select([self.fd], [], [], timeout)
+        if not ready:
+            return True
+        try:
+            chunk = os.read(self.fd, 65536)
+        except OSError:  # a pty master reads EIO once the child side is gone
+            chunk = b""
+        self.data += chunk
+        return bool(chunk)
+
+    def expect(self, pattern: bytes, timeout: float = BOOT_TIMEOUT) -> None:
+        deadline = time.monotonic() + timeout
+        while not re.search(pattern, self.data):
+            remaining = deadline - time.monotonic()
+            assert remaining > 0, f"never saw {pattern!r}; got {self.data[-2000:]!r}"
+            assert self.pump(remaining), f"output ended before {pattern!r}; got {self.data[-2000:]!r}"
+
+    def finish(self, process: subprocess.Popen[bytes], timeout: float = BOOT_TIMEOUT) -> int:
+        """Read to the end while waiting for `process`, so it never blocks on a full pipe."""
+        deadline = time.monotonic() + timeout
+        while process.poll() is None:
+            if time.monotonic() > deadline:
+                process.kill()
+                process.wait()
+                raise AssertionError(f"vmspawnctl run did not exit; output {self.data[-2000:]!r}")
+            self.pump(0.2)
+        while self.pump(0):
+            pass
+        return process.returncode
+
+
+@contextlib.contextmanager
+def spawned(daemon: Daemon, argv: list[str], **kwargs: object) -> Iterator[subprocess.Popen[bytes]]:
+    env = dict(os.environ, VMSPAWN_ADDRESS=daemon.address, **kwargs.pop("env", {}))  # type: ignore[arg-type]
+    process = subprocess.Popen(argv, env=env, **kwargs)  # type: ignore[call-overload]
+    try:
+        yield process
+    finally:
+        if process.poll() is None:
+            process.kill()
+        process.wait()
+
+
+def names(daemon: Daemon) -> set[str]:
+    return {m["name"] for m in daemon.call("List")["machines"]}  # type: ignore[index,union-attr]
+
+
+def test_run_in_foreground_returns_0_after_poweroff_and_notifies(daemon: Daemon, guest, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+    notify.bind(str(tmp_path / "notify"))
+    with notify, spawned(
+        daemon, run_args(guest, "fg", "poweroff"), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, env={"NOTIFY_SOCKET": str(tmp_path / "notify")},
+    ) as process:
+        out = Output(process.stdout.fileno())  # type: ignore[union-attr]
+        code = out.finish(process)
+        stderr = process.stderr.read().decode()  # type: ignore[union-attr]
+        status = wait_notify(notify, "STATUS=VM started.", 5)
+        assert re.search(r"^X_VMSPAWN_LEADER_PID=\d+$", status, re.M), status
+        wait_notify(notify, "READY=1", 5)
+    assert code == 0, stderr
+    assert b"VMSPAWND-TEST: powering-off" in out.data
+    assert f"Spawning VM fg on {guest.kernel}.\n" in stderr
+    assert "Press Ctrl-] three times within 1s to kill VM.\n" in stderr
+    assert "fg" not in names(daemon)  # like vmspawn, nothing is left behind
+
+
+def test_run_fails_when_qemu_fails(daemon: Daemon, guest) -> None:  # type: ignore[no-untyped-def]
+    result = subprocess.run(
+        run_args(guest, "broken", "poweroff", "--cpus=99999"), stdin=subprocess.DEVNULL,
+        capture_output=True, text=True, timeout=300, env=dict(os.environ, VMSPAWN_ADDRESS=daemon.address),
+    )
+    assert result.returncode != 0
+    assert "failed to start" in result.stderr and "99999" in result.stderr, result.stderr
+    assert "broken" not in names(daemon)
+
+
+def test_sigterm_powers_the_vm_off(daemon: Daemon, guest) -> None:  # type: ignore[no-untyped-def]
+    with spawned(daemon, run_args(guest, "termed", "wait"), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE) as process:
+        out = Output(process.stdout.fileno())  # type: ignore[union-attr]
+        out.expect(rb"VMSPAWND-TEST: acpid-running")
+        process.send_signal(signal.SIGTERM)
+        code = out.finish(process)
+    assert code == 0
+    assert b"VMSPAWND-TEST: acpi-powerdown" in out.data  # it went through ACPI, not a kill
+    assert "termed" not in names(daemon)
+
+
+def test_sigkill_of_run_terminates_the_vm(daemon: Daemon, guest) -> None:  # type: ignore[no-untyped-def]
+    with spawned(daemon, run_args(guest, "orphan", "wait"), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE) as process:
+        out = Output(process.stdout.fileno())  # type: ignore[union-attr]
+        out.expect(rb"VMSPAWND-TEST: acpid-running")
+        pid = daemon.call("Describe", {"name": "orphan"})["machine"]["qemu"]["pid"]  # type: ignore[index]
+        process.kill()
+        process.wait()
+    # No event announces a removal: poll List, bounded.
+    deadline = time.monotonic() + 60
+    while "orphan" in names(daemon):
+        assert time.monotonic() < deadline, "the daemon did not end the VM of a killed `run`"
+        time.sleep(0.2)
+    assert pid not in qemu_processes()
+
+
+def test_run_on_a_terminal_escape_kills_vm_and_restores_terminal(daemon: Daemon, guest) -> None:  # type: ignore[no-untyped-def]
+    master, slave = pty.openpty()
+    before = subprocess.run(["stty", "-a"], stdin=slave, capture_output=True, text=True, check=True).stdout
+    try:
+        with spawned(daemon, run_args(guest, "tty", "wait"), stdin=slave, stdout=slave, stderr=slave, start_new_session=True) as process:
+            out = Output(master)
+            out.expect(rb"guest# ")
+            assert b"\x1b[48;2;" in out.data  # vmspawn's default tint
+            os.write(master, b"echo on-tty-$((4*4))\r")
+            out.expect(rb"on-tty-16")
+            os.write(master, b"\x1d\x1d\x1d")
+            code = out.finish(process)
+        after = subprocess.run(["stty", "-a"], stdin=slave, capture_output=True, text=True, check=True).stdout
+    finally:
+        os.close(master)
+        os.close(slave)
+    assert code == 0, out.data[-2000:]
+    assert after == before
+    assert out.data.rstrip(b"\r\n").endswith(b"\x1b[0m\x1b[K") or b"\x1b[0m\x1b[K" in out.data
+    assert "tty" not in names(daemon)

@@ -1,0 +1,115 @@
+# SPDX-License-Identifier: LGPL-2.1-or-later
+"""A stand-in for systemd-machined's `io.systemd.Machine` Varlink interface (Register,
+Unregister), served with asyncvarlink and recording every call.
+
+Field names follow systemd's IDL (src/shared/varlink-io.systemd.Machine.c) verbatim. The
+`legacy` variant lacks `controlAddress` and, like systemd < 261, refuses it with
+`org.varlink.service.InvalidParameter` — asyncvarlink's own validation does exactly that.
+No `from __future__ import annotations`: asyncvarlink reads real annotations.
+"""
+
+import dataclasses
+import inspect
+import typing
+from pathlib import Path
+
+from asyncvarlink import TypedVarlinkErrorReply, VarlinkInterface, VarlinkInterfaceRegistry, create_unix_server, varlinkmethod
+from asyncvarlink.conversion import ObjectVarlinkType
+from asyncvarlink.interface import varlinksignature
+from asyncvarlink.util import VarlinkUnixServer
+
+
+@dataclasses.dataclass
+class ProcessId:
+    pid: int
+    pidfdId: int | None = None
+    bootId: int | None = None
+
+
+class MachineExists(TypedVarlinkErrorReply, interface="io.systemd.Machine"):
+    class Parameters:
+        pass
+
+
+class NoSuchMachine(TypedVarlinkErrorReply, interface="io.systemd.Machine"):
+    class Parameters:
+        pass
+
+
+_REGISTER_FIELDS: list[tuple[str, object]] = [
+    ("name", str),
+    ("id", typing.Optional[str]),
+    ("service", typing.Optional[str]),
+    ("klass", str),  # "class" on the wire; not a Python identifier
+    ("leader", typing.Optional[int]),
+    ("leaderProcessId", typing.Optional[ProcessId]),
+    ("rootDirectory", typing.Optional[str]),
+    ("ifIndices", typing.Optional[list[int]]),
+    ("vSockCid", typing.Optional[int]),
+    ("sshAddress", typing.Optional[str]),
+    ("sshPrivateKeyPath", typing.Optional[str]),
+    ("allowInteractiveAuthentication", typing.Optional[bool]),
+    ("allocateUnit", typing.Optional[bool]),
+    ("controlAddress", typing.Optional[str]),
+]
+
+
+def _register_method(with_control_address: bool):  # type: ignore[no-untyped-def]
+    """Build Register with a wire field called `class`, which Python cannot spell."""
+    fields = [f for f in _REGISTER_FIELDS if with_control_address or f[0] != "controlAddress"]
+
+    def Register(self, **params):  # type: ignore[no-untyped-def]
+        params = {("class" if k == "klass" else k): v for k, v in params.items() if v is not None}
+        if isinstance(params.get("leaderProcessId"), ProcessId):
+            params["leaderProcessId"] = {
+                k: v for k, v in dataclasses.asdict(params["leaderProcessId"]).items() if v is not None
+            }
+        self.calls.append(("Register", params))
+        if params["name"] in self.machines:
+            raise MachineExists()
+        self.machines[params["name"]] = params
+
+    parameters = [inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD)]
+    for name, annotation in fields:
+        parameters.append(inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, annotation=annotation))
+    Register.__signature__ = inspect.Signature(parameters, return_annotation=None)  # type: ignore[attr-defined]
+    method = varlinkmethod(Register)
+    signature = varlinksignature(method)
+    assert signature is not None
+    old = signature.parameter_type
+    typemap = {("class" if k == "klass" else k): v for k, v in old._typemap.items()}
+    populate = {("class" if k == "klass" else k) for k in old._populatenone}
+    signature.parameter_type = ObjectVarlinkType(typemap, populatenone=populate)
+    return method
+
+
+class _MachineBase(VarlinkInterface, name="io.systemd.Machine"):
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, dict[str, object]]] = []
+        self.machines: dict[str, dict[str, object]] = {}
+
+    @varlinkmethod
+    def Unregister(self, name: str) -> None:
+        self.calls.append(("Unregister", {"name": name}))
+        if self.machines.pop(name, None) is None:
+            raise NoSuchMachine()
+
+
+class Machine261(_MachineBase):
+    """machined of systemd 261+: knows controlAddress."""
+
+    Register = _register_method(True)
+
+
+class Machine259(_MachineBase):
+    """machined of systemd ≤ 260: no controlAddress."""
+
+    Register = _register_method(False)
+
+
+async def serve(path: Path, legacy: bool = False) -> tuple[_MachineBase, VarlinkUnixServer]:
+    interface: _MachineBase = Machine259() if legacy else Machine261()
+    registry = VarlinkInterfaceRegistry()
+    registry.register_interface(interface)
+    server = await create_unix_server(registry.protocol_factory, str(path))
+    return interface, server
