@@ -129,6 +129,7 @@ class ConsoleClient:
         if len(self._pending) + len(data) > CLIENT_BUFFER:
             _log.info("%s: dropping a %s console client that stopped reading", self.hub.name, self.mode.value)
             self.close(SLOW_MESSAGE, drop_pending=True)
+            self.hub._dbg = True
             return
         self._pending += data
         if not self._writing:
@@ -205,6 +206,7 @@ class ConsoleHub:
         assert self._reader is not None
         try:
             while data := await self._reader.read(READ_CHUNK):
+                if getattr(self, "_dbg", False): _log.debug("DBG read %d %r", len(data), data[-40:])
                 self.history.append(data)
                 for client in list(self.clients):
                     client.deliver(data)

@@ -16,10 +16,13 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import shutil
 from pathlib import Path
 
 from . import journal, resolve, sshkeys, swtpm, virtiofsd
-from .process import ChildProcess
+from .helper_process import stop_helper
+from .model import ProcessRecord
+from .process import ChildProcess, is_same_process
 from .qemu_command import Credential
 from .spec import VmSpec
 
@@ -87,3 +90,26 @@ async def start_helpers(
     if cmdline:
         helpers.resources["kernel_cmdline_extra"] = tuple(cmdline)
     return helpers
+
+
+async def stop_recorded_helpers(
+    helpers: dict[str, ProcessRecord], machine_name: str, directory: Path, ssh_private_key_path: str = ""
+) -> None:
+    """Stop a VM's helpers known only from its record (a daemon that adopted the VM after a
+    restart is not their parent), in reverse order of start, and delete what start_helpers
+    left in the VM directory: sockets, the transient TPM state, the key pair.
+
+    A recorded pid whose start time or boot differs is someone else's process and is left
+    alone. Adopted helpers cannot be reaped by us; they are waited for through a pidfd.
+    """
+    for name, record in reversed(list(helpers.items())):
+        if not is_same_process(record):
+            continue
+        await stop_helper(ChildProcess(name, record.pid, None))
+    leftovers = [directory / swtpm.SOCKET_NAME, *directory.glob("sock-*")]
+    if ssh_private_key_path:
+        key = Path(ssh_private_key_path)
+        leftovers += [key, key.with_name(key.name + ".pub")]
+    for path in leftovers:
+        path.unlink(missing_ok=True)
+    shutil.rmtree(directory / f"{machine_name}-tpm", ignore_errors=True)

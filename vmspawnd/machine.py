@@ -504,6 +504,7 @@ class Machine:
         rec.qmp_address = rec.console_address = rec.control_address = rec.notify_address = ""  # gone with QEMU
         for leftover in (self.qmp_path, self.console_path, self.directory / "notify", self.directory / "efi-vars.fd", self.directory / "initrd"):
             leftover.unlink(missing_ok=True)
+        shutil.rmtree(self.directory / "payload", ignore_errors=True)  # credentials (keys) end with the VM, as vmspawn's SMBIOS dir
         self._enter(final)
         self._finished.set()
         _log.info("%s: %s (%s)", self.name, final.value, rec.reason)

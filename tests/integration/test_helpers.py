@@ -68,6 +68,7 @@ def assert_nothing_remains(machine: dict[str, object], pids: list[int]) -> None:
     left = sorted(p.name for p in runtime.iterdir())
     assert not [n for n in left if n.startswith("sock-") or n.endswith((".sock", "-tpm", "-ed25519", ".pub"))], left
     assert not [n for n in left if stat.S_ISSOCK(os.lstat(runtime / n).st_mode)], left
+    assert "payload" not in left, left  # SMBIOS credential files (the public key) go too
     assert machine["sshPrivateKeyPath"] == ""
 
 

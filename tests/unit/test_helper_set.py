@@ -87,3 +87,35 @@ def processes_mentioning(text: str) -> list[int]:
             if proc.name.isdigit() and text.encode() in (proc / "cmdline").read_bytes() and running(int(proc.name)):
                 found.append(int(proc.name))
     return found
+
+
+def test_recorded_helpers_are_stopped_and_their_files_removed(tmp_path: Path) -> None:
+    """After a daemon restart the helpers are not our children: stop them from the record."""
+    import subprocess
+
+    from vmspawnd.helpers import stop_recorded_helpers
+    from vmspawnd.model import ProcessRecord
+    from vmspawnd.process import describe_process
+
+    vmdir = tmp_path / "vm"
+    vmdir.mkdir()
+    for name in ("tpm.sock", "sock-0123456789abcdef", "hs-ed25519", "hs-ed25519.pub"):
+        (vmdir / name).write_text("")
+    (vmdir / "hs-tpm").mkdir()
+    helper = subprocess.Popen(["sleep", "600"], start_new_session=True)
+    try:
+        records = {"swtpm": describe_process(helper.pid)}
+        stale = ProcessRecord(pid=helper.pid, start_time=records["swtpm"].start_time + 1, boot_id=records["swtpm"].boot_id)
+
+        async def run() -> None:
+            await stop_recorded_helpers({"virtiofsd-mnt0": stale}, "hs", vmdir)  # not the same process
+            assert helper.poll() is None
+            await stop_recorded_helpers(records, "hs", vmdir, str(vmdir / "hs-ed25519"))
+
+        asyncio.run(run())
+        assert helper.wait(timeout=10) == -15  # SIGTERM
+    finally:
+        if helper.poll() is None:
+            helper.kill()
+            helper.wait()
+    assert list(vmdir.iterdir()) == []
