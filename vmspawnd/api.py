@@ -77,6 +77,7 @@ MachineWire = _wire_dataclass(
     overrides={
         "spec": VmSpecWire,
         "qemu": ProcessWire | None,
+        "reaper": ProcessWire | None,
         "state": MachineStateName,
         "helpers": dict[str, ProcessWire],  # type: ignore[valid-type]
     },

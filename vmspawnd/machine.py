@@ -27,7 +27,7 @@ from .guest_notify import NotifyListener, open_unix_listener, open_vsock_listene
 from .helpers import HelperSet, start_helpers
 from .errors import InvalidSpec, InvalidState, NotConnected, StartFailed, Timeout, VmspawnError
 from .model import MachineRecord, MachineState
-from .process import ChildProcess, read_tail, spawn_detached
+from .process import ChildProcess, ReapedProcess, read_tail, spawn_reaped
 from .qemu_command import Resources, build_qemu_command
 from .qmp import QmpError, QmpSession
 from .registration import Registration, info_for, register_machine
@@ -74,7 +74,7 @@ class Machine:
         self.spec = spec
         self.directory = directory
         self._on_event = on_event
-        self._qemu: ChildProcess | None = None
+        self._qemu: ReapedProcess | None = None
         self._helpers: dict[str, ChildProcess] = {}
         self._helper_set: HelperSet | None = None  # stopped by _finish once QEMU is gone
         self._qmp: QmpSession | None = None
@@ -108,6 +108,14 @@ class Machine:
     @property
     def qemu_log_path(self) -> Path:
         return self.directory / "qemu.log"
+
+    @property
+    def exit_status_path(self) -> Path:
+        """Written by the reaper when QEMU exits: survives a daemon restart."""
+        return self.directory / "qemu.exit"
+
+    def _reaper_pids(self) -> list[int]:
+        return [self._qemu.reaper.pid] if self._qemu is not None and self._qemu.reaper is not None else []
 
     @property
     def name(self) -> str:
@@ -187,13 +195,16 @@ class Machine:
                     write_private_file(Path(path), content)
 
                 step = "qemu"
-                self._qemu = spawn_detached(
-                    "qemu", command.argv, pass_fds=command.pass_fds, log_path=self.qemu_log_path
+                self._qemu = await spawn_reaped(
+                    "qemu", command.argv, pass_fds=command.pass_fds, log_path=self.qemu_log_path,
+                    status_path=self.exit_status_path,
                 )
                 stack.push_async_callback(self._kill_qemu)
                 for sock in sockets.values():
                     sock.close()  # QEMU holds them now; we reconnect by path
                 self.record.qemu = self._qemu.record
+                if self._qemu.reaper is not None:
+                    self.record.reaper = self._qemu.reaper.record
                 self.record.qmp_address = str(self.qmp_path)
                 if console:
                     self.record.console_address = str(self.console_path)
@@ -227,7 +238,7 @@ class Machine:
                     info_for(self.record, self.spec, self._qemu.pid, vsock_cid=resources.vsock_cid),
                     register=self.spec.register, keep_unit=self.spec.keep_unit, slice_name=self.spec.slice,
                     properties=self.spec.properties,
-                    pids=[self._qemu.pid, *(p.pid for p in self._helpers.values())],
+                    pids=[self._qemu.pid, *self._reaper_pids(), *(p.pid for p in self._helpers.values())],
                     on_request_stop=self.terminate,
                 )
 

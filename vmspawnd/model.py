@@ -78,6 +78,7 @@ class MachineRecord:
     state: MachineState = MachineState.STARTING
     timestamps: dict[str, int] = dataclasses.field(default_factory=dict)
     qemu: ProcessRecord | None = None
+    reaper: ProcessRecord | None = None  # QEMU's parent, which records its exit status
     qmp_address: str = ""
     console_address: str = ""
     console_log: str = ""
@@ -124,7 +125,7 @@ class MachineRecord:
             if key not in data:
                 continue
             value = data[key]
-            if f.name == "qemu" and value is not None:
+            if f.name in ("qemu", "reaper") and value is not None:
                 value = ProcessRecord.from_json(value)  # type: ignore[arg-type]
             elif f.name == "helpers":
                 value = {k: ProcessRecord.from_json(v) for k, v in value.items()}  # type: ignore[union-attr]

@@ -16,6 +16,7 @@ import logging
 import os
 import signal
 import subprocess
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -164,3 +165,151 @@ def read_tail(path: Path, max_bytes: int = 4096) -> str:
     except FileNotFoundError:
         return ""
     return data.decode("utf-8", "replace")
+
+
+REAPER_SCRIPT = str(Path(__file__).with_name("reaper.py"))
+PID_REPORT_TIMEOUT = 10.0
+
+
+def read_exit_status(path: Path) -> int | None:
+    """What the reaper recorded: QEMU's exit code, or -signal; None if it never wrote one."""
+    try:
+        _pid, code = path.read_text().split()
+        return int(code)
+    except (FileNotFoundError, ValueError):
+        return None
+
+
+class ReapedProcess:
+    """QEMU under its per-VM reaper (vmspawnd/reaper.py): same interface as ChildProcess.
+
+    The daemon watches QEMU itself through a pidfd (it is not our child) and learns its exit
+    status from the file the reaper writes before exiting, which works the same before and
+    after a daemon restart. Signals go straight to QEMU.
+    """
+
+    def __init__(self, name: str, qemu: ChildProcess, reaper: ChildProcess | None, status_path: Path) -> None:
+        self.name = name
+        self.pid = qemu.pid
+        self._qemu = qemu
+        self.reaper = reaper
+        self._status_path = status_path
+        self.returncode: int | None = None
+
+    @property
+    def record(self) -> ProcessRecord:
+        return self._qemu.record
+
+    @property
+    def exited(self) -> bool:
+        return self._qemu.exited
+
+    async def wait(self) -> int | None:
+        await self._qemu.wait()
+        if self.reaper is not None:
+            await self.reaper.wait()  # it exits right after writing the status
+        self.returncode = read_exit_status(self._status_path)
+        return self.returncode
+
+    def send_signal(self, signo: int) -> None:
+        self._qemu.send_signal(signo)
+
+    async def terminate(self, grace: float = 5.0) -> int | None:
+        self.send_signal(signal.SIGTERM)
+        try:
+            async with asyncio.timeout(grace):
+                return await self.wait()
+        except TimeoutError:
+            _log.warning("%s (pid %d) ignored SIGTERM for %.0fs, killing", self.name, self.pid, grace)
+        self.send_signal(signal.SIGKILL)
+        return await self.wait()
+
+    def close(self) -> None:
+        self._qemu.close()
+        if self.reaper is not None:
+            self.reaper.close()
+
+    @classmethod
+    def adopt(cls, name: str, qemu: ProcessRecord, reaper: ProcessRecord | None, status_path: Path) -> ReapedProcess:
+        """Watch a QEMU started by an earlier daemon; only if pid *and* start time match."""
+        loop_child = ChildProcess(name, qemu.pid, None) if is_same_process(qemu) else _ExitedProcess(name, qemu.pid)
+        reaper_child = None
+        if reaper is not None and is_same_process(reaper):
+            reaper_child = ChildProcess("reaper", reaper.pid, None)
+        return cls(name, loop_child, reaper_child, status_path)  # type: ignore[arg-type]
+
+
+class _ExitedProcess:
+    """Stand-in for a recorded process that is gone (or whose pid now belongs to another)."""
+
+    def __init__(self, name: str, pid: int) -> None:
+        self.name = name
+        self.pid = pid
+        self.returncode: int | None = None
+        self.exited = True
+
+    @property
+    def record(self) -> ProcessRecord:
+        return ProcessRecord(self.pid, 0, "")
+
+    async def wait(self) -> int | None:
+        return None
+
+    def send_signal(self, signo: int) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+async def spawn_reaped(
+    name: str,
+    argv: Sequence[str],
+    *,
+    pass_fds: Sequence[int] = (),
+    log_path: Path,
+    status_path: Path,
+) -> ReapedProcess:
+    """Start `argv` under a reaper; returns once the reaper reported the child's pid."""
+    read_end, write_end = os.pipe()
+    try:
+        reaper = spawn_detached(
+            "reaper",
+            [sys.executable, "-I", "-S", REAPER_SCRIPT, str(status_path), str(write_end), "--", *argv],
+            pass_fds=[*pass_fds, write_end],
+            log_path=log_path,
+        )
+    except BaseException:
+        os.close(read_end)
+        os.close(write_end)
+        raise
+    os.close(write_end)
+    try:
+        pid = await _read_pid(read_end, reaper)
+    finally:
+        os.close(read_end)
+    return ReapedProcess(name, ChildProcess(name, pid, None), reaper, status_path)
+
+
+async def _read_pid(fd: int, reaper: ChildProcess) -> int:
+    loop = asyncio.get_running_loop()
+    future: asyncio.Future[bytes] = loop.create_future()
+
+    def readable() -> None:
+        if not future.done():
+            future.set_result(os.read(fd, 64))
+
+    os.set_blocking(fd, False)
+    loop.add_reader(fd, readable)
+    try:
+        async with asyncio.timeout(PID_REPORT_TIMEOUT):
+            data = await future
+    except TimeoutError:
+        await reaper.terminate(1.0)
+        raise OSError(f"the reaper did not report a pid within {PID_REPORT_TIMEOUT:g}s") from None
+    finally:
+        loop.remove_reader(fd)
+    if not data.strip().isdigit():
+        await reaper.wait()
+        raise OSError("the reaper could not start the process (see the VM's qemu.log)")
+    return int(data)

@@ -214,15 +214,35 @@ def _limit(name: str, value: str, with_scale: bool = True) -> tuple[str, Variant
 def _weight(name: str, value: str) -> tuple[str, Variant]:
     if value == "":
         return name, Variant("t", UINT64_MAX)
-    if name == "CPUWeight" and value == "idle":
+    if name in ("CPUWeight", "StartupCPUWeight") and value == "idle":
         return name, Variant("t", 0)
     if not value.isdigit() or not 1 <= int(value) <= 10000:
         raise ValueError(f"{name}= must be an integer 1…10000, got {value!r}")
     return name, Variant("t", int(value))
 
 
+def _cpu_set_bytes(name: str, value: str) -> bytes:
+    """AllowedCPUs=/AllowedMemoryNodes= "0-3 5,7" → systemd's cpu_set_to_dbus() bitmap."""
+    bits: set[int] = set()
+    for item in value.replace(",", " ").split():
+        low, sep, high = item.partition("-")
+        if not low.isdigit() or (sep and not high.isdigit()):
+            raise ValueError(f"invalid {name}= range {item!r}")
+        first, last = int(low), int(high) if sep else int(low)
+        if last < first or last >= 8192:
+            raise ValueError(f"invalid {name}= range {item!r}")
+        bits.update(range(first, last + 1))
+    out = bytearray((max(bits) // 8 + 1) if bits else 0)
+    for bit in bits:
+        out[bit // 8] |= 1 << (bit % 8)
+    return bytes(out)
+
+
+_LIMITS = ("MemoryMax", "MemoryHigh", "MemoryLow", "MemoryMin", "MemorySwapMax", "TasksMax")
+_WEIGHTS = ("CPUWeight", "StartupCPUWeight", "IOWeight", "StartupIOWeight")
+_CHOICES = {"DevicePolicy": ("auto", "closed", "strict"), "ManagedOOMMemoryPressure": ("auto", "kill")}
 SUPPORTED_PROPERTIES = (
-    "CPUQuota", "MemoryMax", "MemoryHigh", "TasksMax", "CPUWeight", "IOWeight", "DeviceAllow", "Description",
+    "AllowedCPUs", "AllowedMemoryNodes", "CPUQuota", *_WEIGHTS, "DeviceAllow", *_CHOICES, *_LIMITS, "Description",
 )
 
 
@@ -243,10 +263,16 @@ def convert_unit_property(assignment: str) -> tuple[str, Variant]:
         if percent <= 0:
             raise ValueError(f"CPUQuota= must be positive, got {value!r}")
         return "CPUQuotaPerSecUSec", Variant("t", round(percent * USEC_PER_SEC / 100))
-    if name in ("MemoryMax", "MemoryHigh", "TasksMax"):
+    if name in _LIMITS:
         return _limit(name, value)
-    if name in ("CPUWeight", "IOWeight"):
+    if name in _WEIGHTS:
         return _weight(name, value)
+    if name in _CHOICES:
+        if value not in _CHOICES[name]:
+            raise ValueError(f"{name}= must be one of {', '.join(_CHOICES[name])}, got {value!r}")
+        return name, Variant("s", value)
+    if name in ("AllowedCPUs", "AllowedMemoryNodes"):
+        return name, Variant("ay", _cpu_set_bytes(name, value))
     if name == "DeviceAllow":
         if value == "":
             return name, Variant("a(ss)", [])
@@ -488,13 +514,12 @@ class Registration:
                 unref_unit_message(self.scope_unit),
             ):
                 await self._quietly(message, f"{message.member} {self.scope_unit}", debug=True)
-        for task in list(self._tasks):
-            with contextlib.suppress(Exception, asyncio.CancelledError):
-                await task
+        # A running stop request is not awaited: it waits for the VM's end, which is what
+        # called us (it finishes on its own; _tasks keeps it referenced until then).
         if self.bus is not None:
             self.bus.disconnect()
             with contextlib.suppress(Exception):
-                await self.bus.wait_for_disconnect()
+                await self.bus.wait_for_disconnect()  # type: ignore[no-untyped-call]
             self.bus = None
 
     async def _quietly(self, message: Message, what: str, debug: bool = False) -> None:
@@ -674,7 +699,7 @@ def info_for(record: object, spec: object, leader_pid: int, vsock_cid: int | Non
     carry (vsock CID, SSH key, control socket) are read when present."""
     cid = vsock_cid if vsock_cid is not None else getattr(record, "vsock_cid", None)
     return RegistrationInfo(
-        name=getattr(record, "name"),
+        name=getattr(record, "name"),  # noqa: B009 - record is any object with these fields
         uuid=getattr(spec, "uuid", None),
         leader_pid=leader_pid,
         root_directory=getattr(spec, "directory", None),

@@ -22,11 +22,11 @@ from typing import Any, TypeVar
 import pytest
 import pytest_asyncio
 
-from vmspawnd.errors import StartFailed
-from vmspawnd.registration import RegistrationInfo, register_machine, unit_object_path
 from tests.standins import machined_varlink
 from tests.standins.dbus import PrivateBus, Services, private_system_bus, start_services
 from tests.support import make_runtime_dir, start_daemon, stop_daemon
+from vmspawnd.errors import StartFailed
+from vmspawnd.registration import RegistrationInfo, register_machine, unit_object_path
 
 UUID = "0123456789abcdef0123456789abcdef"
 MIB = 1024 * 1024
@@ -164,7 +164,7 @@ async def test_dbus_fallback_register_machine(bus: PrivateBus, services: Service
 
 @pytest.mark.asyncio
 async def test_scope_with_properties_and_teardown(bus: PrivateBus, services: Services, sleeper: subprocess.Popen[bytes]) -> None:
-    helper = subprocess.Popen(["sleep", "600"])
+    helper = subprocess.Popen(["sleep", "600"])  # noqa: ASYNC220 - a stand-in helper, started at once
     try:
         reg = await register_machine(
             info(sleeper.pid), register=False, is_root=True, systemd_booted=True, environ=env_for(bus, None),
@@ -180,7 +180,7 @@ async def test_scope_with_properties_and_teardown(bus: PrivateBus, services: Ser
         assert "PIDFDs" in [p[0] for p in first.args[2]]
         name, mode, props, aux = second.args
         assert (name, mode, aux) == ("alpha.scope", "fail", [])
-        props = dict((p[0], p[1]) for p in props)
+        props = {p[0]: p[1] for p in props}
         assert props["PIDs"] == ("au", [sleeper.pid, helper.pid])
         assert props["Description"] == ("s", "Virtual Machine alpha")
         assert props["CollectMode"] == ("s", "inactive-or-failed")
@@ -208,7 +208,7 @@ async def test_scope_with_pidfds_accepted(bus: PrivateBus, sleeper: subprocess.P
     try:
         reg = await register_machine(info(sleeper.pid), register=False, is_root=True, systemd_booted=True, environ=env_for(bus, None))
         [start] = [c for c in services.calls if c.member == "StartTransientUnit"]
-        props = dict((p[0], p[1]) for p in start.args[2])
+        props = {p[0]: p[1] for p in start.args[2]}
         assert props["PIDFDs"][0] == "ah" and "PIDs" not in props
         await reg.close()
     finally:
@@ -377,7 +377,7 @@ def test_daemon_scope_request_stop_terminates_vm(guest, loop_thread: LoopThread)
             machine = daemon.call("Describe", {"name": "scoped"})["machine"]
             starts = [c for c in services.calls if c.member == "StartTransientUnit"]
             assert starts and starts[-1].args[0] == "scoped.scope"
-            props = dict((p[0], p[1]) for p in starts[-1].args[2])
+            props = {p[0]: p[1] for p in starts[-1].args[2]}
             assert props["PIDs"][1][0] == machine["qemu"]["pid"]
             assert props["Slice"] == ("s", "vms.slice") and props["TasksMax"] == ("t", 200)
             assert services.systemd1 is not None

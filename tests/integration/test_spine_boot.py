@@ -65,9 +65,11 @@ def test_third_party_varlink_client_spawns_vm_that_outlives_it(daemon: Daemon, g
     assert client.returncode == 0 and "error" not in client.stdout.lower(), client.stdout + client.stderr
     reply = json.loads(client.stdout)
     pid = reply["machine"]["qemu"]["pid"]
-    # The client has exited; QEMU is the daemon's child, not the client's, and still runs.
+    # The client has exited; QEMU still runs, a child of its reaper, itself the daemon's child.
     assert pid in qemu_processes()
-    assert parent_of(pid) == daemon.process.pid
+    reaper = reply["machine"]["reaper"]["pid"]
+    assert parent_of(pid) == reaper
+    assert parent_of(reaper) == daemon.process.pid
     machine = daemon.call("Describe", {"name": "byvarlink"})["machine"]
     with Console(machine) as console:
         console.wait_for(r"VMSPAWND-TEST: acpid-running")

@@ -1,4 +1,5 @@
 # SPDX-License-Identifier: LGPL-2.1-or-later
+# mypy: disable-error-code="valid-type,name-defined"
 """A private system-type dbus-daemon plus stand-ins for org.freedesktop.machine1 and
 org.freedesktop.systemd1, written with dbus-fast.
 
@@ -99,14 +100,14 @@ class Machine1Manager(ServiceInterface):
         self.machines: set[str] = set()
 
     @method()
-    def RegisterMachine(self, name: "s", id: "ay", service: "s", class_: "s", leader: "u", root_directory: "s") -> "":  # type: ignore[name-defined] # noqa: F821
+    def RegisterMachine(self, name: "s", id: "ay", service: "s", class_: "s", leader: "u", root_directory: "s") -> "":  # noqa: F821 - dbus-fast signature strings
         self.calls.append(Call("RegisterMachine", "sayssus", [name, bytes(id), service, class_, leader, root_directory]))
         if name in self.machines:
             raise DBusError("org.freedesktop.machine1.MachineExists", f"Machine '{name}' already exists")
         self.machines.add(name)
 
     @method()
-    def UnregisterMachine(self, name: "s") -> "":  # type: ignore[name-defined] # noqa: F821
+    def UnregisterMachine(self, name: "s") -> "":  # noqa: F821 - dbus-fast signature strings
         self.calls.append(Call("UnregisterMachine", "s", [name]))
         if name not in self.machines:
             raise DBusError("org.freedesktop.machine1.NoSuchMachine", f"No machine '{name}' known")
@@ -126,7 +127,7 @@ class Systemd1Manager(ServiceInterface):
         self._job = 0
 
     @method()
-    def StartTransientUnit(self, name: "s", mode: "s", properties: "a(sv)", aux: "a(sa(sv))") -> "o":  # type: ignore[name-defined] # noqa: F821
+    def StartTransientUnit(self, name: "s", mode: "s", properties: "a(sv)", aux: "a(sa(sv))") -> "o":  # noqa: F821 - dbus-fast signature strings
         self.calls.append(Call("StartTransientUnit", "ssa(sv)a(sa(sv))", [name, mode, _plain(properties), _plain(aux)]))
         names = [p[0] for p in properties]
         if "PIDFDs" in names and not self.accept_pidfds:
@@ -147,15 +148,15 @@ class Systemd1Manager(ServiceInterface):
         ))
 
     @method()
-    def KillUnit(self, name: "s", whom: "s", signal: "i") -> "":  # type: ignore[name-defined] # noqa: F821
+    def KillUnit(self, name: "s", whom: "s", signal: "i") -> "":  # noqa: F821 - dbus-fast signature strings
         self.calls.append(Call("KillUnit", "ssi", [name, whom, signal]))
 
     @method()
-    def AbandonScope(self, name: "s") -> "":  # type: ignore[name-defined] # noqa: F821
+    def AbandonScope(self, name: "s") -> "":  # noqa: F821 - dbus-fast signature strings
         self.calls.append(Call("AbandonScope", "s", [name]))
 
     @method()
-    def UnrefUnit(self, name: "s") -> "":  # type: ignore[name-defined] # noqa: F821
+    def UnrefUnit(self, name: "s") -> "":  # noqa: F821 - dbus-fast signature strings
         self.calls.append(Call("UnrefUnit", "s", [name]))
 
     def request_stop(self, unit: str, unit_path: str) -> None:
@@ -180,7 +181,7 @@ class Services:
     async def close(self) -> None:
         self.bus.disconnect()
         with contextlib.suppress(Exception):
-            await self.bus.wait_for_disconnect()
+            await self.bus.wait_for_disconnect()  # type: ignore[no-untyped-call]
 
 
 async def start_services(

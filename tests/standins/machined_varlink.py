@@ -10,10 +10,15 @@ No `from __future__ import annotations`: asyncvarlink reads real annotations.
 
 import dataclasses
 import inspect
-import typing
 from pathlib import Path
 
-from asyncvarlink import TypedVarlinkErrorReply, VarlinkInterface, VarlinkInterfaceRegistry, create_unix_server, varlinkmethod
+from asyncvarlink import (
+    TypedVarlinkErrorReply,
+    VarlinkInterface,
+    VarlinkInterfaceRegistry,
+    create_unix_server,
+    varlinkmethod,
+)
 from asyncvarlink.conversion import ObjectVarlinkType
 from asyncvarlink.interface import varlinksignature
 from asyncvarlink.util import VarlinkUnixServer
@@ -38,19 +43,19 @@ class NoSuchMachine(TypedVarlinkErrorReply, interface="io.systemd.Machine"):
 
 _REGISTER_FIELDS: list[tuple[str, object]] = [
     ("name", str),
-    ("id", typing.Optional[str]),
-    ("service", typing.Optional[str]),
+    ("id", str | None),
+    ("service", str | None),
     ("klass", str),  # "class" on the wire; not a Python identifier
-    ("leader", typing.Optional[int]),
-    ("leaderProcessId", typing.Optional[ProcessId]),
-    ("rootDirectory", typing.Optional[str]),
-    ("ifIndices", typing.Optional[list[int]]),
-    ("vSockCid", typing.Optional[int]),
-    ("sshAddress", typing.Optional[str]),
-    ("sshPrivateKeyPath", typing.Optional[str]),
-    ("allowInteractiveAuthentication", typing.Optional[bool]),
-    ("allocateUnit", typing.Optional[bool]),
-    ("controlAddress", typing.Optional[str]),
+    ("leader", int | None),
+    ("leaderProcessId", ProcessId | None),
+    ("rootDirectory", str | None),
+    ("ifIndices", list[int] | None),
+    ("vSockCid", int | None),
+    ("sshAddress", str | None),
+    ("sshPrivateKeyPath", str | None),
+    ("allowInteractiveAuthentication", bool | None),
+    ("allocateUnit", bool | None),
+    ("controlAddress", str | None),
 ]
 
 

@@ -105,6 +105,16 @@ def test_unit_object_path() -> None:
         ("DeviceAllow=/dev/kvm rw", ("DeviceAllow", "a(ss)", [["/dev/kvm", "rw"]])),
         ("DeviceAllow=/dev/net/tun", ("DeviceAllow", "a(ss)", [["/dev/net/tun", ""]])),
         ("DeviceAllow=", ("DeviceAllow", "a(ss)", [])),
+        ("DevicePolicy=closed", ("DevicePolicy", "s", "closed")),
+        ("ManagedOOMMemoryPressure=kill", ("ManagedOOMMemoryPressure", "s", "kill")),
+        ("AllowedCPUs=0-2 9", ("AllowedCPUs", "ay", bytes([0b111, 0b10]))),
+        ("AllowedMemoryNodes=0", ("AllowedMemoryNodes", "ay", b"\x01")),
+        ("AllowedCPUs=", ("AllowedCPUs", "ay", b"")),
+        ("MemoryLow=1K", ("MemoryLow", "t", 1024)),
+        ("MemoryMin=10%", ("MemoryMinScale", "u", 429496730)),
+        ("MemorySwapMax=infinity", ("MemorySwapMax", "t", 2**64 - 1)),
+        ("StartupCPUWeight=5", ("StartupCPUWeight", "t", 5)),
+        ("StartupIOWeight=7", ("StartupIOWeight", "t", 7)),
     ],
 )
 def test_convert_unit_property(assignment: str, expected: tuple[str, str, object]) -> None:
@@ -115,7 +125,8 @@ def test_convert_unit_property(assignment: str, expected: tuple[str, str, object
 @pytest.mark.parametrize(
     "assignment",
     ["CPUQuota=20", "CPUQuota=0%", "CPUWeight=0", "IOWeight=10001", "TasksMax=0", "MemoryMax=1x",
-     "DeviceAllow=/dev/kvm rx", "KillMode=mixed", "NoEquals", "MemoryMax=101%"],
+     "DeviceAllow=/dev/kvm rx", "KillMode=mixed", "NoEquals", "MemoryMax=101%", "DevicePolicy=open",
+     "AllowedCPUs=3-1", "AllowedCPUs=a"],
 )
 def test_convert_unit_property_refuses(assignment: str) -> None:
     with pytest.raises(ValueError):
@@ -191,3 +202,10 @@ def test_info_for_reads_optional_record_fields() -> None:
         name = "vm2"
 
     assert r.info_for(Bare(), Bare(), 1) == r.RegistrationInfo(name="vm2", leader_pid=1)
+
+
+def test_every_property_the_spec_accepts_is_converted() -> None:
+    """--property names vmspawnctl lets through must not fail later at the scope step."""
+    from vmspawnd.spec import SCOPE_PROPERTIES
+
+    assert set(SCOPE_PROPERTIES) <= set(r.SUPPORTED_PROPERTIES)
