@@ -83,6 +83,7 @@ async def serve(args: argparse.Namespace) -> int:
     runtime_dir.mkdir(mode=0o755, parents=True, exist_ok=True)
     lock_fd = take_lock(runtime_dir)
     manager = Manager(runtime_dir, Settings(notify_transport=args.notify_transport, peer_policy=owner_only))
+    await manager.adopt_all()
     registry = VarlinkInterfaceRegistry()
     registry.register_interface(ManagerInterface(manager))
     registry.register_interface(

@@ -119,11 +119,12 @@ class NotifyListener:
         self._sock.close()
 
 
-def open_vsock_listener() -> tuple[socket.socket, str]:
-    """AF_VSOCK listener on any CID, a kernel-chosen port; returns it with the guest's address."""
+def open_vsock_listener(port: int = VMADDR_PORT_ANY) -> tuple[socket.socket, str]:
+    """AF_VSOCK listener on any CID, a kernel-chosen port (or `port`, to come back on the
+    address a running guest already knows after a daemon restart)."""
     sock = socket.socket(socket.AF_VSOCK, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
     try:
-        sock.bind((VMADDR_CID_ANY, VMADDR_PORT_ANY))
+        sock.bind((VMADDR_CID_ANY, port))
         sock.listen(socket.SOMAXCONN)
         sock.setblocking(False)
         _cid, port = sock.getsockname()
@@ -140,3 +141,12 @@ def open_unix_listener(path: Path) -> tuple[socket.socket, str]:
     sock = bind_listening_socket(path, 0o600)
     sock.setblocking(False)
     return sock, f"unix:{path}"
+
+
+def reopen_listener(address: str, unix_path: Path) -> tuple[socket.socket, str]:
+    """Listen again on the address recorded before a daemon restart."""
+    if address.startswith("unix:"):
+        return open_unix_listener(unix_path)
+    if address.startswith("vsock-stream:"):
+        return open_vsock_listener(int(address.rsplit(":", 1)[1]))
+    raise ValueError(f"unknown notify address {address!r}")

@@ -18,20 +18,20 @@ import os
 import shutil
 import signal
 import socket
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Coroutine, Iterator
 from pathlib import Path
 
 from . import resolve
 from .console import ConsoleHub
-from .guest_notify import NotifyListener, open_unix_listener, open_vsock_listener, parse_exit_status
-from .helpers import HelperSet, start_helpers
+from .guest_notify import NotifyListener, open_unix_listener, open_vsock_listener, parse_exit_status, reopen_listener
+from .helpers import HelperSet, start_helpers, stop_recorded_helpers
 from .errors import InvalidSpec, InvalidState, NotConnected, StartFailed, Timeout, VmspawnError
-from .model import MachineRecord, MachineState
-from .process import ChildProcess, ReapedProcess, read_tail, spawn_reaped
+from .model import MachineRecord, MachineState, ProcessRecord
+from .process import ChildProcess, ReapedProcess, is_same_process, read_tail, spawn_reaped
 from .qemu_command import Resources, build_qemu_command
 from .qmp import QmpError, QmpSession
 from .registration import Registration, info_for, register_machine
-from .runtime_dir import bind_listening_socket, make_private_dir, write_json_atomic, write_private_file
+from .runtime_dir import bind_listening_socket, make_private_dir, read_json, write_json_atomic, write_private_file
 from .settings import Settings
 from .spec import ConsoleMode, VmSpec
 from .machine_instance import serve_machine_instance
@@ -90,6 +90,7 @@ class Machine:
         self._notify_listener: NotifyListener | None = None
         self._ready_pending = False
         self._control: VarlinkUnixServer | None = None
+        self._tasks: set[asyncio.Task[object]] = set()
         self._qmp_subscribers: set[asyncio.Queue[tuple[str | None, dict[str, object] | None]]] = set()
 
     # --- paths --------------------------------------------------------------------
@@ -451,6 +452,84 @@ class Machine:
             self.record.paused = paused
             self._persist()
 
+    # --- adoption after a daemon restart ----------------------------------------------------
+    async def adopt(self) -> bool:
+        """Take over a VM an earlier daemon started, reconciling like libvirt.
+
+        Processes count as ours only if pid *and* start time (and boot) match. Mid-start →
+        torn down (returns False: forget it); QEMU gone → recorded as ended, leftovers
+        cleaned; shutdown in progress → finished; running → QMP, control socket, notify
+        listener and console come back on the addresses the guest and clients know.
+        Events emitted while no daemon listened are lost: state is re-queried instead.
+        """
+        rec = self.record
+        if rec.state.is_final:
+            self._finished.set()
+            return True
+        if rec.qemu is not None:
+            self._qemu = ReapedProcess.adopt("qemu", rec.qemu, rec.reaper, self.exit_status_path)
+        if rec.state is MachineState.STARTING:
+            _log.warning("%s: was starting when the daemon stopped; tearing it down", self.name)
+            if self._qemu is not None and not self._qemu.exited:
+                self._qemu.send_signal(signal.SIGKILL)
+                await self._qemu.wait()
+            await stop_recorded_helpers(rec.helpers, self.name, self.directory, rec.ssh_private_key_path)
+            self.remove_files()
+            return False
+        if rec.state is MachineState.STOPPING:
+            self._stop_reason = rec.reason or "stopped on request"
+        if self._qemu is None or self._qemu.exited:
+            _log.info("%s: QEMU ended while the daemon was not running", self.name)
+            await self._finish(await self._qemu.wait() if self._qemu is not None else None)
+            return True
+        self._helpers = {
+            name: ChildProcess(name, record.pid, None) for name, record in rec.helpers.items() if is_same_process(record)
+        }
+        missing = [name for name in rec.helpers if name not in self._helpers]
+        await self._reconnect()
+        self._supervisor = asyncio.create_task(self._supervise(), name=f"supervise-{self.name}")
+        if missing:
+            self._stop_reason = f"helper {missing[0]} exited while vmspawnd was not running"
+            self._helper_failed = True
+            self._qemu.send_signal(signal.SIGTERM)
+        elif rec.state is MachineState.STOPPING:
+            _log.info("%s: finishing the shutdown that was in progress", self.name)
+            self._own_task(self._escalate())
+        _log.info("%s: adopted (QEMU pid %d)", self.name, self._qemu.pid)
+        return True
+
+    async def _reconnect(self) -> None:
+        """QMP (bounded), control socket, notify listener and console, as before the restart."""
+        rec = self.record
+        qmp = QmpSession(self.name, self._on_qmp_event)
+        try:
+            await qmp.connect(str(self.qmp_path))
+            self._qmp = qmp
+            status = await qmp.query_status()
+            rec.paused = status.get("status") == "paused"
+        except (Timeout, NotConnected) as exc:
+            _log.error("%s: QMP did not answer after the restart (%s); lifecycle calls will fail", self.name, exc)
+            await qmp.close()
+        if rec.control_address:
+            self._control = await serve_machine_instance(self, Path(rec.control_address), self.settings.peer_policy)
+        if rec.notify_address:
+            sock, _address = reopen_listener(rec.notify_address, self.directory / "notify")
+            self._notify_listener = NotifyListener(sock, rec.notify_address, self._on_notify, self.name)
+            await self._notify_listener.start()
+        if rec.console_address:
+            hub = ConsoleHub(self.name, self.console_path, self.console_log_path)
+            try:
+                await hub.connect()
+                self.console = hub
+            except (OSError, TimeoutError, VmspawnError) as exc:
+                _log.error("%s: console did not come back after the restart: %s", self.name, exc)
+        self._persist()
+
+    def _own_task(self, coroutine: Coroutine[object, object, object]) -> None:
+        task = asyncio.create_task(coroutine)  # type: ignore[arg-type]
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
     # --- supervision ---------------------------------------------------------------------
     async def _supervise(self) -> None:
         """Wait for QEMU to exit; a helper dying first ends the VM, as in systemd-vmspawn."""
@@ -508,6 +587,8 @@ class Machine:
             final = MachineState.FAILED
         if self._helper_set is not None:
             await self._helper_set.aclose()  # helpers stop (reaped) and keys/sockets go with the VM
+        elif rec.helpers:  # adopted after a restart: known only from the record
+            await stop_recorded_helpers(rec.helpers, self.name, self.directory, rec.ssh_private_key_path)
         if self._registration is not None:
             await self._registration.close()  # unregister, end the scope; failures are only logged
         rec.ssh_private_key_path = ""
@@ -542,6 +623,7 @@ class Machine:
             _log.warning("%s: ACPI power-off request failed (%s), escalating", self.name, exc)
             deadline = 0
         self._stop_reason = "powered off on request"
+        self.record.reason = self._stop_reason  # persisted: a restarted daemon finishes the stop
         self._enter(MachineState.STOPPING)
         if not await self._wait_finished(deadline):
             self._stop_reason = f"terminated: the guest did not power off within {deadline:g}s"
@@ -553,6 +635,7 @@ class Machine:
             raise InvalidState(self.name, self.record.state.value, "terminate")
         self._stop_reason = self._stop_reason or "terminated on request"
         if self.record.state is not MachineState.STOPPING and self.record.state is not MachineState.STARTING:
+            self.record.reason = self._stop_reason
             self._enter(MachineState.STOPPING)
         await self._escalate()
 
@@ -647,3 +730,26 @@ class Machine:
             await self._qmp.close()
         if self._qemu is not None:
             self._qemu.close()
+
+
+async def discard_leftovers(directory: Path) -> None:
+    """Stop what a record we cannot use still names (same processes only), then delete it.
+
+    Used for unreadable or other-version state: parse what can be parsed, best effort.
+    """
+    try:
+        data = read_json(directory / "state.json")
+        machine = data.get("machine", {}) if isinstance(data, dict) else {}
+    except (OSError, ValueError):
+        machine = {}
+    records = []
+    for key in ("qemu", "reaper"):
+        with contextlib.suppress(KeyError, TypeError, ValueError):
+            records.append(ProcessRecord.from_json(machine[key]))
+    with contextlib.suppress(AttributeError, KeyError, TypeError, ValueError):
+        records.extend(ProcessRecord.from_json(v) for v in machine["helpers"].values())
+    for record in records:
+        if is_same_process(record):
+            process = ChildProcess("leftover", record.pid, None)
+            await process.terminate(TERM_GRACE)
+    shutil.rmtree(directory, ignore_errors=True)

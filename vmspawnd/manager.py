@@ -16,10 +16,10 @@ import logging
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 
-from .errors import InvalidState, MachineExists, NoSuchMachine
-from .machine import Machine
-from .model import MachineRecord, MachineState
-from .runtime_dir import make_private_dir, new_machine_id
+from .errors import InvalidState, MachineExists, NoSuchMachine, VmspawnError
+from .machine import Machine, discard_leftovers
+from .model import STATE_FORMAT_VERSION, MachineRecord, MachineState
+from .runtime_dir import make_private_dir, new_machine_id, read_json
 from .spec import VmSpec
 from .settings import Settings
 
@@ -109,6 +109,43 @@ class Manager:
             yield queue
         finally:
             self._subscribers.discard(queue)
+
+    # --- adoption after a restart -------------------------------------------------------
+    async def adopt_all(self) -> None:
+        """Reconcile with what an earlier daemon left in machines/ (before serving).
+
+        Every VM whose recorded processes are still the same ones is adopted; unreadable
+        or other-version state is logged and its processes stopped and files removed.
+        A name is taken once: a second record for it is discarded (never run a VM twice).
+        """
+        for entry in sorted(self.machines_dir.iterdir(), key=lambda p: p.name):
+            if entry.is_symlink() or not entry.is_dir():
+                _log.warning("removing unexpected entry %s in the machines directory", entry)
+                entry.unlink(missing_ok=True)
+                continue
+            try:
+                data = read_json(entry / "state.json")
+                if not isinstance(data, dict) or data.get("version") != STATE_FORMAT_VERSION:
+                    raise ValueError(f"unsupported state format version {data.get('version') if isinstance(data, dict) else data!r}")
+                record = MachineRecord.from_json(data["machine"])
+                spec = VmSpec.from_json(record.spec)
+            except (OSError, ValueError, KeyError, TypeError, VmspawnError) as exc:
+                _log.warning("discarding %s: unreadable state (%s)", entry.name, exc)
+                await discard_leftovers(entry)
+                continue
+            if record.name in self._machines:
+                _log.error("discarding %s: machine %s is already adopted from another record", entry.name, record.name)
+                await discard_leftovers(entry)
+                continue
+            machine = Machine(record, spec, entry, self._publish, self.settings)
+            try:
+                keep = await machine.adopt()
+            except Exception:
+                _log.exception("%s: adoption failed; stopping it", record.name)
+                await discard_leftovers(entry)
+                continue
+            if keep:
+                self._machines[record.name] = machine
 
     # --- lifecycle ---------------------------------------------------------------------
     async def remove(self, name: str) -> None:
