@@ -1,0 +1,220 @@
+# SPDX-License-Identifier: LGPL-2.1-or-later
+"""VMs survive the daemon: SIGKILL (and a clean stop) of vmspawnd, then re-adoption.
+
+Stand-in, and why: PID 1 on this machine does not reap orphans; on a real host systemd
+(PID 1) reaps whatever the killed daemon left. This module makes the test process a child
+subreaper that reaps such orphans, the one part of PID 1's job the scenario needs.
+Everything else is real: QEMU, the guest, the reapers, the daemon and its clients.
+
+The VM caught mid-start is held deterministically by a `qemu-system-x86_64` wrapper first
+on the daemon's PATH: for the VM whose kernel command line carries `vmspawnd_test.hold=1`
+it opens a FIFO (the test's "it is held now" event) and then blocks on another one.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import select
+import shutil
+import signal
+import stat
+import subprocess
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.support import (
+    MANAGER,
+    Console,
+    Daemon,
+    EventStream,
+    children_of,
+    make_runtime_dir,
+    process_state,
+    qemu_processes,
+    start_daemon,
+    stop_daemon,
+)
+from vmspawnctl.varlink import Connection, ConnectionFailed, VarlinkError
+
+pytestmark = pytest.mark.vm
+
+MIB = 1024 * 1024
+PR_SET_CHILD_SUBREAPER = 36
+
+WRAPPER = """#!/bin/sh
+case " $* " in
+  *vmspawnd_test.hold=1*)
+    echo held > "$VMSPAWND_TEST_HOLD/held"
+    read -r _ < "$VMSPAWND_TEST_HOLD/release" ;;
+esac
+exec /usr/bin/qemu-system-x86_64 "$@"
+"""
+
+
+def set_subreaper(on: bool) -> None:
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(PR_SET_CHILD_SUBREAPER, int(on), 0, 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_CHILD_SUBREAPER)")
+
+
+def reap_orphans(timeout: float = 60.0) -> None:
+    """Reap every child we adopted as subreaper, waiting (bounded) for those still running."""
+    for pid in children_of(os.getpid()):
+        try:
+            pidfd = os.pidfd_open(pid)
+        except ProcessLookupError:
+            continue
+        try:
+            select.select([pidfd], [], [], timeout)
+        finally:
+            os.close(pidfd)
+        try:
+            os.waitpid(pid, os.WNOHANG)
+        except ChildProcessError:
+            pass
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, object]]:
+    set_subreaper(True)
+    runtime = make_runtime_dir()
+    hold = tmp_path_factory.mktemp("hold")
+    bindir = tmp_path_factory.mktemp("bin")
+    wrapper = bindir / "qemu-system-x86_64"
+    wrapper.write_text(WRAPPER)
+    wrapper.chmod(wrapper.stat().st_mode | stat.S_IXUSR)
+    for fifo in ("held", "release"):
+        os.mkfifo(hold / fifo)
+    env = dict(os.environ, PATH=f"{bindir}:{os.environ['PATH']}", VMSPAWND_TEST_HOLD=str(hold))
+    state: dict[str, object] = {"runtime": runtime, "env": env, "hold": hold}
+    try:
+        yield state
+    finally:
+        daemon = state.get("daemon")
+        if isinstance(daemon, Daemon):
+            stop_daemon(daemon)
+        reap_orphans()
+        set_subreaper(False)
+        shutil.rmtree(runtime.parent, ignore_errors=True)
+
+
+def spec(guest, name: str, mode: str, *extra: str) -> dict[str, object]:  # type: ignore[no-untyped-def]
+    return {"name": name, "kvm": False, "ram": 192 * MIB, "linux": str(guest.kernel), "initrds": [str(guest.initrd)],
+            "kernelCmdline": [f"vmspawnd_test.mode={mode}", *extra]}
+
+
+def describe(daemon: Daemon, name: str) -> dict[str, object]:
+    return daemon.call("Describe", {"name": name})["machine"]  # type: ignore[return-value]
+
+
+def test_sigkill_while_starting_running_paused_and_powering_off(world: dict[str, object], guest) -> None:  # type: ignore[no-untyped-def]
+    runtime = world["runtime"]
+    env = world["env"]
+    hold = world["hold"]
+    assert isinstance(runtime, Path) and isinstance(env, dict) and isinstance(hold, Path)
+    first = start_daemon(runtime, env=env)
+    world["daemon"] = first
+
+    with EventStream(first) as events:
+        first.call("Spawn", {"spec": spec(guest, "run1", "wait")})
+        first.call("Spawn", {"spec": spec(guest, "paused1", "wait")})
+        first.call("Spawn", {"spec": spec(guest, "stopping1", "ignore-acpi")})
+        with Console(describe(first, "run1")) as console:
+            console.wait_for(r"VMSPAWND-TEST: acpid-running")
+        with Console(describe(first, "stopping1")) as console:
+            console.wait_for(r"VMSPAWND-TEST: ignoring-acpi")
+        first.call("Pause", {"name": "paused1"})
+        # A power-off that will not complete (the guest ignores ACPI): stopping when killed.
+        threading.Thread(
+            target=lambda: _ignore_errors(first.call, "PowerOff", {"name": "stopping1", "deadline": 3600}), daemon=True
+        ).start()
+        events.wait_state("stopping1", "stopping")
+        threading.Thread(
+            target=lambda: _ignore_errors(first.call, "Spawn", {"spec": spec(guest, "starting1", "wait", "vmspawnd_test.hold=1")}),
+            daemon=True,
+        ).start()
+        with open(hold / "held") as held:  # returns once the wrapper holds the start
+            held.read()
+
+    before = {name: describe(first, name) for name in ("run1", "paused1", "stopping1", "starting1")}
+    first.process.send_signal(signal.SIGKILL)
+    first.process.wait()
+    first.notify.close()
+    starting_pid = before["starting1"]["qemu"]["pid"]  # type: ignore[index]
+    assert os.path.exists(f"/proc/{starting_pid}")  # held, not started
+
+    second = start_daemon(runtime, env=env)
+    world["daemon"] = second
+    machines = {m["name"]: m for m in second.call("List")["machines"]}  # type: ignore[union-attr]
+
+    # Mid-start: gone and cleaned, its held process stopped.
+    assert "starting1" not in machines
+    assert not Path(str(before["starting1"]["runtimeDirectory"])).exists()
+    assert not os.path.exists(f"/proc/{starting_pid}") or process_state(starting_pid) == "Z"
+    # Running and paused: the same QEMU processes, adopted; nothing runs twice.
+    for name in ("run1", "paused1"):
+        assert machines[name]["state"] == "ready"
+        assert machines[name]["qemu"] == before[name]["qemu"]
+    assert machines["paused1"]["paused"] is True
+    expected = {before["run1"]["qemu"]["pid"], before["paused1"]["qemu"]["pid"]}  # type: ignore[index]
+    assert expected <= set(qemu_processes())
+    # Shutdown in progress: finished (by the new daemon, without a client asking).
+    finished = wait_final(second, "stopping1")
+    assert finished["state"] == "stopped"
+    assert finished["reason"] == "powered off on request"
+    assert before["stopping1"]["qemu"]["pid"] not in qemu_processes()  # type: ignore[index]
+
+    # The adopted VMs answer: QMP (Pause shows in query-status, a STOP event arrives),
+    # the console has its history and takes input, PowerOff works.
+    with EventStream(second, "run1") as events, Connection(str(machines["run1"]["controlAddress"]), timeout=60) as ctl:
+        second.call("Pause", {"name": "run1"})
+        events.wait_event("run1", "STOP")
+        assert ctl.call("io.systemd.MachineInstance.Describe") == {"running": False, "status": "paused"}
+        second.call("Resume", {"name": "run1"})
+        events.wait_event("run1", "RESUME")
+    history = second.call("ReadConsoleLog", {"name": "run1"})
+    assert "VMSPAWND-TEST: acpid-running" in str(history)
+    with Console(describe(second, "run1")) as console:
+        console.send("echo typed-after-$((40+2))\n")
+        console.wait_for(r"typed-after-42")
+    second.call("Resume", {"name": "paused1"})
+    assert describe(second, "paused1")["paused"] is False
+    stopped = second.call("PowerOff", {"name": "run1", "deadline": 120})["machine"]
+    assert stopped["state"] == "stopped" and stopped["reason"] == "powered off on request"
+    assert stopped["exitCode"] == 0  # known although QEMU was no child of this daemon
+
+    # A clean restart (SIGTERM) leaves VMs running, and the next daemon adopts them too.
+    pid = describe(second, "paused1")["qemu"]["pid"]  # type: ignore[index]
+    second.process.send_signal(signal.SIGTERM)
+    assert second.process.wait(timeout=60) == 0
+    second.notify.close()
+    assert pid in qemu_processes()
+    third = start_daemon(runtime, env=env)
+    world["daemon"] = third
+    assert describe(third, "paused1")["qemu"]["pid"] == pid
+    third.call("Pause", {"name": "paused1"})
+    third.call("Resume", {"name": "paused1"})
+    terminated = third.call("Terminate", {"name": "paused1"})["machine"]
+    assert terminated["state"] == "stopped"
+    assert pid not in qemu_processes()
+
+
+def wait_final(daemon: Daemon, name: str) -> dict[str, object]:
+    """The VM's record once it has ended (subscribing first, so the end is not missed)."""
+    with EventStream(daemon, name) as events:
+        machine = describe(daemon, name)
+        if machine["state"] not in ("stopped", "failed"):
+            events.wait_state(name, "stopped", "failed")
+            machine = describe(daemon, name)
+    return machine
+
+
+def _ignore_errors(function, *args) -> None:  # type: ignore[no-untyped-def]
+    try:
+        function(*args)
+    except (VarlinkError, ConnectionFailed, OSError):
+        pass  # the daemon is killed under this call on purpose
