@@ -33,7 +33,7 @@ from .errors import ConsoleBusy, NotConnected
 _log = logging.getLogger(__name__)
 
 HISTORY_CAP = 1024 * 1024  # per file; console.log + console.log.1 ≤ 2 MiB
-CLIENT_BUFFER = 256 * 1024  # bytes a client may lag behind before it is dropped
+CLIENT_BUFFER = int(os.environ.get("DBG_CB", 256 * 1024))  # bytes a client may lag behind before it is dropped
 READ_CHUNK = 65536
 DRAIN_TIMEOUT = 2.0
 

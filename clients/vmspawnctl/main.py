@@ -42,6 +42,10 @@ def build_parser() -> argparse.ArgumentParser:
     from .start_options import add_start_options
 
     add_start_options(start)
+    start.add_argument("--wait", action="store_true", help="return only once the VM is ready (vmspawnctl extension)")
+    start.add_argument("--timeout", type=float, default=300.0, metavar="SECONDS", help="with --wait: give up after this long (default 300)")
+    shutdown = sub.add_parser("shutdown-all", help="power off every running VM (host shutdown), terminating after the timeout")
+    shutdown.add_argument("--timeout", type=float, default=120.0, metavar="SECONDS", help="ACPI grace period per VM (default 120)")
 
     lst = sub.add_parser("list", help="list VMs")
     lst.add_argument("--json", action="store_true", help="print JSON")
@@ -175,6 +179,73 @@ def follow_events(conn: Connection, name: str | None, as_json: bool) -> None:
         pass
 
 
+def wait_until_ready(address: str, name: str, timeout: float, quiet: bool) -> int:
+    """Follow the VM's events until it is ready, with a progress line on stderr."""
+    import socket
+
+    progress = sys.stderr.isatty() and not quiet
+
+    def show(text: str) -> None:
+        if progress:
+            print(f"\r\033[K{name}: {text}", end="", file=sys.stderr, flush=True)
+
+    try:
+        with Connection(address, timeout=timeout) as stream, Connection(address, timeout=timeout) as conn:
+            events = stream.call_more(f"{INTERFACE}.SubscribeEvents", {"name": name})
+            next(events)  # Subscribed: nothing after this is missed
+            machine = conn.call(f"{INTERFACE}.Describe", {"name": name})["machine"]
+            state = machine["state"]  # type: ignore[index]
+            show(f"{state}, waiting for the guest to report ready…")
+            for reply in events:
+                if state in ("ready", "stopped", "failed"):
+                    break
+                event = reply["event"]
+                data = event.get("data") or {}  # type: ignore[union-attr]
+                if event["event"] == "StateChanged":  # type: ignore[index]
+                    state = data["state"]
+                elif event["event"] == "Notify" and "STATUS" in data:  # type: ignore[index]
+                    show(str(data["STATUS"]))
+    except socket.timeout:
+        show("")
+        print(f"vmspawnctl: timed out after {timeout:g}s waiting for {name} to be ready", file=sys.stderr)
+        return EXIT_FAILURE
+    if progress:
+        print("\r\033[K", end="", file=sys.stderr)
+    if state != "ready":
+        print(f"vmspawnctl: {name} ended before it was ready ({state})", file=sys.stderr)
+        return EXIT_FAILURE
+    if not quiet:
+        print(f"VM {name} is ready.")
+    return 0
+
+
+def shutdown_all(address: str, timeout: float) -> int:
+    """ACPI power-off of every active VM at once (libvirt-guests' job at host shutdown)."""
+    import threading
+
+    with Connection(address) as conn:
+        machines = conn.call(f"{INTERFACE}.List")["machines"]
+    active = [m["name"] for m in machines if m["state"] in ("starting", "running", "ready", "stopping")]  # type: ignore[index]
+    failures: list[str] = []
+
+    def power_off(name: str) -> None:
+        try:
+            with Connection(address) as c:
+                m = c.call(f"{INTERFACE}.PowerOff", {"name": name, "deadline": timeout})["machine"]
+            print(f"{name}: {m['state']} ({m['reason']})")  # type: ignore[index]
+        except (VarlinkError, ConnectionFailed) as exc:
+            failures.append(f"{name}: {format_error(exc) if isinstance(exc, VarlinkError) else exc}")
+
+    threads = [threading.Thread(target=power_off, args=(name,)) for name in active]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    for failure in failures:
+        print(f"vmspawnctl: {failure}", file=sys.stderr)
+    return EXIT_FAILURE if failures else 0
+
+
 def run(args: argparse.Namespace) -> int:
     address = args.address or default_address()
     method = f"{INTERFACE}."
@@ -186,7 +257,11 @@ def run(args: argparse.Namespace) -> int:
             machine = conn.call(method + "Spawn", {"spec": spec.to_json()})["machine"]
         if not args.quiet:
             print(f"Spawned VM {machine['name']} (id {machine['id']}, QEMU pid {machine['qemu']['pid']}).")  # type: ignore[index]
+        if args.wait:
+            return wait_until_ready(address, str(machine["name"]), args.timeout, args.quiet)  # type: ignore[index]
         return 0
+    if args.command == "shutdown-all":
+        return shutdown_all(address, args.timeout)
     if args.command == "run":
         from .run import run_vm
 

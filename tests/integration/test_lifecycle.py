@@ -247,3 +247,25 @@ def test_poweroff_through_machine_instance(daemon: Daemon, vm: dict[str, object]
     assert "VMSPAWND-TEST: acpi-powerdown" in Path(str(final["consoleLog"])).read_text(errors="replace")
     assert not Path(str(machine["controlAddress"])).exists()
     daemon.call("Remove", {"name": "life"})
+
+
+def test_start_wait_returns_once_the_guest_is_ready_and_shutdown_all(daemon: Daemon, guest) -> None:  # type: ignore[no-untyped-def]
+    env = dict(os.environ, VMSPAWN_ADDRESS=daemon.address)
+    with EventStream(daemon) as events:
+        cli = subprocess.Popen(
+            [sys.executable, "-m", "vmspawnctl.main", "start", "--wait", "--timeout=300", "-M", "waiter", "--kvm=no",
+             "--ram=256M", f"--linux={guest.kernel}", f"--initrd={guest.initrd}", "vmspawnd_test.mode=wait"],
+            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )
+        events.wait_state("waiter", "running")
+        assert cli.poll() is None  # still waiting: running is not ready yet
+        notify(str(describe(daemon, "waiter")["notifyAddress"]), b"READY=1\nSTATUS=Startup finished")
+        out, err = cli.communicate(timeout=120)
+    assert cli.returncode == 0, err
+    assert "VM waiter is ready." in out
+    with Console(describe(daemon, "waiter")) as console:
+        console.wait_for(r"VMSPAWND-TEST: acpid-running")
+    result = daemon.ctl("shutdown-all", "--timeout=120")
+    assert result.returncode == 0, result.stderr
+    assert "waiter: stopped (powered off on request)" in result.stdout
+    daemon.call("Remove", {"name": "waiter"})
