@@ -34,11 +34,19 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(1, str(REPO / "clients"))
 
-from tests.guest.build import ensure_guest  # noqa: E402
-from tests.support import (  # noqa: E402
-    Console, Daemon, children_of, daemon_fds, make_runtime_dir, start_daemon, stop_daemon,
+from vmspawnctl.varlink import Connection
+
+from tests.guest.build import ensure_guest
+from tests.support import (
+    Console,
+    Daemon,
+    children_of,
+    daemon_fds,
+    make_runtime_dir,
+    start_daemon,
+    stop_daemon,
+    wait_notify,
 )
-from vmspawnctl.varlink import Connection  # noqa: E402
 
 MANAGER = "io.vmspawnd.Manager"
 MIB = 1024 * 1024
@@ -115,10 +123,12 @@ def compare(daemon: list[float], baseline: list[float]) -> dict[str, object]:
 
 
 def machine_info() -> dict[str, str]:
-    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), "?")
-    mem = next(int(line.split()[1]) for line in open("/proc/meminfo") if line.startswith("MemTotal"))
-    qemu = subprocess.run(["qemu-system-x86_64", "--version"], capture_output=True, text=True).stdout.splitlines()[0]
-    load = open("/proc/loadavg").read().split()[:3]
+    cpuinfo = Path("/proc/cpuinfo").read_text().splitlines()
+    cpu = next((line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name")), "?")
+    meminfo = Path("/proc/meminfo").read_text().splitlines()
+    mem = next(int(line.split()[1]) for line in meminfo if line.startswith("MemTotal"))
+    qemu = subprocess.run(["qemu-system-x86_64", "--version"], capture_output=True, text=True, check=True).stdout.splitlines()[0]
+    load = Path("/proc/loadavg").read_text().split()[:3]
     return {
         "nproc": str(os.cpu_count()), "ram": f"{mem / 1024 / 1024:.1f} GiB", "cpu": cpu,
         "kernel": platform.release(), "qemu": qemu, "python": platform.python_version(),
@@ -127,7 +137,7 @@ def machine_info() -> dict[str, str]:
 
 
 def rss_kib(pid: int) -> int:
-    for line in open(f"/proc/{pid}/status"):
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
             return int(line.split()[1])
     raise RuntimeError("no VmRSS")
@@ -147,6 +157,32 @@ def vm_spec(guest, name: str, ram: int, mode: str = "wait") -> dict[str, object]
 def remove(address: str, name: str) -> None:
     call(address, "Terminate", {"name": name})
     call(address, "Remove", {"name": name})
+
+
+def launch_daemon(runtime: Path, patch: Path | None) -> Daemon:
+    """tests.support.start_daemon at log level info; with `patch`, a bench experiment module is
+    imported into the daemon before it starts (to measure a suggested fix without editing vmspawnd/)."""
+    if patch is None:
+        return start_daemon(runtime, "--log-level=info")
+    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+    notify_path = runtime.parent / f".{runtime.name}.notify"
+    notify.bind(str(notify_path))
+    log_path = runtime.parent / f"{runtime.name}.log"
+    code = ("import runpy, sys; sys.path.insert(0, sys.argv.pop(1)); "
+            f"runpy.run_path({str(patch.resolve())!r}); runpy.run_module('vmspawnd.daemon', run_name='__main__', alter_sys=True)")
+    with open(log_path, "ab") as out:
+        process = subprocess.Popen(
+            [sys.executable, "-c", code, str(REPO), f"--runtime-dir={runtime}", "--log-level=info"],
+            stdout=out, stderr=out, env=dict(os.environ, NOTIFY_SOCKET=str(notify_path)),
+        )
+    d = Daemon(process, runtime, runtime / "io.vmspawnd.Manager", log_path, notify)
+    try:
+        wait_notify(notify, "READY=1", 30)
+    except TimeoutError:
+        process.kill()
+        process.wait()
+        raise
+    return d
 
 
 # --- the same QEMU by hand ----------------------------------------------------------------
@@ -446,10 +482,10 @@ def verdict(ok: bool) -> str:
 
 def render(res: dict[str, object]) -> str:
     info = res["machine"]
-    L = [f"### Run of {res['date']}", ""]
+    L = [f"### Run of {res['date']}" + (f" (daemon patched with `{res['daemon_patch']}`)" if res.get("daemon_patch") else ""), ""]
     L.append(f"Machine: {info['nproc']} CPUs ({info['cpu']}), {info['ram']} RAM, kernel {info['kernel']}, "
              f"{info['qemu']}, Python {info['python']}; load average at start {info['loadavg_at_start']}. "
-             f"KVM not used (`kvm: false`, TCG). Command: `{res['command']}`; wall time {res['wall_s']:.0f} s.")
+             f"KVM not used (`kvm: false`, TCG). Runtime directory {res.get('runtime_dir')}. Command: `{res['command']}`; wall time {res['wall_s']:.0f} s.")
     L.append("")
     L.append("| measurement | vmspawnd | baseline | ratio | target |")
     L.append("| --- | --- | --- | --- | --- |")
@@ -482,7 +518,7 @@ def render(res: dict[str, object]) -> str:
                  "VMs are 64M TCG guests paused right after Spawn; Describe cycles through all VMs.")
         L.append("")
         levels = list(s["latency"])
-        cols = [f"{n} VMs" for n in levels] + [f"{levels[-1]} VMs, 1 wedged (SIGSTOP)"]
+        cols = [f"{n} VM{'s' if int(n) > 1 else ''}" for n in levels] + [f"{levels[-1]} VMs, 1 wedged (SIGSTOP)"]
         L.append("| call | " + " | ".join(cols) + " |")
         L.append("| --- |" + " --- |" * len(cols))
         for key in s["wedged"]:
@@ -528,17 +564,27 @@ def main() -> None:
     p.add_argument("--json", type=Path, required=True)
     p.add_argument("--doc", type=Path)
     p.add_argument("--command", default="bench/run")
+    p.add_argument("--runtime-base", help="where the daemon's runtime directory goes (default /tmp)")
+    p.add_argument("--daemon-patch", type=Path, help="experiment module run inside the daemon first (bench/experiments/)")
     args = p.parse_args()
     only = set(args.only.split(","))
     started = time.perf_counter()
     guest = ensure_guest()
     res: dict[str, object] = {
-        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
         "machine": machine_info(), "command": args.command,
     }
     runtime = make_runtime_dir("vmspawnd-bench-")
+    if args.runtime_base:  # e.g. /dev/shm: tmpfs like a real /run (here /tmp and /run are ext4)
+        shutil.rmtree(runtime.parent)
+        base = Path(tempfile.mkdtemp(prefix="vmspawnd-bench-", dir=args.runtime_base))
+        base.chmod(0o755)
+        runtime = base / "run"
+        runtime.mkdir(mode=0o755)
+    res["runtime_dir"] = str(runtime)
     root = Path(tempfile.mkdtemp(prefix="vmspawnd-bench-byhand-", dir="/tmp"))
-    d = start_daemon(runtime, "--log-level=info")
+    d = launch_daemon(runtime, args.daemon_patch)
+    res["daemon_patch"] = str(args.daemon_patch) if args.daemon_patch else None
     try:
         call(d.address, "List")
         time.sleep(1)

@@ -9,11 +9,12 @@ import sys
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.pyplot as plt
 
 
 def main() -> None:
-    res = json.load(open(sys.argv[1]))
+    with open(sys.argv[1]) as f:
+        res = json.load(f)
     out = sys.argv[2]
     scale = res["scale"]
     fig, (lat_ax, rss_ax) = plt.subplots(1, 2, figsize=(11, 4.2))

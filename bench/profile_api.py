@@ -13,12 +13,20 @@ import collections
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import bench  # noqa: E402
-from bench import MANAGER, MIB, Connection, call, ensure_guest, make_runtime_dir, start_daemon, stop_daemon, vm_spec  # noqa: E402
+from bench import (
+    MANAGER,
+    MIB,
+    Connection,
+    call,
+    ensure_guest,
+    launch_daemon,
+    make_runtime_dir,
+    stop_daemon,
+    vm_spec,
+)
 
 
 def top(raw: Path, n: int = 25) -> None:
@@ -52,11 +60,12 @@ def main() -> None:
     p.add_argument("--seconds", type=int, default=15)
     p.add_argument("--method", default="List")
     p.add_argument("--py-spy", default="py-spy")
+    p.add_argument("--daemon-patch", type=Path)
     p.add_argument("--out", type=Path, default=Path("/tmp/vmspawnd-profile.txt"))
     args = p.parse_args()
     guest = ensure_guest()
     runtime = make_runtime_dir("vmspawnd-prof-")
-    d = start_daemon(runtime, "--log-level=info")
+    d = launch_daemon(runtime, args.daemon_patch)
     try:
         for i in range(args.vms):
             call(d.address, "Spawn", {"spec": vm_spec(guest, f"p{i}", 64 * MIB)})
@@ -65,6 +74,16 @@ def main() -> None:
         count = [0]
 
         def load() -> None:
+            if args.method == "Spawn":  # Spawn → Pause → Terminate → Remove, counted per Spawn
+                k = 0
+                while not stop.is_set():
+                    name = f"s{k}"
+                    call(d.address, "Spawn", {"spec": vm_spec(guest, name, 64 * MIB)})
+                    call(d.address, "Terminate", {"name": name})
+                    call(d.address, "Remove", {"name": name})
+                    k += 1
+                    count[0] += 1
+                return
             with Connection(d.address, timeout=60) as conn:
                 while not stop.is_set():
                     params = {"name": f"p{count[0] % args.vms}"} if args.method == "Describe" else None

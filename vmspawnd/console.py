@@ -33,7 +33,7 @@ from .errors import ConsoleBusy, NotConnected
 _log = logging.getLogger(__name__)
 
 HISTORY_CAP = 1024 * 1024  # per file; console.log + console.log.1 ≤ 2 MiB
-CLIENT_BUFFER = int(os.environ.get("DBG_CB", 256 * 1024))  # bytes a client may lag behind before it is dropped
+CLIENT_BUFFER = 256 * 1024  # bytes a client may lag behind before it is dropped
 READ_CHUNK = 65536
 DRAIN_TIMEOUT = 2.0
 
@@ -129,7 +129,6 @@ class ConsoleClient:
         if len(self._pending) + len(data) > CLIENT_BUFFER:
             _log.info("%s: dropping a %s console client that stopped reading", self.hub.name, self.mode.value)
             self.close(SLOW_MESSAGE, drop_pending=True)
-            self.hub._dbg = True
             return
         self._pending += data
         if not self._writing:
@@ -206,7 +205,6 @@ class ConsoleHub:
         assert self._reader is not None
         try:
             while data := await self._reader.read(READ_CHUNK):
-                if getattr(self, "_dbg", False): _log.debug("DBG read %d %r", len(data), data[-40:])
                 self.history.append(data)
                 for client in list(self.clients):
                     client.deliver(data)
@@ -216,7 +214,6 @@ class ConsoleHub:
             self._eof.set()
 
     def send_input(self, data: bytes) -> None:
-        _log.debug("%s: input %r closing=%s", self.name, data, self._qemu.is_closing() if self._qemu else None)
         if self._qemu is not None and not self._qemu.is_closing():
             self._qemu.write(data)
 

@@ -342,7 +342,10 @@ class Machine:
             self._control.close()
             self._control.close_clients()
             self._control = None
-        (self.directory / "control").unlink(missing_ok=True)
+        try:
+            (self.directory / "control").unlink(missing_ok=True)
+        except OSError as exc:
+            _log.error("%s: could not remove the control socket: %s", self.name, exc.strerror)
 
     def _resolve(self) -> Resources:
         from . import vsock
@@ -551,7 +554,15 @@ class Machine:
         for waiter in waiters:
             waiter.cancel()
         returncode = await self._qemu.wait()
-        await self._finish(returncode)
+        try:
+            await self._finish(returncode)
+        except Exception:
+            # Whatever broke in the cleanup, the VM has ended: record it, never hang callers.
+            _log.exception("%s: cleanup after QEMU's exit failed", self.name)
+            if not self.record.state.is_final:
+                self.record.reason = self.record.reason or describe_exit(returncode)
+                self._enter(MachineState.FAILED)
+            self._finished.set()
 
     async def _finish(self, returncode: int | None) -> None:
         if self.console is not None:
@@ -585,21 +596,36 @@ class Machine:
         else:
             rec.reason = describe_exit(returncode)
             final = MachineState.FAILED
-        if self._helper_set is not None:
-            await self._helper_set.aclose()  # helpers stop (reaped) and keys/sockets go with the VM
-        elif rec.helpers:  # adopted after a restart: known only from the record
-            await stop_recorded_helpers(rec.helpers, self.name, self.directory, rec.ssh_private_key_path)
+        try:
+            if self._helper_set is not None:
+                await self._helper_set.aclose()  # helpers stop (reaped) and keys/sockets go with the VM
+            elif rec.helpers:  # adopted after a restart: known only from the record
+                await stop_recorded_helpers(rec.helpers, self.name, self.directory, rec.ssh_private_key_path)
+        except Exception:
+            _log.exception("%s: stopping the helpers failed", self.name)
         if self._registration is not None:
             await self._registration.close()  # unregister, end the scope; failures are only logged
         rec.ssh_private_key_path = ""
         rec.ready = False
         rec.qmp_address = rec.console_address = rec.control_address = rec.notify_address = ""  # gone with QEMU
-        for leftover in (self.qmp_path, self.console_path, self.directory / "notify", self.directory / "efi-vars.fd", self.directory / "initrd"):
-            leftover.unlink(missing_ok=True)
-        shutil.rmtree(self.directory / "payload", ignore_errors=True)  # credentials (keys) end with the VM, as vmspawn's SMBIOS dir
+        self._remove_leftovers()  # credentials (keys) end with the VM, as vmspawn's SMBIOS dir
         self._enter(final)
         self._finished.set()
         _log.info("%s: %s (%s)", self.name, final.value, rec.reason)
+
+    def _remove_leftovers(self) -> None:
+        """Sockets and temporary files die with QEMU; the record, logs and history stay.
+
+        A failing filesystem (full, read-only, immutable) must not keep the VM from being
+        recorded as ended: failures are logged, and Remove deletes the directory later.
+        """
+        for leftover in (self.qmp_path, self.console_path, self.directory / "notify", self.directory / "efi-vars.fd", self.directory / "initrd"):
+            try:
+                leftover.unlink(missing_ok=True)
+            except OSError as exc:
+                _log.error("%s: could not remove %s: %s", self.name, leftover, exc.strerror)
+        # credentials (keys) end with the VM, as vmspawn's SMBIOS directory
+        shutil.rmtree(self.directory / "payload", onerror=lambda _f, path, exc: _log.error("%s: could not remove %s: %s", self.name, path, exc[1]))
 
     # --- lifecycle requests ------------------------------------------------------------------
     def _require(self, operation: str, *states: MachineState) -> None:

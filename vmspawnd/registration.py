@@ -42,6 +42,7 @@ from typing import Any
 
 from dbus_fast import BusType, Message, MessageType, Variant
 from dbus_fast.aio import MessageBus
+from dbus_fast.errors import InvalidAddressError
 
 from .errors import StartFailed
 from .parsers import mangle_unit_name, parse_size
@@ -407,7 +408,9 @@ _NO_SERVICE = ("org.freedesktop.DBus.Error.ServiceUnknown", "org.freedesktop.DBu
 
 
 def _unavailable(exc: BaseException) -> bool:
-    return isinstance(exc, OSError) and exc.errno in _UNAVAILABLE
+    # No bus address at all (a user instance without DBUS_SESSION_BUS_ADDRESS or XDG_RUNTIME_DIR/bus)
+    # means no bus, just as a missing socket does.
+    return (isinstance(exc, OSError) and exc.errno in _UNAVAILABLE) or isinstance(exc, InvalidAddressError)
 
 
 async def varlink_call(address: str, method: str, parameters: Mapping[str, object], timeout: float = CALL_TIMEOUT) -> dict[str, Any]:
@@ -670,7 +673,7 @@ async def register_machine(
                 bus = await registration.bus_connection()
                 await dbus_call(bus, register_machine_message(dataclasses.replace(info, allocate_unit=False)))
                 registration.dbus_registered = True
-            except (OSError, TimeoutError, DBusCallError) as exc:
+            except (OSError, TimeoutError, DBusCallError, InvalidAddressError) as exc:
                 if _unavailable(exc) or (isinstance(exc, DBusCallError) and exc.name in _NO_SERVICE):
                     _log.debug("%s: machined is not on the bus either (%s)", info.name, exc)
                 else:

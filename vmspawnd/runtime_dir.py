@@ -16,6 +16,7 @@ IDs are short because AF_UNIX paths must stay under 108 bytes.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import secrets
@@ -95,6 +96,8 @@ def bind_listening_socket(path: Path, mode: int) -> socket.socket:
         try:
             if stat.S_ISSOCK(os.lstat(path).st_mode):
                 os.unlink(path)
+            else:  # bind() would say EADDRINUSE without naming what is in the way
+                raise FileExistsError(errno.EEXIST, "refusing to bind over something that is not a socket", os.fspath(path))
         except FileNotFoundError:
             pass
         sock.bind(os.fspath(path))

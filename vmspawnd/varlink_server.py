@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import dataclasses
+import json
 import logging
 import socket
 import struct
@@ -62,6 +63,34 @@ def peer_credentials(sock: socket.socket) -> Peer:
     return Peer(pid, uid, gid)
 
 
+_NOT_UTF8 = b"\x01not-utf-8"
+_UNPARSABLE = b"\x01unparsable"
+_SCREENED = {_NOT_UTF8: "frame is not UTF-8", _UNPARSABLE: "frame nests too deep or has a number too long to parse"}
+
+
+def _screen_frame(frame: bytes) -> bytes:
+    """Replace a frame asyncvarlink's parser would choke on by a marker that fails parsing.
+
+    asyncvarlink only catches JSONDecodeError around json.loads: a frame that is not UTF-8
+    (UnicodeDecodeError), nests deeper than the recursion limit (RecursionError) or holds an
+    integer beyond Python's 4300-digit conversion limit (ValueError) escapes into the event
+    loop, and the client waits forever for an answer. The markers get a typed
+    ProtocolViolation from error_received instead. Parsing twice costs little: frames are
+    capped at MAX_MESSAGE_SIZE and calls are small.
+    """
+    try:
+        text = frame.decode("utf-8")  # strict: json.loads(bytes) would let surrogates pass
+    except UnicodeDecodeError:
+        return _NOT_UTF8
+    try:
+        json.loads(text)
+    except json.JSONDecodeError:
+        return frame  # asyncvarlink answers these itself
+    except (ValueError, RecursionError):
+        return _UNPARSABLE
+    return frame
+
+
 def to_varlink_error(exc: VmspawnError) -> VarlinkErrorReply:
     return GenericVarlinkErrorReply(exc.varlink_name(), exc.parameters())
 
@@ -98,10 +127,7 @@ class HardenedServerProtocol(VarlinkInterfaceServerProtocol):
             head = self._recv_buffer + frames[0]
             complete = [head, *frames[1:-1]]
             for index, frame in enumerate(complete):
-                try:
-                    frame.decode("utf-8")
-                except UnicodeDecodeError:
-                    complete[index] = b"\x01not-utf-8"
+                complete[index] = _screen_frame(frame)
             self._recv_buffer = b""
             data = b"\0".join([*complete, frames[-1]])
         super().message_received(data, fds)
@@ -112,11 +138,20 @@ class HardenedServerProtocol(VarlinkInterfaceServerProtocol):
                 self._transport.abort()
 
     def error_received(self, err: Exception, data: bytes, fds: FileDescriptorArray | None) -> None:
-        reason = "frame is not UTF-8" if data == b"\x01not-utf-8" else "frame is not a JSON object"
+        reason = _SCREENED.get(data, "frame is not a JSON object")
         _log.info("protocol violation from %s: %s", self._peer, err)
         self.send_error(to_varlink_error(ProtocolViolation(reason)))
         self._closing = True
         self._maybe_close_if_idle()
+
+    def send_error(self, error: VarlinkErrorReply) -> asyncio.Future[None]:
+        # asyncvarlink answers a JSON object that is not a call with the made-up interface
+        # `invalid.asyncvarlink`, which no client can look up: use our typed error instead.
+        if error.name == "invalid.asyncvarlink.ProtocolViolation":
+            error = to_varlink_error(ProtocolViolation("not a Varlink call (method, parameters, oneway, more or upgrade missing or mistyped)"))
+        elif error.name.startswith("invalid.asyncvarlink."):
+            error = GenericVarlinkErrorReply("io.vmspawnd.Manager.InternalError", {"message": error.name})
+        return super().send_error(error)
 
     # --- calls -----------------------------------------------------------------------
     def call_received(

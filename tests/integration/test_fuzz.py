@@ -19,7 +19,7 @@ import socket
 import struct
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
 from tests.support import MANAGER, Daemon, children_of, daemon_fds
@@ -100,14 +100,16 @@ method_name = st.one_of(
     st.text(max_size=60),
     st.from_regex(r"\A[a-z]+(\.[a-zA-Z]+){1,3}\Z"),
 )
-flag = st.one_of(st.none(), st.booleans(), json_leaf)
+# Mostly absent or boolean, so that most calls reach a method; sometimes a wrong type.
+flag = st.one_of(st.none(), st.none(), st.none(), st.booleans(), st.booleans(), json_leaf)
 
 
 @st.composite
 def calls(draw: st.DrawFn) -> Call:
     obj: dict[str, object] = {}
-    method = draw(st.one_of(method_name, json_value))
-    if draw(st.integers(0, 9)) > 0:
+    method = draw(st.one_of(method_name, method_name, method_name, json_value))
+    # (Hypothesis favours small integers: the common case is the small one.)
+    if draw(st.integers(0, 9)) < 9:
         obj["method"] = method
     params = draw(st.one_of(
         st.dictionaries(st.text(max_size=12), json_value, max_size=5),
@@ -116,13 +118,17 @@ def calls(draw: st.DrawFn) -> Call:
         st.fixed_dictionaries({"name": st.text(max_size=20), "signal": json_value}),
         json_value,
     ))
-    if draw(st.integers(0, 7)) > 0:
+    if draw(st.integers(0, 7)) < 7:
         obj["parameters"] = params
-    for key in ("more", "oneway", "upgrade"):
-        value = draw(flag)
-        if value is not None:
-            obj[key] = value
-    obj.update(draw(st.dictionaries(st.text(max_size=8), json_value, max_size=2)))
+    if draw(st.integers(0, 3)) == 3:  # any combination, wrong types included
+        for key in ("more", "oneway", "upgrade"):
+            value = draw(flag)
+            if value is not None:
+                obj[key] = value
+    else:  # one valid flag at most, so that most calls reach a method
+        obj.update(draw(st.sampled_from([{}, {}, {"more": True}, {"oneway": True}, {"more": False, "oneway": False}])))
+    if draw(st.integers(0, 7)) == 7:  # unknown keys in the call object itself
+        obj.update(draw(st.dictionaries(st.text(max_size=8), json_value, max_size=2)))
     frame = json.dumps(obj, ensure_ascii=draw(st.booleans())).encode("utf-8", "surrogatepass")
     if b"\\ud8" in frame.lower() or _has_surrogate(frame):
         frame = json.dumps(obj, ensure_ascii=True).encode()
@@ -186,7 +192,7 @@ class Client:
 
     def __init__(self, address: str) -> None:
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-        self.sock.settimeout(30)
+        self.sock.settimeout(20)
         self.sock.connect(address)
         self.buffer = b""
         TALLY.connections += 1
@@ -301,7 +307,9 @@ def baseline(daemon: Daemon) -> list[str]:
     return daemon_fds(daemon)
 
 
-@settings(max_examples=1000, deadline=None, suppress_health_check=list(HealthCheck), database=None)
+# No shrinking: a hang shrinks for minutes; the failing example is printed as generated.
+@settings(max_examples=1000, deadline=None, suppress_health_check=list(HealthCheck), database=None,
+          phases=[Phase.explicit, Phase.generate])
 @given(
     items=st.lists(st.one_of(calls(), bad_frames()), min_size=1, max_size=4),
     ending=endings,
@@ -342,6 +350,10 @@ def test_daemon_survived_with_its_fds(daemon: Daemon, baseline: list[str]) -> No
     """Runs after the fuzzing: the daemon serves, created nothing, holds what it held before."""
     assert daemon.alive(), daemon.log()[-3000:]
     assert daemon.call("List")["machines"] == []
+    log = daemon.log()
+    # (asyncvarlink logs a failed send to a reset peer at debug level, traceback included.)
+    problems = [line for line in log.splitlines() if " ERROR " in line or " CRITICAL " in line or "unhandled exception" in line]
+    assert not problems, problems[:20]
     assert children_of(daemon.process.pid) == []
     assert wait_for_fds(daemon, baseline) == baseline
     print(
