@@ -562,7 +562,7 @@ def main() -> None:
     p.add_argument("--cycles", type=int, default=100, help="leak-check cycles (default 100)")
     p.add_argument("--only", default="spawn,marker,cli,scale,leak")
     p.add_argument("--json", type=Path, required=True)
-    p.add_argument("--doc", type=Path)
+    p.add_argument("--doc", default="", help="markdown file whose bench-marker section is replaced (empty: none)")
     p.add_argument("--command", default="bench/run")
     p.add_argument("--runtime-base", help="where the daemon's runtime directory goes (default /tmp)")
     p.add_argument("--daemon-patch", type=Path, help="experiment module run inside the daemon first (bench/experiments/)")
@@ -611,7 +611,7 @@ def main() -> None:
     section = render(res)
     print(section)
     if args.doc:
-        write_doc(args.doc, section)
+        write_doc(Path(args.doc), section)
 
 
 if __name__ == "__main__":

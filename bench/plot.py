@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 
 import matplotlib
@@ -13,9 +14,15 @@ import matplotlib.pyplot as plt
 
 
 def main() -> None:
+    if not os.path.exists(sys.argv[1]):
+        print(f"plot: no {sys.argv[1]} (--json given to bench/run?), {sys.argv[2]} left as it was")
+        return
     with open(sys.argv[1]) as f:
         res = json.load(f)
     out = sys.argv[2]
+    if "scale" not in res:
+        print(f"plot: {sys.argv[1]} has no scale results, {out} left as it was")
+        return
     scale = res["scale"]
     fig, (lat_ax, rss_ax) = plt.subplots(1, 2, figsize=(11, 4.2))
     levels = [int(n) for n in scale["latency"]]

@@ -1,10 +1,12 @@
 # SPDX-License-Identifier: LGPL-2.1-or-later
 """The layout of a daemon's runtime directory, and safe writes into it.
 
-    RUNTIME/                      0700 (the manager socket is bound by path, mode 0666)
-      io.vmspawnd.Manager         manager socket (when not socket-activated)
-      lock                        one daemon per runtime directory (flock)
-      machines/ID/                0700, one per VM; ID is 8 hex digits
+    RUNTIME/                      0755: others must reach the manager socket to be told
+                                  PermissionDenied (rather than EACCES); all below is private
+      io.vmspawnd.Manager         manager socket, 0666 (when not socket-activated)
+      lock                        one daemon per runtime directory (flock), 0600
+      machines/                   0700
+      machines/ID/                0700, one per VM; ID is 8 hex digits; files 0600
         state.json                versioned MachineRecord, replaced atomically
         qmp                       QMP listening socket (bound by the daemon, fd passed to QEMU)
         console                   console listening socket (ditto)

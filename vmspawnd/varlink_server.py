@@ -12,7 +12,10 @@ touch private attributes, hence the exact pin of asyncvarlink==0.3.3):
 5. LISTEN_* are removed from the environment after adoption (see sdnotify);
 7. our exceptions are mapped to their Varlink names in exactly one place.
 Also: frames without a NUL terminator are capped at MAX_MESSAGE_SIZE, and a frame
-that is not a JSON object gets a typed ProtocolViolation and a close.
+that is not a JSON object gets a typed ProtocolViolation and a close; frames the JSON
+parser would choke on (not UTF-8, nested too deep, numbers too long) get the same, and
+asyncvarlink's made-up `invalid.asyncvarlink.*` errors are replaced by typed ones; a call
+cancelled by item 1 completes quietly (asyncvarlink would raise in its done callbacks).
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ from asyncvarlink import (
     VarlinkMethodCall,
     create_unix_server,
 )
+from asyncvarlink.types import JSONObject
 from asyncvarlink.util import VarlinkUnixServer
 
 from .errors import PermissionDenied, ProtocolViolation, VmspawnError
@@ -166,6 +170,46 @@ class HardenedServerProtocol(VarlinkInterfaceServerProtocol):
         if fut is not None and not fut.done():
             asyncio.get_running_loop().call_soon(self._watch_hangup, fut)
         return fut
+
+    def _on_receiver_completes(
+        self, backpressure_fut: asyncio.Future[None], oneway: bool, call_fut: asyncio.Future[None]
+    ) -> None:
+        # Private in asyncvarlink 0.3.3: it asks a cancelled future for its exception(), which
+        # raises CancelledError inside the callback (an ERROR in the log per hung-up stream)
+        # and never releases the connection's back-pressure future.
+        if call_fut.cancelled():
+            if not backpressure_fut.done():
+                backpressure_fut.set_result(None)
+            return
+        super()._on_receiver_completes(backpressure_fut, oneway, call_fut)  # type: ignore[misc]
+
+    def send_message(
+        self, obj: JSONObject, fds: list[int] | None = None, autoclose: bool = True
+    ) -> asyncio.Future[None]:
+        # A call cancelled by item 1 cancels the send it awaits, and that is the transport's
+        # own future: its writer then fails with InvalidStateError on set_exception() and
+        # leaves its queue unresolved. Hand out a relay, so cancellation stops at the caller.
+        inner = super().send_message(obj, fds, autoclose)
+        outer: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+        def relay(done: asyncio.Future[None]) -> None:
+            exc = None if done.cancelled() else done.exception()
+            if outer.done():
+                return
+            if done.cancelled():
+                outer.cancel()
+            elif exc is not None:
+                outer.set_exception(exc)
+            else:
+                outer.set_result(None)
+
+        inner.add_done_callback(relay)
+        return outer
+
+    def _on_message_sent(self, fut: asyncio.Future[None]) -> None:
+        # Likewise: a reply whose sending was cancelled with its call is no error.
+        if not fut.cancelled():
+            super()._on_message_sent(fut)  # type: ignore[misc]
 
     def handle_call_exception(self, exc: BaseException, oneway: bool) -> None:
         if isinstance(exc, VmspawnError):

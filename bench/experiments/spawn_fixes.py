@@ -18,8 +18,6 @@ from vmspawnd import runtime_dir
 
 ctypes.util.find_library = functools.cache(ctypes.util.find_library)
 
-_real_fsync = os.fsync
-
 
 class _NoFsyncOs:
     def __getattr__(self, name: str) -> object:

@@ -134,7 +134,7 @@ def _foreground(args: argparse.Namespace, address: str, machine: dict[str, objec
         elif mode == "native":
             print("Press Ctrl-a x to kill VM.", file=sys.stderr)
         sys.stderr.flush()
-    pid = (machine.get("qemu") or {}).get("pid")  # type: ignore[union-attr]
+    pid = (machine.get("qemu") or {}).get("pid")  # type: ignore[attr-defined]
     sd_notify(f"STATUS=VM started.\nX_VMSPAWN_LEADER_PID={pid}")
     _notify_ready_when_ready(address, name, bool(machine.get("ready")))
 
@@ -164,7 +164,7 @@ def _foreground(args: argparse.Namespace, address: str, machine: dict[str, objec
 
     def on_hold() -> bool:
         with contextlib.suppress(VarlinkError, ConnectionFailed):
-            final.update(hold.receive().get("parameters", {}).get("machine") or {})  # type: ignore[union-attr]
+            final.update(hold.receive().get("parameters", {}).get("machine") or {})  # type: ignore[attr-defined]
         return True
 
     relay = Relay(sock, interactive=mode != "read-only", stdin=stdin if (attached and (mode != "read-only" or os.isatty(stdin))) else None, stdout=stdout)
@@ -193,7 +193,7 @@ def _foreground(args: argparse.Namespace, address: str, machine: dict[str, objec
         write_all(stdout, b"\r\n")
     if not final:
         with contextlib.suppress(VarlinkError), Connection(address) as conn:
-            final = dict(conn.call(f"{INTERFACE}.Describe", {"name": name})["machine"])  # type: ignore[arg-type]
+            final = dict(conn.call(f"{INTERFACE}.Describe", {"name": name})["machine"])  # type: ignore[call-overload]
     code = exit_code(final)
     with contextlib.suppress(VarlinkError, ConnectionFailed), Connection(address) as conn:
         conn.call(f"{INTERFACE}.Remove", {"name": name})  # vmspawn leaves no trace: free the name

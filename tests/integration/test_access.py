@@ -153,9 +153,9 @@ def test_created_user_is_denied_every_method_of_the_system_instance(daemon: Daem
         leaked = {m: r for m, r in zip(methods, results) if r != {"error": f"{MANAGER}.PermissionDenied"}}
         assert leaked == {}, leaked
         after = daemon.call("Describe", {"name": "rootvm"})["machine"]
-        assert after["state"] == before["state"] and after["state"] in ("running", "ready"), (before, after)
+        assert after["state"] == before["state"] and after["state"] in ("running", "ready"), (before, after)  # type: ignore[index]
         assert after["qemu"]["pid"] == before["qemu"]["pid"] and after["qemu"]["pid"] in qemu_processes()  # type: ignore[index]
-        assert [m["name"] for m in daemon.call("List")["machines"]] == ["rootvm"]  # type: ignore[union-attr]
+        assert [m["name"] for m in daemon.call("List")["machines"]] == ["rootvm"]  # type: ignore[attr-defined]
         # Introspection stays public.
         info = calls_as(alice, daemon.address, [("org.varlink.service.GetInfo", {}, False)])
         assert info[0]["ok"]["product"] == "vmspawnd"  # type: ignore[index]
@@ -179,6 +179,18 @@ def test_runtime_files_are_private(daemon: Daemon, guest) -> None:  # type: igno
         assert {p.name: mode(p) for p in payloads} == {p.name: 0o600 for p in payloads}
         assert b"hunter2" not in Path(f"/proc/{machine['qemu']['pid']}/cmdline").read_bytes()  # type: ignore[index]
         assert mode(directory / "state.json") & 0o077 == 0
+        # Everything else in the VM's directory too: every directory 0700, every socket 0600,
+        # and no file that others could read (logs: console history may hold what was typed
+        # at a prompt). swtpm writes its state 0640 (its default, `--tpmstate dir=D,mode=`):
+        # the group bit is allowed there only, inside a 0700 directory.
+        public = {}
+        for path in directory.rglob("*"):
+            bits, st = mode(path), os.lstat(path)
+            swtpm_state = path.parent.name.endswith("tpm") and stat.S_ISREG(st.st_mode)
+            allowed = 0o700 if stat.S_ISDIR(st.st_mode) else 0o640 if swtpm_state else 0o600
+            if stat.S_ISLNK(st.st_mode) or bits & ~allowed or (stat.S_ISDIR(st.st_mode) and bits != 0o700):
+                public[str(path.relative_to(directory))] = oct(bits)
+        assert public == {}, public
         assert mode(daemon.runtime_dir / "lock") & 0o077 == 0
         assert mode(daemon.socket_path) == 0o666  # so that others get a typed PermissionDenied
     finally:

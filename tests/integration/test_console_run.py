@@ -39,15 +39,18 @@ class Output:
     def __init__(self, fd: int) -> None:
         self.fd = fd
         self.data = b""
+        self.closed = False
 
     def pump(self, timeout: float) -> bool:
+        """Read what is there within `timeout`; True if something was read."""
         ready, _, _ = select.select([self.fd], [], [], timeout)
         if not ready:
-            return True
+            return False
         try:
             chunk = os.read(self.fd, 65536)
         except OSError:  # a pty master reads EIO once the child side is gone
             chunk = b""
+        self.closed = not chunk
         self.data += chunk
         return bool(chunk)
 
@@ -56,7 +59,8 @@ class Output:
         while not re.search(pattern, self.data):
             remaining = deadline - time.monotonic()
             assert remaining > 0, f"never saw {pattern!r}; got {self.data[-2000:]!r}"
-            assert self.pump(remaining), f"output ended before {pattern!r}; got {self.data[-2000:]!r}"
+            self.pump(remaining)
+            assert not self.closed, f"output ended before {pattern!r}; got {self.data[-2000:]!r}"
 
     def finish(self, process: subprocess.Popen[bytes], timeout: float = BOOT_TIMEOUT) -> int:
         """Read to the end while waiting for `process`, so it never blocks on a full pipe."""
