@@ -108,7 +108,8 @@ class MachineInstanceInterface(VarlinkInterface, name=INTERFACE):
             while True:
                 name, data = await queue.get()
                 if name is None:
-                    return  # the VM ended: the stream (and connection) close
+                    # QEMU is gone: systemd ends its subscriptions the same way (no backend).
+                    raise NotConnectedError()
                 if filter is None or name in filter:
                     yield {"event": name, "data": data}
 

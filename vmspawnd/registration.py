@@ -32,6 +32,7 @@ import ctypes
 import ctypes.util
 import dataclasses
 import errno
+import functools
 import json
 import logging
 import os
@@ -448,6 +449,12 @@ async def dbus_call(bus: MessageBus, message: Message, timeout: float = CALL_TIM
     return reply
 
 
+@functools.cache
+def _libc() -> ctypes.CDLL:
+    """Loaded once: find_library runs `ldconfig -p` in a subprocess (7 % of a Spawn)."""
+    return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+
+
 def pidfd_id(pid: int) -> int | None:
     """The pidfd inode number systemd uses as `pidfdId`; only meaningful on pidfs
     (Linux ≥ 6.9), where it is unique — elsewhere None, as systemd leaves it out."""
@@ -456,7 +463,7 @@ def pidfd_id(pid: int) -> int | None:
     except OSError:
         return None
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        libc = _libc()
         buf = ctypes.create_string_buffer(256)
         if libc.fstatfs(fd, buf) != 0:
             return None

@@ -65,6 +65,9 @@ def write_json_atomic(path: Path, data: object) -> None:
     """Write JSON so that a reader (or a crash) sees the old or the new file, never half.
 
     O_EXCL|O_NOFOLLOW on the temp name: a planted symlink makes this fail, not follow.
+    No fsync: rename is atomic against a daemon crash, and the runtime directory lives on
+    tmpfs (/run) where a power loss takes the VMs with it anyway; fsync on the event loop
+    cost a fifth of Spawn's own time on disk-backed directories (docs/performance.md).
     """
     tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
@@ -72,8 +75,6 @@ def write_json_atomic(path: Path, data: object) -> None:
         with os.fdopen(fd, "w") as f:
             json.dump(data, f, indent=1, sort_keys=True)
             f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)

@@ -12,8 +12,6 @@ import json
 import os
 import sys
 
-from vmspawnd.errors import InvalidSpec
-
 from .varlink import Connection, ConnectionFailed, VarlinkError
 
 INTERFACE = "io.vmspawnd.Manager"
@@ -30,8 +28,25 @@ def default_address() -> str:
     return f"{runtime}/vmspawnd/io.vmspawnd.Manager"
 
 
-def build_parser() -> argparse.ArgumentParser:
+def requested_command(argv: list[str]) -> str | None:
+    """The subcommand named on the command line, found without parsing everything."""
+    args = iter(argv)
+    for arg in args:
+        if arg == "--address":
+            next(args, None)
+        elif not arg.startswith("-"):
+            return arg
+    return None
+
+
+def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
+    """The whole CLI; `start`/`run` (all of systemd-vmspawn's options, their parsers and the
+    spec model) are only built when asked for, so `list` and friends start fast."""
     from vmspawnd import __version__
+
+    command = requested_command(sys.argv[1:] if argv is None else argv)
+    full = command not in {"list", "status", "stop", "terminate", "remove", "pause", "resume", "reboot",
+                           "log", "console", "events", "kill", "shutdown-all"}
 
     parser = argparse.ArgumentParser(prog="vmspawnctl", description="Control virtual machines supervised by vmspawnd.")
     parser.add_argument("--address", default=None, help="vmspawnd socket (default: $VMSPAWN_ADDRESS, else the system or user instance)")
@@ -39,9 +54,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     start = sub.add_parser("start", help="spawn a VM (systemd-vmspawn options)", description="Spawn a VM; takes systemd-vmspawn's options.")
-    from .start_options import add_start_options
+    if full:
+        from .start_options import add_start_options
 
-    add_start_options(start)
+        add_start_options(start)
     start.add_argument("--wait", action="store_true", help="return only once the VM is ready (vmspawnctl extension)")
     start.add_argument("--timeout", type=float, default=300.0, metavar="SECONDS", help="with --wait: give up after this long (default 300)")
     shutdown = sub.add_parser("shutdown-all", help="power off every running VM (host shutdown), terminating after the timeout")
@@ -78,9 +94,10 @@ def build_parser() -> argparse.ArgumentParser:
         description="Drop-in for systemd-vmspawn: start the VM, attach its console, wait for it to end. "
         "Ctrl-] three times within 1s kills the VM; SIGINT/SIGTERM power it off; if this process dies, the VM is terminated.",
     )
-    from .run import add_run_options
+    if full:
+        from .run import add_run_options
 
-    add_run_options(run_parser)
+        add_run_options(run_parser)
     events = sub.add_parser("events", help="follow VM events (state changes, QMP events)")
     events.add_argument("name", nargs="?", help="only this VM")
     events.add_argument("--json", action="store_true", help="one JSON object per line")
@@ -307,9 +324,16 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+class _NeverRaised(Exception):
+    pass
+
+
 def main(argv: list[str] | None = None) -> None:
-    parser = build_parser()
+    parser = build_parser(argv)
     args = parser.parse_args(argv)
+    invalid_spec: type[Exception] = _NeverRaised
+    if args.command in ("start", "run"):  # the spec model is only loaded where it is used
+        from vmspawnd.errors import InvalidSpec as invalid_spec
     try:
         code = run(args)
     except VarlinkError as exc:
@@ -318,7 +342,7 @@ def main(argv: list[str] | None = None) -> None:
     except ConnectionFailed as exc:
         print(f"vmspawnctl: {exc} (is vmspawnd running? see --address)", file=sys.stderr)
         code = EXIT_FAILURE
-    except InvalidSpec as exc:  # spec validation before any call
+    except invalid_spec as exc:  # spec validation before any call
         print(f"vmspawnctl {args.command}: {exc}", file=sys.stderr)
         code = EXIT_USAGE
     except BrokenPipeError:
