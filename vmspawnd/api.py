@@ -17,7 +17,7 @@ import types
 import typing
 
 from asyncvarlink import FileDescriptor, LastResult, TypedVarlinkErrorReply, VarlinkInterface, varlinkmethod, varlinksignature
-from asyncvarlink.conversion import DataclassVarlinkType, ListVarlinkType, ObjectVarlinkType, VarlinkType
+from asyncvarlink.conversion import DataclassVarlinkType, ListVarlinkType, VarlinkType
 
 from . import errors
 from .errors import InvalidSpec, to_camel

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from vmspawnctl.varlink import Connection
-from tests.support import Daemon, make_runtime_dir, start_daemon, stop_daemon, wait_notify
+from tests.support import Daemon, make_runtime_dir, start_daemon, wait_notify
 
 
 @pytest.fixture

@@ -192,10 +192,10 @@ def test_machine_instance_events_stream_qmp_events(daemon: Daemon, vm: dict[str,
 
 
 def test_wedged_qemu_times_out_without_slowing_anything_else(daemon: Daemon, vm: dict[str, object], guest) -> None:  # type: ignore[no-untyped-def]
-    other = daemon.call("Spawn", {"spec": {
+    daemon.call("Spawn", {"spec": {
         "name": "other", "kvm": False, "ram": 128 * MIB, "linux": str(guest.kernel),
         "initrds": [str(guest.initrd)], "kernelCmdline": ["vmspawnd_test.mode=wait"],
-    }})["machine"]
+    }})
     pid = describe(daemon)["qemu"]["pid"]  # type: ignore[index]
     os.kill(pid, signal.SIGSTOP)
     try:

@@ -19,7 +19,6 @@ import select
 import shutil
 import signal
 import stat
-import subprocess
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -27,7 +26,6 @@ from pathlib import Path
 import pytest
 
 from tests.support import (
-    MANAGER,
     Console,
     Daemon,
     EventStream,

@@ -7,7 +7,6 @@ Every assertion about the guest is derived from what the guest printed about its
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
