@@ -40,6 +40,7 @@ from asyncvarlink.util import VarlinkUnixServer
 _log = logging.getLogger(__name__)
 
 QUIT_GRACE = 3.0
+QMP_EXIT_GRACE = 1.0  # after QMP drops: is QEMU exiting (normal) or did only the connection die?
 TERM_GRACE = 5.0
 HELPER_EXIT_GRACE = 2.0  # how long QEMU may take to follow a helper that ended with it
 DEFAULT_POWEROFF_DEADLINE = 60.0
@@ -213,7 +214,7 @@ class Machine:
                 self._persist()
 
                 step = "qmp"
-                self._qmp = QmpSession(self.name, self._on_qmp_event)
+                self._qmp = QmpSession(self.name, self._on_qmp_event, self._on_qmp_disconnect)
                 await self._unless_qemu_exits(self._qmp.connect(str(self.qmp_path)), step)
                 stack.push_async_callback(self._qmp.close)
 
@@ -450,6 +451,35 @@ class Machine:
                 queue.put_nowait((name, data))
         self._on_event(self, name, data)
 
+    def _on_qmp_disconnect(self) -> None:
+        """QMP dropped while we did not close it: if QEMU still runs, reconnect (QEMU's
+        monitor socket takes a new client once the old one is gone), bounded."""
+        if self._qemu is None or self._qemu.exited or not self.record.state.is_active:
+            return
+        self._own_task(self._reconnect_qmp())
+
+    async def _reconnect_qmp(self) -> None:
+        assert self._qemu is not None
+        if await self._wait_exit(QMP_EXIT_GRACE):
+            return  # QEMU was exiting: the supervisor records that
+        _log.warning("%s: QMP connection lost while QEMU runs; reconnecting", self.name)
+        self._on_event(self, "QmpDisconnected", {})
+        if self._qmp is not None:
+            await self._qmp.close()
+        qmp = QmpSession(self.name, self._on_qmp_event, self._on_qmp_disconnect)
+        try:
+            await qmp.connect(str(self.qmp_path))
+            status = await qmp.query_status()
+        except (Timeout, NotConnected) as exc:
+            _log.error("%s: QMP reconnect failed (%s); lifecycle calls will answer NotConnected", self.name, exc)
+            await qmp.close()
+            self._qmp = None
+            return
+        self._qmp = qmp
+        self._set_paused(status.get("status") == "paused")
+        self._on_event(self, "QmpReconnected", {"status": status.get("status")})
+        _log.info("%s: QMP reconnected", self.name)
+
     def _set_paused(self, paused: bool) -> None:
         if paused != self.record.paused:
             self.record.paused = paused
@@ -504,7 +534,7 @@ class Machine:
     async def _reconnect(self) -> None:
         """QMP (bounded), control socket, notify listener and console, as before the restart."""
         rec = self.record
-        qmp = QmpSession(self.name, self._on_qmp_event)
+        qmp = QmpSession(self.name, self._on_qmp_event, self._on_qmp_disconnect)
         try:
             await qmp.connect(str(self.qmp_path))
             self._qmp = qmp

@@ -38,11 +38,16 @@ class QmpError(Exception):
 class QmpSession:
     """A connected QMP session to one QEMU, owned by one Machine."""
 
-    def __init__(self, machine_name: str, on_event: EventCallback) -> None:
+    def __init__(
+        self, machine_name: str, on_event: EventCallback, on_disconnect: Callable[[], None] | None = None
+    ) -> None:
         self._name = machine_name
         self._client = QMPClient(machine_name)
         self._on_event = on_event
+        self._on_disconnect = on_disconnect
         self._pump: asyncio.Task[None] | None = None
+        self._watch: asyncio.Task[None] | None = None
+        self._closing = False
 
     async def connect(self, path: str, timeout: float = DEFAULT_CONNECT_TIMEOUT) -> None:
         """Connect to QEMU's QMP socket; bounded, because a second client is never greeted."""
@@ -56,6 +61,14 @@ class QmpSession:
         except ConnectError as exc:
             raise NotConnected(self._name) from exc
         self._pump = asyncio.create_task(self._pump_events(), name=f"qmp-events-{self._name}")
+        self._watch = asyncio.create_task(self._watch_connection(), name=f"qmp-watch-{self._name}")
+
+    async def _watch_connection(self) -> None:
+        """Tell the owner when the connection drops by itself (not through close())."""
+        while self.connected:
+            await self._client.runstate_changed()
+        if not self._closing and self._on_disconnect is not None:
+            self._on_disconnect()
 
     @property
     def connected(self) -> bool:
@@ -104,6 +117,12 @@ class QmpSession:
 
     async def close(self) -> None:
         """Disconnect; qemu.qmp re-raises the reason a session died, which is no news here."""
+        self._closing = True
+        if self._watch is not None and self._watch is not asyncio.current_task():
+            self._watch.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._watch
+            self._watch = None
         if self._pump is not None:
             self._pump.cancel()
             with contextlib.suppress(asyncio.CancelledError):
