@@ -808,4 +808,33 @@ async def discard_leftovers(directory: Path) -> None:
         if is_same_process(record):
             process = ChildProcess("leftover", record.pid, None)
             await process.terminate(TERM_GRACE)
+    # A garbled record names no process; the VM's reaper and helpers still name the VM's
+    # directory on their command lines (status file, sockets, state): stop those, children first.
+    for pid in processes_mentioning(directory):
+        for child in [*children_of(pid), pid]:
+            with contextlib.suppress(ProcessLookupError):
+                await ChildProcess("leftover", child, None).terminate(TERM_GRACE)
     shutil.rmtree(directory, ignore_errors=True)
+
+
+def processes_mentioning(directory: Path) -> list[int]:
+    """Pids whose command line contains `directory` (a VM's processes all do)."""
+    needle = os.fsencode(f"{directory}/")
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit() and int(entry) != os.getpid():
+            with contextlib.suppress(OSError):
+                if needle in Path(f"/proc/{entry}/cmdline").read_bytes():
+                    found.append(int(entry))
+    return found
+
+
+def children_of(pid: int) -> list[int]:
+    kids = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            with contextlib.suppress(OSError, ValueError, IndexError):
+                stat = Path(f"/proc/{entry}/stat").read_bytes()
+                if int(stat[stat.rindex(b")") + 2:].split()[1]) == pid:
+                    kids.append(int(entry))
+    return kids

@@ -298,7 +298,10 @@ def add_start_options(parser: argparse.ArgumentParser) -> None:
     prop = parser.add_argument_group("Property options")
     prop.add_argument("-S", "--slice", type=_slice, metavar="SLICE", help="slice for the VM's scope")
     prop.add_argument("--property", dest="properties", action="append", type=_property, metavar="NAME=VALUE", help="scope property, one of: " + ", ".join(sorted(SCOPE_PROPERTIES)))
-    prop.add_argument("--register", metavar="BOOL", type=_typed(parsers.parse_boolean, BOOLEAN_FORMS), help="register with systemd-machined (a plain boolean as in 259; default: if machined runs)")
+    prop.add_argument(
+        "--register", metavar="BOOL|auto", type=_typed(parsers.parse_tristate, TRISTATE_FORMS),
+        help="register with systemd-machined: yes (fail if impossible), no, or auto (default: if machined runs; v261's tri-state)",
+    )
     prop.add_argument("--keep-unit", action="store_true", help="run in the daemon's unit instead of a scope")
 
     user = parser.add_argument_group("User namespacing options")

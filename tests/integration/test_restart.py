@@ -14,6 +14,7 @@ it opens a FIFO (the test's "it is held now" event) and then blocks on another o
 from __future__ import annotations
 
 import ctypes
+import json
 import os
 import select
 import shutil
@@ -216,3 +217,49 @@ def _ignore_errors(function, *args) -> None:  # type: ignore[no-untyped-def]
         function(*args)
     except (VarlinkError, ConnectionFailed, OSError):
         pass  # the daemon is killed under this call on purpose
+
+
+def test_unusable_state_is_cleaned_and_stop_vms_on_exit(world: dict[str, object], guest) -> None:  # type: ignore[no-untyped-def]
+    """Unreadable or other-version state: logged, its (same) processes stopped, files removed;
+    and --stop-vms-on-exit powers VMs off when the daemon stops."""
+    runtime = world["runtime"]
+    env = world["env"]
+    assert isinstance(runtime, Path) and isinstance(env, dict)
+    daemon = world.pop("daemon", None)
+    if isinstance(daemon, Daemon):
+        stop_daemon(daemon)
+    first = start_daemon(runtime, env=env)
+    world["daemon"] = first
+    future = first.call("Spawn", {"spec": spec(guest, "future", "wait")})["machine"]
+    garbled = first.call("Spawn", {"spec": spec(guest, "garbled", "wait")})["machine"]
+    first.process.send_signal(signal.SIGKILL)
+    first.process.wait()
+    first.notify.close()
+    # A newer format this daemon does not know, and a state file that is not JSON.
+    future_state = Path(str(future["runtimeDirectory"])) / "state.json"
+    data = json.loads(future_state.read_text())
+    data["version"] = 99
+    future_state.write_text(json.dumps(data))
+    (Path(str(garbled["runtimeDirectory"])) / "state.json").write_text("{not json")
+
+    second = start_daemon(runtime, "--stop-vms-on-exit", env=env)
+    world["daemon"] = second
+    assert second.call("List")["machines"] == []
+    log = second.log()
+    assert "unsupported state format version 99" in log and "unreadable state" in log
+    # Their processes were stopped (found from the record, or from the VM directory named on
+    # their command lines when the record is garbage) and both directories are gone.
+    assert future["qemu"]["pid"] not in qemu_processes()  # type: ignore[index]
+    assert garbled["qemu"]["pid"] not in qemu_processes()  # type: ignore[index]
+    assert not Path(str(future["runtimeDirectory"])).exists()
+    assert not Path(str(garbled["runtimeDirectory"])).exists()
+
+    survivor = second.call("Spawn", {"spec": spec(guest, "survivor", "wait")})["machine"]
+    with Console(describe(second, "survivor")) as console:
+        console.wait_for(r"VMSPAWND-TEST: acpid-running")
+    second.process.send_signal(signal.SIGTERM)
+    assert second.process.wait(timeout=120) == 0
+    second.notify.close()
+    world.pop("daemon")
+    assert survivor["qemu"]["pid"] not in qemu_processes()  # type: ignore[index]
+    assert "VMSPAWND-TEST: acpi-powerdown" in Path(str(survivor["consoleLog"])).read_text(errors="replace")

@@ -63,7 +63,7 @@ BAD_FORMS = [
     ("--uuid", ["--uuid=xyz", "--uuid=00000000-0000-0000-0000-000000000000", "--uuid=123"]),
     ("--slice", ["--slice=foo.service", "-S/"]),
     ("--property", ["--property=Nice=5", "--property=MemoryMax", "--property=CPUQuota=fast", "--property=TasksMax=-1", "--property=DevicePolicy=open"]),
-    ("--register", ["--register=auto-ish", "--register=auto"]),
+    ("--register", ["--register=auto-ish", "--register=maybe"]),
     ("--private-users", ["--private-users=abc", "--private-users=100:0", "--private-users=4294967295", "--private-users=-1"]),
     ("--bind", ["--bind=", "--bind=share:relative", "--bind=missing:/m", "--bind=share"]),
     ("--bind-ro", ["--bind-ro=:/x", "--bind-ro=k:/x"]),
