@@ -17,6 +17,7 @@ import os
 import signal
 import subprocess
 import sys
+import typing
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -49,6 +50,27 @@ def is_same_process(record: ProcessRecord) -> bool:
         return record.boot_id == boot_id() and process_start_time(record.pid) == record.start_time
     except (FileNotFoundError, ProcessLookupError, ValueError, IndexError):
         return False
+
+
+class _Signalable(typing.Protocol):
+    name: str
+    pid: int
+
+    def send_signal(self, signo: int) -> None: ...
+
+    async def wait(self) -> int | None: ...
+
+
+async def terminate_ladder(process: _Signalable, grace: float) -> int | None:
+    """SIGTERM, wait up to `grace` seconds, then SIGKILL and wait for the end."""
+    process.send_signal(signal.SIGTERM)
+    try:
+        async with asyncio.timeout(grace):
+            return await process.wait()
+    except TimeoutError:
+        _log.warning("%s (pid %d) ignored SIGTERM for %.0fs, killing", process.name, process.pid, grace)
+    process.send_signal(signal.SIGKILL)
+    return await process.wait()
 
 
 class ChildProcess:
@@ -105,14 +127,7 @@ class ChildProcess:
 
     async def terminate(self, grace: float = 5.0) -> int | None:
         """SIGTERM, wait up to `grace` seconds, then SIGKILL and wait: always ends reaped."""
-        self.send_signal(signal.SIGTERM)
-        try:
-            async with asyncio.timeout(grace):
-                return await self.wait()
-        except TimeoutError:
-            _log.warning("%s (pid %d) ignored SIGTERM for %.0fs, killing", self.name, self.pid, grace)
-        self.send_signal(signal.SIGKILL)
-        return await self.wait()
+        return await terminate_ladder(self, grace)
 
     def close(self) -> None:
         """Stop watching without waiting (daemon shutdown leaving VMs running)."""
@@ -215,14 +230,7 @@ class ReapedProcess:
         self._qemu.send_signal(signo)
 
     async def terminate(self, grace: float = 5.0) -> int | None:
-        self.send_signal(signal.SIGTERM)
-        try:
-            async with asyncio.timeout(grace):
-                return await self.wait()
-        except TimeoutError:
-            _log.warning("%s (pid %d) ignored SIGTERM for %.0fs, killing", self.name, self.pid, grace)
-        self.send_signal(signal.SIGKILL)
-        return await self.wait()
+        return await terminate_ladder(self, grace)
 
     def close(self) -> None:
         self._qemu.close()

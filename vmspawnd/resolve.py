@@ -119,6 +119,12 @@ def resolve_firmware(arch: str, secure_boot: bool | None, vars_copy: Path) -> Fi
         chosen = firmware_db.select_firmware(descriptors, arch, secure_boot)
     except LookupError as exc:
         raise StartFailed("resolve", str(exc)) from None
+    return firmware_for(chosen, vars_copy)
+
+
+def firmware_for(chosen: firmware_db.FirmwareDescriptor, vars_copy: Path) -> Firmware:
+    """The firmware as the VM uses it; Secure Boot firmware gets a private copy of its
+    NVRAM template (0600, never through a symlink), as vmspawn 259 does."""
     vars_path = None
     if chosen.supports_secure_boot:
         fd = os.open(vars_copy, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
@@ -147,18 +153,7 @@ def load_firmware(
         raise InvalidSpec("firmware", f"{descriptor}: {exc}") from None
     if secure_boot and not chosen.supports_secure_boot:
         raise InvalidSpec("secureBoot", f"Secure Boot requested, but {descriptor} does not support it")
-    vars_path = None
-    if chosen.supports_secure_boot:
-        fd = os.open(vars_copy, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
-        with os.fdopen(fd, "wb") as out, open(chosen.nvram_template_path, "rb") as src:
-            shutil.copyfileobj(src, out)
-        vars_path = str(vars_copy)
-    return Firmware(
-        code_path=chosen.executable_path,
-        code_format=chosen.executable_format,
-        secure_boot=chosen.supports_secure_boot,
-        vars_path=vars_path,
-    )
+    return firmware_for(chosen, vars_copy)
 
 
 def grow_image(path: str, size: int) -> int:

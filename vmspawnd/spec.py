@@ -19,6 +19,7 @@ import typing
 from collections.abc import Mapping
 
 from .errors import InvalidSpec, to_camel, to_snake
+from .parsers import hostname_cleanup, is_valid_hostname
 
 DEFAULT_RAM = 2 * 1024**3
 MAX_NAME_LENGTH = 64
@@ -113,16 +114,7 @@ class VmSpec:
         """Rebuild and validate a spec from the wire; every problem names its field."""
         if not isinstance(data, Mapping):
             raise InvalidSpec("spec", "must be an object")
-        hints = typing.get_type_hints(cls)
-        fields = {f.name: f for f in dataclasses.fields(cls)}
-        kwargs: dict[str, object] = {}
-        for key, value in data.items():
-            name = to_snake(key)
-            if name not in fields or to_camel(name) != key:
-                raise InvalidSpec(key, "unknown field")
-            if value is None:
-                continue  # null means "default", like an absent field
-            kwargs[name] = _check_type(key, hints[name], value)
+        kwargs = _read_fields(cls, data, prefix="")
         spec = cls(**kwargs)  # type: ignore[arg-type]
         spec.validate()
         return spec
@@ -187,35 +179,6 @@ def check_machine_name(name: str, field: str = "name", hint: str = "") -> None:
         raise InvalidSpec(field, f"{reason}{'; ' + hint if hint else ''}")
 
 
-def is_valid_hostname(name: str) -> bool:
-    """systemd hostname_is_valid(): labels of [A-Za-z0-9-], '.'-separated, ≤ 64 chars."""
-    if not name or len(name) > MAX_NAME_LENGTH:
-        return False
-    for label in name.split("."):
-        if not label or label[0] == "-" or label[-1] == "-":
-            return False
-        if not all(c.isascii() and (c.isalnum() or c == "-") for c in label):
-            return False
-    return True
-
-
-def hostname_cleanup(name: str) -> str:
-    """systemd hostname_cleanup(): drop invalid characters, collapse dots, cut at 64."""
-    out: list[str] = []
-    dot = True
-    for c in name:
-        if c == ".":
-            if dot:
-                continue
-            out.append(".")
-            dot = True
-        elif c.isascii() and (c.isalnum() or c == "-"):
-            out.append(c)
-            dot = False
-    cleaned = "".join(out).strip(".")[:MAX_NAME_LENGTH]
-    return cleaned.strip(".")
-
-
 def _check_absolute(field: str, path: str | None) -> None:
     if path is not None and not path.startswith("/"):
         raise InvalidSpec(field, f"must be an absolute path, got {path!r}")
@@ -226,6 +189,20 @@ def _default_of(f: dataclasses.Field[object]) -> object:
         return f.default
     assert f.default_factory is not dataclasses.MISSING
     return f.default_factory()
+
+
+def _read_fields(cls: type, data: Mapping[str, object], prefix: str) -> dict[str, object]:
+    """camelCase JSON fields → checked snake_case keyword arguments; null means default."""
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    kwargs: dict[str, object] = {}
+    for key, value in data.items():
+        name = to_snake(key)
+        if name not in names or to_camel(name) != key:
+            raise InvalidSpec(f"{prefix}{key}", "unknown field")
+        if value is not None:
+            kwargs[name] = _check_type(f"{prefix}{key}", hints[name], value)
+    return kwargs
 
 
 def _jsonable(value: object) -> object:
@@ -257,15 +234,8 @@ def _check_type(field: str, hint: object, value: object) -> object:
     if dataclasses.is_dataclass(hint):
         if not isinstance(value, Mapping):
             raise InvalidSpec(field, "must be an object")
-        sub_hints = typing.get_type_hints(hint)
+        kwargs = _read_fields(hint, value, prefix=f"{field}.")  # type: ignore[arg-type]
         names = {f.name: f for f in dataclasses.fields(hint)}
-        kwargs: dict[str, object] = {}
-        for key, item in value.items():
-            name = to_snake(key)
-            if name not in names or to_camel(name) != key:
-                raise InvalidSpec(f"{field}.{key}", "unknown field")
-            if item is not None:
-                kwargs[name] = _check_type(f"{field}.{key}", sub_hints[name], item)
         missing = [n for n, f in names.items() if n not in kwargs and f.default is dataclasses.MISSING]
         if missing:
             raise InvalidSpec(f"{field}.{to_camel(missing[0])}", "is required")
