@@ -19,7 +19,7 @@ import dataclasses
 import shutil
 from pathlib import Path
 
-from . import journal, resolve, sshkeys, swtpm, virtiofsd
+from . import bind_user, journal, resolve, sshkeys, swtpm, virtiofsd
 from .helper_process import stop_helper
 from .model import ProcessRecord
 from .process import ChildProcess, is_same_process
@@ -79,6 +79,11 @@ async def start_helpers(
         process, credential = journal.start_journal_remote(spec.forward_journal, vsock_cid, directory, own)
         helpers.processes["journal-remote"] = process
         credentials.append(credential)
+
+    if spec.bind_users:  # the records go with the home shares virtiofsd started above
+        users = bind_user.bind_users(spec.bind_users, bind_user.lookup_host_user)
+        for cred_id, data in bind_user.credentials(users, spec.bind_user_shell, spec.bind_user_groups):
+            credentials.append(Credential(cred_id, data))
 
     if spec.pass_ssh_key:
         key_path, key_credentials = sshkeys.create_ssh_keys(machine_name, spec.ssh_key_type, directory, own)

@@ -26,6 +26,7 @@ import secrets
 import shutil
 from pathlib import Path
 
+from . import bind_user
 from .errors import InvalidSpec, NotSupported, StartFailed
 from .helper_process import listen_unix, start_helper
 from .process import ChildProcess
@@ -169,6 +170,20 @@ def plan_shares(spec: VmSpec) -> tuple[list[Share], list[str]]:
     return shares, words
 
 
+def add_bind_user_shares(
+    shares: list[Share], words: list[str], users: list[bind_user.BoundUser]
+) -> tuple[list[Share], list[str]]:
+    """Each bound user's home as one more share (the next mntJ tag), mapped 1:1 host ↔ VM ID."""
+    shares, words = list(shares), list(words)
+    index = sum(1 for share in shares if share.tag.startswith("mnt"))
+    for user in users:
+        tag = f"mnt{index}"
+        index += 1
+        shares.append(Share(tag, user.host.home, uid_map=(user.vm_id, user.host.uid, 1)))
+        words.append(mount_extra_word(tag, user.vm_home, False))
+    return shares, words
+
+
 def socket_path(directory: Path) -> Path:
     path = directory / f"sock-{secrets.token_hex(8)}"
     if len(os.fsencode(path)) > SOCKET_PATH_MAX:
@@ -180,9 +195,9 @@ async def start_virtiofsd(
     spec: VmSpec, directory: Path, stack: contextlib.AsyncExitStack
 ) -> tuple[dict[str, ChildProcess], tuple[VirtiofsShare, ...], tuple[str, ...]]:
     """Start one virtiofsd per share; returns processes, QEMU shares and kernel words."""
-    if spec.bind_users:
-        raise NotSupported("--bind-user (user records and home shares are not implemented yet)")
     shares, words = plan_shares(spec)
+    bound = bind_user.bind_users(spec.bind_users, bind_user.lookup_host_user) if spec.bind_users else []
+    shares, words = add_bind_user_shares(shares, words, bound)
     if not shares:
         return {}, (), ()
     daemon = await probe()
@@ -194,7 +209,8 @@ async def start_virtiofsd(
             field = "directory" if share.tag == "root" else "binds"
             raise InvalidSpec(field, f"{share.source} is not a directory (virtiofs shares directories)")
         if share.uid_map is not None and not daemon.maps_ids:
-            raise InvalidSpec("privateUsers", f"{daemon.path} (QEMU's C virtiofsd) cannot translate IDs")
+            field = "privateUsers" if share.tag == "root" else "bindUsers"
+            raise InvalidSpec(field, f"{daemon.path} (QEMU's C virtiofsd) cannot translate IDs, which {field} needs")
     processes: dict[str, ChildProcess] = {}
     qemu_shares: list[VirtiofsShare] = []
     for share in shares:

@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 
 from tests.support import Console, Daemon, EventStream, children_of, no_leaks
+from vmspawnctl.varlink import VarlinkError
 
 pytestmark = pytest.mark.vm
 
@@ -255,3 +256,19 @@ def test_unsupported_key_type_and_id_mapping_are_refused_clearly(daemon: Daemon,
             with pytest.raises(Exception) as info:
                 daemon.call("Spawn", {"spec": spec})
             assert "/usr/lib/qemu/virtiofsd" in str(getattr(info.value, "parameters", info.value))
+
+
+def test_bind_user_needs_id_translation_and_says_which_binary_lacks_it(daemon: Daemon, guest, shares) -> None:  # type: ignore[no-untyped-def]
+    """--bind-user maps the host UID to the VM's; bookworm's C virtiofsd cannot (the Rust one can:
+    its records and argv are unit-tested). The refusal names the binary and leaves nothing."""
+    if not os.access("/usr/lib/qemu/virtiofsd", os.X_OK) or any(
+        os.access(p, os.X_OK) for p in ("/usr/libexec/virtiofsd", "/usr/lib/virtiofsd")
+    ):
+        pytest.skip("needs QEMU's C virtiofsd as the only virtiofsd")
+    with no_leaks(daemon):
+        spec = spec_with_shares("bounduser", guest, shares, bindUsers=["daemon"])  # home /usr/sbin exists
+        with pytest.raises(VarlinkError) as info:
+            daemon.call("Spawn", {"spec": spec})
+    assert info.value.name == "io.vmspawnd.Manager.InvalidSpec"
+    assert info.value.parameters["field"] == "bindUsers"
+    assert "/usr/lib/qemu/virtiofsd" in str(info.value.parameters["reason"])
