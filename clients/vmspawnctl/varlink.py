@@ -21,7 +21,7 @@ class VarlinkError(Exception):
     """The service answered with a Varlink error."""
 
     def __init__(self, name: str, parameters: dict[str, object]) -> None:
-        super().__init__(name)
+        super().__init__(f"{name} {json.dumps(parameters)}" if parameters else name)
         self.name = name
         self.parameters = parameters
 
