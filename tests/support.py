@@ -125,6 +125,8 @@ def stop_daemon(daemon: Daemon) -> None:
             daemon.process.wait()
         kill_leftovers(daemon.runtime_dir)
         daemon.notify.close()
+        if "PYTEST_CURRENT_TEST" not in os.environ:
+            return
         # Shown by pytest only when the module's last test failed: the daemon's side of it.
         print(f"--- last lines of {daemon.log_path} ---")
         print("\n".join(daemon.log().splitlines()[-150:]))
