@@ -43,16 +43,21 @@ def decide_kvm(requested: bool | None) -> bool:
     return os.path.exists("/dev/kvm")
 
 
-def check_regular_file(field: str, path: str) -> None:
-    """The file must exist and be a regular file; say precisely what it is instead."""
+def stat_path(field: str, path: str) -> os.stat_result:
+    """stat() a path a spec names; a missing one is explained (absent, or a dangling link)."""
     try:
-        st = os.stat(path)
+        return os.stat(path)
     except FileNotFoundError:
         if os.path.islink(path):
             raise InvalidSpec(field, f"{path} is a dangling symbolic link") from None
         raise InvalidSpec(field, f"{path} does not exist") from None
     except OSError as exc:
         raise InvalidSpec(field, f"{path}: {exc.strerror}") from None
+
+
+def check_regular_file(field: str, path: str) -> None:
+    """The file must exist and be a regular file; say precisely what it is instead."""
+    st = stat_path(field, path)
     if stat.S_ISDIR(st.st_mode):
         raise InvalidSpec(field, f"{path} is a directory, not a file")
     if not stat.S_ISREG(st.st_mode):
@@ -63,12 +68,7 @@ def check_regular_file(field: str, path: str) -> None:
 
 def check_disk(field: str, path: str) -> None:
     """Disks may be regular files or block devices, nothing else."""
-    try:
-        st = os.stat(path)
-    except FileNotFoundError:
-        if os.path.islink(path):
-            raise InvalidSpec(field, f"{path} is a dangling symbolic link") from None
-        raise InvalidSpec(field, f"{path} does not exist") from None
+    st = stat_path(field, path)
     if not (stat.S_ISREG(st.st_mode) or stat.S_ISBLK(st.st_mode)):
         raise InvalidSpec(field, f"{path} is neither a regular file nor a block device")
 
