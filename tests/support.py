@@ -367,3 +367,23 @@ class EventStream:
             event = self.next()
             if event["machine"] == machine and event["event"] == name:
                 return event
+
+
+def boot_facts(daemon: Daemon, name: str, *start_args: str, pass_name: bool = True) -> dict[str, list[str]]:
+    """`vmspawnctl start -M NAME ARGS`, wait until the guest printed its facts, end the VM.
+
+    With `pass_name=False` no -M is given: NAME is then what vmspawn's default naming must
+    produce, and finding the VM under it is part of the test.
+    Returns the guest's facts (see tests/guest/README.md); the VM is terminated and removed
+    whatever happens, so a failing assertion leaves nothing running.
+    """
+    result = daemon.ctl("start", *(["-M", name] if pass_name else []), *start_args)
+    assert result.returncode == 0, result.stderr
+    machine = daemon.call("Describe", {"name": name})["machine"]
+    try:
+        with Console(machine) as console:  # type: ignore[arg-type]
+            console.wait_for(r"VMSPAWND-TEST: facts-done")
+            return console.facts()
+    finally:
+        daemon.call("Terminate", {"name": name})
+        daemon.call("Remove", {"name": name})

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from tests.integration.test_options_boot import smbios11_strings
-from tests.support import Console, Daemon
+from tests.support import Daemon, boot_facts
 
 pytestmark = pytest.mark.vm
 
@@ -53,18 +53,7 @@ def make_uki_disk(guest, tmp_path: Path) -> Path:  # type: ignore[no-untyped-def
                     reason="needs systemd-boot-efi, mtools, dosfstools")
 def test_firmware_boot_of_uki_sees_cmdline_smbios(daemon: Daemon, guest, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     disk = make_uki_disk(guest, tmp_path)
-    result = daemon.ctl(
-        "start", "-M", "uki", "--kvm=no", "--tpm=no", "--ram=512M", f"--image={disk}", "marker.word=via-smbios",
-    )
-    assert result.returncode == 0, result.stderr
-    machine = daemon.call("Describe", {"name": "uki"})["machine"]
-    try:
-        with Console(machine) as console:
-            console.wait_for(r"VMSPAWND-TEST: facts-done")
-            facts = console.facts()
-    finally:
-        daemon.call("Terminate", {"name": "uki"})
-        daemon.call("Remove", {"name": "uki"})
+    facts = boot_facts(daemon, "uki", "--kvm=no", "--tpm=no", "--ram=512M", f"--image={disk}", "marker.word=via-smbios")
     assert facts["efi"][0] == "yes"
     strings = smbios11_strings(facts)
     for key in ("io.systemd.stub.kernel-cmdline-extra", "io.systemd.boot.kernel-cmdline-extra"):

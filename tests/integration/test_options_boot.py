@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support import Console, Daemon
+from tests.support import Daemon, boot_facts
 from vmspawnd.discovery import ROOT_TYPES
 
 pytestmark = pytest.mark.vm
@@ -60,23 +60,14 @@ def test_options_reach_the_guest(daemon: Daemon, guest, tmp_path: Path) -> None:
     cred_file = tmp_path / "cred.bin"
     cred_file.write_bytes(b"\x00\x01loaded\xff\n")
     machine_uuid = str(uuid.uuid4())
-    result = daemon.ctl(
-        "start", "-M", "opts", "--kvm=no", "--tpm=no", "--cpus=2", "--ram=300M", f"--image={image}",
+    facts = boot_facts(
+        daemon, "opts", "--kvm=no", "--tpm=no", "--cpus=2", "--ram=300M", f"--image={image}",
         f"--linux={guest.kernel}", f"--initrd={guest.initrd}", f"--extra-drive={extra}",
         "--network-user-mode", f"--uuid={machine_uuid}",
         "--set-credential=set.cred:a\\x00b\\nc", f"--load-credential=load.cred:{cred_file}",
         "-s", "io.test.first=one, with comma", "--smbios11=io.test.second=two",
         "vmspawnd_test.mode=wait", "marker.word=from-args",
     )
-    assert result.returncode == 0, result.stderr
-    machine = daemon.call("Describe", {"name": "opts"})["machine"]
-    try:
-        with Console(machine) as console:
-            console.wait_for(r"VMSPAWND-TEST: facts-done")
-            facts = console.facts()
-    finally:
-        daemon.call("Terminate", {"name": "opts"})
-        daemon.call("Remove", {"name": "opts"})
 
     cmdline = facts["cmdline"][0].split()
     assert cmdline[0] == "console=hvc0"
@@ -113,16 +104,10 @@ def test_directory_boots_kernel_found_through_bls(daemon: Daemon, guest, tmp_pat
     shutil.copyfile(guest.kernel, tree / "boot" / "vmlinuz-test")
     shutil.copyfile(guest.initrd, tree / "boot" / "initrd-test")
     (tree / "boot" / "loader" / "entries" / "test.conf").write_text("title test\nlinux /vmlinuz-test\ninitrd /initrd-test\n")
-    result = daemon.ctl("start", "--kvm=no", "--tpm=no", "--ram=256M", "-D", str(tree), "vmspawnd_test.mode=wait")
-    assert result.returncode == 0, result.stderr
-    machine = daemon.call("Describe", {"name": "tree"})["machine"]  # default name: the directory's
-    try:
-        with Console(machine) as console:
-            console.wait_for(r"VMSPAWND-TEST: facts-done")
-            facts = console.facts()
-    finally:
-        daemon.call("Terminate", {"name": "tree"})
-        daemon.call("Remove", {"name": "tree"})
+    # No -M: the default name is the directory's.
+    facts = boot_facts(
+        daemon, "tree", "--kvm=no", "--tpm=no", "--ram=256M", "-D", str(tree), "vmspawnd_test.mode=wait", pass_name=False
+    )
     cmdline = facts["cmdline"][0].split()
     assert cmdline[:2] == ["console=hvc0", "vmspawnd_test.mode=wait"]
     assert cmdline[2:5] == ["root=root", "rootfstype=virtiofs", "rw"]
