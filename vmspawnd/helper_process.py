@@ -23,7 +23,7 @@ import socket
 from collections.abc import Sequence
 from pathlib import Path
 
-from .process import ChildProcess, spawn_detached
+from .process import ChildProcess, children_of, spawn_detached
 from .runtime_dir import bind_listening_socket
 
 HELPER_TERM_GRACE = 5.0
@@ -98,19 +98,6 @@ async def stop_helper(child: ChildProcess, grace: float = HELPER_TERM_GRACE) -> 
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(child.pid, signal.SIGKILL)
     await child.terminate(grace)
-
-
-def children_of(pid: int) -> list[int]:
-    """Direct children of `pid` (/proc/PID/task/*/children); [] once it is gone."""
-    found: list[int] = []
-    try:
-        tasks = os.listdir(f"/proc/{pid}/task")
-    except OSError:
-        return []
-    for task in tasks:
-        with contextlib.suppress(OSError, ValueError), open(f"/proc/{pid}/task/{task}/children") as f:
-            found += [int(word) for word in f.read().split()]
-    return found
 
 
 def _unlink_quietly(path: Path) -> None:

@@ -27,7 +27,7 @@ from .guest_notify import NotifyListener, open_unix_listener, open_vsock_listene
 from .helpers import HelperSet, start_helpers, stop_recorded_helpers
 from .errors import InvalidSpec, InvalidState, NotConnected, StartFailed, Timeout, VmspawnError
 from .model import MachineRecord, MachineState, ProcessRecord
-from .process import ChildProcess, ReapedProcess, is_same_process, read_tail, spawn_reaped
+from .process import ChildProcess, ReapedProcess, children_of, is_same_process, read_tail, spawn_reaped
 from .qemu_command import Resources, build_qemu_command
 from .qmp import QmpError, QmpSession
 from .registration import Registration, info_for, register_machine
@@ -827,14 +827,3 @@ def processes_mentioning(directory: Path) -> list[int]:
                 if needle in Path(f"/proc/{entry}/cmdline").read_bytes():
                     found.append(int(entry))
     return found
-
-
-def children_of(pid: int) -> list[int]:
-    kids = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            with contextlib.suppress(OSError, ValueError, IndexError):
-                stat = Path(f"/proc/{entry}/stat").read_bytes()
-                if int(stat[stat.rindex(b")") + 2:].split()[1]) == pid:
-                    kids.append(int(entry))
-    return kids

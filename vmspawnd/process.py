@@ -40,6 +40,19 @@ def process_start_time(pid: int) -> int:
     return int(after_comm[19])
 
 
+def children_of(pid: int) -> list[int]:
+    """Direct children of `pid` (/proc/PID/task/*/children); [] once it is gone."""
+    found: list[int] = []
+    try:
+        tasks = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return []
+    for task in tasks:
+        with contextlib.suppress(OSError, ValueError), open(f"/proc/{pid}/task/{task}/children") as f:
+            found += [int(word) for word in f.read().split()]
+    return found
+
+
 def describe_process(pid: int) -> ProcessRecord:
     return ProcessRecord(pid=pid, start_time=process_start_time(pid), boot_id=boot_id())
 
