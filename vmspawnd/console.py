@@ -4,18 +4,17 @@
 QEMU's console chardev accepts one client at a time, so the daemon is that client
 (a `ConsoleHub` per VM) and fans the stream out itself:
 
-* every byte the guest writes is appended to a size-capped history on disk
-  (`console.log`, rotated once to `console.log.1`), so history survives a daemon
-  restart and can never fill the disk, and costs the daemon no memory;
+* history is QEMU's own `logfile=` (`console.log`): QEMU logs every byte the guest
+  writes, also while the daemon is gone (a restart) or behind (QEMU drops console
+  output it cannot write to a full socket, but still logs it), so history is complete
+  and costs the daemon no memory. QEMU cannot rotate it; the daemon does (`History`),
+  keeping console.log + console.log.1 under 2 MiB while it runs;
 * each client gets one end of a socketpair (handed over by Varlink fd passing);
   any number of read-only watchers, at most one interactive writer (a second one
   is refused with ConsoleBusy unless it forces, which detaches the first with a
   message);
 * every client has a bounded output buffer: a client that does not read is
   disconnected with a message instead of stalling the VM or the other clients.
-
-QEMU's own `logfile=` is not used for history (it grows without bound): while the
-daemon runs, the hub is the only writer of console.log.
 """
 
 from __future__ import annotations
@@ -29,6 +28,7 @@ import socket
 from pathlib import Path
 
 from .errors import ConsoleBusy, NotConnected
+from .runtime_dir import replace_private_file
 
 _log = logging.getLogger(__name__)
 
@@ -47,29 +47,41 @@ class ConsoleMode(enum.StrEnum):
 
 
 class History:
-    """Append-only console history on disk, capped: console.log rotates to console.log.1."""
+    """Keeps QEMU's console logfile under a cap: console.log rotates to console.log.1.
+
+    QEMU appends (`logappend=on`, O_APPEND) and never reopens the file, so the daemon
+    rotates as logrotate's `copytruncate` does: copy the file to console.log.1, then
+    truncate it; QEMU's next write lands at the new end. Bytes QEMU logs between the
+    last read of the copy and the truncate (microseconds) are lost. While no daemon runs
+    nothing rotates; the first check after an adoption keeps the newest `cap` bytes.
+    """
 
     def __init__(self, path: Path, cap: int = HISTORY_CAP) -> None:
         self.path = path
         self.rotated = path.with_name(path.name + ".1")
         self.cap = cap
-        self._fd = self._open()
-        self._size = os.fstat(self._fd).st_size
+        self._fd = os.open(path, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC)
 
-    def _open(self) -> int:
-        return os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+    @staticmethod
+    def create(path: Path) -> None:
+        """An empty private console.log for QEMU to append to (it would create it 0644)."""
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600))
 
-    def append(self, data: bytes) -> None:
-        if self._size and self._size + len(data) > self.cap:
-            os.close(self._fd)
-            os.replace(self.path, self.rotated)
-            self._fd = self._open()
-            self._size = 0
+    def rotate_if_full(self) -> None:
+        """Called whenever the guest wrote: one fstat, and a rotation past the cap."""
         try:
-            os.write(self._fd, data)
-            self._size += len(data)
+            size = os.fstat(self._fd).st_size
+            if size <= self.cap:
+                return
+            offset = max(0, size - self.cap)
+            chunks = []
+            while chunk := os.pread(self._fd, READ_CHUNK, offset):
+                chunks.append(chunk)
+                offset += len(chunk)
+            os.ftruncate(self._fd, 0)
+            replace_private_file(self.rotated, b"".join(chunks)[-self.cap:])
         except OSError:
-            _log.exception("could not append to %s", self.path)
+            _log.exception("could not rotate %s", self.path)
 
     def close(self) -> None:
         if self._fd >= 0:
@@ -199,13 +211,14 @@ class ConsoleHub:
         """Connect to QEMU's console socket (it listens already: the daemon bound it)."""
         async with asyncio.timeout(timeout):
             self._reader, self._qemu = await asyncio.open_unix_connection(str(self.socket_path))
+        self.history.rotate_if_full()  # after a restart: what QEMU logged meanwhile
         self._pump = asyncio.create_task(self._read_guest(), name=f"console-{self.name}")
 
     async def _read_guest(self) -> None:
         assert self._reader is not None
         try:
             while data := await self._reader.read(READ_CHUNK):
-                self.history.append(data)
+                self.history.rotate_if_full()
                 for client in list(self.clients):
                     client.deliver(data)
         except (ConnectionError, OSError) as exc:
@@ -243,7 +256,7 @@ class ConsoleHub:
             self.writer = None
 
     async def close(self, drain: bool) -> None:
-        """Let go: after QEMU's exit, first read what it wrote last (bounded), so history is complete."""
+        """Let go: after QEMU's exit, first pass on what it wrote last (bounded) to the clients."""
         if drain and self._pump is not None:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(DRAIN_TIMEOUT):

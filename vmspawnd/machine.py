@@ -22,7 +22,7 @@ from collections.abc import Awaitable, Callable, Coroutine, Iterator
 from pathlib import Path
 
 from . import resolve
-from .console import ConsoleHub
+from .console import ConsoleHub, History
 from .guest_notify import NotifyListener, open_unix_listener, open_vsock_listener, parse_exit_status, reopen_listener
 from .helpers import HelperSet, start_helpers, stop_recorded_helpers
 from .errors import InvalidSpec, InvalidState, NotConnected, StartFailed, Timeout, VmspawnError
@@ -379,9 +379,8 @@ class Machine:
             kvm=resolve.decide_kvm(self.spec.kvm),
             qmp_fd=-1,
             console_fd=None,
-            # History is written by the ConsoleHub (capped and rotated); QEMU's logfile=
-            # would grow without bound, so it gets nowhere to write.
-            console_log="/dev/null",
+            # QEMU logs every console byte there; the ConsoleHub rotates it (History).
+            console_log=str(self.console_log_path),
             firmware=firmware,
             initrd=initrd,
             arch=arch,
@@ -399,6 +398,7 @@ class Machine:
         wanted = ["qmp"]
         if ConsoleMode(self.spec.console) not in (ConsoleMode.GUI, ConsoleMode.HEADLESS):
             wanted.append("console")
+            History.create(self.console_log_path)
         sockets = {}
         for name in wanted:
             sock = bind_listening_socket(self.directory / name, 0o600)

@@ -10,7 +10,8 @@
         state.json                versioned MachineRecord, replaced atomically
         qmp                       QMP listening socket (bound by the daemon, fd passed to QEMU)
         console                   console listening socket (ditto)
-        console.log               console history (QEMU logfile=)
+        console.log               console history: QEMU's logfile=, rotated by the daemon
+        console.log.1             the history before the last rotation (each ≤ 1 MiB)
         qemu.log                  QEMU stdout+stderr
 
 IDs are short because AF_UNIX paths must stay under 108 bytes.
@@ -61,8 +62,9 @@ def make_private_dir(path: Path) -> None:
     os.chmod(path, 0o700)
 
 
-def write_json_atomic(path: Path, data: object) -> None:
-    """Write JSON so that a reader (or a crash) sees the old or the new file, never half.
+def replace_private_file(path: Path, content: bytes) -> None:
+    """Replace `path` by a 0600 file holding `content`: a reader (or a crash) sees the old
+    or the new file, never half.
 
     O_EXCL|O_NOFOLLOW on the temp name: a planted symlink makes this fail, not follow.
     No fsync: rename is atomic against a daemon crash, and the runtime directory lives on
@@ -72,13 +74,17 @@ def write_json_atomic(path: Path, data: object) -> None:
     tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
     try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=1, sort_keys=True)
-            f.write("\n")
+        with os.fdopen(fd, "wb") as f:
+            f.write(content)
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def write_json_atomic(path: Path, data: object) -> None:
+    """state.json and friends, replaced atomically (`replace_private_file`)."""
+    replace_private_file(path, (json.dumps(data, indent=1, sort_keys=True) + "\n").encode())
 
 
 def read_json(path: Path) -> object:

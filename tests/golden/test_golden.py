@@ -136,6 +136,7 @@ class _Launch:
                 arg = arg.replace("fd=3,", f"fd={sock.fileno()},")
             elif prev == "-chardev" and arg.startswith("socket,id=console,fd="):
                 sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                self.real(_opt_value(arg, "logfile") or "").parent.mkdir(parents=True, exist_ok=True)
                 sock.bind(str(self.root / "console.sock"))
                 sock.listen(1)
                 self.socks.append(sock)

@@ -201,41 +201,38 @@ def test_terminal_types_detaches_reattaches_and_is_taken_over(daemon: Daemon, vm
     assert len(last.stdout.splitlines()) <= 3
 
 
-def test_log_history_is_capped_and_rotated(daemon: Daemon, vm: dict[str, object]) -> None:
+# Last in the module, and the module's only flood: after ~600 KB of output this guest
+# kernel (Debian 6.1, virtio_console under TCG) sometimes stops taking console input.
+# That happens with plain QEMU and no vmspawnd at all (docs/architecture.md, "Console"),
+# so nothing is typed after it; the guest's liveness shows in output it makes later.
+def test_flood_rotates_history_and_drops_only_the_slow_reader(daemon: Daemon, vm: dict[str, object]) -> None:
+    """A watcher that never reads is dropped; the guest and the other clients run on;
+    the history on disk stays under its cap (console.log + console.log.1, 1 MiB each)."""
     log = Path(str(vm["consoleLog"]))
-    watcher = open_console(daemon.address, NAME, "read-only")
-    try:
-        type_line(daemon, "seq 1 200000; echo rotate-done-$((3*3))")  # ~1.3 MB
-        read_until(watcher, rb"rotate-done-9", timeout=BOOT_TIMEOUT)
-    finally:
-        watcher.close()
-    rotated = log.with_name(log.name + ".1")
-    assert rotated.exists()
-    assert log.stat().st_size <= MIB and rotated.stat().st_size <= MIB
-    assert "rotate-done-9" in daemon.ctl("log", NAME).stdout
-
-
-# Last in the module: when it fails, the shared guest's console is left stuck.
-@pytest.mark.xfail(reason="after the flood the guest's console may stop answering once the daemon lagged behind QEMU; under investigation", strict=False)
-def test_slow_reader_does_not_stall_others_or_guest(daemon: Daemon, vm: dict[str, object]) -> None:
     slow = open_console(daemon.address, NAME, "read-only")
     slow.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1024)  # and it never reads
     fast = open_console(daemon.address, NAME, "read-only")
     try:
-        # ~590 KB of output: far beyond the slow client's buffers and the daemon's cap.
-        type_line(daemon, "seq 1 100000; echo flood-done-$((2*21))")
+        # ~1.3 MB of output: far beyond the slow client's buffers and the daemon's cap,
+        # and past the history's cap; then the guest keeps printing, once a second.
+        type_line(daemon, "seq 1 200000; echo flood-done-$((2*21)); "
+                          "for i in 1 2 3; do sleep 1; echo tick-$((i*11)); done")
         seen = read_until(fast, rb"flood-done-42", timeout=BOOT_TIMEOUT)
-        assert b"\n99999\r\n" in seen or b"\n99999\n" in seen
+        assert b"\n199999\r\n" in seen or b"\n199999\n" in seen
         # The slow client was cut off (end of stream after what it had buffered).
         slow.settimeout(30)
         total = 0
         while chunk := slow.recv(65536):
             total += len(chunk)
-        assert total < 590_000
+        assert total < len(seen) // 2
         assert "stopped reading" in daemon.log()
-        # The guest still answers.
-        type_line(daemon, "echo still-alive-$((1+1))")
-        read_until(fast, rb"still-alive-2")
+        # The guest runs on, and its output still reaches the other client.
+        after = read_until(fast, rb"tick-33")
+        assert re.search(rb"tick-11.*tick-22.*tick-33", after, re.DOTALL)
     finally:
         slow.close()
         fast.close()
+    rotated = log.with_name(log.name + ".1")
+    assert rotated.exists()
+    assert log.stat().st_size <= MIB and rotated.stat().st_size <= MIB
+    assert "flood-done-42" in daemon.ctl("log", NAME).stdout
