@@ -297,6 +297,18 @@ class ManagerInterface(VarlinkInterface, name=INTERFACE):
         theirs = hub.open(ConsoleMode(mode or "interactive"), force=bool(force), history=history or 0)
         return FileDescriptor(theirs, should_close=True)
 
+    @varlinkmethod(return_parameter="fd")
+    async def Screenshot(self, *, name: str, format: str | None = None) -> FileDescriptor:
+        """The display of a `--console=gui` VM as QEMU's screendump renders it: the reply
+        carries a read-only file (fd 0 of the message) holding a `png` (the default) or
+        `ppm` image. NotSupported for VMs without a display.
+        """
+        if format not in (None, "png", "ppm"):
+            raise InvalidSpec("format", f"{format!r} is not an image format (png or ppm)")
+        machine = self._manager.get(name)
+        fd = await machine.screenshot(format or "png")
+        return FileDescriptor(fd, should_close=True)
+
     @varlinkmethod(return_parameter="text")
     def ReadConsoleLog(self, *, name: str, lines: int | None = None) -> str:
         """The console history kept on disk (console.log.1 + console.log, at most 2 MiB), or

@@ -15,6 +15,7 @@ import contextlib
 import dataclasses
 import logging
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -25,7 +26,7 @@ from . import resolve
 from .console import ConsoleHub, History
 from .guest_notify import NotifyListener, open_unix_listener, open_vsock_listener, parse_exit_status, reopen_listener
 from .helpers import HelperSet, start_helpers, stop_recorded_helpers
-from .errors import InvalidSpec, InvalidState, NotConnected, StartFailed, Timeout, VmspawnError
+from .errors import InvalidSpec, InvalidState, NotConnected, NotSupported, StartFailed, Timeout, VmspawnError
 from .model import MachineRecord, MachineState, ProcessRecord
 from .process import ChildProcess, ReapedProcess, children_of, is_same_process, read_tail, spawn_reaped
 from .qemu_command import Resources, build_qemu_command
@@ -106,6 +107,15 @@ class Machine:
     @property
     def console_log_path(self) -> Path:
         return self.directory / "console.log"
+
+    @property
+    def display_path(self) -> Path:
+        """--console=gui without a session to open a window in: QEMU's VNC socket."""
+        return self.directory / "display"
+
+    @property
+    def _gui_window(self) -> bool:
+        return self.settings.gui_window
 
     @property
     def qemu_log_path(self) -> Path:
@@ -211,6 +221,8 @@ class Machine:
                 if console:
                     self.record.console_address = str(self.console_path)
                     self.record.console_log = str(self.console_log_path)
+                if self.spec.console == ConsoleMode.GUI and not self._gui_window:
+                    self.record.display_address = str(self.display_path)
                 self._persist()
 
                 step = "qmp"
@@ -381,6 +393,7 @@ class Machine:
             console_fd=None,
             # QEMU logs every console byte there; the ConsoleHub rotates it (History).
             console_log=str(self.console_log_path),
+            display_socket=None if self._gui_window else str(self.display_path),
             firmware=firmware,
             initrd=initrd,
             arch=arch,
@@ -638,6 +651,7 @@ class Machine:
         rec.ssh_private_key_path = ""
         rec.ready = False
         rec.qmp_address = rec.console_address = rec.control_address = rec.notify_address = ""  # gone with QEMU
+        rec.display_address = ""
         self._remove_leftovers()  # credentials (keys) end with the VM, as vmspawn's SMBIOS dir
         self._enter(final)
         self._finished.set()
@@ -649,7 +663,7 @@ class Machine:
         A failing filesystem (full, read-only, immutable) must not keep the VM from being
         recorded as ended: failures are logged, and Remove deletes the directory later.
         """
-        for leftover in (self.qmp_path, self.console_path, self.directory / "notify", self.directory / "efi-vars.fd", self.directory / "initrd"):
+        for leftover in (self.qmp_path, self.console_path, self.display_path, self.directory / "notify", self.directory / "efi-vars.fd", self.directory / "initrd"):
             try:
                 leftover.unlink(missing_ok=True)
             except OSError as exc:
@@ -757,6 +771,26 @@ class Machine:
     async def reboot(self) -> None:
         """Hard reset (QMP system_reset), as vmspawn's Reboot; the VM keeps running."""
         await self._qmp_command("reboot", "system_reset")
+
+    async def screenshot(self, image_format: str) -> int:
+        """The guest's display as QEMU renders it (QMP screendump), as an open fd.
+
+        QEMU writes the image into the VM's private directory; the daemon opens it and
+        unlinks it at once, so the caller gets the bytes and nothing stays behind.
+        """
+        self._require("take a screenshot of", MachineState.RUNNING, MachineState.READY)
+        if self.spec.console != ConsoleMode.GUI:
+            raise NotSupported(f"screenshots of a VM without a display (its console mode is {self.spec.console}; use --console=gui)")
+        if self._qmp is None or not self._qmp.connected:
+            raise NotConnected(self.name)
+        path = self.directory / f".screenshot-{secrets.token_hex(4)}.{image_format}"
+        try:
+            await self._qmp.execute("screendump", {"filename": str(path), "format": image_format})
+            return os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except QmpError as exc:
+            raise InvalidState(self.name, self.record.state.value, f"take a screenshot ({exc})") from exc
+        finally:
+            path.unlink(missing_ok=True)
 
     async def query_status(self) -> dict[str, object]:
         """QEMU's own view (running flag and status string), bounded like every QMP call."""

@@ -82,6 +82,7 @@ class MachineRecord:
     qmp_address: str = ""
     console_address: str = ""
     console_log: str = ""
+    display_address: str = ""  # --console=gui without a window: the VNC socket a viewer opens
     runtime_directory: str = ""
     exit_code: int | None = None
     exit_signal: int | None = None

@@ -75,6 +75,9 @@ class Resources:
     vsock_cid: int | None = None
     vhost_vsock_fd: int | None = None
     notify_address: str | None = None
+    # --console=gui: where the display goes. None: QEMU's own window in the session the
+    # daemon runs in (vmspawn's behaviour); a path: no window, a VNC server on that socket.
+    display_socket: str | None = None
     # Host facts resolve.py provides:
     name: str | None = None  # the machine name the daemon uses (default: spec.machine_name())
     host_machine_id: bytes | None = None  # /etc/machine-id as 16 bytes, for the TAP MAC
@@ -295,7 +298,9 @@ def _virtiofs_args(share: VirtiofsShare) -> list[str]:
 def _console_args(spec: VmSpec, res: Resources, fds: list[int]) -> list[str]:
     mode = ConsoleMode(spec.console)
     if mode is ConsoleMode.GUI:
-        return ["-vga", "virtio"]
+        if res.display_socket is None:
+            return ["-vga", "virtio"]
+        return ["-vga", "virtio", "-display", "none", "-vnc", f"unix:{escape_qemu_value(res.display_socket)}"]
     args = ["-nographic", "-nodefaults"]
     if mode is ConsoleMode.HEADLESS:
         return args

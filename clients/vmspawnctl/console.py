@@ -36,13 +36,7 @@ def open_console(conn: Connection, name: str, mode: str, force: bool = False, hi
         params["force"] = True
     if history:
         params["history"] = history
-    conn.call(f"{INTERFACE}.OpenConsole", params)
-    fds = conn.take_fds()
-    if len(fds) != 1:
-        for fd in fds:
-            os.close(fd)
-        raise RuntimeError(f"OpenConsole returned {len(fds)} file descriptors instead of 1")
-    return socket.socket(fileno=fds[0])
+    return socket.socket(fileno=conn.call_for_fd(f"{INTERFACE}.OpenConsole", params))
 
 
 class EscapeDetector:

@@ -98,6 +98,13 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
         from .run import add_run_options
 
         add_run_options(run_parser)
+    shot = sub.add_parser(
+        "screenshot", help="save the display of a --console=gui VM as an image",
+        description="Save the guest's display (QEMU's screendump) to FILE, or to stdout for '-'.",
+    )
+    shot.add_argument("name")
+    shot.add_argument("file", help="where to write the image ('-': stdout)")
+    shot.add_argument("--format", choices=("png", "ppm"), default=None, help="image format (default: from FILE's extension, else png)")
     events = sub.add_parser("events", help="follow VM events (state changes, QMP events)")
     events.add_argument("name", nargs="?", help="only this VM")
     events.add_argument("--json", action="store_true", help="one JSON object per line")
@@ -137,6 +144,8 @@ def format_error(exc: VarlinkError) -> str:
             return "permission denied: this vmspawnd instance only serves its owner"
         case "Timeout":
             return f"timed out: {p.get('operation')}"
+        case "NotSupported":
+            return f"not supported: {p.get('feature')}"
         case "ConsoleBusy":
             return f"the console of {p.get('name')!r} is in use by another interactive client (use --force to take it over, or --read-only)"
     return f"{exc.name}: {json.dumps(p)}" if p else exc.name
@@ -167,6 +176,8 @@ def print_status(m: dict[str, object]) -> None:
         f"   Console: {m.get('consoleAddress') or '-'}",
         f"       Log: {m.get('consoleLog') or '-'}",
     ]
+    if m.get("displayAddress"):
+        lines.append(f"   Display: vnc+unix://{m['displayAddress']}")
     if m.get("exitCode") is not None:
         lines.append(f"      Exit: status {m['exitCode']}")
     if m.get("exitSignal") is not None:
@@ -234,6 +245,20 @@ def wait_until_ready(address: str, name: str, timeout: float, quiet: bool) -> in
     if not quiet:
         print(f"VM {name} is ready.")
     return 0
+
+
+def save_screenshot(conn: Connection, name: str, file: str, image_format: str | None) -> None:
+    """Screenshot: the daemon hands over the image as an open file; copy it out."""
+    import shutil
+
+    image_format = image_format or ("ppm" if file.lower().endswith(".ppm") else "png")
+    fd = conn.call_for_fd(f"{INTERFACE}.Screenshot", {"name": name, "format": image_format})
+    with open(fd, "rb") as image:
+        if file == "-":
+            shutil.copyfileobj(image, sys.stdout.buffer)
+            return
+        with open(file, "wb") as out:
+            shutil.copyfileobj(image, out)
 
 
 def shutdown_all(address: str, timeout: float) -> int:
@@ -321,6 +346,8 @@ def run(args: argparse.Namespace) -> int:
             from .console import attach
 
             return attach(conn, args.name, args.read_only, args.force)
+        elif args.command == "screenshot":
+            save_screenshot(conn, args.name, args.file, args.format)
     return 0
 
 

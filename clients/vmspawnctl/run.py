@@ -134,6 +134,8 @@ def _foreground(args: argparse.Namespace, address: str, machine: dict[str, objec
         elif mode == "native":
             print("Press Ctrl-a x to kill VM.", file=sys.stderr)
         sys.stderr.flush()
+    if not args.quiet and machine.get("displayAddress"):
+        print(f"Display of VM {name}: vnc+unix://{machine['displayAddress']} (for example: remote-viewer).", file=sys.stderr)
     pid = (machine.get("qemu") or {}).get("pid")  # type: ignore[attr-defined]
     sd_notify(f"STATUS=VM started.\nX_VMSPAWN_LEADER_PID={pid}")
     _notify_ready_when_ready(address, name, bool(machine.get("ready")))

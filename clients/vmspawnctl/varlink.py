@@ -100,6 +100,16 @@ class Connection:
         self.send(method, parameters)
         return dict(self.receive().get("parameters") or {})
 
+    def call_for_fd(self, method: str, parameters: dict[str, object] | None = None) -> int:
+        """A call whose reply carries exactly one fd (OpenConsole, Screenshot); returns it."""
+        self.call(method, parameters)
+        fds = self.take_fds()
+        if len(fds) != 1:
+            for fd in fds:
+                os.close(fd)
+            raise RuntimeError(f"{method} returned {len(fds)} file descriptors instead of 1")
+        return fds[0]
+
     def call_more(self, method: str, parameters: dict[str, object] | None = None) -> Iterator[dict[str, object]]:
         self.send(method, parameters, more=True)
         while True:

@@ -105,6 +105,7 @@ SCENARIOS: dict[str, tuple[VmSpec, Resources]] = {
     "console-read-only": (VmSpec(image=IMG, console="read-only"), BASE),
     "console-native": (VmSpec(image=IMG, console="native"), BASE),
     "console-gui": (VmSpec(image=IMG, console="gui"), _r(console_fd=None)),
+    "console-gui-display-socket": (VmSpec(image=IMG, console="gui"), _r(console_fd=None, display_socket="/GOLDEN/run/display")),
     "console-headless": (VmSpec(image=IMG, console="headless"), _r(console_fd=None)),
     "qemu-extra": (VmSpec(image=IMG, qemu_extra=["-device", "virtio-tablet-pci", "-no-reboot"]), BASE),
     "escape-image-path": (VmSpec(image=f"{G}/images/a,b=c.raw"), BASE),

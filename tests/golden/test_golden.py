@@ -9,9 +9,11 @@ options this QEMU does not have.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import tempfile
@@ -19,6 +21,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.support import children_of
 from vmspawnd.qemu_command import build_qemu_command
 
 from .scenarios import HAND_WRITTEN, SCENARIOS
@@ -146,11 +149,13 @@ class _Launch:
                 self._swtpm(self.real(_opt_value(arg, "path") or ""))
             elif prev == "-chardev" and arg.startswith("socket,id="):
                 self._virtiofsd(self.real(_opt_value(arg, "path") or ""))
+            elif prev == "-vnc" and arg.startswith("unix:"):
+                self.real(arg.removeprefix("unix:")).parent.mkdir(parents=True, exist_ok=True)
             elif prev == "-accel" and arg == "kvm":
                 arg = "tcg"  # KVM is not usable on this host
             out.append(arg.replace("/GOLDEN", str(self.root)))
             prev = arg
-        if "-vga" in out:
+        if "-vga" in out and "-display" not in out:
             out += ["-display", "none"]
         return out, fds, qmp_path
 
@@ -190,9 +195,19 @@ class _Launch:
 
     def close(self) -> None:
         for proc in self.helpers:
-            if proc.poll() is None:
+            # As vmspawnd's stop_helper: virtiofsd's sandbox worker first, so the process we
+            # started reaps it (a worker orphaned to a non-reaping PID 1 stays a zombie).
+            workers = children_of(proc.pid)
+            for pid in workers:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGTERM)
+            if not workers:
+                proc.terminate()
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
                 proc.kill()
-            proc.wait()
+                proc.wait()
             if proc.stderr:
                 proc.stderr.close()
         for sock in self.socks:

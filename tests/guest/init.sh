@@ -299,6 +299,43 @@ shell_loop() {
     done
 }
 
+# One colour as a file of at least $2 bytes: the 32-bit pixel $1 (octal escapes,
+# B G R X as the framebuffer stores it), doubled until it is big enough.
+colour_file() {
+    printf "$1" >/tmp/colour
+    while [ "$(wc -c </tmp/colour)" -lt "$2" ]; do
+        cat /tmp/colour /tmp/colour >/tmp/colour.2
+        mv /tmp/colour.2 /tmp/colour
+    done
+    mv /tmp/colour "/tmp/colour.$3"
+}
+
+# The picture tests look for on the display: four full-width bands, top to
+# bottom red, green, blue, white.  fbcon is unbound first so no text or
+# cursor is drawn over it.
+draw_fb_pattern() {
+    if ! wait_for_path /dev/fb0; then
+        fact "fb-missing"
+        return 1
+    fi
+    for vtcon in /sys/class/vtconsole/vtcon*; do
+        echo 0 >"$vtcon/bind" 2>/dev/null
+    done
+    IFS=, read -r width height </sys/class/graphics/fb0/virtual_size
+    stride=$(cat /sys/class/graphics/fb0/stride)
+    band=$((stride * (height / 4)))
+    colour_file '\000\000\377\000' "$band" red
+    colour_file '\000\377\000\000' "$band" green
+    colour_file '\377\000\000\000' "$band" blue
+    colour_file '\377\377\377\000' "$band" white
+    # One write per band: the virtio-gpu fbdev of this kernel flushes small,
+    # line-straddling writes only in part.
+    for colour in red green blue white; do
+        dd if="/tmp/colour.$colour" bs="$band" count=1 2>/dev/null
+    done >/dev/fb0
+    fact "fb-pattern ${width}x${height} stride $stride"
+}
+
 main() {
     mount_basics
     quiet_kernel_console
@@ -314,6 +351,11 @@ main() {
             power_off
             ;;
         wait)
+            start_acpid
+            shell_loop
+            ;;
+        fbpattern)
+            draw_fb_pattern
             start_acpid
             shell_loop
             ;;

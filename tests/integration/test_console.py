@@ -82,6 +82,13 @@ def test_stdlib_client_receives_output_produced_after_attach(daemon: Daemon, vm:
         watcher.close()
 
 
+def test_screenshot_of_a_vm_without_display_is_not_supported(daemon: Daemon, vm: dict[str, object]) -> None:
+    result = daemon.ctl("screenshot", NAME, "unused.png")
+    assert result.returncode != 0
+    assert "not supported" in result.stderr and "--console=gui" in result.stderr
+    assert not Path("unused.png").exists()
+
+
 def test_second_interactive_client_is_refused_then_forced(daemon: Daemon, vm: dict[str, object]) -> None:
     first = open_console(daemon.address, NAME, "interactive")
     try:
