@@ -157,6 +157,17 @@ def make_runtime_dir(prefix: str = "vmspawnd-test-") -> Path:
     return runtime
 
 
+def notify_as_guest(address: str, payload: bytes) -> None:
+    """What a guest's systemd does on the notify channel: connect, write, close.
+
+    Only for the AF_UNIX stand-in (`--notify-transport=unix`): no vsock on this host.
+    """
+    assert address.startswith("unix:"), address
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.connect(address[len("unix:"):])
+        sock.sendall(payload)
+
+
 # --- console -------------------------------------------------------------------------
 
 

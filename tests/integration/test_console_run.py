@@ -21,7 +21,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.support import BOOT_TIMEOUT, Daemon, qemu_processes, wait_notify
+from tests.support import (
+    BOOT_TIMEOUT, Daemon, make_runtime_dir, notify_as_guest, open_console, qemu_processes, start_daemon, stop_daemon, wait_notify,
+)
 
 pytestmark = pytest.mark.vm
 
@@ -168,3 +170,47 @@ def test_run_on_a_terminal_escape_kills_vm_and_restores_terminal(daemon: Daemon,
     assert after == before
     assert out.data.rstrip(b"\r\n").endswith(b"\x1b[0m\x1b[K") or b"\x1b[0m\x1b[K" in out.data
     assert "tty" not in names(daemon)
+
+
+def test_run_returns_the_guests_exit_status(guest) -> None:  # type: ignore[no-untyped-def]
+    """EXIT_STATUS= over the notify channel becomes `run`'s exit status, as with vmspawn.
+
+    No vsock here: this daemon uses the AF_UNIX stand-in, and the test writes what the
+    guest's systemd writes before it powers off (the stand-in of this file).
+    """
+    daemon = start_daemon(make_runtime_dir(), "--notify-transport=unix")
+    try:
+        with spawned(daemon, run_args(guest, "exiting", "wait"), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE) as process:
+            out = Output(process.stdout.fileno())  # type: ignore[union-attr]
+            out.expect(rb"VMSPAWND-TEST: acpid-running")
+            address = str(daemon.call("Describe", {"name": "exiting"})["machine"]["notifyAddress"])  # type: ignore[index]
+            notify_as_guest(address, b"READY=1\nEXIT_STATUS=42\n")
+            daemon.call("PowerOff", {"name": "exiting"})
+            code = out.finish(process)
+        assert b"VMSPAWND-TEST: acpi-powerdown" in out.data
+        assert code == 42
+    finally:
+        stop_daemon(daemon)
+
+
+def test_native_console_relays_qemus_monitor(daemon: Daemon, guest) -> None:  # type: ignore[no-untyped-def]
+    """--console=native: QEMU's multiplexed console; Ctrl-a c switches to its monitor."""
+    daemon.call("Spawn", {"spec": {
+        "name": "native", "kvm": False, "ram": 256 << 20, "console": "native", "linux": str(guest.kernel),
+        "initrds": [str(guest.initrd)], "kernelCmdline": ["vmspawnd_test.mode=wait"],
+    }})
+    try:
+        console = open_console(daemon.address, "native", "interactive", history=65536)
+        with console:
+            out = Output(console.fileno())
+            out.expect(rb"VMSPAWND-TEST: acpid-running")
+            console.sendall(b"\x01c")  # Ctrl-a c: to the monitor
+            out.expect(rb"\(qemu\) ")
+            console.sendall(b"info status\r")
+            out.expect(rb"VM status: running")
+            console.sendall(b"\x01c")  # and back to the guest
+            console.sendall(b"echo native-$((6*7))\r")
+            out.expect(rb"native-42")
+    finally:
+        daemon.call("Terminate", {"name": "native"})
+        daemon.call("Remove", {"name": "native"})

@@ -13,7 +13,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -23,7 +22,7 @@ from pathlib import Path
 import pytest
 import varlink.scanner
 
-from tests.support import MANAGER, Console, Daemon, EventStream, make_runtime_dir, start_daemon, stop_daemon
+from tests.support import MANAGER, Console, Daemon, EventStream, make_runtime_dir, notify_as_guest, start_daemon, stop_daemon
 from vmspawnctl.varlink import Connection, VarlinkError
 
 pytestmark = pytest.mark.vm
@@ -54,14 +53,6 @@ def vm(daemon: Daemon, guest) -> dict[str, object]:  # type: ignore[no-untyped-d
     return machine  # type: ignore[return-value]
 
 
-def notify(address: str, payload: bytes) -> None:
-    """What a guest's systemd does: connect, write, close."""
-    assert address.startswith("unix:")
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-        sock.connect(address[len("unix:"):])
-        sock.sendall(payload)
-
-
 def describe(daemon: Daemon, name: str = "life") -> dict[str, object]:
     return daemon.call("Describe", {"name": name})["machine"]  # type: ignore[return-value]
 
@@ -85,10 +76,10 @@ def test_malformed_and_oversized_messages_change_nothing(daemon: Daemon, vm: dic
     address = str(describe(daemon)["notifyAddress"])
     before = describe(daemon)
     with EventStream(daemon, "life") as events:
-        notify(address, b"READY=1\n" + b"X" * 5000)  # over NOTIFY_BUFFER_MAX
-        notify(address, b"this line has no equals sign\nREADY=1")
-        notify(address, b"\xff\xfeREADY=1")
-        notify(address, b"STATUS=marker after the bad ones")  # proves the bad ones were processed first
+        notify_as_guest(address, b"READY=1\n" + b"X" * 5000)  # over NOTIFY_BUFFER_MAX
+        notify_as_guest(address, b"this line has no equals sign\nREADY=1")
+        notify_as_guest(address, b"\xff\xfeREADY=1")
+        notify_as_guest(address, b"STATUS=marker after the bad ones")  # proves the bad ones were processed first
         event = events.wait_event("life", "Notify")
     assert event["data"] == {"STATUS": "marker after the bad ones"}
     after = describe(daemon)
@@ -108,10 +99,10 @@ def test_status_ready_and_exit_status_over_notify(daemon: Daemon, vm: dict[str, 
     with EventStream(daemon, "life") as events:
         waiter = threading.Thread(target=wait_ready)
         waiter.start()
-        notify(address, b"STATUS=Reached target multi-user.target\nREADY=1\n")
+        notify_as_guest(address, b"STATUS=Reached target multi-user.target\nREADY=1\n")
         ready = events.wait_state("life", "ready")
         waiter.join(timeout=120)
-        notify(address, b"EXIT_STATUS=3")
+        notify_as_guest(address, b"EXIT_STATUS=3")
         exit_event = events.wait_event("life", "Notify")
     assert ready["data"]["ready"] is True  # type: ignore[index]
     assert results["machine"]["state"] == "ready"  # type: ignore[index]
@@ -259,7 +250,7 @@ def test_start_wait_returns_once_the_guest_is_ready_and_shutdown_all(daemon: Dae
         )
         events.wait_state("waiter", "running")
         assert cli.poll() is None  # still waiting: running is not ready yet
-        notify(str(describe(daemon, "waiter")["notifyAddress"]), b"READY=1\nSTATUS=Startup finished")
+        notify_as_guest(str(describe(daemon, "waiter")["notifyAddress"]), b"READY=1\nSTATUS=Startup finished")
         out, err = cli.communicate(timeout=120)
     assert cli.returncode == 0, err
     assert "VM waiter is ready." in out
