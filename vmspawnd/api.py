@@ -10,6 +10,7 @@ No `from __future__ import annotations` here: asyncvarlink reads real annotation
 
 import asyncio
 import collections.abc
+import contextlib
 import dataclasses
 import logging
 import signal
@@ -262,7 +263,9 @@ class ManagerInterface(VarlinkInterface, name=INTERFACE):
         self, *, name: str | None = None, filter: list[str] | None = None
     ) -> collections.abc.AsyncIterator[Event]:
         """Stream events (needs `more`). The first reply is `Subscribed`: events after it are
-        not missed. `name` limits to one VM, `filter` to event names (StateChanged, QMP names).
+        not missed. `name` limits to one VM, `filter` to event names: StateChanged, QMP event
+        names, Notify (the guest's READY/STATUS/EXIT_STATUS), QmpDisconnected/QmpReconnected,
+        Removed (the VM is forgotten, its name free), EventsLost.
         """
         if name is not None:
             self._manager.get(name)
@@ -322,10 +325,31 @@ class ManagerInterface(VarlinkInterface, name=INTERFACE):
     @varlinkmethod(return_parameter="machine", delay_generator=False)
     async def HoldMachine(self, *, name: str) -> collections.abc.AsyncIterator[MachineWire]:  # type: ignore[valid-type]
         """Bind the VM's life to this call (needs `more`): if the caller hangs up while the VM
-        runs, the VM is terminated and removed (what `vmspawnctl run` uses, so a killed `run`
-        frees the name). Replies once at once and once more, last, when the VM has ended.
+        runs, the VM is terminated and removed. Replies once at once and once more, last,
+        when the VM has ended.
         """
-        machine = self._manager.get(name)
+        async for reply in self._hold(self._manager.get(name)):
+            yield reply
+
+    @varlinkmethod(return_parameter="machine", delay_generator=False)
+    async def SpawnAndHold(self, *, spec: VmSpecWire) -> collections.abc.AsyncIterator[MachineWire]:  # type: ignore[valid-type]
+        """Spawn, then HoldMachine, in one call (needs `more`); what `vmspawnctl run` uses.
+
+        The VM's life is bound to the call from the start: a caller that dies at any point,
+        even while the VM is still starting, leaves no VM behind and frees the name.
+        """
+        spec_json = from_wire(spec)
+        name = VmSpec.from_json(spec_json).machine_name()
+        try:
+            await self._manager.spawn(spec_json, _peer_uid())
+        except asyncio.CancelledError:
+            with contextlib.suppress(errors.NoSuchMachine):
+                _end_for_departed_holder(self._manager, self._manager.get(name))
+            raise
+        async for reply in self._hold(self._manager.get(name)):
+            yield reply
+
+    async def _hold(self, machine: typing.Any) -> collections.abc.AsyncIterator[MachineWire]:  # type: ignore[valid-type]
         rec = machine.record
         yield machine_to_wire(rec)
         try:
@@ -336,8 +360,7 @@ class ManagerInterface(VarlinkInterface, name=INTERFACE):
                     continue
         except asyncio.CancelledError:
             if not rec.state.is_final and not getattr(machine, "detached", False):
-                _HOLD_TASKS.add(task := asyncio.get_running_loop().create_task(_end_held(self._manager, machine)))
-                task.add_done_callback(_HOLD_TASKS.discard)
+                _end_for_departed_holder(self._manager, machine)
             raise
         # The last reply must say so (continues=false): with delay_generator=False that is
         # LastResult, a plain final yield would be sent as "more to come".
@@ -347,16 +370,34 @@ class ManagerInterface(VarlinkInterface, name=INTERFACE):
 _HOLD_TASKS: set["asyncio.Task[None]"] = set()
 
 
+def _end_for_departed_holder(manager: Manager, machine: typing.Any) -> None:
+    """Schedule `_end_held` on a task the API owns (the caller's own task is being cancelled)."""
+    _HOLD_TASKS.add(task := asyncio.get_running_loop().create_task(_end_held(manager, machine)))
+    task.add_done_callback(_HOLD_TASKS.discard)
+
+
+def _still_managed(manager: Manager, machine: typing.Any) -> bool:
+    """Not failed to start, nor removed (and its name not reused) meanwhile."""
+    with contextlib.suppress(errors.NoSuchMachine):
+        return manager.get(machine.name) is machine
+    return False
+
+
 async def _end_held(manager: Manager, machine: typing.Any) -> None:
-    """The holder of a HoldMachine call went away (e.g. `vmspawnctl run` was killed): end
-    its VM and forget it, so the name is free again, as after systemd-vmspawn dies."""
+    """The holder of a HoldMachine/SpawnAndHold call went away (e.g. `vmspawnctl run` was
+    killed): end its VM and forget it, so the name is free again, as after systemd-vmspawn
+    dies. A VM still starting is let finish its start first (a failed start cleans itself)."""
     try:
-        await machine.terminate()
-    except errors.VmspawnError:
-        pass
-    try:
+        if machine.starting is not None:
+            await asyncio.wait({machine.starting})  # its outcome is the start's business
+        if machine.record.state.is_final or not _still_managed(manager, machine):
+            return
+        try:
+            await machine.terminate()
+        except errors.VmspawnError:
+            pass
         await machine.wait_for(lambda: machine.record.state.is_final, 60.0, "end a held VM")
-        if manager.get(machine.name) is machine:
+        if _still_managed(manager, machine):
             await manager.remove(machine.name)
     except errors.VmspawnError as exc:
         logging.getLogger(__name__).warning("%s: could not end the VM of a departed holder: %s", machine.name, exc)

@@ -88,6 +88,7 @@ class Machine:
         self._helper_failed = False
         self._registration: Registration | None = None  # machined and the scope unit, undone in _finish
         self.console: ConsoleHub | None = None  # the daemon's console connection and history
+        self.starting: asyncio.Task[None] | None = None  # Manager.spawn's start task, while it runs
         self.detached = False  # set when the daemon lets go of the VM without stopping it
         self._notify_listener: NotifyListener | None = None
         self._ready_pending = False

@@ -67,7 +67,7 @@ class Manager:
         record.enter(MachineState.STARTING)
         machine = Machine(record, spec, self.machines_dir / machine_id, self._publish, self.settings)
         self._machines[name] = machine
-        task = asyncio.create_task(machine.start(), name=f"start-{name}")
+        task = machine.starting = asyncio.create_task(machine.start(), name=f"start-{name}")
         self._own(task)
         task.add_done_callback(lambda t: self._after_start(machine, t))
         await asyncio.shield(task)
@@ -154,6 +154,7 @@ class Manager:
             raise InvalidState(name, machine.record.state.value, "remove")
         del self._machines[name]
         machine.remove_files()
+        self._publish(machine, "Removed", {})  # the name is free again
 
     async def shutdown(self, stop_vms: bool) -> None:
         """Daemon exit: leave VMs running (default) or power them off."""

@@ -111,14 +111,13 @@ def run_vm(args: argparse.Namespace, address: str) -> int:
 
     spec = spec_from_args(args).to_json()
     mode = str(spec.get("console") or "interactive")
-    with Connection(address) as conn:
-        machine = conn.call(f"{INTERFACE}.Spawn", {"spec": spec})["machine"]
-    assert isinstance(machine, dict)
-    name = str(machine["name"])
+    # One call spawns the VM and binds its life to this process: whenever `run` dies, even
+    # during the start, the daemon ends the VM.
     hold = Connection(address)
     try:
-        hold.send(f"{INTERFACE}.HoldMachine", {"name": name}, more=True)
-        hold.receive()
+        hold.send(f"{INTERFACE}.SpawnAndHold", {"spec": spec}, more=True)
+        machine = hold.receive().get("parameters", {}).get("machine")  # type: ignore[attr-defined]
+        assert isinstance(machine, dict)
         return _foreground(args, address, machine, mode, hold)
     finally:
         hold.close()

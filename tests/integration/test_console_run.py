@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 
 from tests.support import (
-    BOOT_TIMEOUT, Daemon, make_runtime_dir, notify_as_guest, open_console, qemu_processes, start_daemon, stop_daemon, wait_notify,
+    BOOT_TIMEOUT, MANAGER, Daemon, EventStream, make_runtime_dir, notify_as_guest, open_console, qemu_processes, start_daemon, stop_daemon, wait_notify,
 )
 
 pytestmark = pytest.mark.vm
@@ -214,3 +214,20 @@ def test_native_console_relays_qemus_monitor(daemon: Daemon, guest) -> None:  # 
     finally:
         daemon.call("Terminate", {"name": "native"})
         daemon.call("Remove", {"name": "native"})
+
+
+def test_holder_hanging_up_during_the_start_leaves_no_vm(daemon: Daemon, guest) -> None:  # type: ignore[no-untyped-def]
+    """SpawnAndHold binds the VM to the call from the start: a caller gone while the VM is
+    still starting (run killed right after sending) leaves nothing; the name is free."""
+    spec = {"name": "early", "kvm": False, "ram": 256 << 20, "linux": str(guest.kernel),
+            "initrds": [str(guest.initrd)], "kernelCmdline": ["vmspawnd_test.mode=wait"]}
+    before = set(qemu_processes())
+    with EventStream(daemon) as events:
+        with daemon.connect() as conn:
+            conn.send(f"{MANAGER}.SpawnAndHold", {"spec": spec}, more=True)
+        # Hung up before any reply: the start goes on, and then the VM is ended and removed.
+        states = [events.wait_state("early", "running", "failed")["data"]["state"]]  # type: ignore[index]
+        events.wait_event("early", "Removed")
+    assert states == ["running"]
+    assert "early" not in names(daemon)
+    assert set(qemu_processes()) <= before  # its QEMU is gone (reaped: the reaper saw it exit)
