@@ -81,8 +81,12 @@ def setup_argv(swtpm_setup: str, state: Path, profile: bool) -> list[str]:
 
 
 def swtpm_argv(swtpm: str, state: Path, ctrl_fd: int) -> list[str]:
-    """The control channel is the listening socket; QEMU sends the data fd over it."""
-    return [swtpm, "socket", "--tpm2", "--tpmstate", f"dir={state}", "--ctrl", f"type=unixio,fd={ctrl_fd}"]
+    """The control channel is the listening socket; QEMU sends the data fd over it.
+
+    State files are written 0600 (swtpm's default is 0640): the TPM's secrets are the
+    VM owner's alone, whatever group the directory's files would otherwise share.
+    """
+    return [swtpm, "socket", "--tpm2", "--tpmstate", f"dir={state},mode=0600", "--ctrl", f"type=unixio,fd={ctrl_fd}"]
 
 
 async def manufacture(swtpm_setup: str, state: Path, log: Path) -> None:

@@ -56,7 +56,7 @@ def test_command_lines() -> None:
     ]
     assert "--profile-name" not in setup_argv("swtpm_setup", Path("/s"), False)
     assert swtpm_argv("swtpm", Path("/s"), 5) == [
-        "swtpm", "socket", "--tpm2", "--tpmstate", "dir=/s", "--ctrl", "type=unixio,fd=5",
+        "swtpm", "socket", "--tpm2", "--tpmstate", "dir=/s,mode=0600", "--ctrl", "type=unixio,fd=5",
     ]
 
 
