@@ -179,6 +179,11 @@ class Machine:
 
                 step = "resolve"
                 resources = self._resolve()
+                # The vhost-vsock fd is QEMU's once passed: ours closes after the spawn, or
+                # on any failure before it (FileIO.close is idempotent).
+                vhost_vsock = None if resources.vhost_vsock_fd is None else os.fdopen(resources.vhost_vsock_fd, "rb", buffering=0)
+                if vhost_vsock is not None:
+                    stack.callback(vhost_vsock.close)
 
                 step = "helpers"
                 helpers = await start_helpers(
@@ -215,6 +220,8 @@ class Machine:
                 stack.push_async_callback(self._kill_qemu)
                 for sock in sockets.values():
                     sock.close()  # QEMU holds them now; we reconnect by path
+                if vhost_vsock is not None:
+                    vhost_vsock.close()
                 self.record.qemu = self._qemu.record
                 if self._qemu.reaper is not None:
                     self.record.reaper = self._qemu.reaper.record
@@ -372,6 +379,11 @@ class Machine:
         if self.spec.initrds:
             initrd = resolve.merge_initrds(list(self.spec.initrds), self.directory / "initrd")
         firmware = resolve.load_firmware(arch, self.spec.firmware, self.spec.secure_boot, self.directory / "efi-vars.fd")
+        qemu_binary = resolve.find_qemu_binary(arch)
+        kvm = resolve.decide_kvm(self.spec.kvm)
+        block_devices = resolve.block_devices(list(self.spec.extra_drives))
+        host_machine_id = resolve.host_machine_id()
+        # Last: nothing may fail after the vhost-vsock fd is open (start() closes it).
         vsock_fd = vsock_cid = None
         try:
             vsock_fd = vsock.open_vhost_vsock(self.spec.vsock)
@@ -383,13 +395,13 @@ class Machine:
             raise StartFailed("resolve", f"vsock: {exc.strerror or exc}") from None
         return Resources(
             name=self.name,
-            host_machine_id=resolve.host_machine_id(),
+            host_machine_id=host_machine_id,
             vmgenid=resolve.derive_vmgenid(self.record.id),
-            block_devices=resolve.block_devices(list(self.spec.extra_drives)),
+            block_devices=block_devices,
             vsock_cid=vsock_cid,
             vhost_vsock_fd=vsock_fd,
-            qemu_binary=resolve.find_qemu_binary(arch),
-            kvm=resolve.decide_kvm(self.spec.kvm),
+            qemu_binary=qemu_binary,
+            kvm=kvm,
             qmp_fd=-1,
             console_fd=None,
             # QEMU logs every console byte there; the ConsoleHub rotates it (History).
