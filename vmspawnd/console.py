@@ -60,12 +60,16 @@ class History:
         self.path = path
         self.rotated = path.with_name(path.name + ".1")
         self.cap = cap
-        self._fd = os.open(path, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC)
+        self._fd = self._open(path)  # created if gone: a lost file must not stop an adoption
 
     @staticmethod
-    def create(path: Path) -> None:
+    def _open(path: Path) -> int:
+        return os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+
+    @classmethod
+    def create(cls, path: Path) -> None:
         """An empty private console.log for QEMU to append to (it would create it 0644)."""
-        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600))
+        os.close(cls._open(path))
 
     def rotate_if_full(self) -> None:
         """Called whenever the guest wrote: one fstat, and a rotation past the cap."""
