@@ -21,6 +21,7 @@ import shutil
 import signal
 import stat
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -101,6 +102,14 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, object
         shutil.rmtree(runtime.parent, ignore_errors=True)
 
 
+def wait_for_file_text(path: Path, text: str, timeout: float = 60.0) -> None:
+    """Poll a file QEMU appends to (no daemon runs, so no event says it was written)."""
+    deadline = time.monotonic() + timeout
+    while text not in path.read_text(errors="replace"):
+        assert time.monotonic() < deadline, f"{text!r} never reached {path}"
+        time.sleep(0.1)
+
+
 def spec(guest, name: str, mode: str, *extra: str) -> dict[str, object]:  # type: ignore[no-untyped-def]
     return {"name": name, "kvm": False, "ram": 192 * MIB, "linux": str(guest.kernel), "initrds": [str(guest.initrd)],
             "kernelCmdline": [f"vmspawnd_test.mode={mode}", *extra]}
@@ -140,9 +149,14 @@ def test_sigkill_while_starting_running_paused_and_powering_off(world: dict[str,
             held.read()
 
     before = {name: describe(first, name) for name in ("run1", "paused1", "stopping1", "starting1")}
+    # Something the guest will print while no daemon runs: QEMU's logfile keeps it.
+    with Console(before["run1"]) as console:
+        console.send("echo gap-start-$((1+1)); sleep 3; echo in-the-gap-$((20+1))\n")
+        console.wait_for(r"gap-start-2")
     first.process.send_signal(signal.SIGKILL)
     first.process.wait()
     first.notify.close()
+    wait_for_file_text(Path(str(before["run1"]["consoleLog"])), "in-the-gap-21")
     starting_pid = before["starting1"]["qemu"]["pid"]  # type: ignore[index]
     assert os.path.exists(f"/proc/{starting_pid}")  # held, not started
 
@@ -177,6 +191,7 @@ def test_sigkill_while_starting_running_paused_and_powering_off(world: dict[str,
         events.wait_event("run1", "RESUME")
     history = second.call("ReadConsoleLog", {"name": "run1"})
     assert "VMSPAWND-TEST: acpid-running" in str(history)
+    assert "in-the-gap-21" in str(history)  # written while no daemon was there
     with Console(describe(second, "run1")) as console:
         console.send("echo typed-after-$((40+2))\n")
         console.wait_for(r"typed-after-42")
