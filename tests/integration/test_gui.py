@@ -95,7 +95,6 @@ def test_display_socket_speaks_vnc(daemon: Daemon, vm: dict[str, object]) -> Non
 
 def test_screenshot_shows_what_the_guest_drew(daemon: Daemon, vm: dict[str, object], tmp_path: Path) -> None:
     width, height, shares = wait_for_pattern(daemon)
-    assert (width, height) > (0, 0)
     assert min(shares) > 0.99, f"bands matched {shares}"
     # The CLI saves a PNG of the same size (IHDR: width, height after the signature).
     out = tmp_path / "screen.png"
