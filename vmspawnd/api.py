@@ -38,14 +38,14 @@ def _wire_hint(hint: object) -> object:
     """Map nested pure dataclasses inside a hint to their camelCase wire twins."""
     if dataclasses.is_dataclass(hint):
         if hint not in _WIRE_TYPES:
-            _WIRE_TYPES[hint] = _wire_dataclass(hint, hint.__name__, optional=False)  # type: ignore[arg-type]
+            _WIRE_TYPES[hint] = _wire_dataclass(hint, hint.__name__, optional=False)  # type: ignore[arg-type,index,union-attr]
         return _WIRE_TYPES[hint]  # type: ignore[index]
     origin = typing.get_origin(hint)
     args = typing.get_args(hint)
     if origin is list:
         return list[_wire_hint(args[0])]  # type: ignore[misc]
     if origin is dict:
-        return dict[args[0], _wire_hint(args[1])]  # type: ignore[misc]
+        return dict[args[0], _wire_hint(args[1])]  # type: ignore[misc,valid-type]
     if origin in (typing.Union, types.UnionType):
         return typing.Union[tuple(_wire_hint(a) for a in args)]  # type: ignore[return-value]
     return hint

@@ -92,7 +92,7 @@ class Manager:
         A subscriber that does not keep up loses events and is told so (EventsLost)
         rather than slowing the VMs or the other subscribers.
         """
-        message = {"machine": machine.name, "event": event, "data": data}
+        message: dict[str, object] = {"machine": machine.name, "event": event, "data": data}
         for queue in self._subscribers:
             try:
                 queue.put_nowait(message)

@@ -129,8 +129,8 @@ class MachineRecord:
             if f.name in ("qemu", "reaper") and value is not None:
                 value = ProcessRecord.from_json(value)  # type: ignore[arg-type]
             elif f.name == "helpers":
-                value = {k: ProcessRecord.from_json(v) for k, v in value.items()}  # type: ignore[union-attr]
+                value = {k: ProcessRecord.from_json(v) for k, v in value.items()}  # type: ignore[attr-defined]
             elif f.name == "state":
-                value = MachineState(value)
+                value = MachineState(str(value))
             kwargs[f.name] = value
         return cls(**kwargs)  # type: ignore[arg-type]

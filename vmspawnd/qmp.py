@@ -107,7 +107,7 @@ class QmpSession:
                 name = str(event["event"])
                 data = event.get("data") or {}
                 try:
-                    self._on_event(name, dict(data))
+                    self._on_event(name, dict(data))  # type: ignore[call-overload]
                 except Exception:
                     _log.exception("%s: event handler failed for %s", self._name, name)
         except asyncio.CancelledError:

@@ -96,7 +96,7 @@ def _screen_frame(frame: bytes) -> bytes:
 
 
 def to_varlink_error(exc: VmspawnError) -> VarlinkErrorReply:
-    return GenericVarlinkErrorReply(exc.varlink_name(), exc.parameters())
+    return GenericVarlinkErrorReply(exc.varlink_name(), exc.parameters())  # type: ignore[arg-type]
 
 
 class HardenedServerProtocol(VarlinkInterfaceServerProtocol):

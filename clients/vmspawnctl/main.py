@@ -166,11 +166,11 @@ def print_table(machines: list[dict[str, object]]) -> None:
 
 
 def print_status(m: dict[str, object]) -> None:
-    qemu = m.get("qemu") if isinstance(m.get("qemu"), dict) else {}
+    qemu: dict[str, object] = m["qemu"] if isinstance(m.get("qemu"), dict) else {}  # type: ignore[assignment]
     lines = [
         f"{m['name']} ({m['id']})",
         f"     State: {m['state']}" + (f" ({m['reason']})" if m.get("reason") else ""),
-        f"    Leader: {qemu.get('pid', '-')} (qemu)",  # type: ignore[union-attr]
+        f"    Leader: {qemu.get('pid', '-')} (qemu)",
         f"       UID: {m['uid']}",
         f"       QMP: {m.get('qmpAddress') or '-'}",
         f"   Console: {m.get('consoleAddress') or '-'}",

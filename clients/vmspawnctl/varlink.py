@@ -13,6 +13,11 @@ import json
 import os
 import socket
 from collections.abc import Iterator
+from collections.abc import Mapping
+from typing import Any
+
+# Varlink messages are JSON objects whose shape the IDL, not Python, describes.
+JsonObject = dict[str, Any]
 
 MAX_FDS = 16
 
@@ -20,7 +25,7 @@ MAX_FDS = 16
 class VarlinkError(Exception):
     """The service answered with a Varlink error."""
 
-    def __init__(self, name: str, parameters: dict[str, object]) -> None:
+    def __init__(self, name: str, parameters: JsonObject) -> None:
         super().__init__(f"{name} {json.dumps(parameters)}" if parameters else name)
         self.name = name
         self.parameters = parameters
@@ -64,13 +69,13 @@ class Connection:
     def __exit__(self, *_: object) -> None:
         self.close()
 
-    def send(self, method: str, parameters: dict[str, object] | None = None, *, more: bool = False) -> None:
-        message: dict[str, object] = {"method": method, "parameters": parameters or {}}
+    def send(self, method: str, parameters: Mapping[str, object] | None = None, *, more: bool = False) -> None:
+        message: JsonObject = {"method": method, "parameters": dict(parameters or {})}
         if more:
             message["more"] = True
         self._sock.sendall(json.dumps(message).encode() + b"\0")
 
-    def receive(self) -> dict[str, object]:
+    def receive(self) -> JsonObject:
         """One reply; raises VarlinkError for an error reply. Received fds accumulate in take_fds()."""
         while b"\0" not in self._buffer:
             fds = array.array("i")
@@ -96,11 +101,11 @@ class Connection:
         fds, self._fds = self._fds, []
         return fds
 
-    def call(self, method: str, parameters: dict[str, object] | None = None) -> dict[str, object]:
+    def call(self, method: str, parameters: Mapping[str, object] | None = None) -> JsonObject:
         self.send(method, parameters)
         return dict(self.receive().get("parameters") or {})
 
-    def call_for_fd(self, method: str, parameters: dict[str, object] | None = None) -> int:
+    def call_for_fd(self, method: str, parameters: Mapping[str, object] | None = None) -> int:
         """A call whose reply carries exactly one fd (OpenConsole, Screenshot); returns it."""
         self.call(method, parameters)
         fds = self.take_fds()
@@ -110,7 +115,7 @@ class Connection:
             raise RuntimeError(f"{method} returned {len(fds)} file descriptors instead of 1")
         return fds[0]
 
-    def call_more(self, method: str, parameters: dict[str, object] | None = None) -> Iterator[dict[str, object]]:
+    def call_more(self, method: str, parameters: Mapping[str, object] | None = None) -> Iterator[JsonObject]:
         self.send(method, parameters, more=True)
         while True:
             reply = self.receive()
