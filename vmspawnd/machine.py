@@ -115,10 +115,6 @@ class Machine:
         return self.directory / "display"
 
     @property
-    def _gui_window(self) -> bool:
-        return self.settings.gui_window
-
-    @property
     def qemu_log_path(self) -> Path:
         return self.directory / "qemu.log"
 
@@ -229,7 +225,7 @@ class Machine:
                 if console:
                     self.record.console_address = str(self.console_path)
                     self.record.console_log = str(self.console_log_path)
-                if self.spec.console == ConsoleMode.GUI and not self._gui_window:
+                if self.spec.console == ConsoleMode.GUI and not self.settings.gui_window:
                     self.record.display_address = str(self.display_path)
                 self._persist()
 
@@ -406,7 +402,7 @@ class Machine:
             console_fd=None,
             # QEMU logs every console byte there; the ConsoleHub rotates it (History).
             console_log=str(self.console_log_path),
-            display_socket=None if self._gui_window else str(self.display_path),
+            display_socket=None if self.settings.gui_window else str(self.display_path),
             firmware=firmware,
             initrd=initrd,
             arch=arch,
