@@ -328,8 +328,13 @@ class ManagerInterface(VarlinkInterface, name=INTERFACE):
         runs, the VM is terminated and removed. Replies once at once and once more, last,
         when the VM has ended.
         """
-        async for reply in self._hold(self._manager.get(name)):
-            yield reply
+        machine = self._manager.get(name)
+        async with _bound_to_caller(self._manager, machine):
+            yield machine_to_wire(machine.record)
+            await _until_ended(machine)
+        # The last reply must say so (continues=false): with delay_generator=False that is
+        # LastResult, a plain final yield would be sent as "more to come".
+        raise LastResult(machine_to_wire(machine.record))
 
     @varlinkmethod(return_parameter="machine", delay_generator=False)
     async def SpawnAndHold(self, *, spec: VmSpecWire) -> collections.abc.AsyncIterator[MachineWire]:  # type: ignore[valid-type]
@@ -346,25 +351,31 @@ class ManagerInterface(VarlinkInterface, name=INTERFACE):
             with contextlib.suppress(errors.NoSuchMachine):
                 _end_for_departed_holder(self._manager, self._manager.get(name))
             raise
-        async for reply in self._hold(self._manager.get(name)):
-            yield reply
+        machine = self._manager.get(name)
+        async with _bound_to_caller(self._manager, machine):
+            yield machine_to_wire(machine.record)
+            await _until_ended(machine)
+        raise LastResult(machine_to_wire(machine.record))
 
-    async def _hold(self, machine: typing.Any) -> collections.abc.AsyncIterator[MachineWire]:  # type: ignore[valid-type]
-        rec = machine.record
-        yield machine_to_wire(rec)
-        try:
-            while not rec.state.is_final:
-                try:
-                    await machine.wait_for(lambda: rec.state.is_final, 3600.0, "hold")
-                except errors.Timeout:
-                    continue
-        except asyncio.CancelledError:
-            if not rec.state.is_final and not getattr(machine, "detached", False):
-                _end_for_departed_holder(self._manager, machine)
-            raise
-        # The last reply must say so (continues=false): with delay_generator=False that is
-        # LastResult, a plain final yield would be sent as "more to come".
-        raise LastResult(machine_to_wire(rec))
+
+@contextlib.asynccontextmanager
+async def _bound_to_caller(manager: Manager, machine: typing.Any) -> collections.abc.AsyncIterator[None]:
+    """Around a holding call's replies: if the call ends before its VM did — the caller
+    hung up (CancelledError while waiting) or a reply could not be sent (GeneratorExit at
+    the yield) — the VM is ended and forgotten."""
+    try:
+        yield
+    except BaseException:
+        if not machine.record.state.is_final and not getattr(machine, "detached", False):
+            _end_for_departed_holder(manager, machine)
+        raise
+
+
+async def _until_ended(machine: typing.Any) -> None:
+    rec = machine.record
+    while not rec.state.is_final:
+        with contextlib.suppress(errors.Timeout):
+            await machine.wait_for(lambda: rec.state.is_final, 3600.0, "hold")
 
 
 _HOLD_TASKS: set["asyncio.Task[None]"] = set()

@@ -4,8 +4,9 @@
 Kept in one module so they can be dropped one by one as upstream fixes land (they
 touch private attributes, hence the exact pin of asyncvarlink==0.3.3):
 
-1. a client that hangs up while its call is in flight is noticed (MSG_PEEK reader)
-   and the handler is cancelled — otherwise a `more` stream or a slow call leaks;
+1. a client that hangs up while its call is in flight is noticed (MSG_PEEK reader, or
+   a reply that cannot be sent because the peer is gone) and the handler is cancelled —
+   otherwise a `more` stream or a slow call leaks;
 3. listening sockets get a real backlog instead of listen(1);
 4. every call knows its peer (SO_PEERCRED) through a ContextVar, and calls from a
    peer the policy refuses get a typed PermissionDenied before any method runs;
@@ -107,6 +108,7 @@ class HardenedServerProtocol(VarlinkInterfaceServerProtocol):
         self._policy = policy
         self._peer: Peer | None = None
         self._watching = False
+        self._calls: set[asyncio.Future[None]] = set()  # in flight, for _peer_gone
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
@@ -168,6 +170,8 @@ class HardenedServerProtocol(VarlinkInterfaceServerProtocol):
             current_peer.set(self._peer)
         fut = super().call_received(call, fds)
         if fut is not None and not fut.done():
+            self._calls.add(fut)
+            fut.add_done_callback(self._calls.discard)
             asyncio.get_running_loop().call_soon(self._watch_hangup, fut)
         return fut
 
@@ -199,7 +203,10 @@ class HardenedServerProtocol(VarlinkInterfaceServerProtocol):
             if done.cancelled():
                 outer.cancel()
             elif exc is not None:
-                outer.set_exception(exc)
+                if isinstance(exc, (BrokenPipeError, ConnectionResetError)):
+                    self._peer_gone()  # which may cancel `outer` with the call awaiting it
+                if not outer.done():
+                    outer.set_exception(exc)
             else:
                 outer.set_result(None)
 
@@ -220,6 +227,15 @@ class HardenedServerProtocol(VarlinkInterfaceServerProtocol):
         raise GenericVarlinkErrorReply("io.vmspawnd.Manager.InternalError", {"message": str(exc)})
 
     # --- hang-up detection (libraries.md §1.6 item 1) ------------------------------------
+    def _peer_gone(self) -> None:
+        """A reply could not be sent: the peer closed its end for good (a half-closed peer
+        still reads). That also catches a hang-up the transport itself read as EOF in the
+        same read as the call, before the MSG_PEEK reader could be armed."""
+        for fut in list(self._calls):
+            if not fut.done():
+                _log.debug("peer %s is gone; cancelling its call", self._peer)
+                fut.cancel()
+
     def _watch_hangup(self, fut: asyncio.Future[None]) -> None:
         sock = self._socket()
         if fut.done() or sock is None or self._watching:

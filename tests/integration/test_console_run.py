@@ -216,15 +216,26 @@ def test_native_console_relays_qemus_monitor(daemon: Daemon, guest) -> None:  # 
         daemon.call("Remove", {"name": "native"})
 
 
-def test_holder_hanging_up_during_the_start_leaves_no_vm(daemon: Daemon, guest) -> None:  # type: ignore[no-untyped-def]
+@pytest.mark.parametrize("frozen", [False, True], ids=["during-the-start", "before-the-daemon-read-the-call"])
+def test_holder_hanging_up_during_the_start_leaves_no_vm(daemon: Daemon, guest, frozen: bool) -> None:  # type: ignore[no-untyped-def]
     """SpawnAndHold binds the VM to the call from the start: a caller gone while the VM is
-    still starting (run killed right after sending) leaves nothing; the name is free."""
+    still starting (run killed right after sending) leaves nothing; the name is free.
+
+    `frozen`: the daemon is SIGSTOPped while the caller connects, sends and closes, so it
+    reads the call and the hang-up together (its hang-up watch is not armed yet; only the
+    failed first reply tells it the caller is gone)."""
     spec = {"name": "early", "kvm": False, "ram": 256 << 20, "linux": str(guest.kernel),
             "initrds": [str(guest.initrd)], "kernelCmdline": ["vmspawnd_test.mode=wait"]}
     before = set(qemu_processes())
     with EventStream(daemon) as events:
-        with daemon.connect() as conn:
-            conn.send(f"{MANAGER}.SpawnAndHold", {"spec": spec}, more=True)
+        if frozen:
+            daemon.process.send_signal(signal.SIGSTOP)
+        try:
+            with daemon.connect() as conn:
+                conn.send(f"{MANAGER}.SpawnAndHold", {"spec": spec}, more=True)
+        finally:
+            if frozen:
+                daemon.process.send_signal(signal.SIGCONT)
         # Hung up before any reply: the start goes on, and then the VM is ended and removed.
         states = [events.wait_state("early", "running", "failed")["data"]["state"]]  # type: ignore[index]
         events.wait_event("early", "Removed")
