@@ -225,8 +225,7 @@ class Machine:
                 if console:
                     self.record.console_address = str(self.console_path)
                     self.record.console_log = str(self.console_log_path)
-                if self.spec.console == ConsoleMode.GUI and not self.settings.gui_window:
-                    self.record.display_address = str(self.display_path)
+                self.record.display_address = resources.display_socket or ""
                 self._persist()
 
                 step = "qmp"
@@ -402,11 +401,17 @@ class Machine:
             console_fd=None,
             # QEMU logs every console byte there; the ConsoleHub rotates it (History).
             console_log=str(self.console_log_path),
-            display_socket=None if self.settings.gui_window else str(self.display_path),
+            display_socket=self._display_socket(),
             firmware=firmware,
             initrd=initrd,
             arch=arch,
         )
+
+    def _display_socket(self) -> str | None:
+        """--console=gui: a VNC socket, unless QEMU's window can open in the daemon's session."""
+        if self.spec.console != ConsoleMode.GUI or self.settings.gui_window:
+            return None
+        return str(self.display_path)
 
     def _make_payload_dir(self) -> Path:
         """SMBIOS payloads (credentials may be secrets): 0600 files in a 0700 directory,

@@ -116,7 +116,7 @@ def run_vm(args: argparse.Namespace, address: str) -> int:
     hold = Connection(address)
     try:
         hold.send(f"{INTERFACE}.SpawnAndHold", {"spec": spec}, more=True)
-        machine = hold.receive().get("parameters", {}).get("machine")  # type: ignore[attr-defined]
+        machine = hold.receive().get("parameters", {}).get("machine")
         assert isinstance(machine, dict)
         return _foreground(args, address, machine, mode, hold)
     finally:
