@@ -13,14 +13,13 @@ import collections.abc
 import contextlib
 import dataclasses
 import logging
-import signal
 import types
 import typing
 
 from asyncvarlink import FileDescriptor, LastResult, TypedVarlinkErrorReply, VarlinkInterface, varlinkmethod, varlinksignature
 from asyncvarlink.conversion import DataclassVarlinkType, ListVarlinkType, VarlinkType
 
-from . import errors
+from . import errors, parsers
 from .errors import InvalidSpec, to_camel
 from .console import ConsoleMode, last_lines, read_history
 from .manager import Manager
@@ -151,23 +150,17 @@ class _Prevalidated(VarlinkType):
         yield self._inner
 
 
-def _peer_uid() -> int:
+def _caller() -> tuple[int, int]:
+    """The calling client's uid and pid (SO_PEERCRED); -1 and 0 when unknown."""
     peer = current_peer.get(None)
-    return peer.uid if peer is not None else -1
+    return (peer.uid, peer.pid) if peer is not None else (-1, 0)
 
 
 def _parse_signal(value: int | str) -> int:
-    if isinstance(value, int):
-        valid = 1 <= value <= signal.SIGRTMAX
-        signo = value
-    else:
-        name = value.upper()
-        name = name if name.startswith("SIG") else f"SIG{name}"
-        signo = getattr(signal.Signals, name, None) if hasattr(signal.Signals, name) else None  # type: ignore[assignment]
-        valid = signo is not None
-    if not valid:
-        raise InvalidSpec("signal", f"{value!r} is not a signal (a number 1-{int(signal.SIGRTMAX)} or a name like SIGTERM)")
-    return int(signo)
+    try:
+        return parsers.parse_signal(value)
+    except ValueError as exc:
+        raise InvalidSpec("signal", str(exc)) from None
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -190,7 +183,7 @@ class ManagerInterface(VarlinkInterface, name=INTERFACE):
     @varlinkmethod(return_parameter="machine")
     async def Spawn(self, *, spec: VmSpecWire) -> MachineWire:  # type: ignore[valid-type]
         """Create and start a VM; returns once QEMU runs it. A failed start leaves nothing behind."""
-        record = await self._manager.spawn(from_wire(spec), _peer_uid())
+        record = await self._manager.spawn(from_wire(spec), *_caller())
         return machine_to_wire(record)
 
     @varlinkmethod(return_parameter="machines")
@@ -346,7 +339,7 @@ class ManagerInterface(VarlinkInterface, name=INTERFACE):
         spec_json = from_wire(spec)
         name = VmSpec.from_json(spec_json).machine_name()
         try:
-            await self._manager.spawn(spec_json, _peer_uid())
+            await self._manager.spawn(spec_json, *_caller())
         except asyncio.CancelledError:
             with contextlib.suppress(errors.NoSuchMachine):
                 _end_for_departed_holder(self._manager, self._manager.get(name))

@@ -28,10 +28,11 @@ from .guest_notify import NotifyListener, open_unix_listener, open_vsock_listene
 from .helpers import HelperSet, start_helpers, stop_recorded_helpers
 from .errors import InvalidSpec, InvalidState, NotConnected, NotSupported, StartFailed, Timeout, VmspawnError
 from .model import MachineRecord, MachineState, ProcessRecord
-from .process import ChildProcess, ReapedProcess, children_of, is_same_process, read_tail, spawn_reaped
+from .outcome import ExitFacts, decide_outcome, describe_exit, describe_status, parse_host_signal
+from .process import ChildProcess, ReapedProcess, children_of, is_same_process, process_tree, read_tail, spawn_reaped
 from .qemu_command import Resources, build_qemu_command
 from .qmp import QmpError, QmpSession
-from .registration import Registration, info_for, register_machine
+from .registration import Registration, info_for, register_machine, scope_unit_name
 from .runtime_dir import bind_listening_socket, make_private_dir, read_json, write_json_atomic, write_private_file
 from .settings import Settings
 from .spec import ConsoleMode, VmSpec
@@ -47,22 +48,6 @@ HELPER_EXIT_GRACE = 2.0  # how long QEMU may take to follow a helper that ended 
 DEFAULT_POWEROFF_DEADLINE = 60.0
 
 EventCallback = Callable[["Machine", str, dict[str, object]], None]
-
-
-def describe_status(returncode: int | None) -> str:
-    if returncode is None:
-        return "status unknown: not our child"
-    if returncode < 0:
-        return f"killed by {signal.Signals(-returncode).name}"
-    return f"status {returncode}"
-
-
-def describe_exit(returncode: int | None) -> str:
-    if returncode is None:
-        return "QEMU exited (status unknown: not our child)"
-    if returncode < 0:
-        return f"QEMU was killed by {signal.Signals(-returncode).name}"
-    return f"QEMU exited with status {returncode}"
 
 
 class Machine:
@@ -85,11 +70,13 @@ class Machine:
         self._changed = asyncio.Condition()
         self._stop_reason: str | None = None
         self._requested_signal: int | None = None
+        self._shutdown_cause: str | None = None  # the reason of QEMU's SHUTDOWN event
         self._helper_failed = False
         self._registration: Registration | None = None  # machined and the scope unit, undone in _finish
         self.console: ConsoleHub | None = None  # the daemon's console connection and history
         self.starting: asyncio.Task[None] | None = None  # Manager.spawn's start task, while it runs
         self.detached = False  # set when the daemon lets go of the VM without stopping it
+        self.caller_unit: str | None = None  # --keep-unit: the unit of the client that spawned it
         self._notify_listener: NotifyListener | None = None
         self._ready_pending = False
         self._control: VarlinkUnixServer | None = None
@@ -122,6 +109,20 @@ class Machine:
     def exit_status_path(self) -> Path:
         """Written by the reaper when QEMU exits: survives a daemon restart."""
         return self.directory / "qemu.exit"
+
+    @property
+    def control_path(self) -> Path:
+        """io.systemd.MachineInstance of this VM (machinectl 261+ and the leader call it)."""
+        return self.directory / "control"
+
+    def _leader_options(self) -> list[str]:
+        """How the reaper, registered as the VM's leader, reaches us or QEMU (reaper.py)."""
+        return [f"--control={self.control_path}", f"--qmp={self.qmp_path}", f"--deadline={DEFAULT_POWEROFF_DEADLINE:g}"]
+
+    def _leader_pid(self) -> int:
+        """The process machined knows the VM by: the reaper (reaper.py), else QEMU."""
+        assert self._qemu is not None
+        return self._qemu.reaper.pid if self._qemu.reaper is not None else self._qemu.pid
 
     def _reaper_pids(self) -> list[int]:
         return [self._qemu.reaper.pid] if self._qemu is not None and self._qemu.reaper is not None else []
@@ -211,7 +212,7 @@ class Machine:
                 step = "qemu"
                 self._qemu = await spawn_reaped(
                     "qemu", command.argv, pass_fds=command.pass_fds, log_path=self.qemu_log_path,
-                    status_path=self.exit_status_path,
+                    status_path=self.exit_status_path, leader_options=self._leader_options(),
                 )
                 stack.push_async_callback(self._kill_qemu)
                 for sock in sockets.values():
@@ -234,9 +235,9 @@ class Machine:
                 stack.push_async_callback(self._qmp.close)
 
                 step = "control"
-                self._control = await serve_machine_instance(self, self.directory / "control", self.settings.peer_policy)
+                self._control = await serve_machine_instance(self, self.control_path, self.settings.peer_policy)
                 stack.push_async_callback(self._close_control)
-                self.record.control_address = str(self.directory / "control")
+                self.record.control_address = str(self.control_path)
 
                 if console:
                     # Before `cont`: the hub sees the guest's first byte (QEMU drops output
@@ -247,17 +248,22 @@ class Machine:
                     self.console = hub
                     stack.push_async_callback(hub.close, False)
 
-                step = "cont"
-                await self._unless_qemu_exits(self._qmp.execute("cont"), step)
-
+                # Before `cont`: the guest's first instruction already runs in the VM's unit,
+                # and a VM that cannot be placed or registered never ran.
                 step = "register"
                 self._registration = await register_machine(
-                    info_for(self.record, self.spec, self._qemu.pid, vsock_cid=resources.vsock_cid),
-                    register=self.spec.register, keep_unit=self.spec.keep_unit, slice_name=self.spec.slice,
-                    properties=self.spec.properties,
-                    pids=[self._qemu.pid, *self._reaper_pids(), *(p.pid for p in self._helpers.values())],
+                    info_for(self.record, self.spec, self._leader_pid(), vsock_cid=resources.vsock_cid),
+                    register=self.spec.register, keep_unit=self.spec.keep_unit, caller_unit=self.caller_unit,
+                    slice_name=self.spec.slice, properties=self.spec.properties,
+                    pids=process_tree([*self._reaper_pids(), self._qemu.pid, *(p.pid for p in self._helpers.values())]),
                     on_request_stop=self.terminate,
                 )
+                stack.push_async_callback(self._registration.close)
+                self.record.unit = self._registration.unit or ""
+                self.record.registered = self._registration.registered
+
+                step = "cont"
+                await self._unless_qemu_exits(self._qmp.execute("cont"), step)
 
                 self._supervisor = asyncio.create_task(self._supervise(), name=f"supervise-{self.name}")
                 stack.pop_all()
@@ -473,6 +479,8 @@ class Machine:
         _log.debug("%s: QMP event %s %s", self.name, name, data)
         if name in ("STOP", "RESUME"):
             self._set_paused(name == "STOP")
+        elif name == "SHUTDOWN" and isinstance(data.get("reason"), str):
+            self._shutdown_cause = str(data["reason"])
         for queue in self._qmp_subscribers:
             with contextlib.suppress(asyncio.QueueFull):
                 queue.put_nowait((name, data))
@@ -547,6 +555,7 @@ class Machine:
         }
         missing = [name for name in rec.helpers if name not in self._helpers]
         await self._reconnect()
+        await self._renew_registration()
         self._supervisor = asyncio.create_task(self._supervise(), name=f"supervise-{self.name}")
         if missing:
             self._stop_reason = f"helper {missing[0]} exited while vmspawnd was not running"
@@ -557,6 +566,26 @@ class Machine:
             self._own_task(self._escalate())
         _log.info("%s: adopted (QEMU pid %d)", self.name, self._qemu.pid)
         return True
+
+    async def _renew_registration(self) -> None:
+        """After a restart: register the VM with machined again if it was (machined drops a
+        machine whose unit stopped, e.g. the caller's unit of a --keep-unit VM, and forgets
+        everything when it restarts itself), and take its scope back, so that the VM's end
+        releases them as a VM that never saw a restart would."""
+        rec = self.record
+        if not rec.registered and not rec.unit:
+            return
+        try:
+            self._registration = await register_machine(
+                info_for(rec, self.spec, self._leader_pid()), register=self.spec.register if rec.registered else False,
+                keep_unit=self.spec.keep_unit, adopting=True,
+            )
+        except (StartFailed, OSError) as exc:
+            _log.warning("%s: could not register the adopted VM again: %s", self.name, exc)
+            return
+        if rec.unit == scope_unit_name(self.name) and not self.spec.keep_unit:
+            self._registration.scope_unit = rec.unit
+        rec.registered = self._registration.registered
 
     async def _reconnect(self) -> None:
         """QMP (bounded), control socket, notify listener and console, as before the restart."""
@@ -614,62 +643,89 @@ class Machine:
         try:
             await self._finish(returncode)
         except Exception:
-            # Whatever broke in the cleanup, the VM has ended: record it, never hang callers.
-            _log.exception("%s: cleanup after QEMU's exit failed", self.name)
+            # _finish guards each step; this is the last line: the VM has ended, record
+            # it and never leave callers waiting on a VM whose QEMU is gone.
+            _log.exception("%s: recording the end of the VM failed", self.name)
             if not self.record.state.is_final:
                 self.record.reason = self.record.reason or describe_exit(returncode)
-                self._enter(MachineState.FAILED)
+                self.record.enter(MachineState.FAILED)
+                self._persist()
+                self._notify()
             self._finished.set()
 
     async def _finish(self, returncode: int | None) -> None:
-        if self.console is not None:
-            await self.console.close(drain=True)
-        if self._qmp is not None:
-            await self._qmp.close()
-        await self._close_control()
-        if self._notify_listener is not None:
-            await self._notify_listener.close()
-            self._notify_listener = None
+        """Record why QEMU ended, release everything the VM held, enter the final state.
+
+        Each release step is independent: one that fails is logged and the others still
+        run, and the VM always reaches its final state (its name is then free to reuse).
+        """
         rec = self.record
         rec.stderr_tail = self._stderr_tail()
         if returncode is not None and returncode >= 0:
             rec.exit_code = returncode
         elif returncode is not None:
             rec.exit_signal = -returncode
-        requested_kill = self._requested_signal is not None and returncode == -self._requested_signal
-        if self._helper_failed:
-            rec.reason = self._stop_reason or "a helper exited"
-            final = MachineState.FAILED
-        elif self._stop_reason is not None:
-            rec.reason = self._stop_reason
-            final = MachineState.STOPPED
-        elif requested_kill:
-            assert self._requested_signal is not None
-            rec.reason = f"killed with {signal.Signals(self._requested_signal).name} on request"
-            final = MachineState.STOPPED
-        elif returncode == 0:
-            rec.reason = "QEMU exited: the guest powered off"
-            final = MachineState.STOPPED
-        else:
-            rec.reason = describe_exit(returncode)
-            final = MachineState.FAILED
-        try:
-            if self._helper_set is not None:
-                await self._helper_set.aclose()  # helpers stop (reaped) and keys/sockets go with the VM
-            elif rec.helpers:  # adopted after a restart: known only from the record
-                await stop_recorded_helpers(rec.helpers, self.name, self.directory, rec.ssh_private_key_path)
-        except Exception:
-            _log.exception("%s: stopping the helpers failed", self.name)
-        if self._registration is not None:
-            await self._registration.close()  # unregister, end the scope; failures are only logged
+        outcome = decide_outcome(ExitFacts(
+            returncode=returncode,
+            stop_reason=self._stop_reason,
+            helper_failed=self._helper_failed,
+            requested_signal=self._requested_signal,
+            host_signal=parse_host_signal(rec.stderr_tail),
+            shutdown_cause=self._shutdown_cause,
+        ))
+        rec.reason = outcome.reason
+        for step, release in self._release_steps():
+            try:
+                await release()
+            except Exception:
+                _log.exception("%s: %s failed after QEMU's exit", self.name, step)
         rec.ssh_private_key_path = ""
         rec.ready = False
         rec.qmp_address = rec.console_address = rec.control_address = rec.notify_address = ""  # gone with QEMU
         rec.display_address = ""
-        self._remove_leftovers()  # credentials (keys) end with the VM, as vmspawn's SMBIOS dir
-        self._enter(final)
+        self._enter(outcome.state)
         self._finished.set()
-        _log.info("%s: %s (%s)", self.name, final.value, rec.reason)
+        _log.info("%s: %s (%s)", self.name, outcome.state.value, rec.reason)
+
+    def _release_steps(self) -> list[tuple[str, Callable[[], Awaitable[object]]]]:
+        """What a VM holds once QEMU is gone, in the order it is let go."""
+
+        async def close_console() -> None:
+            if self.console is not None:
+                await self.console.close(drain=True)
+
+        async def close_qmp() -> None:
+            if self._qmp is not None:
+                await self._qmp.close()
+
+        async def close_notify() -> None:
+            if self._notify_listener is not None:
+                listener, self._notify_listener = self._notify_listener, None
+                await listener.close()
+
+        async def stop_helpers() -> None:
+            rec = self.record
+            if self._helper_set is not None:
+                await self._helper_set.aclose()  # helpers stop (reaped) and keys/sockets go with the VM
+            elif rec.helpers:  # adopted after a restart: known only from the record
+                await stop_recorded_helpers(rec.helpers, self.name, self.directory, rec.ssh_private_key_path)
+
+        async def unregister() -> None:
+            if self._registration is not None:
+                await self._registration.close()  # unregister, end the scope; failures are only logged
+
+        async def remove_leftovers() -> None:
+            self._remove_leftovers()  # credentials (keys) end with the VM, as vmspawn's SMBIOS dir
+
+        return [
+            ("closing the console", close_console),
+            ("closing QMP", close_qmp),
+            ("closing the control socket", self._close_control),
+            ("closing the notify socket", close_notify),
+            ("stopping the helpers", stop_helpers),
+            ("unregistering", unregister),
+            ("removing runtime files", remove_leftovers),
+        ]
 
     def _remove_leftovers(self) -> None:
         """Sockets and temporary files die with QEMU; the record, logs and history stay.
@@ -691,24 +747,34 @@ class Machine:
             raise InvalidState(self.name, self.record.state.value, operation)
 
     async def power_off(self, deadline: float = DEFAULT_POWEROFF_DEADLINE) -> None:
-        """ACPI power button; if the guest has not powered off by `deadline`, escalate.
+        """ACPI power button, then wait for the VM's end (escalating after `deadline`)."""
+        if self.record.state is not MachineState.STOPPING:
+            await self.request_power_off(deadline)
+        await self._finished.wait()
 
-        A QEMU that does not answer the power-button command gets a typed Timeout and no
-        state change (Terminate is the way out of a wedged QEMU).
+    async def request_power_off(self, deadline: float = DEFAULT_POWEROFF_DEADLINE) -> None:
+        """Press the ACPI power button and return; if the guest has not powered off by
+        `deadline`, the machine escalates (QMP quit, SIGTERM, SIGKILL) on its own.
+
+        A QEMU that does not take the power-button command is escalated on at once, as a
+        VM that must stop. Asking again while it is stopping changes nothing.
         """
         if self.record.state is MachineState.STOPPING:
-            await self._finished.wait()
             return
         self._require("power off", MachineState.RUNNING, MachineState.READY)
         try:
-            assert self._qmp is not None
+            if self._qmp is None:
+                raise NotConnected(self.name)
             await self._qmp.execute("system_powerdown")
-        except (NotConnected, QmpError) as exc:
+        except (NotConnected, QmpError, Timeout) as exc:
             _log.warning("%s: ACPI power-off request failed (%s), escalating", self.name, exc)
             deadline = 0
         self._stop_reason = "powered off on request"
         self.record.reason = self._stop_reason  # persisted: a restarted daemon finishes the stop
         self._enter(MachineState.STOPPING)
+        self._own_task(self._escalate_after(deadline))
+
+    async def _escalate_after(self, deadline: float) -> None:
         if not await self._wait_finished(deadline):
             self._stop_reason = f"terminated: the guest did not power off within {deadline:g}s"
             await self._escalate()

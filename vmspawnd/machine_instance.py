@@ -20,7 +20,7 @@ from asyncvarlink.serviceinterface import VarlinkServiceInterface
 from asyncvarlink.util import VarlinkUnixServer
 
 from . import __version__
-from .errors import NotConnected
+from .errors import InvalidState, NotConnected
 from .runtime_dir import bind_listening_socket
 from .varlink_server import PeerPolicy, serve_unix
 
@@ -71,27 +71,37 @@ class MachineInstanceInterface(VarlinkInterface, name=INTERFACE):
     @varlinkmethod
     async def Terminate(self) -> None:
         """Forcefully terminate the machine immediately."""
-        await self._machine.terminate()
+        await self._lifecycle(self._machine.terminate())
 
     @varlinkmethod
     async def PowerOff(self) -> None:
         """Request a clean shutdown of the machine."""
-        await self._qmp("system_powerdown")
+        # As `vmspawnctl stop`: the ACPI power button, escalating after the deadline
+        # (vmspawn only presses the button). Answered once the button is pressed.
+        await self._lifecycle(self._machine.request_power_off())
 
     @varlinkmethod
     async def Reboot(self) -> None:
         """Reboot the machine."""
-        await self._qmp("system_reset")
+        await self._lifecycle(self._machine.reboot())
 
     @varlinkmethod
     async def Pause(self) -> None:
         """Pause/freeze the machine."""
-        await self._qmp("stop")
+        await self._lifecycle(self._machine.pause())
 
     @varlinkmethod
     async def Resume(self) -> None:
         """Resume a paused machine."""
-        await self._qmp("cont")
+        await self._lifecycle(self._machine.resume())
+
+    async def _lifecycle(self, request: "collections.abc.Awaitable[None]") -> None:
+        """systemd's interface has no InvalidState: a VM that is not running (or whose
+        QEMU cannot be reached) is NotConnected to its caller."""
+        try:
+            await request
+        except (NotConnected, InvalidState):
+            raise NotConnectedError() from None
 
     @varlinkmethod
     async def Describe(self) -> DescribeResult:

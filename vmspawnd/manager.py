@@ -13,11 +13,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 
-from .errors import InvalidState, MachineExists, NoSuchMachine, VmspawnError
+from .cgroup import own_unit, unit_of_pid
+from .errors import InvalidSpec, InvalidState, MachineExists, NoSuchMachine, VmspawnError
 from .machine import Machine, discard_leftovers
+from .registration import systemd_is_service_manager
 from .model import STATE_FORMAT_VERSION, MachineRecord, MachineState
 from .runtime_dir import make_private_dir, new_machine_id, read_json
 from .spec import VmSpec
@@ -26,6 +29,29 @@ from .settings import Settings
 _log = logging.getLogger(__name__)
 
 SUBSCRIBER_QUEUE_SIZE = 1024
+
+
+def keep_unit_target(caller_pid: int) -> str | None:
+    """The unit a --keep-unit VM joins: its caller's. None where systemd manages nothing
+    (there are no units to keep); refused where the caller is in no unit, or in
+    vmspawnd's own (the VM would go down with every restart of the daemon, and machinectl
+    terminate would stop the daemon instead of the VM)."""
+    if not systemd_is_service_manager(os.environ):
+        return None
+    user = os.geteuid() != 0
+    unit = unit_of_pid(caller_pid, user)
+    if unit is None:
+        raise InvalidSpec(
+            "keepUnit",
+            f"the calling client (pid {caller_pid or 'unknown'}) runs in no systemd unit that vmspawnd can see; "
+            "run it in one (a service, or systemd-run --scope) or leave out --keep-unit",
+        )
+    if unit == own_unit(user):
+        raise InvalidSpec(
+            "keepUnit",
+            f"the calling client runs in {unit}, vmspawnd's own unit; a VM there would stop with the daemon",
+        )
+    return unit
 
 
 class Manager:
@@ -56,16 +82,20 @@ class Manager:
             if candidate not in taken and not (self.machines_dir / candidate).exists():
                 return candidate
 
-    async def spawn(self, spec_json: Mapping[str, object], uid: int) -> MachineRecord:
-        """Validate, reserve the name, start; returns once QEMU runs the guest."""
+    async def spawn(self, spec_json: Mapping[str, object], uid: int, caller_pid: int = 0) -> MachineRecord:
+        """Validate, reserve the name, start; returns once QEMU runs the guest.
+
+        `caller_pid` (SO_PEERCRED) is the client whose unit a --keep-unit VM joins."""
         spec = VmSpec.from_json(spec_json)
         name = spec.machine_name()
         if name in self._machines:
             raise MachineExists(name)
+        caller_unit = keep_unit_target(caller_pid) if spec.keep_unit else None
         machine_id = self._new_id()
         record = MachineRecord(name=name, id=machine_id, uid=uid, spec=spec.to_json())
         record.enter(MachineState.STARTING)
         machine = Machine(record, spec, self.machines_dir / machine_id, self._publish, self.settings)
+        machine.caller_unit = caller_unit
         self._machines[name] = machine
         task = machine.starting = asyncio.create_task(machine.start(), name=f"start-{name}")
         self._own(task)

@@ -97,6 +97,8 @@ class MachineRecord:
     readiness: str = ""  # what "ready" means for this VM: "guest" (READY=1) or why running counts as ready
     status_text: str = ""  # the guest's last STATUS=
     exit_status: int | None = None  # the guest's EXIT_STATUS=, if it sent one
+    unit: str = ""  # the systemd unit holding every process of the VM: its scope, or the caller's (--keep-unit)
+    registered: bool = False  # with systemd-machined (a restarted daemon registers it again)
 
     def enter(self, state: MachineState) -> None:
         """Move to `state`, stamping the time (µs since the epoch, as systemd does)."""

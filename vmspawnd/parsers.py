@@ -46,6 +46,8 @@ __all__ = [
     "parse_ether_addr",
     "mangle_unit_name",
     "path_simplify",
+    "parse_signal",
+    "signal_name",
 ]
 
 # systemd's WHITESPACE (string-util.h) — note: no \v or \f.
@@ -1074,3 +1076,60 @@ def mangle_unit_name(name: str, suffix: str) -> str:
     if not _unit_name_is_valid(mangled):
         raise ValueError(f"Failed to turn {name!r} into a unit name (got {mangled!r}); {forms}")
     return mangled
+
+
+# --- signals --------------------------------------------------------------------------
+# Linux's realtime signals have no names of their own: systemd (signal_to_string,
+# signal_from_string) calls them SIGRTMIN+N and SIGRTMAX-N, and so does kill(1).
+_SIGRTMIN = 34
+_SIGRTMAX = 64
+_STANDARD_SIGNALS = {
+    1: "SIGHUP", 2: "SIGINT", 3: "SIGQUIT", 4: "SIGILL", 5: "SIGTRAP", 6: "SIGABRT", 7: "SIGBUS",
+    8: "SIGFPE", 9: "SIGKILL", 10: "SIGUSR1", 11: "SIGSEGV", 12: "SIGUSR2", 13: "SIGPIPE",
+    14: "SIGALRM", 15: "SIGTERM", 16: "SIGSTKFLT", 17: "SIGCHLD", 18: "SIGCONT", 19: "SIGSTOP",
+    20: "SIGTSTP", 21: "SIGTTIN", 22: "SIGTTOU", 23: "SIGURG", 24: "SIGXCPU", 25: "SIGXFSZ",
+    26: "SIGVTALRM", 27: "SIGPROF", 28: "SIGWINCH", 29: "SIGIO", 30: "SIGPWR", 31: "SIGSYS",
+}
+_SIGNAL_NUMBERS = {name: number for number, name in _STANDARD_SIGNALS.items()} | {"SIGIOT": 6, "SIGPOLL": 29}
+_RT_SIGNAL = re.compile(r"SIGRT(MIN|MAX)(?:([+-])(\d{1,2}))?")
+
+
+def signal_name(signo: int) -> str:
+    """systemd's signal_to_string(): SIGTERM, SIGRTMIN+4, or "signal N" for anything else.
+
+    Never raises: an exit status can carry any number, and naming it must not fail the
+    cleanup that reports it."""
+    if signo in _STANDARD_SIGNALS:
+        return _STANDARD_SIGNALS[signo]
+    if _SIGRTMIN <= signo <= _SIGRTMAX:
+        return "SIGRTMIN" if signo == _SIGRTMIN else f"SIGRTMIN+{signo - _SIGRTMIN}"
+    return f"signal {signo}"
+
+
+def parse_signal(text: str | int) -> int:
+    """systemd's signal_from_string(): a number 1…64, or a name with or without SIG
+    (TERM, SIGTERM, RTMIN+4, SIGRTMAX-2), case-insensitively as kill(1) takes it."""
+    accepted = "a number 1-64 or a name like SIGTERM, TERM or SIGRTMIN+4"
+    if isinstance(text, int) and not isinstance(text, bool):
+        if 1 <= text <= _SIGRTMAX:
+            return text
+        raise ValueError(f"{text} is not a signal ({accepted})")
+    if not isinstance(text, str):
+        raise ValueError(f"{text!r} is not a signal ({accepted})")
+    word = text.strip()
+    if word.isdigit():
+        return parse_signal(int(word))
+    name = word.upper()
+    if not name.startswith("SIG"):
+        name = "SIG" + name
+    if name in _SIGNAL_NUMBERS:
+        return _SIGNAL_NUMBERS[name]
+    match = _RT_SIGNAL.fullmatch(name)
+    if match:
+        base = _SIGRTMIN if match[1] == "MIN" else _SIGRTMAX
+        offset = int(match[3] or 0) * (1 if match[2] != "-" else -1)
+        if match[2] is None or (match[1] == "MIN" and match[2] == "+") or (match[1] == "MAX" and match[2] == "-"):
+            if _SIGRTMIN <= base + offset <= _SIGRTMAX:
+                return base + offset
+    raise ValueError(f"{text!r} is not a signal ({accepted})")
+

@@ -53,6 +53,20 @@ def children_of(pid: int) -> list[int]:
     return found
 
 
+def process_tree(roots: Sequence[int]) -> list[int]:
+    """`roots` and all their descendants, each once, parents before children (so a mover
+    takes a parent before it can fork again into the old cgroup)."""
+    found: list[int] = []
+    queue = list(roots)
+    while queue:
+        pid = queue.pop(0)
+        if pid in found:
+            continue
+        found.append(pid)
+        queue += children_of(pid)
+    return found
+
+
 def describe_process(pid: int) -> ProcessRecord:
     return ProcessRecord(pid=pid, start_time=process_start_time(pid), boot_id=boot_id())
 
@@ -290,13 +304,17 @@ async def spawn_reaped(
     pass_fds: Sequence[int] = (),
     log_path: Path,
     status_path: Path,
+    leader_options: Sequence[str] = (),
 ) -> ReapedProcess:
-    """Start `argv` under a reaper; returns once the reaper reported the child's pid."""
+    """Start `argv` under a reaper; returns once the reaper reported the child's pid.
+
+    `leader_options` tell the reaper, as the VM's leader, where to forward machined's
+    signals (--control=, --qmp=, --deadline=; see reaper.py)."""
     read_end, write_end = os.pipe()
     try:
         reaper = spawn_detached(
             "reaper",
-            [sys.executable, "-I", "-S", REAPER_SCRIPT, str(status_path), str(write_end), "--", *argv],
+            [sys.executable, "-I", "-S", REAPER_SCRIPT, *leader_options, str(status_path), str(write_end), "--", *argv],
             pass_fds=[*pass_fds, write_end],
             log_path=log_path,
         )

@@ -56,6 +56,7 @@ SYSTEM_MACHINED_ADDRESS = "/run/systemd/machine/io.systemd.Machine"
 ENV_MACHINED_ADDRESS = "VMSPAWND_MACHINED_ADDRESS"
 ENV_SYSTEMD_BOOTED = "VMSPAWND_SYSTEMD_BOOTED"
 DEFAULT_SLICE = "machine.slice"
+GUESTS_UNIT = "vmspawnd-guests.service"
 CALL_TIMEOUT = 10.0
 JOB_TIMEOUT = 30.0
 
@@ -88,7 +89,6 @@ class RegistrationInfo:
     vsock_cid: int | None = None
     ssh_private_key_path: str | None = None
     allow_interactive_authentication: bool | None = None
-    allocate_unit: bool = False
     control_address: str | None = None
 
 
@@ -128,8 +128,6 @@ def varlink_register_parameters(info: RegistrationInfo, with_control_address: bo
         params["sshPrivateKeyPath"] = info.ssh_private_key_path
     if info.allow_interactive_authentication is not None:
         params["allowInteractiveAuthentication"] = info.allow_interactive_authentication
-    if info.allocate_unit:
-        params["allocateUnit"] = True
     if with_control_address and info.control_address:
         params["controlAddress"] = info.control_address
     return params
@@ -303,6 +301,10 @@ def scope_properties(
         ["CollectMode", Variant("s", "inactive-or-failed")],
         ["AddRef", Variant("b", True)],
         ["Slice", Variant("s", mangle_unit_name(slice_name or DEFAULT_SLICE, ".slice"))],
+        # Stopped only after vmspawnd-guests.service powered the guest off through ACPI at
+        # shutdown (stop order is the reverse of start order): without it, PID 1 would
+        # SIGTERM QEMU in parallel with the power-off, as libvirt-guests avoids too.
+        ["Before", Variant("as", [GUESTS_UNIT])],
     ]
     if controller:
         props.append(["Controller", Variant("s", controller)])
@@ -325,6 +327,11 @@ def _systemd_call(member: str, signature: str, body: list[object], unix_fds: lis
 
 def start_transient_unit_message(unit: str, properties: list[list[object]], unix_fds: list[int] | None = None) -> Message:
     return _systemd_call("StartTransientUnit", "ssa(sv)a(sa(sv))", [unit, "fail", properties, []], unix_fds)
+
+
+def attach_processes_message(unit: str, pids: Sequence[int]) -> Message:
+    """AttachProcessesToUnit(ssau): move processes into an existing unit's cgroup (systemd 238+)."""
+    return _systemd_call("AttachProcessesToUnit", "ssau", [unit, "", list(pids)])
 
 
 def kill_unit_message(unit: str, whom: str = "all", signo: int = signal.SIGKILL) -> Message:
@@ -377,16 +384,23 @@ class Plan:
 
     register: bool
     required: bool
-    allocate_unit: bool  # ask machined (Varlink only) to create the scope
-    own_scope: bool  # create the scope ourselves if machined did not
+    own_scope: bool  # a NAME.scope of ours holding every process of the VM
+    join_unit: bool  # --keep-unit: every process of the VM joins the calling client's unit
 
 
-def plan(register: bool | None, keep_unit: bool, is_root: bool, systemd_booted: bool) -> Plan:
-    """vmspawn's rules (§5.2): root + registering ⇒ machined allocates the scope;
-    `--keep-unit` ⇒ no scope at all; the scope only exists where systemd manages the system."""
+def plan(register: bool | None, keep_unit: bool, systemd_booted: bool) -> Plan:
+    """Units exist only where systemd manages the system. Without `--keep-unit` the VM gets
+    a scope of its own, which vmspawnd creates with all of the VM's processes in it (vmspawn
+    258+ asks machined to allocate it when root, but machined's scope holds only the
+    leader, and the reaper, swtpm and virtiofsd would stay in vmspawnd.service); with it,
+    the processes join the unit of the client that asked, as vmspawn's own processes stay
+    in the unit vmspawn runs in. Registration with machined comes after, so machined
+    finds the unit from the leader's cgroup."""
     wants = register is not False
-    scope = systemd_booted and not keep_unit
-    return Plan(register=wants, required=register is True, allocate_unit=wants and is_root and scope, own_scope=scope)
+    return Plan(
+        register=wants, required=register is True,
+        own_scope=systemd_booted and not keep_unit, join_unit=systemd_booted and keep_unit,
+    )
 
 
 # ---------------------------------------------------------------------------------------
@@ -491,7 +505,8 @@ class Registration:
         self.is_root = is_root
         self.varlink_address: str | None = None  # registered over Varlink here
         self.dbus_registered = False
-        self.scope_unit: str | None = None  # allocated by us
+        self.scope_unit: str | None = None  # allocated by us (stopped in close())
+        self.unit: str | None = None  # the unit holding the VM's processes: our scope or the caller's
         self.bus: MessageBus | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._closed = False
@@ -634,6 +649,7 @@ async def register_machine(
     *,
     register: bool | None,
     keep_unit: bool = False,
+    caller_unit: str | None = None,
     slice_name: str | None = None,
     properties: Sequence[str] = (),
     pids: Sequence[int] = (),
@@ -641,50 +657,46 @@ async def register_machine(
     is_root: bool | None = None,
     systemd_booted: bool | None = None,
     environ: Mapping[str, str] | None = None,
+    adopting: bool = False,
 ) -> Registration:
-    """Register the VM with machined and put it in its scope, per `plan()`.
+    """Put every process of the VM in its unit, then register the VM with machined (per
+    `plan()`); `info.leader_pid` is the leader machined signals (the reaper).
 
-    Raises StartFailed at step "register" or "scope" when a required part fails; with
-    auto registration an absent machined is skipped quietly and other failures logged.
-    Whatever was done before a failure is undone before raising."""
+    `pids` are all of the VM's processes; `caller_unit` is the unit of the client that
+    asked for `--keep-unit`. `adopting`: a restarted daemon takes the VM back; its
+    processes are in their unit already and only the registration is renewed. Raises StartFailed at step "scope", "keep-unit" or "register"
+    when a required part fails; with auto registration an absent machined is skipped
+    quietly and other failures logged. Whatever was done before a failure is undone
+    before raising."""
     env = os.environ if environ is None else environ
     root = os.geteuid() == 0 if is_root is None else is_root
     booted = systemd_is_service_manager(env) if systemd_booted is None else systemd_booted
-    steps = plan(register, keep_unit, root, booted)
+    steps = plan(register, keep_unit, booted)
     registration = Registration(info.name, root)
-    info = dataclasses.replace(info, allocate_unit=steps.allocate_unit)
     if info.leader_pid and info.leader_pidfd_id is None:
         info = dataclasses.replace(info, leader_pidfd_id=pidfd_id(info.leader_pid))
+    processes = list(pids or [info.leader_pid])
     problems: list[str] = []
     try:
-        dbus_fallback = False
-        if steps.register:
-            address = machined_address(env, root)
+        if adopting:
+            pass  # the processes stayed in their unit across the restart
+        elif steps.own_scope:
             try:
-                await _varlink_register(info, address)
-                registration.varlink_address = address
-            except (OSError, TimeoutError, VarlinkCallError, ValueError) as exc:
-                if _unavailable(exc):
-                    _log.debug("%s: machined's Varlink socket %s is absent (%s), trying D-Bus", info.name, address, exc)
-                    dbus_fallback = True
-                else:
-                    problems.append(f"io.systemd.Machine.Register at {address}: {exc}")
-        machined_allocated = registration.varlink_address is not None and info.allocate_unit
-        if steps.own_scope and not machined_allocated:
-            try:
-                await _start_scope(registration, info, slice_name, properties, pids or [info.leader_pid], on_request_stop)
+                await _start_scope(registration, info, slice_name, properties, processes, on_request_stop)
             except (OSError, TimeoutError, DBusCallError, ValueError) as exc:
                 raise StartFailed("scope", f"could not create {scope_unit_name(info.name)}: {exc}") from exc
-        if dbus_fallback:
+            registration.unit = registration.scope_unit
+        elif steps.join_unit:
+            if not caller_unit:
+                raise StartFailed("keep-unit", "the calling client runs in no unit of the service manager")
             try:
                 bus = await registration.bus_connection()
-                await dbus_call(bus, register_machine_message(dataclasses.replace(info, allocate_unit=False)))
-                registration.dbus_registered = True
+                await dbus_call(bus, attach_processes_message(caller_unit, processes))
             except (OSError, TimeoutError, DBusCallError, InvalidAddressError) as exc:
-                if _unavailable(exc) or (isinstance(exc, DBusCallError) and exc.name in _NO_SERVICE):
-                    _log.debug("%s: machined is not on the bus either (%s)", info.name, exc)
-                else:
-                    problems.append(f"org.freedesktop.machine1 RegisterMachine: {exc}")
+                raise StartFailed("keep-unit", f"could not move the VM's processes into {caller_unit}: {exc}") from exc
+            registration.unit = caller_unit
+        if steps.register:
+            await _register(registration, info, root, env, problems, exists_ok=adopting)
         if steps.register and not registration.registered:
             if steps.required:
                 raise StartFailed("register", "could not register with systemd-machined: " + "; ".join(problems or ["not reachable"]))
@@ -702,6 +714,47 @@ async def register_machine(
         registration.bus.disconnect()
         registration.bus = None
     return registration
+
+
+async def _register(
+    registration: Registration, info: RegistrationInfo, root: bool, env: Mapping[str, str], problems: list[str],
+    exists_ok: bool,
+) -> None:
+    """io.systemd.Machine.Register, or RegisterMachine on D-Bus where machined has no
+    Varlink socket. With `exists_ok` (a restarted daemon registering a VM it adopted,
+    whose registration machined may have kept) a machine of that name counts as ours."""
+    address = machined_address(env, root)
+    try:
+        await _varlink_register(info, address)
+        registration.varlink_address = address
+        return
+    except VarlinkCallError as exc:
+        if exists_ok and exc.error == "io.systemd.Machine.MachineExists":
+            registration.varlink_address = address
+            return
+        problems.append(f"io.systemd.Machine.Register at {address}: {exc}")
+        return
+    except (OSError, TimeoutError, ValueError) as exc:
+        if not _unavailable(exc):
+            problems.append(f"io.systemd.Machine.Register at {address}: {exc}")
+            return
+        _log.debug("%s: machined's Varlink socket %s is absent (%s), trying D-Bus", info.name, address, exc)
+    try:
+        bus = await registration.bus_connection()
+        await dbus_call(bus, register_machine_message(info))
+        registration.dbus_registered = True
+    except DBusCallError as exc:
+        if exists_ok and exc.name == "org.freedesktop.machine1.MachineExists":
+            registration.dbus_registered = True
+        elif exc.name in _NO_SERVICE:
+            _log.debug("%s: machined is not on the bus either (%s)", info.name, exc)
+        else:
+            problems.append(f"org.freedesktop.machine1 RegisterMachine: {exc}")
+    except (OSError, TimeoutError, InvalidAddressError) as exc:
+        if _unavailable(exc):
+            _log.debug("%s: machined is not on the bus either (%s)", info.name, exc)
+        else:
+            problems.append(f"org.freedesktop.machine1 RegisterMachine: {exc}")
 
 
 def info_for(record: object, spec: object, leader_pid: int, vsock_cid: int | None = None) -> RegistrationInfo:

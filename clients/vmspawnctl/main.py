@@ -110,20 +110,17 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     events.add_argument("--json", action="store_true", help="one JSON object per line")
     kill = sub.add_parser("kill", help="send a signal to a VM's QEMU")
     kill.add_argument("name")
-    kill.add_argument("-s", "--signal", default="SIGTERM", help="signal name or number (default SIGTERM)")
+    kill.add_argument("-s", "--signal", default="SIGTERM", help="signal name or number: SIGTERM, TERM, SIGRTMIN+4, 15 (default SIGTERM)")
     return parser
 
 
 def signal_number(text: str) -> int:
-    import signal
+    from vmspawnd.parsers import parse_signal
 
-    if text.isdigit():
-        return int(text)
-    name = text.upper() if text.upper().startswith("SIG") else f"SIG{text.upper()}"
     try:
-        return int(signal.Signals[name])
-    except KeyError:
-        raise SystemExit(f"vmspawnctl: --signal: unknown signal {text!r}; expected a name like SIGTERM or a number") from None
+        return parse_signal(text)
+    except ValueError as exc:
+        raise SystemExit(f"vmspawnctl: --signal: {exc}") from None
 
 
 def format_error(exc: VarlinkError) -> str:
@@ -151,12 +148,18 @@ def format_error(exc: VarlinkError) -> str:
     return f"{exc.name}: {json.dumps(p)}" if p else exc.name
 
 
+def display_state(m: dict[str, object]) -> str:
+    """The state as a user reads it: a frozen VM is "paused", whatever it was before."""
+    state = str(m["state"])
+    return "paused" if m.get("paused") and state in ("running", "ready") else state
+
+
 def print_table(machines: list[dict[str, object]]) -> None:
     rows = [("NAME", "STATE", "PID", "ID", "REASON")]
     for m in machines:
         qemu = m.get("qemu") or {}
         pid = str(qemu.get("pid", "-")) if isinstance(qemu, dict) and m.get("state") not in ("stopped", "failed") else "-"
-        rows.append((str(m["name"]), str(m["state"]), pid, str(m["id"]), str(m.get("reason") or "")))
+        rows.append((str(m["name"]), display_state(m), pid, str(m["id"]), str(m.get("reason") or "")))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     bold = sys.stdout.isatty() and "NO_COLOR" not in os.environ
     for index, row in enumerate(rows):
@@ -167,10 +170,13 @@ def print_table(machines: list[dict[str, object]]) -> None:
 
 def print_status(m: dict[str, object]) -> None:
     qemu: dict[str, object] = m["qemu"] if isinstance(m.get("qemu"), dict) else {}  # type: ignore[assignment]
+    reaper: dict[str, object] = m["reaper"] if isinstance(m.get("reaper"), dict) else {}  # type: ignore[assignment]
     lines = [
         f"{m['name']} ({m['id']})",
-        f"     State: {m['state']}" + (f" ({m['reason']})" if m.get("reason") else ""),
-        f"    Leader: {qemu.get('pid', '-')} (qemu)",
+        f"     State: {display_state(m)}" + (f" ({m['reason']})" if m.get("reason") else ""),
+        f"    Leader: {reaper.get('pid', '-')} (vmspawnd-reaper)" if reaper else f"    Leader: {qemu.get('pid', '-')} (qemu)",
+        f"      QEMU: {qemu.get('pid', '-')}",
+        f"      Unit: {m.get('unit') or '-'}" + (" (registered with systemd-machined)" if m.get("registered") else ""),
         f"       UID: {m['uid']}",
         f"       QMP: {m.get('qmpAddress') or '-'}",
         f"   Console: {m.get('consoleAddress') or '-'}",
@@ -328,7 +334,7 @@ def run(args: argparse.Namespace) -> int:
             print(f"{machine['name']}: {machine['state']} ({machine['reason']})")  # type: ignore[index]
         elif args.command in ("pause", "resume", "reboot"):
             machine = conn.call(method + args.command.capitalize(), {"name": args.name})["machine"]
-            print(f"{machine['name']}: {machine['state']}{' (paused)' if machine.get('paused') else ''}")  # type: ignore[index,union-attr]
+            print(f"{machine['name']}: {display_state(machine)}")  # type: ignore[arg-type,index]
         elif args.command == "events":
             follow_events(conn, args.name, args.json)
         elif args.command == "terminate":

@@ -128,7 +128,7 @@ def _foreground(args: argparse.Namespace, address: str, machine: dict[str, objec
     attached = mode in ("interactive", "read-only", "native")
     if not args.quiet and mode != "gui":
         print(f"Spawning VM {name} on {_boot_path(machine.get('spec') or {})}.", file=sys.stderr)  # type: ignore[arg-type]
-        if mode in ("interactive", "read-only"):
+        if mode == "interactive":  # as vmspawn: a read-only console takes no keys at all
             print("Press Ctrl-] three times within 1s to kill VM.", file=sys.stderr)
         elif mode == "native":
             print("Press Ctrl-a x to kill VM.", file=sys.stderr)

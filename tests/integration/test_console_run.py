@@ -110,7 +110,9 @@ def test_run_in_foreground_returns_0_after_poweroff_and_notifies(daemon: Daemon,
     assert code == 0, stderr
     assert b"VMSPAWND-TEST: powering-off" in out.data
     assert f"Spawning VM fg on {guest.kernel}.\n" in stderr
-    assert "Press Ctrl-] three times within 1s to kill VM.\n" in stderr
+    # stdin is no terminal, so the console is read-only: like vmspawn, no escape-key hint
+    # (it is printed for an interactive console only).
+    assert "Ctrl-]" not in stderr
     assert "fg" not in names(daemon)  # like vmspawn, nothing is left behind
 
 

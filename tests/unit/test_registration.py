@@ -20,12 +20,12 @@ UUID = "01234567-89ab-cdef-0123-456789abcdef"
 def test_varlink_parameters_full() -> None:
     info = r.RegistrationInfo(
         name="vm1", uuid=UUID, leader_pid=123, leader_pidfd_id=77, root_directory="/srv/t", vsock_cid=4711,
-        ssh_private_key_path="/run/k", allocate_unit=True, control_address="/run/vmspawnd/machines/x/control",
+        ssh_private_key_path="/run/k", control_address="/run/vmspawnd/machines/x/control",
     )
     assert r.varlink_register_parameters(info) == {
         "name": "vm1", "id": "0123456789abcdef0123456789abcdef", "service": "vmspawnd", "class": "vm",
         "leaderProcessId": {"pid": 123, "pidfdId": 77}, "rootDirectory": "/srv/t", "vSockCid": 4711,
-        "sshAddress": "vsock/4711", "sshPrivateKeyPath": "/run/k", "allocateUnit": True,
+        "sshAddress": "vsock/4711", "sshPrivateKeyPath": "/run/k",
         "controlAddress": "/run/vmspawnd/machines/x/control",
     }
     assert "controlAddress" not in r.varlink_register_parameters(info, with_control_address=False)
@@ -141,6 +141,7 @@ def test_scope_properties() -> None:
         "CollectMode": ("s", "inactive-or-failed"),
         "AddRef": ("b", True),
         "Slice": ("s", "machine.slice"),
+        "Before": ("as", ["vmspawnd-guests.service"]),  # stopped after the guests powered off
         "Controller": ("s", ":1.5"),
         "PIDs": ("au", [10, 11]),
         "TasksMax": ("t", 50),
@@ -156,17 +157,24 @@ def test_scope_unit_name_is_mangled() -> None:
 
 
 @pytest.mark.parametrize(
-    ("register", "keep_unit", "root", "booted", "expected"),
+    ("register", "keep_unit", "booted", "expected"),
     [
-        (None, False, True, True, r.Plan(register=True, required=False, allocate_unit=True, own_scope=True)),
-        (True, False, False, True, r.Plan(register=True, required=True, allocate_unit=False, own_scope=True)),
-        (False, False, True, True, r.Plan(register=False, required=False, allocate_unit=False, own_scope=True)),
-        (None, True, True, True, r.Plan(register=True, required=False, allocate_unit=False, own_scope=False)),
-        (None, False, True, False, r.Plan(register=True, required=False, allocate_unit=False, own_scope=False)),
+        # machined never allocates the unit: vmspawnd's scope holds every process of the VM
+        (None, False, True, r.Plan(register=True, required=False, own_scope=True, join_unit=False)),
+        (True, False, True, r.Plan(register=True, required=True, own_scope=True, join_unit=False)),
+        (False, False, True, r.Plan(register=False, required=False, own_scope=True, join_unit=False)),
+        (None, True, True, r.Plan(register=True, required=False, own_scope=False, join_unit=True)),
+        (None, False, False, r.Plan(register=True, required=False, own_scope=False, join_unit=False)),
+        (None, True, False, r.Plan(register=True, required=False, own_scope=False, join_unit=False)),
     ],
 )
-def test_plan(register: bool | None, keep_unit: bool, root: bool, booted: bool, expected: r.Plan) -> None:
-    assert r.plan(register, keep_unit, root, booted) == expected
+def test_plan(register: bool | None, keep_unit: bool, booted: bool, expected: r.Plan) -> None:
+    assert r.plan(register, keep_unit, booted) == expected
+
+
+def test_attach_processes_message() -> None:
+    msg = r.attach_processes_message("client.service", [10, 11])
+    assert (msg.member, msg.signature, msg.body) == ("AttachProcessesToUnit", "ssau", ["client.service", "", [10, 11]])
 
 
 def test_machined_address() -> None:
