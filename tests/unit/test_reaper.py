@@ -1,0 +1,197 @@
+# SPDX-License-Identifier: LGPL-2.1-or-later
+"""The per-VM reaper as the VM's leader (vmspawnd/reaper.py), run as the daemon runs it.
+
+The child is `sleep` instead of QEMU, and the daemon's control socket and QEMU's QMP
+monitor are small stand-ins served from a thread: fast seam tests of what the reaper does
+with each signal. The real daemon and QEMU are exercised by the system tier (machinectl
+poweroff/reboot/kill against a booted guest) and tests/integration.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from vmspawnd.process import REAPER_SCRIPT, read_exit_status
+
+RTMIN4 = int(signal.SIGRTMIN) + 4
+PR_SET_CHILD_SUBREAPER = 36
+
+
+class Reaper:
+    def __init__(self, tmp: Path, *options: str) -> None:
+        self.status = tmp / "qemu.exit"
+        self.log = tmp / "reaper.log"
+        read_end, write_end = os.pipe()
+        with open(self.log, "ab") as log:
+            self.process = subprocess.Popen(
+                [sys.executable, "-I", "-S", REAPER_SCRIPT, *options, str(self.status), str(write_end), "--", "sleep", "600"],
+                pass_fds=[write_end], stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True,
+            )
+        os.close(write_end)
+        with os.fdopen(read_end) as report:
+            self.child = int(report.readline())
+
+    def signal(self, signo: int) -> None:
+        os.kill(self.process.pid, signo)
+
+    def child_alive(self) -> bool:
+        try:
+            with open(f"/proc/{self.child}/stat") as f:
+                return f.read().split(") ")[1][0] != "Z"
+        except FileNotFoundError:
+            return False
+
+    def wait(self, timeout: float = 20) -> int | None:
+        self.process.wait(timeout)
+        return read_exit_status(self.status)
+
+    def close(self) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(self.child, signal.SIGKILL)
+        self.process.wait(10)
+
+
+@contextlib.contextmanager
+def reaper(tmp: Path, *options: str) -> Iterator[Reaper]:
+    started = Reaper(tmp, *options)
+    try:
+        yield started
+    finally:
+        started.close()
+
+
+class StandIn:
+    """An AF_UNIX server answering each connection with `answer(request_bytes)`; records requests."""
+
+    def __init__(self, path: Path, answer: object) -> None:
+        self.requests: list[bytes] = []
+        self.seen = threading.Semaphore(0)
+        self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self._sock.bind(str(path))
+        self._sock.listen(8)
+        self._answer = answer
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self._sock.accept()
+            except OSError:
+                return
+            with conn:
+                self.requests.append(self._answer(conn))  # type: ignore[operator]
+                self.seen.release()
+
+    def next_request(self, timeout: float = 10) -> bytes:
+        assert self.seen.acquire(timeout=timeout), "the reaper sent nothing"
+        return self.requests[-1]
+
+    def close(self) -> None:
+        self._sock.close()
+
+
+def varlink_answer(conn: socket.socket) -> bytes:
+    """Stand-in for vmspawnd's io.systemd.MachineInstance: read one call, reply {}."""
+    data = b""
+    while b"\0" not in data:
+        data += conn.recv(4096)
+    conn.sendall(b'{"parameters": {}}\0')
+    return data.split(b"\0")[0]
+
+
+def qmp_answer(conn: socket.socket) -> bytes:
+    """Stand-in for QEMU's QMP monitor: greeting, then {"return": {}} per command."""
+    conn.sendall(b'{"QMP": {"version": {}, "capabilities": []}}\n')
+    commands = []
+    buffer = b""
+    while len(commands) < 2:
+        chunk = conn.recv(4096)
+        if not chunk:
+            break
+        buffer += chunk
+        while b"\n" in buffer:
+            line, buffer = buffer.split(b"\n", 1)
+            commands.append(json.loads(line)["execute"])
+            conn.sendall(b'{"event": "POWERDOWN", "data": {}}\n{"return": {}}\n')
+    return json.dumps(commands).encode()
+
+
+def test_power_off_and_reboot_go_to_the_daemon_and_the_vm_runs_on(tmp_path: Path) -> None:
+    daemon = StandIn(tmp_path / "control", varlink_answer)
+    with reaper(tmp_path, f"--control={tmp_path / 'control'}", f"--qmp={tmp_path / 'qmp'}") as r:
+        r.signal(RTMIN4)
+        assert json.loads(daemon.next_request())["method"] == "io.systemd.MachineInstance.PowerOff"
+        r.signal(signal.SIGINT)
+        assert json.loads(daemon.next_request())["method"] == "io.systemd.MachineInstance.Reboot"
+        assert r.child_alive() and r.process.poll() is None  # neither signal killed anything
+    daemon.close()
+    log = r.log.read_text()
+    assert f"SIGRTMIN+4 from pid {os.getpid()}" in log and "powering the VM off" in log
+
+
+def test_power_off_without_a_daemon_presses_the_button_over_qmp_then_escalates(tmp_path: Path) -> None:
+    qemu = StandIn(tmp_path / "qmp", qmp_answer)
+    with reaper(tmp_path, f"--control={tmp_path / 'absent'}", f"--qmp={tmp_path / 'qmp'}", "--deadline=1") as r:
+        started = time.monotonic()
+        r.signal(RTMIN4)
+        assert json.loads(qemu.next_request()) == ["qmp_capabilities", "system_powerdown"]
+        # `sleep` ignores the ACPI button, so after the deadline it gets SIGTERM.
+        assert r.wait() == -signal.SIGTERM
+        assert time.monotonic() - started >= 1
+    qemu.close()
+    assert "did not power off in time: sending SIGTERM" in r.log.read_text()
+
+
+def test_power_off_with_nothing_reachable_terminates_at_once(tmp_path: Path) -> None:
+    with reaper(tmp_path, f"--control={tmp_path / 'absent'}", f"--qmp={tmp_path / 'absent-too'}") as r:
+        r.signal(RTMIN4)
+        assert r.wait() == -signal.SIGTERM
+
+
+@pytest.mark.parametrize("signo", [signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1, int(signal.SIGRTMIN) + 7])
+def test_other_signals_are_forwarded_to_qemu(tmp_path: Path, signo: int) -> None:
+    with reaper(tmp_path) as r:
+        r.signal(signo)
+        assert r.wait() == -signo  # `sleep` dies of each, as the reaper passes it on
+
+
+@contextlib.contextmanager
+def subreaper() -> Iterator[None]:
+    """Orphans of this test reparent to pytest (not to PID 1, which does not reap here)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
+    try:
+        yield
+    finally:
+        libc.prctl(PR_SET_CHILD_SUBREAPER, 0, 0, 0, 0)
+
+
+def test_qemu_dies_with_its_leader(tmp_path: Path) -> None:
+    with subreaper(), reaper(tmp_path) as r:
+        r.signal(signal.SIGKILL)
+        r.process.wait(10)
+        # The orphaned child is ours now: waiting for it is waiting for its death.
+        pid, status = os.waitpid(r.child, 0)
+        assert os.waitstatus_to_exitcode(status) == -signal.SIGKILL  # the parent-death signal
+
+
+def test_exit_status_is_recorded_and_signals_pipe_noise_is_dropped(tmp_path: Path) -> None:
+    with reaper(tmp_path) as r:
+        r.signal(signal.SIGPIPE)
+        r.signal(signal.SIGWINCH)
+        assert r.child_alive()
+        os.kill(r.child, signal.SIGKILL)
+        assert r.wait() == -signal.SIGKILL
