@@ -245,38 +245,56 @@ async def test_request_stop_calls_back(bus: PrivateBus, services: Services, slee
 
 
 @pytest.mark.asyncio
-async def test_root_varlink_registration_lets_machined_allocate(
+async def test_root_varlink_registration_creates_our_scope_first(
     tmp_path: Path, bus: PrivateBus, services: Services, sleeper: subprocess.Popen[bytes]
 ) -> None:
-    """root + registering ⇒ allocateUnit, and no scope of our own (vmspawn §5.2)."""
+    """root + registering ⇒ our scope with every process first, then Register without
+    allocateUnit: machined's own scope would hold only the leader (a deviation from 258+)."""
     iface, server = await machined_varlink.serve(tmp_path / "machine")
     try:
         reg = await register_machine(
             info(sleeper.pid), register=None, is_root=True, systemd_booted=True, environ=env_for(bus, tmp_path / "machine"),
+            pids=[sleeper.pid, os.getpid()],
         )
-        assert iface.calls[0][1]["allocateUnit"] is True
-        assert reg.scope_unit is None
-        assert "StartTransientUnit" not in services.members()
+        assert "allocateUnit" not in iface.calls[0][1]
+        assert reg.scope_unit == reg.unit == "alpha.scope"
+        start = [c for c in services.calls if c.member == "StartTransientUnit"][-1]
+        props = dict(start.args[2])
+        assert props["PIDs"][1] == [sleeper.pid, os.getpid()]
         await reg.close()
     finally:
         server.close()
 
 
 @pytest.mark.asyncio
-async def test_keep_unit_no_scope_no_allocate(
+async def test_keep_unit_joins_the_callers_unit_and_registers(
     tmp_path: Path, bus: PrivateBus, services: Services, sleeper: subprocess.Popen[bytes]
 ) -> None:
     iface, server = await machined_varlink.serve(tmp_path / "machine")
     try:
         reg = await register_machine(
-            info(sleeper.pid), register=None, keep_unit=True, is_root=True, systemd_booted=True,
-            environ=env_for(bus, tmp_path / "machine"),
+            info(sleeper.pid), register=None, keep_unit=True, caller_unit="client.service", is_root=True,
+            systemd_booted=True, environ=env_for(bus, tmp_path / "machine"), pids=[sleeper.pid],
         )
         assert "allocateUnit" not in iface.calls[0][1]
         assert "StartTransientUnit" not in services.members()
+        attach = [c for c in services.calls if c.member == "AttachProcessesToUnit"]
+        assert [c.args for c in attach] == [["client.service", "", [sleeper.pid]]]
+        assert reg.unit == "client.service" and reg.scope_unit is None
         await reg.close()
+        assert "KillUnit" not in services.members()  # never the caller's unit
     finally:
         server.close()
+
+
+@pytest.mark.asyncio
+async def test_keep_unit_without_a_caller_unit_fails_the_start(bus: PrivateBus, sleeper: subprocess.Popen[bytes]) -> None:
+    with pytest.raises(StartFailed) as failed:
+        await register_machine(
+            info(sleeper.pid), register=None, keep_unit=True, caller_unit=None, is_root=True, systemd_booted=True,
+            environ=env_for(bus, None),
+        )
+    assert failed.value.step == "keep-unit"
 
 
 @pytest.mark.asyncio
@@ -327,7 +345,7 @@ def loop_thread() -> Iterator[LoopThread]:
 
 @pytest.mark.vm
 def test_daemon_registers_vm_and_unregisters_at_end(guest, tmp_path: Path, loop_thread: LoopThread) -> None:  # type: ignore[no-untyped-def]
-    """A real VM is registered with the stand-in machined (Varlink), with QEMU as leader
+    """A real VM is registered with the stand-in machined (Varlink), with its reaper as leader
     and its control socket as controlAddress, and unregistered when it ends."""
     address = tmp_path / "io.systemd.Machine"
     iface, server = loop_thread.run(machined_varlink.serve(address))
@@ -345,7 +363,8 @@ def test_daemon_registers_vm_and_unregisters_at_end(guest, tmp_path: Path, loop_
         assert member == "Register"
         assert params["name"] == "registered" and params["class"] == "vm" and params["service"] == "vmspawnd"
         assert params["id"] == "0123456789abcdef0123456789abcdef"
-        assert params["leaderProcessId"]["pid"] == machine["qemu"]["pid"]
+        # The leader is the reaper, which turns machined's signals into power-off/reboot.
+        assert params["leaderProcessId"]["pid"] == machine["reaper"]["pid"] != machine["qemu"]["pid"]
         assert params["controlAddress"] == machine["controlAddress"]
         daemon.call("Terminate", {"name": "registered"})
         wait_until(lambda: ("Unregister", {"name": "registered"}) in iface.calls, 30, "Unregister")
@@ -378,7 +397,8 @@ def test_daemon_scope_request_stop_terminates_vm(guest, loop_thread: LoopThread)
             starts = [c for c in services.calls if c.member == "StartTransientUnit"]
             assert starts and starts[-1].args[0] == "scoped.scope"
             props = {p[0]: p[1] for p in starts[-1].args[2]}
-            assert props["PIDs"][1][0] == machine["qemu"]["pid"]
+            # Every process of the VM is in its scope: the reaper (leader) and QEMU at least.
+            assert {machine["reaper"]["pid"], machine["qemu"]["pid"]} <= set(props["PIDs"][1])
             assert props["Slice"] == ("s", "vms.slice") and props["TasksMax"] == ("t", 200)
             assert services.systemd1 is not None
             systemd1 = services.systemd1

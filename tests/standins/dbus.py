@@ -5,7 +5,7 @@ org.freedesktop.systemd1, written with dbus-fast.
 
 The exported methods carry the names and signatures of systemd's introspection data
 (RegisterMachine sayssus, UnregisterMachine s, StartTransientUnit ssa(sv)a(sa(sv)) → o,
-KillUnit ssi, AbandonScope s, UnrefUnit s), so a call with a wrong signature fails as it
+KillUnit ssi, AttachProcessesToUnit ssau, AbandonScope s, UnrefUnit s), so a call with a wrong signature fails as it
 would against systemd. Every call is recorded with its signature and arguments.
 dbus-fast cannot receive `h` inside a variant as a service (libraries.md §3): PIDFDs
 arrive as indices, so the stand-in only records that they came and can refuse them
@@ -150,6 +150,10 @@ class Systemd1Manager(ServiceInterface):
     @method()
     def KillUnit(self, name: "s", whom: "s", signal: "i") -> "":  # noqa: F821 - dbus-fast signature strings
         self.calls.append(Call("KillUnit", "ssi", [name, whom, signal]))
+
+    @method()
+    def AttachProcessesToUnit(self, name: "s", subcgroup: "s", pids: "au") -> "":  # noqa: F821 - dbus-fast signature strings
+        self.calls.append(Call("AttachProcessesToUnit", "ssau", [name, subcgroup, list(pids)]))
 
     @method()
     def AbandonScope(self, name: "s") -> "":  # noqa: F821 - dbus-fast signature strings
