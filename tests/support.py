@@ -8,6 +8,7 @@ the CLI's stdlib client or python-varlink's CLI) and look at the host (/proc, fi
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import dataclasses
 import os
 import re
@@ -398,3 +399,43 @@ def boot_facts(daemon: Daemon, name: str, *start_args: str, pass_name: bool = Tr
     finally:
         daemon.call("Terminate", {"name": name})
         daemon.call("Remove", {"name": name})
+
+
+PR_SET_CHILD_SUBREAPER = 36
+
+
+def set_subreaper(on: bool) -> None:
+    """Make this process the reaper of its descendants' orphans (PID 1 does not reap here)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(PR_SET_CHILD_SUBREAPER, int(on), 0, 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_CHILD_SUBREAPER)")
+
+
+def reap_orphans(timeout: float = 60.0) -> None:
+    """Reap every child we adopted as subreaper, waiting (bounded) for those still running."""
+    for pid in children_of(os.getpid()):
+        try:
+            pidfd = os.pidfd_open(pid)
+        except ProcessLookupError:
+            continue
+        try:
+            select.select([pidfd], [], [], timeout)
+        finally:
+            os.close(pidfd)
+        try:
+            os.waitpid(pid, os.WNOHANG)
+        except ChildProcessError:
+            pass
+
+
+@contextlib.contextmanager
+def orphans_reaped() -> Iterator[None]:
+    """For tests whose daemon exits while its VMs run: their reapers and helpers become
+    our children (not PID 1's, which would leave them zombies) and are reaped at the end."""
+    set_subreaper(True)
+    try:
+        yield
+    finally:
+        reap_orphans()
+        set_subreaper(False)
+

@@ -13,10 +13,8 @@ it opens a FIFO (the test's "it is held now" event) and then blocks on another o
 
 from __future__ import annotations
 
-import ctypes
 import json
 import os
-import select
 import shutil
 import signal
 import stat
@@ -31,10 +29,11 @@ from tests.support import (
     Console,
     Daemon,
     EventStream,
-    children_of,
     make_runtime_dir,
     process_state,
     qemu_processes,
+    reap_orphans,
+    set_subreaper,
     start_daemon,
     stop_daemon,
 )
@@ -43,7 +42,6 @@ from vmspawnctl.varlink import Connection, ConnectionFailed, VarlinkError
 pytestmark = pytest.mark.vm
 
 MIB = 1024 * 1024
-PR_SET_CHILD_SUBREAPER = 36
 
 WRAPPER = """#!/bin/sh
 case " $* " in
@@ -53,29 +51,6 @@ case " $* " in
 esac
 exec /usr/bin/qemu-system-x86_64 "$@"
 """
-
-
-def set_subreaper(on: bool) -> None:
-    libc = ctypes.CDLL(None, use_errno=True)
-    if libc.prctl(PR_SET_CHILD_SUBREAPER, int(on), 0, 0, 0) != 0:
-        raise OSError(ctypes.get_errno(), "prctl(PR_SET_CHILD_SUBREAPER)")
-
-
-def reap_orphans(timeout: float = 60.0) -> None:
-    """Reap every child we adopted as subreaper, waiting (bounded) for those still running."""
-    for pid in children_of(os.getpid()):
-        try:
-            pidfd = os.pidfd_open(pid)
-        except ProcessLookupError:
-            continue
-        try:
-            select.select([pidfd], [], [], timeout)
-        finally:
-            os.close(pidfd)
-        try:
-            os.waitpid(pid, os.WNOHANG)
-        except ChildProcessError:
-            pass
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,6 @@ poweroff/reboot/kill against a booted guest) and tests/integration.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import json
 import os
 import signal
@@ -24,10 +23,10 @@ from pathlib import Path
 
 import pytest
 
+from tests.support import orphans_reaped
 from vmspawnd.process import REAPER_SCRIPT, read_exit_status
 
 RTMIN4 = int(signal.SIGRTMIN) + 4
-PR_SET_CHILD_SUBREAPER = 36
 
 
 class Reaper:
@@ -168,19 +167,8 @@ def test_other_signals_are_forwarded_to_qemu(tmp_path: Path, signo: int) -> None
         assert r.wait() == -signo  # `sleep` dies of each, as the reaper passes it on
 
 
-@contextlib.contextmanager
-def subreaper() -> Iterator[None]:
-    """Orphans of this test reparent to pytest (not to PID 1, which does not reap here)."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
-    try:
-        yield
-    finally:
-        libc.prctl(PR_SET_CHILD_SUBREAPER, 0, 0, 0, 0)
-
-
 def test_qemu_dies_with_its_leader(tmp_path: Path) -> None:
-    with subreaper(), reaper(tmp_path) as r:
+    with orphans_reaped(), reaper(tmp_path) as r:
         r.signal(signal.SIGKILL)
         r.process.wait(10)
         # The orphaned child is ours now: waiting for it is waiting for its death.
