@@ -28,6 +28,16 @@ def test_parse_host_signal_takes_the_last_and_handles_unknown_senders() -> None:
     assert parse_host_signal("the guest said: goodbye\n") is None
 
 
+def test_a_signal_the_leader_forwarded_names_the_original_sender() -> None:
+    stderr = (
+        "vmspawnd-reaper: SIGTERM from pid 311 (systemd-machine): forwarded to QEMU\n"
+        "qemu-system-x86_64: terminating on signal 15 from pid 42 (vmspawnd-reaper)\n"
+    )
+    assert parse_host_signal(stderr) == HostSignal(15, 311, "systemd-machine")
+    # QEMU's own line decides: a forward logged after it (a second signal) is not its cause.
+    assert parse_host_signal(stderr.splitlines()[1] + "\n" + stderr.splitlines()[0]) == HostSignal(15, 42, "vmspawnd-reaper")
+
+
 def test_host_signal_description() -> None:
     assert HostSignal(15, 812, "systemd").describe() == "SIGTERM from pid 812 (systemd)"
     assert HostSignal(RTMIN4).describe() == "SIGRTMIN+4"
