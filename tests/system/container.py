@@ -59,6 +59,23 @@ if [ -n "$CG2_OVER_SYS_FS_CGROUP" ]; then mount --bind "$CG2_OVER_SYS_FS_CGROUP"
 exec systemd-nspawn "$@"
 """
 
+# Ends the container when its stdin reaches EOF: when the test process closes the pipe at the
+# end of teardown (then the cgroup is gone already and it does nothing), or when it dies
+# (SIGKILL, OOM) before its teardown could run. nspawn's death alone does not end a container:
+# its systemd is reparented to the host's PID 1 and runs on. Then it also removes the cgroups
+# ($0, $1) and the overlay's directories ($2): the mounts died with the mount namespace. The
+# wait for the cgroup to empty is a poll, as a shell has no poll(2) for cgroup.events.
+_WATCHDOG = r"""
+read -r _ || true
+[ -e "$0/cgroup.kill" ] || exit 0
+echo 1 > "$0/cgroup.kill"
+i=0
+while ! grep -q '^populated 0' "$0/cgroup.events" && [ $i -lt 300 ]; do sleep 0.1; i=$((i + 1)); done
+find "$0" ${1:+"$1"} -depth -type d -exec rmdir {} + 2>/dev/null
+rmdir "${0%/*}" ${1:+"${1%/*}"} 2>/dev/null
+rm -rf "$2"
+"""
+
 # Moves the command into the container's exec cgroup (so that cgroup.kill at teardown also
 # ends whatever a command left running), then execs it.
 _INTO_CGROUP = 'echo $$ > "$0" && exec "$@"'
@@ -112,7 +129,7 @@ class Container:
     _units = itertools.count(1)
 
     def __init__(self, name: str, suite: str, tree: Path, workdir: Path, process: subprocess.Popen[bytes],
-                 cgroup: Path, cgroup_v1: Path | None) -> None:
+                 cgroup: Path, cgroup_v1: Path | None, watchdog: subprocess.Popen[bytes]) -> None:
         self.name = name
         self.suite = suite
         self.tree = tree
@@ -120,6 +137,7 @@ class Container:
         self.process = process
         self.cgroup = cgroup
         self.cgroup_v1 = cgroup_v1
+        self.watchdog = watchdog
         self.leader = 0
         self.state = ""  # what `systemctl is-system-running --wait` said at boot
         self.boot_seconds = 0.0
@@ -260,8 +278,14 @@ class Container:
                 except subprocess.TimeoutExpired:
                     warnings.warn(f"container {self.name} did not power off within {timeout:g}s; killed", stacklevel=2)
         finally:
-            _end(self.process, self.cgroup, self.cgroup_v1)
-            shutil.rmtree(self.workdir, ignore_errors=True)
+            try:
+                _end(self.process, self.cgroup, self.cgroup_v1)
+                shutil.rmtree(self.workdir, ignore_errors=True)
+            finally:
+                # Its cgroup is gone: EOF makes it exit without doing anything.
+                assert self.watchdog.stdin is not None
+                self.watchdog.stdin.close()
+                self.watchdog.wait()
 
     def __enter__(self) -> Container:
         return self
@@ -337,11 +361,26 @@ def boot(tree: Path, name: str, *, suite: str = "", binds: Iterable[Bind] = (), 
         "CG_NSPAWN": str(cgroup / "nspawn"), "CG_V1": str(cgroup_v1 or ""),
         "CG2_OVER_SYS_FS_CGROUP": str(layout.unified) if layout.hybrid else "",
     }
-    with open(workdir / "nspawn.log", "wb") as log:
-        process = subprocess.Popen(["unshare", "-m", "--propagation", "private", "sh", "-c", _LAUNCHER, "launcher", *nspawn],
-                                   stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=env,
-                                   start_new_session=True)
-    container = Container(name, suite, tree, workdir, process, cgroup, cgroup_v1)
+    # Outside the container's cgroup (it kills that), in a session of its own (a Ctrl-C to the
+    # terminal's process group must leave it to the teardown).
+    watchdog = subprocess.Popen(["sh", "-c", _WATCHDOG, str(cgroup), str(cgroup_v1 or ""), str(workdir)], stdin=subprocess.PIPE,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        with open(workdir / "nspawn.log", "wb") as log:
+            process = subprocess.Popen(["unshare", "-m", "--propagation", "private", "sh", "-c", _LAUNCHER, "launcher",
+                                        *nspawn], stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                                       env=env, start_new_session=True)
+    except BaseException:
+        notify.close()
+        assert watchdog.stdin is not None
+        watchdog.stdin.close()
+        watchdog.wait()
+        cgroups.remove(cgroup)
+        if cgroup_v1 is not None:
+            cgroups.remove(cgroup_v1)
+        shutil.rmtree(workdir, ignore_errors=True)
+        raise
+    container = Container(name, suite, tree, workdir, process, cgroup, cgroup_v1, watchdog)
     try:
         container.leader = _wait_ready(process, notify, timeout, container)
         state = container.run(["systemctl", "is-system-running", "--wait"], check=False,
@@ -373,11 +412,11 @@ def _wait_ready(process: subprocess.Popen[bytes], notify: socket.socket, timeout
             if remaining <= 0:
                 raise BootFailed(f"container {container.name}: no READY=1 from nspawn within {timeout:g}s\n"
                                  f"{container.console_log()}")
-            readable, _, _ = select.select([notify, pidfd], [], [], remaining)
-            if pidfd in readable and notify not in readable:
+            readable, _, _ = select.select([notify.fileno(), pidfd], [], [], remaining)
+            if pidfd in readable and notify.fileno() not in readable:
                 raise BootFailed(f"container {container.name}: systemd-nspawn exited with status {process.wait()}\n"
                                  f"{container.console_log()}")
-            if notify in readable:
+            if notify.fileno() in readable:
                 fields = dict(line.partition("=")[::2] for line in notify.recv(4096).decode().splitlines())
                 if "X_NSPAWN_LEADER_PID" in fields:
                     leader = int(fields["X_NSPAWN_LEADER_PID"])
