@@ -146,14 +146,17 @@ def ensure_tree(suite_name: str) -> Path:
     root = trees_root()
     final = root / f"{suite.name}-{tree_key(spec)}"
     if final.is_dir():
+        _mark_used(final)
         return final
     root.mkdir(parents=True, exist_ok=True)
     with _locked(root / f".lock-{suite.name}"):
         if final.is_dir():
+            _mark_used(final)
             return final
         # Left by a build that was killed (we hold the lock, so none is running).
         for stale in root.glob(f".build-{suite.name}-*"):
             shutil.rmtree(stale, ignore_errors=True)
+        _prune(root, suite.name)
         work = Path(tempfile.mkdtemp(prefix=f".build-{suite.name}-", dir=root))
         log_path = root / f"{final.name}.log"
         try:
@@ -162,6 +165,7 @@ def ensure_tree(suite_name: str) -> Path:
                 _build(suite, spec, tree, log)
             (root / f"{final.name}.json").write_text(json.dumps(spec, indent=2, sort_keys=True) + "\n")
             os.rename(tree, final)
+            _mark_used(final)
         except BaseException as exc:
             tail = "\n".join(log_path.read_text(errors="replace").splitlines()[-40:]) if log_path.exists() else ""
             if isinstance(exc, Exception):
@@ -170,6 +174,24 @@ def ensure_tree(suite_name: str) -> Path:
         finally:
             shutil.rmtree(work, ignore_errors=True)
     return final
+
+
+# Trees of other recipes (older commits, other checkouts sharing the cache) are removed once
+# no run has used them for this long; each is about 500 MB.
+PRUNE_AFTER = 7 * 24 * 3600.0
+
+
+def _mark_used(tree: Path) -> None:
+    (tree.parent / f"{tree.name}.used").touch()
+
+
+def _prune(root: Path, suite: str) -> None:
+    for tree in root.glob(f"{suite}-*"):
+        used = tree.parent / f"{tree.name}.used"
+        if tree.is_dir() and (not used.exists() or time.time() - used.stat().st_mtime > PRUNE_AFTER):
+            shutil.rmtree(tree, ignore_errors=True)
+            for leftover in (used, tree.parent / f"{tree.name}.json", tree.parent / f"{tree.name}.log"):
+                leftover.unlink(missing_ok=True)
 
 
 def _build(suite: Suite, spec: dict[str, object], tree: Path, log: IO[str]) -> None:
