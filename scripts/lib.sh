@@ -3,9 +3,8 @@
 # Shell functions shared by scripts/install and scripts/test. Source it, do not run it.
 # Callers set -euo pipefail themselves.
 
-# The Debian (bookworm) packages vmspawnd and its tests need; docs/dependencies.md says why each.
-# virtiofsd is no separate package in bookworm: QEMU's C virtiofsd is /usr/lib/qemu/virtiofsd
-# from qemu-system-common.
+# The Debian packages vmspawnd and its tests need on every supported release (bookworm, trixie,
+# forky); docs/dependencies.md says why each. vmspawnd_system_packages adds what differs by release.
 VMSPAWND_SYSTEM_PACKAGES=(
     qemu-system-x86
     qemu-system-common
@@ -24,6 +23,13 @@ VMSPAWND_SYSTEM_PACKAGES=(
     cpio
     zstd
     python3-venv
+)
+
+# Only for the tests' system tier (tests/system): it builds Debian trees and boots them with
+# systemd as PID 1 in containers.
+VMSPAWND_TEST_PACKAGES=(
+    debootstrap
+    systemd-container
 )
 
 # The oldest Python pyproject.toml accepts (requires-python).
@@ -130,8 +136,40 @@ ensure_packages() {
     fi
 }
 
+# The Debian release this machine runs (VERSION_CODENAME: bookworm, trixie, forky, ...), empty
+# if /etc/os-release does not say. Testing and unstable report the next release's name.
+debian_codename() {
+    (
+        # shellcheck disable=SC1091
+        . /etc/os-release 2>/dev/null || true
+        printf '%s\n' "${VERSION_CODENAME:-}"
+    )
+}
+
+# Print, one per line, the packages vmspawnd needs on Debian release $1 (default: this machine's).
+# The tests' system tier builds its trees from this list too, so a name that does not exist on
+# some release fails there first.
+vmspawnd_system_packages() {
+    local codename=${1-$(debian_codename)}
+    printf '%s\n' "${VMSPAWND_SYSTEM_PACKAGES[@]}"
+    case $codename in
+        # bookworm has no virtiofsd package: QEMU's C virtiofsd is /usr/lib/qemu/virtiofsd from
+        # qemu-system-common. From trixie on, QEMU dropped it and the Rust virtiofsd
+        # (/usr/libexec/virtiofsd) is a package of its own.
+        bookworm) ;;
+        *) printf '%s\n' virtiofsd ;;
+    esac
+}
+
 ensure_system_packages() {
-    ensure_packages "${VMSPAWND_SYSTEM_PACKAGES[@]}"
+    local packages
+    mapfile -t packages < <(vmspawnd_system_packages)
+    ensure_packages "${packages[@]}"
+}
+
+# The host packages of the tests' system tier (debootstrap, systemd-nspawn).
+ensure_test_packages() {
+    ensure_packages "${VMSPAWND_TEST_PACKAGES[@]}"
 }
 
 # Print the python3 to build venvs with: the one on PATH, checked against requires-python.

@@ -1,0 +1,144 @@
+# SPDX-License-Identifier: LGPL-2.1-or-later
+"""README's install where systemd is PID 1, on trixie and forky: scripts/install, socket
+activation, one VM through vmspawnctl, and systemd's own tools (machinectl, varlinkctl)
+seeing it. The tests of a module run in order on one container per suite and build on each
+other: the first failure explains the later ones.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from tests.support import MANAGER, Console
+from tests.system.container import Container
+from tests.system.deploy import Installation
+from vmspawnctl.varlink import Connection
+
+pytestmark = [pytest.mark.system, pytest.mark.vm]
+
+SOCKET = "/run/vmspawnd/io.vmspawnd.Manager"
+VM = "t1"
+
+
+def is_active(c: Container, unit: str) -> str:
+    return c.run(["systemctl", "is-active", unit], check=False).stdout.strip()
+
+
+def main_pid(c: Container, unit: str) -> int:
+    return int(c.run(["systemctl", "show", "-P", "MainPID", unit]).stdout)
+
+
+def describe(c: Container, name: str = VM) -> dict[str, object]:
+    return json.loads(c.run(["vmspawnctl", "status", name, "--json"]).stdout)  # type: ignore[no-any-return]
+
+
+def test_readme_install(system_container: Container, vmspawnd_installed: Installation) -> None:
+    c, out = system_container, vmspawnd_installed.output
+    # Everything it needs is in the tree: a new user's apt-get step would be the same list
+    # (scripts/lib.sh), so no package may be missing here.
+    assert "installing missing system packages" not in out, out
+    assert "vmspawnd.socket is enabled" in out, out
+    assert c.run(["readlink", "-f", "/usr/local/bin/vmspawnctl"]).stdout.strip() == "/opt/vmspawnd/bin/vmspawnctl"
+    for unit in ("vmspawnd.socket", "vmspawnd-guests.service"):
+        assert c.run(["systemctl", "is-enabled", unit]).stdout.strip() == "enabled"
+    assert is_active(c, "vmspawnd.socket") == "active"
+    assert is_active(c, "vmspawnd-guests.service") == "active"
+    assert c.run(["stat", "-c", "%F %a", SOCKET]).stdout.strip() == "socket 666"
+
+
+def test_install_again_changes_nothing(system_container: Container, vmspawnd_installed: Installation) -> None:
+    """README: running it again is safe; an unchanged checkout restarts nothing."""
+    c = system_container
+    pid = main_pid(c, "vmspawnd.service")
+    result = c.unit_run("scripts/install", cwd=vmspawnd_installed.checkout, timeout=300)
+    assert "is up to date with this checkout" in result.stderr, result.stderr
+    assert main_pid(c, "vmspawnd.service") == pid
+
+
+def test_socket_activation(system_container: Container, vmspawnd_installed: Installation) -> None:
+    """The daemon is started by the first connection to vmspawnd.socket, and serves the socket
+    systemd made (it binds none of its own)."""
+    c = system_container
+    c.run(["systemctl", "stop", "vmspawnd.service"])
+    assert is_active(c, "vmspawnd.service") == "inactive"
+    assert is_active(c, "vmspawnd.socket") == "active"
+    assert main_pid(c, "vmspawnd.service") == 0
+
+    # The first connection: a host-side client, through the container's root.
+    with Connection(str(c.path(SOCKET)), timeout=60) as conn:
+        assert conn.call(f"{MANAGER}.List")["machines"] == []
+    assert is_active(c, "vmspawnd.service") == "active"
+    daemon = main_pid(c, "vmspawnd.service")
+    assert daemon != 0
+    # One listening socket at that path, held by PID 1 and by the daemon: the same socket.
+    listening = [line for line in c.run(["ss", "-x", "-l", "-p", "-n"]).stdout.splitlines() if f" {SOCKET} " in line]
+    assert len(listening) == 1, listening
+    assert "pid=1," in listening[0] and f"pid={daemon}," in listening[0], listening[0]
+
+
+def test_start_vm(system_container: Container, vmspawnd_installed: Installation) -> None:
+    c, inst = system_container, vmspawnd_installed
+    result = c.run(["vmspawnctl", "start", "-M", VM, "--kvm=no", "--ram=256M", f"--linux={inst.kernel}",
+                    f"--initrd={inst.initrd}", "--wait", "--timeout=240", "vmspawnd_test.mode=wait"], timeout=300)
+    assert f"VM {VM} is ready." in result.stdout, result
+    machine = describe(c)
+    assert machine["state"] in ("running", "ready"), machine
+    # The guest's init is up and handles ACPI (stop below relies on it): read its console from
+    # the host, through the daemon's socket and the console log inside.
+    host_view = {**machine, "consoleLog": str(c.path(str(machine["consoleLog"]))),
+                 "runtimeDirectory": str(c.path(str(machine["runtimeDirectory"])))}
+    with Console(host_view) as console:
+        console.wait_for(r"VMSPAWND-TEST: acpid-running")
+        assert console.facts()["memtotal-kb"]
+
+
+def test_machinectl_sees_the_vm(system_container: Container, vmspawnd_installed: Installation) -> None:
+    c = system_container
+    rows = [line.split() for line in c.run(["machinectl", "list", "--no-legend"]).stdout.splitlines()]
+    assert [VM, "vm"] in [row[:2] for row in rows], rows
+    status = c.run(["machinectl", "status", VM]).stdout
+    assert status.startswith(VM), status
+    shown = dict(line.partition("=")[::2] for line in c.run(["machinectl", "show", VM]).stdout.splitlines())
+    assert shown["Class"] == "vm", shown
+    # machined's leader is the daemon's QEMU, and QEMU runs in the unit machined knows.
+    qemu = describe(c)["qemu"]
+    assert isinstance(qemu, dict)
+    assert int(shown["Leader"]) == qemu["pid"], (shown, qemu)
+    assert shown["Unit"] and shown["Unit"] != "vmspawnd.service", shown
+    cgroup = c.run(["cat", f"/proc/{qemu['pid']}/cgroup"]).stdout
+    assert cgroup.strip().endswith(f"/{shown['Unit']}"), cgroup
+
+
+def test_varlink_clients_list_the_vm(system_container: Container, vmspawnd_installed: Installation) -> None:
+    c = system_container
+    reply = json.loads(c.run(["varlinkctl", "call", SOCKET, f"{MANAGER}.List", "{}"]).stdout)
+    assert [m["name"] for m in reply["machines"]] == [VM], reply
+    # README's example with the dev venv's client, from the host.
+    host = subprocess.run([sys.executable, "-m", "varlink.cli", "call", f"unix:{c.path(SOCKET)}/{MANAGER}.List", "{}"],
+                          capture_output=True, text=True, timeout=60, check=True)
+    assert [m["name"] for m in json.loads(host.stdout)["machines"]] == [VM], host.stdout
+
+
+def test_stop_and_remove(system_container: Container, vmspawnd_installed: Installation) -> None:
+    c = system_container
+    assert c.run(["vmspawnctl", "stop", VM], timeout=180).stdout.startswith(f"{VM}: stopped"), "not stopped"
+    assert describe(c)["state"] == "stopped"
+    assert VM not in c.run(["machinectl", "list", "--no-legend"]).stdout
+    c.run(["vmspawnctl", "remove", VM])
+    assert json.loads(c.run(["vmspawnctl", "list", "--json"]).stdout) == []
+    assert c.run(["pgrep", "-a", "qemu-system"], check=False).returncode == 1
+
+
+def test_systemctl_stop(system_container: Container, vmspawnd_installed: Installation) -> None:
+    c = system_container
+    cursor = c.cursor()
+    c.run(["systemctl", "stop", "vmspawnd"], timeout=60)
+    assert is_active(c, "vmspawnd.service") == "inactive"
+    assert is_active(c, "vmspawnd.socket") == "active"
+    journal = c.journal("vmspawnd.service")
+    assert "Traceback" not in journal, journal
+    assert "vmspawnd.service: Failed" not in c.journal(since_cursor=cursor)
