@@ -670,7 +670,7 @@ class Machine:
             stop_reason=self._stop_reason,
             helper_failed=self._helper_failed,
             requested_signal=self._requested_signal,
-            host_signal=parse_host_signal(rec.stderr_tail),
+            host_signal=parse_host_signal(rec.stderr_tail, rec.reaper.pid if rec.reaper is not None else None),
             shutdown_cause=self._shutdown_cause,
         ))
         rec.reason = outcome.reason

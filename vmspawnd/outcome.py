@@ -40,24 +40,23 @@ class HostSignal:
 
 # reaper.py's line when it passes a signal on to QEMU (QEMU then names the reaper as sender).
 _FORWARDED = re.compile(r"vmspawnd-reaper: (\S+) from pid (\d+) \((.*)\): forwarded to QEMU")
-REAPER_COMM = "vmspawnd-reaper"
 
 
-def parse_host_signal(stderr: str) -> HostSignal | None:
-    """The last "terminating on signal N [from pid P (COMM)]" QEMU wrote, if any. When the
-    sender is the VM's own leader, which forwards what machined or an admin sent it, the
-    original sender from the leader's log line is named instead."""
+def parse_host_signal(stderr: str, leader_pid: int | None = None) -> HostSignal | None:
+    """The last "terminating on signal N [from pid P (ARGV0)]" QEMU wrote, if any. When the
+    sender is the VM's leader (`leader_pid`, the reaper), which forwards what machined or an
+    admin sent it, the original sender from the leader's log line is named instead."""
     found = None
     for match in _HOST_SIGNAL.finditer(stderr):
         found = match
     if found is None:
         return None
     pid = int(found[2]) if found[2] else None
-    comm = found[3] if found[3] and found[3] != "<unknown process>" else None
-    if comm == REAPER_COMM:
+    sender = found[3] if found[3] and found[3] != "<unknown process>" else None
+    if pid is not None and pid == leader_pid:
         for forwarded in _FORWARDED.finditer(stderr[: found.start()]):
-            pid, comm = int(forwarded[2]), forwarded[3]
-    return HostSignal(int(found[1]), pid, comm)
+            pid, sender = int(forwarded[2]), forwarded[3]
+    return HostSignal(int(found[1]), pid, sender)
 
 
 @dataclasses.dataclass(frozen=True)

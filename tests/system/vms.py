@@ -17,7 +17,7 @@ from collections.abc import Iterator
 from tests.support import MANAGER, Console, EventStream
 from tests.system.container import Container
 from tests.system.deploy import Installation
-from vmspawnctl.varlink import Connection
+from vmspawnctl.varlink import Connection, VarlinkError
 
 SOCKET = "/run/vmspawnd/io.vmspawnd.Manager"
 BOOT_TIMEOUT = 240.0
@@ -66,14 +66,26 @@ def wait_booted(remote: Remote, machine: dict[str, object]) -> None:
 
 def wait_in_log(remote: Remote, machine: dict[str, object], offset: int, needle: bytes, timeout: float = BOOT_TIMEOUT) -> None:
     """Until the VM's console log has `needle` past `offset` (QEMU logs each byte once;
-    the console stream only serves as the wake-up)."""
-    with remote.console(machine) as console:
+    the console stream only serves as the wake-up). The log outlives the VM."""
+    log = remote.container.path(str(machine["consoleLog"]))
+
+    def logged() -> bool:
+        return needle in log.read_bytes()[offset:]
+
+    if logged():
+        return
+    try:
+        console = remote.console(machine)
+    except VarlinkError as exc:  # the VM has ended: its log is all there is
+        assert exc.short_name == "NotConnected" and logged(), f"{machine['name']}: no {needle!r} on the console"
+        return
+    with console:
         deadline = time.monotonic() + timeout
-        while needle not in console.log_path.read_bytes()[offset:]:
+        while not logged():
             remaining = deadline - time.monotonic()
             assert remaining > 0, f"{machine['name']}: no {needle!r} on the console"
             if select.select([console.sock], [], [], min(remaining, 1.0))[0] and not console.sock.recv(65536):
-                assert needle in console.log_path.read_bytes()[offset:], f"{machine['name']}: console closed"
+                assert logged(), f"{machine['name']}: the console closed without {needle!r}"
 
 
 def log_size(remote: Remote, machine: dict[str, object]) -> int:

@@ -31,11 +31,13 @@ def test_parse_host_signal_takes_the_last_and_handles_unknown_senders() -> None:
 def test_a_signal_the_leader_forwarded_names_the_original_sender() -> None:
     stderr = (
         "vmspawnd-reaper: SIGTERM from pid 311 (systemd-machine): forwarded to QEMU\n"
-        "qemu-system-x86_64: terminating on signal 15 from pid 42 (vmspawnd-reaper)\n"
+        "qemu-system-x86_64: terminating on signal 15 from pid 42 (/opt/vmspawnd/bin/python3)\n"
     )
-    assert parse_host_signal(stderr) == HostSignal(15, 311, "systemd-machine")
-    # QEMU's own line decides: a forward logged after it (a second signal) is not its cause.
-    assert parse_host_signal(stderr.splitlines()[1] + "\n" + stderr.splitlines()[0]) == HostSignal(15, 42, "vmspawnd-reaper")
+    assert parse_host_signal(stderr, leader_pid=42) == HostSignal(15, 311, "systemd-machine")
+    # Only the leader's forwards count, and only those before QEMU's line (its cause).
+    assert parse_host_signal(stderr, leader_pid=7) == HostSignal(15, 42, "/opt/vmspawnd/bin/python3")
+    reversed_order = stderr.splitlines()[1] + "\n" + stderr.splitlines()[0]
+    assert parse_host_signal(reversed_order, leader_pid=42) == HostSignal(15, 42, "/opt/vmspawnd/bin/python3")
 
 
 def test_host_signal_description() -> None:
