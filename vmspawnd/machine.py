@@ -357,12 +357,17 @@ class Machine:
             self._qmp_subscribers.discard(queue)
 
     async def _close_control(self) -> None:
+        from .varlink_server import close_gracefully  # (imported here: this is the one user)
+
         for queue in self._qmp_subscribers:
             with contextlib.suppress(asyncio.QueueFull):
-                queue.put_nowait((None, None))
+                queue.put_nowait((None, None))  # SubscribeEvents streams end with NotConnected
         if self._control is not None:
-            self._control.close()
-            self._control.close_clients()
+            # Calls in flight get their replies before their connection closes, as
+            # systemd-vmspawn answers Terminate before it exits. Not awaited: Terminate is
+            # such a call, and it waits for this teardown to finish. The bound covers the
+            # rest of the teardown (helpers' stop grace, machined) that Terminate waits for.
+            close_gracefully(self._control, timeout=60.0)
             self._control = None
         try:
             (self.directory / "control").unlink(missing_ok=True)

@@ -5,9 +5,13 @@ What a client sends is never trusted: invalid UTF-8, text that is not JSON, JSON
 not a call, calls with made-up or real method names and garbage parameters, `more` and
 `oneway` flags, deep nesting, huge numbers, wrong types; and connections that are half
 closed, reset, cut before the NUL, or that never end their frame. Whatever comes, the
-daemon stays up, answers each NUL-terminated frame exactly once (none for `oneway`) with
-a reply or a typed error under an interface the client can look up, and afterwards has
-the fds it had before. No VM is needed, so this runs in well under a minute.
+daemon stays up, answers each NUL-terminated frame exactly once (none for a well-formed
+`oneway` call) with a reply or a typed error under an interface the client can look up,
+and afterwards has the fds it had before. A frame that is not a well-formed call (not
+JSON, not an object, or a call object of the wrong shape: a flag that is not a boolean,
+two flags, no qualified method name, parameters that are not an object) gets a typed
+ProtocolViolation and the daemon hangs up; so does `upgrade`, which no method supports
+(InvalidParameter). No VM is needed, so this runs in well under a minute.
 """
 
 from __future__ import annotations
@@ -57,10 +61,36 @@ TALLY = Tally()
 
 @dataclasses.dataclass(frozen=True)
 class Call:
-    """A frame that parses as a JSON object: the daemon must answer it (unless oneway)."""
+    """A frame that parses as a JSON object, and what the daemon must do with it: `reply`
+    (a result or a typed error), `oneway` (nothing), `violation` (ProtocolViolation, then
+    EOF) or `upgrade` (InvalidParameter(upgrade), then EOF)."""
 
     frame: bytes
-    oneway: bool
+    expect: str
+
+
+# Varlink's names, checked as asyncvarlink checks them (re.match with `$`, which also
+# matches before a final newline: such a name is well-formed and simply not found).
+INTERFACE_NAME = re.compile(r"^[A-Za-z](?:-*[A-Za-z0-9])*(?:\.[A-Za-z0-9](?:-*[A-Za-z0-9])*)+$")
+MEMBER_NAME = re.compile(r"^[A-Z][A-Za-z0-9]*$")
+
+
+def expected_outcome(obj: dict[str, object]) -> str:
+    """What a call object must get, from the Varlink call shape alone."""
+    method = obj.get("method")
+    if not isinstance(method, str):
+        return "violation"
+    interface, dot, member = method.rpartition(".")
+    if not dot or not INTERFACE_NAME.match(interface) or not MEMBER_NAME.match(member):
+        return "violation"
+    if not isinstance(obj.get("parameters", {}), dict):
+        return "violation"
+    flags = [obj.get(key, False) for key in ("oneway", "more", "upgrade")]
+    if not all(isinstance(flag, bool) for flag in flags) or sum(bool(flag) for flag in flags) > 1:
+        return "violation"
+    if obj.get("upgrade"):
+        return "upgrade"
+    return "oneway" if obj.get("oneway") else "reply"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -132,7 +162,7 @@ def calls(draw: st.DrawFn) -> Call:
     frame = json.dumps(obj, ensure_ascii=draw(st.booleans())).encode("utf-8", "surrogatepass")
     if b"\\ud8" in frame.lower() or _has_surrogate(frame):
         frame = json.dumps(obj, ensure_ascii=True).encode()
-    return Call(_no_nul(frame), bool(obj.get("oneway", False)))
+    return Call(_no_nul(frame), expected_outcome(obj))  # (json.dumps escapes NUL: _no_nul changes nothing)
 
 
 def _has_surrogate(frame: bytes) -> bool:
@@ -260,7 +290,17 @@ def run_session(address: str, items: list[Call | Bad], ending: Ending) -> None:
                 client.close()
                 client = Client(address)
                 continue
-            if item.oneway:
+            if item.expect in ("violation", "upgrade"):
+                TALLY.malformed += 1
+                reply = client.receive()
+                wanted = f"{MANAGER}.ProtocolViolation" if item.expect == "violation" else "org.varlink.service.InvalidParameter"
+                assert reply is not None and reply.get("error") == wanted, (reply, item.frame[:300])
+                TALLY.errors[wanted] = TALLY.errors.get(wanted, 0) + 1
+                assert client.receive() is None, "the daemon must hang up after a call it refused"
+                client.close()
+                client = Client(address)
+                continue
+            if item.expect == "oneway":
                 TALLY.oneway += 1
                 continue
             if check_reply(client.receive(), item.frame):
