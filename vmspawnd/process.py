@@ -248,9 +248,13 @@ class ReapedProcess:
 
     async def wait(self) -> int | None:
         await self._qemu.wait()
-        if self.reaper is not None:
-            await self.reaper.wait()  # it exits right after writing the status
+        reaper_status = await self.reaper.wait() if self.reaper is not None else None  # it exits right after writing the status
         self.returncode = read_exit_status(self._status_path)
+        if self.returncode is None and reaper_status is not None and reaper_status < 0:
+            # The reaper was killed (only SIGKILL can, it takes every other signal) before
+            # it could write QEMU's status; QEMU then died of its parent-death signal,
+            # SIGKILL, if the same kill (KillUnit of the whole scope) had not got it first.
+            self.returncode = -signal.SIGKILL
         return self.returncode
 
     def send_signal(self, signo: int) -> None:
