@@ -20,7 +20,9 @@ from pathlib import Path
 from .cgroup import own_unit, unit_of_pid
 from .errors import InvalidSpec, InvalidState, MachineExists, NoSuchMachine, VmspawnError
 from .machine import Machine, discard_leftovers
-from .registration import systemd_is_service_manager
+from dbus_fast.errors import InvalidAddressError
+
+from .registration import DBusCallError, systemd_is_service_manager, unit_is_delegated
 from .model import STATE_FORMAT_VERSION, MachineRecord, MachineState
 from .runtime_dir import make_private_dir, new_machine_id, read_json
 from .spec import VmSpec
@@ -31,11 +33,12 @@ _log = logging.getLogger(__name__)
 SUBSCRIBER_QUEUE_SIZE = 1024
 
 
-def keep_unit_target(caller_pid: int) -> str | None:
+async def keep_unit_target(caller_pid: int) -> str | None:
     """The unit a --keep-unit VM joins: its caller's. None where systemd manages nothing
-    (there are no units to keep); refused where the caller is in no unit, or in
-    vmspawnd's own (the VM would go down with every restart of the daemon, and machinectl
-    terminate would stop the daemon instead of the VM)."""
+    (there are no units to keep). Refused where the caller is in no unit, in vmspawnd's
+    own (the VM would go down with every restart of the daemon, and machinectl terminate
+    would stop the daemon instead of the VM), or in a unit PID 1 lets no other process
+    join (only units with Delegate=yes take processes they did not fork)."""
     if not systemd_is_service_manager(os.environ):
         return None
     user = os.geteuid() != 0
@@ -44,12 +47,22 @@ def keep_unit_target(caller_pid: int) -> str | None:
         raise InvalidSpec(
             "keepUnit",
             f"the calling client (pid {caller_pid or 'unknown'}) runs in no systemd unit that vmspawnd can see; "
-            "run it in one (a service, or systemd-run --scope) or leave out --keep-unit",
+            "run it in a service or scope with Delegate=yes, or leave out --keep-unit",
         )
     if unit == own_unit(user):
         raise InvalidSpec(
             "keepUnit",
             f"the calling client runs in {unit}, vmspawnd's own unit; a VM there would stop with the daemon",
+        )
+    try:
+        delegated = await unit_is_delegated(unit, not user)
+    except (OSError, TimeoutError, DBusCallError, InvalidAddressError) as exc:
+        raise InvalidSpec("keepUnit", f"cannot ask the service manager about {unit}: {exc}") from None
+    if not delegated:
+        raise InvalidSpec(
+            "keepUnit",
+            f"{unit} is not delegated: systemd moves the VM's processes (vmspawnd starts them, not the client) only "
+            "into units with Delegate=yes; set it on the unit that runs the client, or leave out --keep-unit",
         )
     return unit
 
@@ -90,7 +103,7 @@ class Manager:
         name = spec.machine_name()
         if name in self._machines:
             raise MachineExists(name)
-        caller_unit = keep_unit_target(caller_pid) if spec.keep_unit else None
+        caller_unit = await keep_unit_target(caller_pid) if spec.keep_unit else None
         machine_id = self._new_id()
         record = MachineRecord(name=name, id=machine_id, uid=uid, spec=spec.to_json())
         record.enter(MachineState.STARTING)

@@ -497,6 +497,28 @@ async def _connect_bus(is_root: bool) -> MessageBus:
         return await MessageBus(bus_type=bus_type, negotiate_unix_fd=True).connect()
 
 
+def unit_delegate_message(unit: str) -> Message:
+    """Properties.Get(Unit-type interface, "Delegate") on `unit`'s object (services and
+    scopes both have it; any other type answers with an error)."""
+    interface = f"{SYSTEMD1}.{'Scope' if unit.endswith('.scope') else 'Service'}"
+    return Message(
+        destination=SYSTEMD1, path=unit_object_path(unit), interface="org.freedesktop.DBus.Properties",
+        member="Get", signature="ss", body=[interface, "Delegate"],
+    )
+
+
+async def unit_is_delegated(unit: str, is_root: bool) -> bool:
+    """Whether PID 1 lets other processes join `unit` (AttachProcessesToUnit works only on
+    units with Delegate=yes). Raises OSError/TimeoutError/DBusCallError when it cannot tell."""
+    bus = await _connect_bus(is_root)
+    try:
+        reply = await dbus_call(bus, unit_delegate_message(unit))
+    finally:
+        bus.disconnect()
+    value = reply.body[0]
+    return bool(value.value if isinstance(value, Variant) else value)
+
+
 class Registration:
     """What was registered and allocated for one VM; `close()` undoes it, logging failures."""
 

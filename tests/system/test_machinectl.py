@@ -240,12 +240,15 @@ def test_keep_unit_joins_the_callers_unit(system_container: Container, vmspawnd_
     """`vmspawnctl run --keep-unit` in a service behaves as vmspawn in its unit: the VM's
     processes are in the service, machined registers that unit, stopping it stops the VM."""
     c, inst = system_container, vmspawnd_installed
-    c.run(["systemd-run", "--unit=keeper.service", "--service-type=exec", "--", "vmspawnctl", "run", "-M", "kept",
-           "--keep-unit", "--kvm=no", "--ram=256M", "--tpm=yes", f"--linux={inst.kernel}", f"--initrd={inst.initrd}",
-           "vmspawnd_test.mode=wait"])
     with remote.events("kept") as events:
-        if not any(m["name"] == "kept" for m in remote.call("List")["machines"]):  # type: ignore[attr-defined]
+        c.run(["systemd-run", "--unit=keeper.service", "--service-type=exec", "--property=Delegate=yes", "--",
+               "vmspawnctl", "run", "-M", "kept",
+               "--keep-unit", "--kvm=no", "--ram=256M", "--tpm=yes", f"--linux={inst.kernel}", f"--initrd={inst.initrd}",
+               "vmspawnd_test.mode=wait"])
+        try:
             events.wait_state("kept", "running", "ready")
+        except Exception as exc:
+            raise AssertionError(f"no VM from keeper.service:\n{c.journal('keeper.service', lines=30)}") from exc
     machine = remote.describe("kept")
     assert machine["unit"] == "keeper.service", machine
     assert machine_property(c, "kept", "Unit") == "keeper.service"
@@ -256,9 +259,13 @@ def test_keep_unit_joins_the_callers_unit(system_container: Container, vmspawnd_
         c.run(["systemctl", "stop", "keeper.service"], timeout=120)
         events.wait_event("kept", "Removed")  # run's VM ends with its caller and is forgotten
     assert not set(found) & set(processes(c)), "processes of the VM outlived its unit"
-    # A caller in no unit (nsenter puts it outside the container's units) is refused clearly.
-    refused = c.run(["vmspawnctl", "start", "-M", "nounit", "--keep-unit", "--kvm=no", f"--linux={inst.kernel}"], check=False)
-    assert refused.returncode != 0 and "keep" in refused.stderr.lower() and "unit" in refused.stderr, refused
+    # A caller in no unit (nsenter puts it outside the container's units), or in a unit that
+    # takes no processes it did not fork, is refused before anything starts.
+    start = ["vmspawnctl", "start", "-M", "nounit", "--keep-unit", "--kvm=no", f"--linux={inst.kernel}"]
+    refused = c.run(start, check=False)
+    assert refused.returncode != 0 and "invalid keepUnit" in refused.stderr and "no systemd unit" in refused.stderr, refused
+    refused = c.unit_run(start, check=False)
+    assert refused.returncode != 0 and "invalid keepUnit" in refused.stderr and "Delegate=yes" in refused.stderr, refused
     assert "nounit" not in c.run(["vmspawnctl", "list"]).stdout
 
 
