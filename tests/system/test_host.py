@@ -33,7 +33,9 @@ def test_user_instance(system_container: Container, vmspawnd_installed: Installa
     c, inst = system_container, vmspawnd_installed
     c.run(["useradd", "--create-home", "--shell", "/bin/bash", USER])
     uid = int(c.run(["id", "-u", USER]).stdout)
-    c.run(["loginctl", "enable-linger", USER])
+    # As an administrator's command (a unit): logind answers a caller outside every unit of
+    # the container (nsenter's) with EUNATCH.
+    c.unit_run(["loginctl", "enable-linger", USER])
     c.run(["systemctl", "start", f"user@{uid}.service"], timeout=120)  # lingering starts it; wait for it
     env = {"XDG_RUNTIME_DIR": f"/run/user/{uid}", "DBUS_SESSION_BUS_ADDRESS": f"unix:path=/run/user/{uid}/bus"}
     c.run(["systemctl", "--user", "enable", "--now", "vmspawnd.socket"], user=USER, env=env)
