@@ -32,7 +32,7 @@ from .outcome import ExitFacts, decide_outcome, describe_exit, describe_status, 
 from .process import ChildProcess, ReapedProcess, children_of, is_same_process, process_tree, read_tail, spawn_reaped
 from .qemu_command import Resources, build_qemu_command
 from .qmp import QmpError, QmpSession
-from .registration import Registration, info_for, register_machine, scope_unit_name
+from .registration import Registration, info_for, machined_address, register_machine, scope_unit_name
 from .runtime_dir import bind_listening_socket, make_private_dir, read_json, write_json_atomic, write_private_file
 from .settings import Settings
 from .spec import ConsoleMode, VmSpec
@@ -116,8 +116,12 @@ class Machine:
         return self.directory / "control"
 
     def _leader_options(self) -> list[str]:
-        """How the reaper, registered as the VM's leader, reaches us or QEMU (reaper.py)."""
-        return [f"--control={self.control_path}", f"--qmp={self.qmp_path}", f"--deadline={DEFAULT_POWEROFF_DEADLINE:g}"]
+        """How the reaper, registered as the VM's leader, reaches us or QEMU, and where it
+        connects to machined for the registration (reaper.py)."""
+        options = [f"--control={self.control_path}", f"--qmp={self.qmp_path}", f"--deadline={DEFAULT_POWEROFF_DEADLINE:g}"]
+        if self.spec.register is not False:
+            options.append(f"--machined={machined_address(os.environ, os.geteuid() == 0)}")
+        return options
 
     def _leader_pid(self) -> int:
         """The process machined knows the VM by: the reaper (reaper.py), else QEMU."""
@@ -256,8 +260,9 @@ class Machine:
                     register=self.spec.register, keep_unit=self.spec.keep_unit, caller_unit=self.caller_unit,
                     slice_name=self.spec.slice, properties=self.spec.properties,
                     pids=process_tree([*self._reaper_pids(), self._qemu.pid, *(p.pid for p in self._helpers.values())]),
-                    on_request_stop=self.terminate,
+                    on_request_stop=self.terminate, machined_connection=self._qemu.machined_connection,
                 )
+                self._qemu.machined_connection = None  # registration closed it
                 stack.push_async_callback(self._registration.close)
                 self.record.unit = self._registration.unit or ""
                 self.record.registered = self._registration.registered

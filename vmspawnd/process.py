@@ -15,6 +15,7 @@ import contextlib
 import logging
 import os
 import signal
+import socket
 import subprocess
 import sys
 import typing
@@ -237,6 +238,9 @@ class ReapedProcess:
         self.reaper = reaper
         self._status_path = status_path
         self.returncode: int | None = None
+        # The reaper's own connection to machined (reaper.py --machined): registering over it
+        # makes machined take the reaper, not the shared daemon, as the VM's supervisor.
+        self.machined_connection: socket.socket | None = None
 
     @property
     def record(self) -> ProcessRecord:
@@ -313,46 +317,54 @@ async def spawn_reaped(
     """Start `argv` under a reaper; returns once the reaper reported the child's pid.
 
     `leader_options` tell the reaper, as the VM's leader, where to forward machined's
-    signals (--control=, --qmp=, --deadline=; see reaper.py)."""
-    read_end, write_end = os.pipe()
+    signals (--control=, --qmp=, --deadline=) and where machined listens (--machined=: it
+    connects there and hands the connection over, `ReapedProcess.machined_connection`;
+    see reaper.py)."""
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
-        reaper = spawn_detached(
-            "reaper",
-            [sys.executable, "-I", "-S", REAPER_SCRIPT, *leader_options, str(status_path), str(write_end), "--", *argv],
-            pass_fds=[*pass_fds, write_end],
-            log_path=log_path,
-        )
-    except BaseException:
-        os.close(read_end)
-        os.close(write_end)
-        raise
-    os.close(write_end)
-    try:
-        pid = await _read_pid(read_end, reaper)
+        try:
+            reaper = spawn_detached(
+                "reaper",
+                [sys.executable, "-I", "-S", REAPER_SCRIPT, *leader_options, str(status_path), str(theirs.fileno()),
+                 "--", *argv],
+                pass_fds=[*pass_fds, theirs.fileno()],
+                log_path=log_path,
+            )
+        finally:
+            theirs.close()
+        pid, connection = await _read_report(ours, reaper)
     finally:
-        os.close(read_end)
-    return ReapedProcess(name, ChildProcess(name, pid, None), reaper, status_path)
+        ours.close()
+    process = ReapedProcess(name, ChildProcess(name, pid, None), reaper, status_path)
+    process.machined_connection = connection
+    return process
 
 
-async def _read_pid(fd: int, reaper: ChildProcess) -> int:
+async def _read_report(sock: socket.socket, reaper: ChildProcess) -> tuple[int, socket.socket | None]:
+    """The reaper's report: QEMU's pid, with its connection to machined attached if it made one."""
     loop = asyncio.get_running_loop()
-    future: asyncio.Future[bytes] = loop.create_future()
+    sock.setblocking(False)
+    readable: asyncio.Future[None] = loop.create_future()
 
-    def readable() -> None:
-        if not future.done():
-            future.set_result(os.read(fd, 64))
+    def wake() -> None:
+        if not readable.done():
+            readable.set_result(None)
 
-    os.set_blocking(fd, False)
-    loop.add_reader(fd, readable)
+    loop.add_reader(sock, wake)
     try:
         async with asyncio.timeout(PID_REPORT_TIMEOUT):
-            data = await future
+            await readable
     except TimeoutError:
         await reaper.terminate(1.0)
         raise OSError(f"the reaper did not report a pid within {PID_REPORT_TIMEOUT:g}s") from None
     finally:
-        loop.remove_reader(fd)
+        loop.remove_reader(sock)
+    # One message: the pid and the fd travel together (SCM_RIGHTS), so one read has both.
+    data, fds, _flags, _address = socket.recv_fds(sock, 64, 1)
+    connection = socket.socket(fileno=fds[0]) if fds else None
     if not data.strip().isdigit():
+        if connection is not None:
+            connection.close()
         await reaper.wait()
         raise OSError("the reaper could not start the process (see the VM's qemu.log)")
-    return int(data)
+    return int(data), connection

@@ -25,7 +25,8 @@ gets SIGKILL (parent-death signal): machined counts a VM as gone when its leader
 
 Run as a script with `python3 -I -S reaper.py` (stdlib only, no site): it must start fast
 and stay small, one per VM.
-Usage: reaper.py [--control=PATH] [--qmp=PATH] [--deadline=SECONDS] STATUS_FILE PID_FD -- ARGV...
+Usage: reaper.py [--control=PATH] [--qmp=PATH] [--deadline=SECONDS] [--machined=PATH] STATUS_FILE REPORT_FD -- ARGV...
+REPORT_FD is a socket: QEMU's pid goes there, with the connection to machined attached.
 """
 
 import ctypes
@@ -197,6 +198,26 @@ class Leader:
             pass
 
 
+def connect_machined(address: str | None) -> socket.socket | None:
+    """A connection to machined's Varlink socket, handed to the daemon with QEMU's pid.
+
+    systemd-machined 258+ takes a machine's *supervisor* from the peer of the connection it
+    is registered over, and ends the supervisor (SIGTERM) with the machine where the
+    machine has no unit of its own (a user's VMs: their unit is the user's manager). Over
+    the reaper's connection the supervisor is the reaper, which ends with the VM anyway —
+    never the daemon all VMs share."""
+    if not address:
+        return None
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    sock.settimeout(CALL_TIMEOUT)
+    try:
+        sock.connect(address)
+    except OSError:
+        sock.close()
+        return None  # no machined: the daemon registers (or not) on its own
+    return sock
+
+
 def _parse(argv: list[str]) -> tuple[dict[str, str], str, int, list[str]]:
     options: dict[str, str] = {}
     while argv and argv[0].startswith("--") and argv[0] != "--":
@@ -238,7 +259,8 @@ def main(argv: list[str]) -> int:
     try:
         options, status_file, report, command = _parse(list(argv))
     except ValueError:
-        print("usage: reaper.py [--control=PATH] [--qmp=PATH] [--deadline=SECONDS] STATUS_FILE PID_FD -- ARGV...", file=sys.stderr)
+        print("usage: reaper.py [--control=PATH] [--qmp=PATH] [--deadline=SECONDS] [--machined=PATH] STATUS_FILE REPORT_FD -- ARGV...",
+              file=sys.stderr)
         return 2
     try:
         ctypes.CDLL(None).prctl(PR_SET_NAME, NAME, 0, 0, 0)
@@ -248,11 +270,14 @@ def main(argv: list[str]) -> int:
     # of a QMP exchange, and none is lost between two waits.
     handled = {s for s in range(1, signal.SIGRTMAX + 1) if s not in _UNCATCHABLE | _FAULTS and s not in (32, 33)}
     original_mask = signal.pthread_sigmask(signal.SIG_BLOCK, handled)
+    machined = connect_machined(options.get("machined"))
     pid = os.fork()
     if pid == 0:
         _exec_qemu(command, report, original_mask)
-    os.write(report, f"{pid}\n".encode())
-    os.close(report)
+    with socket.socket(fileno=report) as channel:
+        socket.send_fds(channel, [f"{pid}\n".encode()], [machined.fileno()] if machined else [])
+    if machined is not None:
+        machined.close()  # the daemon has it now
     leader = Leader(pid, options.get("control") or None, options.get("qmp") or None, float(options.get("deadline", "60")))
     while True:
         timeout = None if leader.escalate_at is None else max(0.0, leader.escalate_at - time.monotonic())

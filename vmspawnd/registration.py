@@ -37,6 +37,7 @@ import json
 import logging
 import os
 import signal
+import socket
 import uuid as uuid_module
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any
@@ -428,11 +429,18 @@ def _unavailable(exc: BaseException) -> bool:
     return (isinstance(exc, OSError) and exc.errno in _UNAVAILABLE) or isinstance(exc, InvalidAddressError)
 
 
-async def varlink_call(address: str, method: str, parameters: Mapping[str, object], timeout: float = CALL_TIMEOUT) -> dict[str, Any]:
-    """One Varlink call on a fresh connection, bounded. A dozen lines of stdlib are enough
-    for two calls per VM, and they keep machined's field names exactly as written."""
+async def varlink_call(
+    address: str, method: str, parameters: Mapping[str, object], timeout: float = CALL_TIMEOUT,
+    connection: socket.socket | None = None,
+) -> dict[str, Any]:
+    """One Varlink call on a fresh connection (or on `connection`, already connected, which
+    it then owns), bounded. A dozen lines of stdlib are enough for two calls per VM, and
+    they keep machined's field names exactly as written."""
     async with asyncio.timeout(timeout):
-        reader, writer = await asyncio.open_unix_connection(address)
+        if connection is not None:
+            reader, writer = await asyncio.open_unix_connection(sock=connection)
+        else:
+            reader, writer = await asyncio.open_unix_connection(address)
         try:
             writer.write(varlink_frame(method, parameters))
             await writer.drain()
@@ -588,11 +596,14 @@ class Registration:
         task.add_done_callback(self._tasks.discard)
 
 
-async def _varlink_register(info: RegistrationInfo, address: str) -> None:
-    """Register; a machined older than 261 refuses `controlAddress` → once more without."""
+async def _varlink_register(info: RegistrationInfo, address: str, connection: socket.socket | None = None) -> None:
+    """Register; a machined older than 261 refuses `controlAddress` → once more without.
+
+    `connection` is the reaper's own connection to machined (machined makes the peer the
+    VM's supervisor); the retry, which needs a second connection, is the daemon's."""
     params = varlink_register_parameters(info)
     try:
-        await varlink_call(address, "io.systemd.Machine.Register", params)
+        await varlink_call(address, "io.systemd.Machine.Register", params, connection=connection)
     except VarlinkCallError as exc:
         if "controlAddress" not in params or exc.error != "org.varlink.service.InvalidParameter":
             raise
@@ -680,6 +691,7 @@ async def register_machine(
     systemd_booted: bool | None = None,
     environ: Mapping[str, str] | None = None,
     adopting: bool = False,
+    machined_connection: socket.socket | None = None,
 ) -> Registration:
     """Put every process of the VM in its unit, then register the VM with machined (per
     `plan()`); `info.leader_pid` is the leader machined signals (the reaper).
@@ -718,7 +730,7 @@ async def register_machine(
                 raise StartFailed("keep-unit", f"could not move the VM's processes into {caller_unit}: {exc}") from exc
             registration.unit = caller_unit
         if steps.register:
-            await _register(registration, info, root, env, problems, exists_ok=adopting)
+            await _register(registration, info, root, env, problems, exists_ok=adopting, connection=machined_connection)
         if steps.register and not registration.registered:
             if steps.required:
                 raise StartFailed("register", "could not register with systemd-machined: " + "; ".join(problems or ["not reachable"]))
@@ -731,6 +743,9 @@ async def register_machine(
     except BaseException:
         await registration.close()
         raise
+    finally:
+        if machined_connection is not None:
+            machined_connection.close()  # used for Register, or not needed
     if registration.scope_unit is None and registration.bus is not None:
         # Nothing to watch on the bus: don't hold a connection per VM.
         registration.bus.disconnect()
@@ -740,14 +755,14 @@ async def register_machine(
 
 async def _register(
     registration: Registration, info: RegistrationInfo, root: bool, env: Mapping[str, str], problems: list[str],
-    exists_ok: bool,
+    exists_ok: bool, connection: socket.socket | None = None,
 ) -> None:
     """io.systemd.Machine.Register, or RegisterMachine on D-Bus where machined has no
     Varlink socket. With `exists_ok` (a restarted daemon registering a VM it adopted,
     whose registration machined may have kept) a machine of that name counts as ours."""
     address = machined_address(env, root)
     try:
-        await _varlink_register(info, address)
+        await _varlink_register(info, address, connection)
         registration.varlink_address = address
         return
     except VarlinkCallError as exc:

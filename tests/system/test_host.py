@@ -41,6 +41,7 @@ def test_user_instance(system_container: Container, vmspawnd_installed: Installa
     c.run(["systemctl", "--user", "enable", "--now", "vmspawnd.socket"], user=USER, env=env)
     assert c.run(["systemctl", "--user", "is-active", "vmspawnd.socket"], user=USER, env=env).stdout.strip() == "active"
 
+    cursor = c.cursor()
     machine = start_vm(c, inst, "uvm", "--tpm=yes", user=USER, env=env)
     assert machine["uid"] == uid and machine["state"] in ("running", "ready"), machine
     assert str(machine["runtimeDirectory"]).startswith(f"/run/user/{uid}/vmspawnd/"), machine
@@ -54,7 +55,9 @@ def test_user_instance(system_container: Container, vmspawnd_installed: Installa
     # where there is one (systemd 258+), else none (systemd 257's machined takes only root).
     user_machined = c.run(["test", "-S", f"/run/user/{uid}/systemd/machine/io.systemd.Machine"], check=False).returncode == 0
     assert machine["registered"] is user_machined, machine
-    c.run(["vmspawnctl", "terminate", "uvm"], user=USER, env=env, timeout=120)
+    cursor = c.cursor()
+    ended = c.run(["vmspawnctl", "terminate", "uvm"], user=USER, env=env, timeout=120, check=False)
+    assert ended.returncode == 0, f"{ended}\n{c.journal(since_cursor=cursor)}"
     c.run(["vmspawnctl", "remove", "uvm"], user=USER, env=env)
 
 

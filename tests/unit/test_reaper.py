@@ -33,15 +33,17 @@ class Reaper:
     def __init__(self, tmp: Path, *options: str) -> None:
         self.status = tmp / "qemu.exit"
         self.log = tmp / "reaper.log"
-        read_end, write_end = os.pipe()
-        with open(self.log, "ab") as log:
+        ours, theirs = socket.socketpair()
+        with open(self.log, "ab") as log, ours, theirs:
             self.process = subprocess.Popen(
-                [sys.executable, "-I", "-S", REAPER_SCRIPT, *options, str(self.status), str(write_end), "--", "sleep", "600"],
-                pass_fds=[write_end], stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True,
+                [sys.executable, "-I", "-S", REAPER_SCRIPT, *options, str(self.status), str(theirs.fileno()), "--",
+                 "sleep", "600"],
+                pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True,
             )
-        os.close(write_end)
-        with os.fdopen(read_end) as report:
-            self.child = int(report.readline())
+            theirs.close()
+            data, fds, _flags, _address = socket.recv_fds(ours, 64, 1)
+        self.child = int(data)
+        self.machined = socket.socket(fileno=fds[0]) if fds else None
 
     def signal(self, signo: int) -> None:
         os.kill(self.process.pid, signo)
@@ -58,6 +60,8 @@ class Reaper:
         return read_exit_status(self.status)
 
     def close(self) -> None:
+        if self.machined is not None:
+            self.machined.close()
         with contextlib.suppress(ProcessLookupError):
             os.kill(self.child, signal.SIGKILL)
         self.process.wait(10)
@@ -174,6 +178,27 @@ def test_qemu_dies_with_its_leader(tmp_path: Path) -> None:
         # The orphaned child is ours now: waiting for it is waiting for its death.
         pid, status = os.waitpid(r.child, 0)
         assert os.waitstatus_to_exitcode(status) == -signal.SIGKILL  # the parent-death signal
+
+
+def test_the_connection_to_machined_is_the_reapers_and_handed_over(tmp_path: Path) -> None:
+    """machined takes the supervisor from the peer of the connection a VM is registered over:
+    the reaper connects, and the daemon gets that connection with QEMU's pid."""
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(str(tmp_path / "machined"))
+    listener.listen(1)
+    with listener, reaper(tmp_path, f"--machined={tmp_path / 'machined'}") as r:
+        peer, _ = listener.accept()
+        with peer:
+            creds = peer.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12)
+            assert int.from_bytes(creds[:4], "little") == r.process.pid  # the reaper, not us
+            assert r.machined is not None
+            r.machined.sendall(b"hello")
+            assert peer.recv(5) == b"hello"  # the same connection
+
+
+def test_no_machined_no_connection(tmp_path: Path) -> None:
+    with reaper(tmp_path, f"--machined={tmp_path / 'absent'}") as r:
+        assert r.machined is None and r.child_alive()
 
 
 def test_exit_status_is_recorded_and_signals_pipe_noise_is_dropped(tmp_path: Path) -> None:
