@@ -103,7 +103,9 @@ def test_start_vm(system_container: Container, vmspawnd_installed: Installation)
     assert machine["state"] in ("running", "ready"), machine
     # The guest's init is up and handles ACPI (stop below relies on it).
     facts = wait_console(c, VM, r"VMSPAWND-TEST: acpid-running")
-    assert int(facts["memtotal-kb"][0]) > 200_000, facts
+    # --ram=256M reached QEMU: the guest sees less than 256 MiB (the firmware keeps a share,
+    # more with forky's OVMF: 140 MB usable against trixie's 190 MB).
+    assert 64 * 1024 < int(facts["memtotal-kb"][0]) < 256 * 1024, facts
 
 
 def test_machinectl_sees_the_vm(system_container: Container, vmspawnd_installed: Installation) -> None:
