@@ -209,6 +209,17 @@ def _kernel_package() -> str:
     raise GuestBuildError(f"cannot resolve the kernel package behind {KERNEL_METAPACKAGE}")
 
 
+# Since Debian 14 (forky) linux-image-VERSION holds no files: the kernel is in
+# linux-binary-VERSION (usr/lib/modules/VERSION/vmlinuz) and its modules in
+# linux-modules-VERSION.
+_SPLIT_PARTS = re.compile(r"^\s*Depends:\s*(linux-(?:binary|modules)-\S+)", re.MULTILINE)
+
+
+def _kernel_parts(package: str) -> list[str]:
+    """``package`` and the packages holding its kernel and modules, where it is split."""
+    return [package, *_SPLIT_PARTS.findall(_run(["apt-cache", "depends", package]))]
+
+
 def _download(package: str, downloads: pathlib.Path) -> pathlib.Path:
     """Fetch ``package``'s .deb into ``downloads`` (kept across rebuilds)."""
     downloads.mkdir(parents=True, exist_ok=True)
@@ -229,17 +240,24 @@ def _download(package: str, downloads: pathlib.Path) -> pathlib.Path:
     return target
 
 
-def _extract(deb: pathlib.Path, into: pathlib.Path) -> tuple[pathlib.Path, pathlib.Path, str]:
-    """Unpack the kernel .deb; return (vmlinuz, module dir, version)."""
-    _run(["dpkg", "-x", str(deb), str(into)])
+def _extract(debs: list[pathlib.Path], into: pathlib.Path) -> tuple[pathlib.Path, pathlib.Path, str]:
+    """Unpack the kernel's .debs; return (vmlinuz, module dir, version)."""
+    for deb in debs:
+        _run(["dpkg", "-x", str(deb), str(into)])
+    names = ", ".join(deb.name for deb in debs)
+    # From trixie on (merged /usr), the package ships its modules in usr/lib/modules only.
+    # lib -> usr/lib, as on such a system, so that this and busybox depmod (which looks in
+    # ROOT/lib/modules) find them either way.
+    if not (into / "lib").exists() and (into / "usr" / "lib" / "modules").is_dir():
+        (into / "lib").symlink_to("usr/lib")
     module_dirs = [p for p in (into / "lib" / "modules").iterdir() if p.is_dir()]
     if len(module_dirs) != 1:
-        raise GuestBuildError(f"expected one kernel in {deb.name}, found {module_dirs}")
+        raise GuestBuildError(f"expected one kernel in {names}, found {module_dirs}")
     version = module_dirs[0].name
-    vmlinuz = into / "boot" / f"vmlinuz-{version}"
-    if not vmlinuz.is_file():
-        raise GuestBuildError(f"{deb.name} has no boot/vmlinuz-{version}")
-    return vmlinuz, module_dirs[0], version
+    for vmlinuz in (into / "boot" / f"vmlinuz-{version}", module_dirs[0] / "vmlinuz"):
+        if vmlinuz.is_file():
+            return vmlinuz, module_dirs[0], version
+    raise GuestBuildError(f"{names} has no boot/vmlinuz-{version} or lib/modules/{version}/vmlinuz")
 
 
 # --------------------------------------------------------------------------
@@ -458,10 +476,10 @@ def _write_initramfs(target: pathlib.Path, moddir: pathlib.Path, version: str, m
 
 def _build(root: pathlib.Path, staging: pathlib.Path) -> None:
     """Produce vmlinuz, initrd.img and kernel-version in ``staging``."""
-    deb = _download(_kernel_package(), root / "downloads")
+    debs = [_download(part, root / "downloads") for part in _kernel_parts(_kernel_package())]
     with tempfile.TemporaryDirectory(prefix=".unpack-", dir=root) as unpack:
         unpacked = pathlib.Path(unpack)
-        vmlinuz, moddir, version = _extract(deb, unpacked)
+        vmlinuz, moddir, version = _extract(debs, unpacked)
         dep = _ensure_modules_dep(unpacked, moddir, version)
         graph = parse_modules_dep(dep.read_text(), str(moddir))
         builtin = _builtin_names(moddir)

@@ -16,6 +16,7 @@ import os
 import re
 import shutil
 import tempfile
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -26,6 +27,15 @@ from tests.system.container import Bind, Container, boot
 from tests.system.deploy import Installation, install_vmspawnd
 
 SUITES = list(trees.SUITES)
+# (what, seconds), for the summary at the end of the run: tree builds, boots, installs.
+TIMINGS: list[tuple[str, float]] = []
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    if TIMINGS:
+        terminalreporter.section("system tier times")
+        for what, seconds in TIMINGS:
+            terminalreporter.write_line(f"{seconds:7.1f}s  {what}")
 
 
 @pytest.fixture(scope="session")
@@ -59,7 +69,10 @@ def system_trees(system_tier: hostenv.CgroupLayout) -> Callable[[str], Path]:
 
     def tree(suite: str) -> Path:
         if suite not in built:
+            started = time.monotonic()
             built[suite] = trees.ensure_tree(suite)
+            seconds = time.monotonic() - started
+            TIMINGS.append((f"{suite} tree {built[suite].name} ({'built' if seconds > 5 else 'cached'})", seconds))
         return built[suite]
 
     return tree
@@ -82,10 +95,13 @@ def container_binds(tmp_path_factory: pytest.TempPathFactory, system_tier: hoste
 @contextlib.contextmanager
 def booted(suite: str, tree: Path, binds: list[Bind]) -> Iterator[Container]:
     container = boot(tree, f"vmspawnd-{suite}", suite=suite, binds=binds)
+    TIMINGS.append((f"{suite} boot to {container.state}", container.boot_seconds))
     try:
         yield container
     finally:
+        started = time.monotonic()
         container.poweroff()
+        TIMINGS.append((f"{suite} poweroff", time.monotonic() - started))
 
 
 @pytest.fixture(scope="module", params=SUITES)
@@ -112,4 +128,6 @@ def forky(system_trees: Callable[[str], Path], container_binds: list[Bind]) -> I
 @pytest.fixture(scope="module")
 def vmspawnd_installed(system_container: Container, guest) -> Installation:  # type: ignore[no-untyped-def]
     """vmspawnd installed in `system_container` by scripts/install, the test guest beside it."""
-    return install_vmspawnd(system_container, guest.kernel, guest.initrd)
+    installation = install_vmspawnd(system_container, guest.kernel, guest.initrd)
+    TIMINGS.append((f"{system_container.suite} scripts/install", installation.seconds))
+    return installation

@@ -233,6 +233,8 @@ def _build(suite: Suite, spec: dict[str, object], tree: Path, log: IO[str]) -> N
     # nspawn refuses a tree without one ("Failed to retrieve machine ID"). One per tree is
     # enough: at most one container of a tree runs at a time.
     _write(tree / "etc/machine-id", uuid.uuid4().hex + "\n", mode=0o444)
+    # debootstrap copies the host's; the suite's name makes journals and prompts tell them apart.
+    _write(tree / "etc/hostname", f"{suite.name}\n")
 
     step("clean up")
     in_tree(tree, ["apt-get", "clean"], log)
