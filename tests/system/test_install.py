@@ -116,10 +116,12 @@ def test_machinectl_sees_the_vm(system_container: Container, vmspawnd_installed:
     assert status.startswith(VM), status
     shown = dict(line.partition("=")[::2] for line in c.run(["machinectl", "show", VM]).stdout.splitlines())
     assert shown["Class"] == "vm", shown
-    # machined's leader is the daemon's QEMU, and QEMU runs in the unit machined knows.
-    qemu = describe(c)["qemu"]
-    assert isinstance(qemu, dict)
-    assert int(shown["Leader"]) == qemu["pid"], (shown, qemu)
+    # machined's leader is the VM's reaper (QEMU's parent, which turns machined's signals
+    # into power-off and reset), and QEMU runs in the unit machined knows.
+    machine = describe(c)
+    qemu, reaper = machine["qemu"], machine["reaper"]
+    assert isinstance(qemu, dict) and isinstance(reaper, dict)
+    assert int(shown["Leader"]) == reaper["pid"], (shown, reaper)
     assert shown["Unit"] and shown["Unit"] != "vmspawnd.service", shown
     cgroup = c.run(["cat", f"/proc/{qemu['pid']}/cgroup"]).stdout
     assert cgroup.strip().endswith(f"/{shown['Unit']}"), cgroup
