@@ -229,13 +229,13 @@ def _parse(argv: list[str]) -> tuple[dict[str, str], str, int, list[str]]:
     return options, status_file, int(pid_fd), command
 
 
-def _exec_qemu(command: list[str], report: int, original_mask: set[int]) -> None:
+def _exec_qemu(command: list[str], report: int, original_mask: set[int], reaper: int) -> None:
     """In the child: QEMU dies with its leader, and starts with a clean signal state."""
     try:
         os.close(report)
         libc = ctypes.CDLL(None, use_errno=True)
         libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-        if os.getppid() == 1:  # the reaper died between fork and prctl
+        if os.getppid() != reaper:  # the reaper died between fork and prctl (we were re-parented)
             os._exit(1)
         for signo in (signal.SIGPIPE, signal.SIGXFSZ, signal.SIGINT):
             signal.signal(signo, signal.SIG_DFL)  # Python's own dispositions, not QEMU's
@@ -271,9 +271,10 @@ def main(argv: list[str]) -> int:
     handled = {s for s in range(1, signal.SIGRTMAX + 1) if s not in _UNCATCHABLE | _FAULTS and s not in (32, 33)}
     original_mask = signal.pthread_sigmask(signal.SIG_BLOCK, handled)
     machined = connect_machined(options.get("machined"))
+    reaper = os.getpid()
     pid = os.fork()
     if pid == 0:
-        _exec_qemu(command, report, original_mask)
+        _exec_qemu(command, report, original_mask, reaper)
     with socket.socket(fileno=report) as channel:
         socket.send_fds(channel, [f"{pid}\n".encode()], [machined.fileno()] if machined else [])
     if machined is not None:

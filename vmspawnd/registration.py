@@ -712,23 +712,8 @@ async def register_machine(
     processes = list(pids or [info.leader_pid])
     problems: list[str] = []
     try:
-        if adopting:
-            pass  # the processes stayed in their unit across the restart
-        elif steps.own_scope:
-            try:
-                await _start_scope(registration, info, slice_name, properties, processes, on_request_stop)
-            except (OSError, TimeoutError, DBusCallError, ValueError) as exc:
-                raise StartFailed("scope", f"could not create {scope_unit_name(info.name)}: {exc}") from exc
-            registration.unit = registration.scope_unit
-        elif steps.join_unit:
-            if not caller_unit:
-                raise StartFailed("keep-unit", "the calling client runs in no unit of the service manager")
-            try:
-                bus = await registration.bus_connection()
-                await dbus_call(bus, attach_processes_message(caller_unit, processes))
-            except (OSError, TimeoutError, DBusCallError, InvalidAddressError) as exc:
-                raise StartFailed("keep-unit", f"could not move the VM's processes into {caller_unit}: {exc}") from exc
-            registration.unit = caller_unit
+        if not adopting:  # an adopted VM's processes stayed in their unit across the restart
+            await _place_processes(registration, steps, info, caller_unit, slice_name, properties, processes, on_request_stop)
         if steps.register:
             await _register(registration, info, root, env, problems, exists_ok=adopting, connection=machined_connection)
         if steps.register and not registration.registered:
@@ -751,6 +736,34 @@ async def register_machine(
         registration.bus.disconnect()
         registration.bus = None
     return registration
+
+
+async def _place_processes(
+    registration: Registration,
+    steps: Plan,
+    info: RegistrationInfo,
+    caller_unit: str | None,
+    slice_name: str | None,
+    properties: Sequence[str],
+    processes: Sequence[int],
+    on_request_stop: Callable[[], Awaitable[object]] | None,
+) -> None:
+    """Every process of the VM into its own scope, or (--keep-unit) into the caller's unit."""
+    if steps.own_scope:
+        try:
+            await _start_scope(registration, info, slice_name, properties, processes, on_request_stop)
+        except (OSError, TimeoutError, DBusCallError, ValueError) as exc:
+            raise StartFailed("scope", f"could not create {scope_unit_name(info.name)}: {exc}") from exc
+        registration.unit = registration.scope_unit
+    elif steps.join_unit:
+        if not caller_unit:
+            raise StartFailed("keep-unit", "the calling client runs in no unit of the service manager")
+        try:
+            bus = await registration.bus_connection()
+            await dbus_call(bus, attach_processes_message(caller_unit, processes))
+        except (OSError, TimeoutError, DBusCallError, InvalidAddressError) as exc:
+            raise StartFailed("keep-unit", f"could not move the VM's processes into {caller_unit}: {exc}") from exc
+        registration.unit = caller_unit
 
 
 async def _register(

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import select
 import signal
 import socket
 import subprocess
@@ -175,9 +176,15 @@ def test_qemu_dies_with_its_leader(tmp_path: Path) -> None:
     with orphans_reaped(), reaper(tmp_path) as r:
         r.signal(signal.SIGKILL)
         r.process.wait(10)
-        # The orphaned child is ours now: waiting for it is waiting for its death.
-        pid, status = os.waitpid(r.child, 0)
-        assert os.waitstatus_to_exitcode(status) == -signal.SIGKILL  # the parent-death signal
+        # The orphaned child is ours now: its pidfd says when it died (bounded: a child that
+        # missed its parent-death signal would live on as `sleep 600`).
+        pidfd = os.pidfd_open(r.child)
+        try:
+            assert select.select([pidfd], [], [], 30)[0], "QEMU outlived its leader"
+        finally:
+            os.close(pidfd)
+        pid, status = os.waitpid(r.child, os.WNOHANG)
+        assert pid == r.child and os.waitstatus_to_exitcode(status) == -signal.SIGKILL  # the parent-death signal
 
 
 def test_the_connection_to_machined_is_the_reapers_and_handed_over(tmp_path: Path) -> None:
