@@ -37,6 +37,7 @@ from .runtime_dir import bind_listening_socket, make_private_dir, read_json, wri
 from .settings import Settings
 from .spec import ConsoleMode, VmSpec
 from .machine_instance import serve_machine_instance
+from .varlink_server import close_gracefully
 from asyncvarlink.util import VarlinkUnixServer
 
 _log = logging.getLogger(__name__)
@@ -362,8 +363,6 @@ class Machine:
             self._qmp_subscribers.discard(queue)
 
     async def _close_control(self) -> None:
-        from .varlink_server import close_gracefully  # (imported here: this is the one user)
-
         for queue in self._qmp_subscribers:
             with contextlib.suppress(asyncio.QueueFull):
                 queue.put_nowait((None, None))  # SubscribeEvents streams end with NotConnected
@@ -476,6 +475,9 @@ class Machine:
         raise exc
 
     async def _kill_qemu(self) -> None:
+        if self._qemu is not None and self._qemu.machined_connection is not None:
+            self._qemu.machined_connection.close()  # the start failed before registering
+            self._qemu.machined_connection = None
         if self._qemu is not None and not self._qemu.exited:
             self._qemu.send_signal(signal.SIGKILL)
         if self._qemu is not None:
