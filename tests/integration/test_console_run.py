@@ -110,9 +110,7 @@ def test_run_in_foreground_returns_0_after_poweroff_and_notifies(daemon: Daemon,
     assert code == 0, stderr
     assert b"VMSPAWND-TEST: powering-off" in out.data
     assert f"Spawning VM fg on {guest.kernel}.\n" in stderr
-    # stdin is no terminal, so the console is read-only: like vmspawn, no escape-key hint
-    # (it is printed for an interactive console only).
-    assert "Ctrl-]" not in stderr
+    assert "Press Ctrl-] three times within 1s to kill VM.\n" in stderr  # the default console: interactive
     assert "fg" not in names(daemon)  # like vmspawn, nothing is left behind
 
 
@@ -127,12 +125,18 @@ def test_run_fails_when_qemu_fails(daemon: Daemon, guest) -> None:  # type: igno
 
 
 def test_sigterm_powers_the_vm_off(daemon: Daemon, guest) -> None:  # type: ignore[no-untyped-def]
-    with spawned(daemon, run_args(guest, "termed", "wait"), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE) as process:
+    with spawned(
+        daemon, run_args(guest, "termed", "wait", "--console=read-only"), stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    ) as process:
         out = Output(process.stdout.fileno())  # type: ignore[union-attr]
         out.expect(rb"VMSPAWND-TEST: acpid-running")
         process.send_signal(signal.SIGTERM)
         code = out.finish(process)
+        stderr = process.stderr.read().decode()  # type: ignore[union-attr]
     assert code == 0
+    # Like vmspawn, the escape-key hint only for an interactive console: read-only takes no keys.
+    assert f"Spawning VM termed on {guest.kernel}.\n" in stderr and "Ctrl-]" not in stderr, stderr
     assert b"VMSPAWND-TEST: acpi-powerdown" in out.data  # it went through ACPI, not a kill
     assert "termed" not in names(daemon)
 
