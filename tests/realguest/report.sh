@@ -24,6 +24,7 @@ done
 tag startup "$(systemd-analyze time 2>/dev/null | head -n1 | b64)"
 
 tag cmdline "$(b64 /proc/cmdline)"
+tag kernel "$(uname -r)"
 tag virt "$(systemd-detect-virt)"
 tag product-uuid "$(cat /sys/class/dmi/id/product_uuid)"
 tag root "$(findmnt -rn -o FSTYPE,SOURCE,OPTIONS /)"
@@ -64,9 +65,9 @@ fi
 if [ -d /sys/firmware/efi ]; then
     tag efi yes
     # What systemd-boot and systemd-stub report of themselves (UTF-16 strings, 4 attribute
-    # bytes first), and the Secure Boot state (one byte after them).
+    # bytes first), and the Secure Boot state and mode (one byte after them).
     for var in LoaderInfo-4a67b082-0a4c-41cf-b6c7-440b29bb8c4f StubInfo-4a67b082-0a4c-41cf-b6c7-440b29bb8c4f \
-               SecureBoot-8be4df61-93ca-11d2-aa0d-00e098032b8c; do
+               SecureBoot-8be4df61-93ca-11d2-aa0d-00e098032b8c SetupMode-8be4df61-93ca-11d2-aa0d-00e098032b8c; do
         f=/sys/firmware/efi/efivars/$var
         [ -r "$f" ] && tag efivar "${var%%-*}" "$(b64 "$f")"
     done
