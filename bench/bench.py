@@ -45,7 +45,6 @@ from tests.support import (
     make_runtime_dir,
     start_daemon,
     stop_daemon,
-    wait_notify,
 )
 
 MANAGER = "io.vmspawnd.Manager"
@@ -159,30 +158,9 @@ def remove(address: str, name: str) -> None:
     call(address, "Remove", {"name": name})
 
 
-def launch_daemon(runtime: Path, patch: Path | None) -> Daemon:
-    """tests.support.start_daemon at log level info; with `patch`, a bench experiment module is
-    imported into the daemon before it starts (to measure a suggested fix without editing vmspawnd/)."""
-    if patch is None:
-        return start_daemon(runtime, "--log-level=info")
-    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
-    notify_path = runtime.parent / f".{runtime.name}.notify"
-    notify.bind(str(notify_path))
-    log_path = runtime.parent / f"{runtime.name}.log"
-    code = ("import runpy, sys; sys.path.insert(0, sys.argv.pop(1)); "
-            f"runpy.run_path({str(patch.resolve())!r}); runpy.run_module('vmspawnd.daemon', run_name='__main__', alter_sys=True)")
-    with open(log_path, "ab") as out:
-        process = subprocess.Popen(
-            [sys.executable, "-c", code, str(REPO), f"--runtime-dir={runtime}", "--log-level=info"],
-            stdout=out, stderr=out, env=dict(os.environ, NOTIFY_SOCKET=str(notify_path)),
-        )
-    d = Daemon(process, runtime, runtime / "io.vmspawnd.Manager", log_path, notify)
-    try:
-        wait_notify(notify, "READY=1", 30)
-    except TimeoutError:
-        process.kill()
-        process.wait()
-        raise
-    return d
+def launch_daemon(runtime: Path) -> Daemon:
+    """tests.support.start_daemon at log level info (debug logging would be part of what is measured)."""
+    return start_daemon(runtime, "--log-level=info")
 
 
 # --- the same QEMU by hand ----------------------------------------------------------------
@@ -482,7 +460,7 @@ def verdict(ok: bool) -> str:
 
 def render(res: dict[str, object]) -> str:
     info = res["machine"]
-    L = [f"### Run of {res['date']}" + (f" (daemon patched with `{res['daemon_patch']}`)" if res.get("daemon_patch") else ""), ""]
+    L = [f"### Run of {res['date']}", ""]
     L.append(f"Machine: {info['nproc']} CPUs ({info['cpu']}), {info['ram']} RAM, kernel {info['kernel']}, "
              f"{info['qemu']}, Python {info['python']}; load average at start {info['loadavg_at_start']}. "
              f"KVM not used (`kvm: false`, TCG). Runtime directory {res.get('runtime_dir')}. Command: `{res['command']}`; wall time {res['wall_s']:.0f} s.")
@@ -565,7 +543,6 @@ def main() -> None:
     p.add_argument("--doc", default="", help="markdown file whose bench-marker section is replaced (empty: none)")
     p.add_argument("--command", default="bench/run")
     p.add_argument("--runtime-base", help="where the daemon's runtime directory goes (default /tmp)")
-    p.add_argument("--daemon-patch", type=Path, help="experiment module run inside the daemon first (bench/experiments/)")
     args = p.parse_args()
     only = set(args.only.split(","))
     started = time.perf_counter()
@@ -583,8 +560,7 @@ def main() -> None:
         runtime.mkdir(mode=0o755)
     res["runtime_dir"] = str(runtime)
     root = Path(tempfile.mkdtemp(prefix="vmspawnd-bench-byhand-", dir="/tmp"))
-    d = launch_daemon(runtime, args.daemon_patch)
-    res["daemon_patch"] = str(args.daemon_patch) if args.daemon_patch else None
+    d = launch_daemon(runtime)
     try:
         call(d.address, "List")
         time.sleep(1)

@@ -156,7 +156,7 @@ def _caller() -> tuple[int, int]:
     return (peer.uid, peer.pid) if peer is not None else (-1, 0)
 
 
-def _parse_signal(value: int | str) -> int:
+def _parse_signal(value: int) -> int:
     try:
         return parsers.parse_signal(value)
     except ValueError as exc:

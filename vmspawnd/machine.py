@@ -27,7 +27,7 @@ from .console import ConsoleHub, History
 from .guest_notify import NotifyListener, open_unix_listener, open_vsock_listener, parse_exit_status, reopen_listener
 from .helpers import HelperSet, start_helpers, stop_recorded_helpers
 from .errors import InvalidSpec, InvalidState, NotConnected, NotSupported, StartFailed, Timeout, VmspawnError
-from .model import MachineRecord, MachineState, ProcessRecord
+from .model import STATE_FORMAT_VERSION, MachineRecord, MachineState, ProcessRecord
 from .outcome import ExitFacts, decide_outcome, describe_exit, describe_status, parse_host_signal
 from .process import ChildProcess, ReapedProcess, children_of, is_same_process, process_tree, read_tail, spawn_reaped
 from .qemu_command import Resources, build_qemu_command
@@ -144,7 +144,7 @@ class Machine:
 
     def _persist(self) -> None:
         try:
-            write_json_atomic(self.directory / "state.json", {"version": 1, "machine": self.record.to_json()})
+            write_json_atomic(self.directory / "state.json", {"version": STATE_FORMAT_VERSION, "machine": self.record.to_json()})
         except OSError:
             # Losing state.json costs re-adoption after a restart, not the running VM.
             _log.exception("%s: could not write state.json", self.name)

@@ -22,7 +22,6 @@ from .errors import InvalidSpec, to_camel, to_snake
 from .parsers import hostname_cleanup, is_valid_hostname
 
 DEFAULT_RAM = 2 * 1024**3
-MAX_NAME_LENGTH = 64
 
 
 class ConsoleMode(enum.StrEnum):

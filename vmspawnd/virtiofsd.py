@@ -28,6 +28,7 @@ from pathlib import Path
 
 from . import bind_user
 from .errors import InvalidSpec, NotSupported, StartFailed
+from .parsers import parse_private_users
 from .helper_process import listen_unix, start_helper
 from .process import ChildProcess
 from .qemu_command import VirtiofsShare
@@ -134,19 +135,6 @@ def mount_extra_word(tag: str, target: str, read_only: bool) -> str:
     return f'systemd.mount-extra="{tag}:{c_escape_mount_target(target)}:virtiofs:{"ro" if read_only else "rw"}"'
 
 
-def parse_private_users(value: str) -> tuple[int, int]:
-    """`UIDBASE[:NUIDS]` (reference §9.6): NUIDS defaults to 65536, must not overflow uid_t."""
-    base_text, _, count_text = value.partition(":")
-    try:
-        base = int(base_text)
-        count = int(count_text) if count_text else 65536
-    except ValueError:
-        raise InvalidSpec("privateUsers", f"must be UIDBASE[:NUIDS], got {value!r}") from None
-    if base < 0 or count <= 0 or base + count > 0xFFFFFFFF:
-        raise InvalidSpec("privateUsers", f"invalid UID range {value!r}")
-    return base, count
-
-
 def plan_shares(spec: VmSpec) -> tuple[list[Share], list[str]]:
     """The virtiofsd instances and kernel command line words the spec asks for (no I/O)."""
     shares: list[Share] = []
@@ -154,7 +142,10 @@ def plan_shares(spec: VmSpec) -> tuple[list[Share], list[str]]:
     if spec.directory:
         uid_map = None
         if spec.private_users:
-            base, count = parse_private_users(spec.private_users)
+            try:
+                base, count = parse_private_users(spec.private_users)
+            except ValueError as exc:
+                raise InvalidSpec("privateUsers", str(exc)) from None
             uid_map = (0, base, count)
         shares.append(Share("root", spec.directory, uid_map=uid_map))
         words += ["root=root", "rootfstype=virtiofs", "rw"]

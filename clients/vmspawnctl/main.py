@@ -1,7 +1,7 @@
 # SPDX-License-Identifier: LGPL-2.1-or-later
 """vmspawnctl: control vmspawnd over Varlink.
 
-Kept light on purpose (no asyncio, no daemon modules): a one-shot call should cost
+Kept light on purpose (no asyncio; of the daemon package only the pure spec side): a one-shot call should cost
 little more than starting Python. Errors are one line on stderr and a non-zero exit.
 """
 
@@ -11,6 +11,8 @@ import argparse
 import json
 import os
 import sys
+
+from vmspawnd.errors import InvalidSpec
 
 from .varlink import Connection, ConnectionFailed, VarlinkError
 
@@ -46,7 +48,7 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
 
     command = requested_command(sys.argv[1:] if argv is None else argv)
     full = command not in {"list", "status", "stop", "terminate", "remove", "pause", "resume", "reboot",
-                           "log", "console", "events", "kill", "shutdown-all"}
+                           "log", "console", "events", "kill", "shutdown-all", "screenshot"}
 
     parser = argparse.ArgumentParser(prog="vmspawnctl", description="Control virtual machines supervised by vmspawnd.")
     parser.add_argument("--address", default=None, help="vmspawnd socket (default: $VMSPAWN_ADDRESS, else the system or user instance)")
@@ -357,16 +359,9 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-class _NeverRaised(Exception):
-    pass
-
-
 def main(argv: list[str] | None = None) -> None:
     parser = build_parser(argv)
     args = parser.parse_args(argv)
-    invalid_spec: type[Exception] = _NeverRaised
-    if args.command in ("start", "run"):  # the spec model is only loaded where it is used
-        from vmspawnd.errors import InvalidSpec as invalid_spec
     try:
         code = run(args)
     except VarlinkError as exc:
@@ -375,7 +370,7 @@ def main(argv: list[str] | None = None) -> None:
     except ConnectionFailed as exc:
         print(f"vmspawnctl: {exc} (is vmspawnd running? see --address)", file=sys.stderr)
         code = EXIT_FAILURE
-    except invalid_spec as exc:  # spec validation before any call
+    except InvalidSpec as exc:  # spec validation (start, run) before any call
         print(f"vmspawnctl {args.command}: {exc}", file=sys.stderr)
         code = EXIT_USAGE
     except BrokenPipeError:

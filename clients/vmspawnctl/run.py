@@ -16,7 +16,6 @@ import argparse
 import colorsys
 import contextlib
 import os
-import re
 import signal
 import socket
 import sys
@@ -27,25 +26,14 @@ from .varlink import Connection, ConnectionFailed, VarlinkError
 
 INTERFACE = "io.vmspawnd.Manager"
 POWER_OFF_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGRTMIN + 4)
-SGR_BACKGROUND = re.compile(r"(4[0-7]|10[0-7]|49|48;5;\d{1,3}|48;2;\d{1,3};\d{1,3};\d{1,3})")
 VMSPAWN_HUE = 130.0  # systemd-vmspawn tints green-ish (nspawn cyan, run0 red)
 
 
-def _background(text: str) -> str:
-    if text and not SGR_BACKGROUND.fullmatch(text):
-        raise argparse.ArgumentTypeError(f"invalid value {text!r}: expected an ANSI SGR background color such as 42, 48;5;22 or 48;2;0;40;0, or empty")
-    return text
-
-
 def add_run_options(parser: argparse.ArgumentParser) -> None:
+    """`run` takes exactly `start`'s options (--background included)."""
     from .start_options import add_start_options
 
     add_start_options(parser)
-    if "--background" not in parser._option_string_actions:  # start_options may grow it
-        parser.add_argument(
-            "--background", type=_background, default=None, metavar="COLOR",
-            help="tint the terminal background while attached (ANSI SGR color; empty disables)",
-        )
 
 
 def default_tint() -> str:
