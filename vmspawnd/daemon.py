@@ -115,7 +115,7 @@ def main(argv: list[str] | None = None) -> None:
         level=args.log_level.upper(),
         format="%(levelname)s %(name)s: %(message)s" if os.environ.get("JOURNAL_STREAM") else "%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
-    # asyncvarlink logs every cancelled in-flight call (libraries.md §1.6 item 6).
+    # asyncvarlink logs every cancelled in-flight call (docs/reference/libraries.md §1.6 item 6).
     logging.getLogger("asyncvarlink").setLevel(logging.CRITICAL if args.log_level != "debug" else logging.DEBUG)
     try:
         code = asyncio.run(serve(args))

@@ -2,7 +2,7 @@
 """What vmspawn finds by itself: machine images by name, kernels in a directory, root partitions.
 
 Three look-ups systemd-vmspawn 259 does before building QEMU's command line
-(vmspawn-reference.md §1.1 step 4 and §3.4):
+(docs/reference/systemd-vmspawn.md §1.1 step 4 and §3.4):
 
 * `-M NAME` without `-D`/`-i`: the image is looked up in the machine image directories
   (`NAME.raw` file or block device ⇒ `--image`, `NAME` directory ⇒ `--directory`).

@@ -1,5 +1,5 @@
 # SPDX-License-Identifier: LGPL-2.1-or-later
-"""QEMU firmware-interop descriptors: finding, parsing and choosing them (§3.3).
+"""QEMU firmware-interop descriptors: finding, parsing and choosing them (docs/reference/systemd-vmspawn.md §3.3).
 
 systemd-vmspawn picks UEFI firmware from the JSON descriptors defined by QEMU's
 ``docs/interop/firmware.json`` that distributions install in ``*/qemu/firmware``.  This

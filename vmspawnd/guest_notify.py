@@ -2,7 +2,7 @@
 """The guest → host notify channel (systemd's `vmm.notify_socket`).
 
 The guest's systemd connects once per message, writes `KEY=VALUE` lines and closes
-(vmspawn-reference.md §4). We accept every connection, read it to EOF with a size cap,
+(docs/reference/systemd-vmspawn.md §4). We accept every connection, read it to EOF with a size cap,
 and hand the parsed fields to a callback. Oversized or malformed messages are dropped
 with a log line and change nothing.
 

@@ -4,7 +4,7 @@
 `start_helpers` runs before QEMU is built: it starts what the spec needs, each on a socket
 the daemon created, and returns what the QEMU command needs from them. Everything it
 acquires goes on the HelperSet's own exit stack, in systemd-vmspawn 259's order (root
-virtiofsd, bind virtiofsds, swtpm, journal-remote, SSH keys; reference §1.2), so teardown
+virtiofsd, bind virtiofsds, swtpm, journal-remote, SSH keys; docs/reference/systemd-vmspawn.md §1.2), so teardown
 runs in reverse. That stack is closed twice over: by the start stack if start fails, and by
 the machine (`HelperSet.aclose`) once QEMU has exited; a successful start pops the start
 stack, so the machine's call is what stops helpers of a VM that ran. The machine

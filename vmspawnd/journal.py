@@ -1,5 +1,5 @@
 # SPDX-License-Identifier: LGPL-2.1-or-later
-"""`--forward-journal=FILE|DIR`: systemd-journal-remote on a vsock listener (reference §7).
+"""`--forward-journal=FILE|DIR`: systemd-journal-remote on a vsock listener (docs/reference/systemd-vmspawn.md §7).
 
 vmspawn listens on `vsock:2:<cid>` (port = the guest's CID, so every VM has its own port)
 and tells the guest's journald where to send with the `journal.forward_to_socket`

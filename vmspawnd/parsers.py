@@ -590,7 +590,7 @@ def _path_is_valid(path: str, accept_dot_dot: bool = True) -> bool:
 
 
 def parse_bind(text: str, cwd: str) -> tuple[str, str]:
-    """``--bind=``/``--bind-ro=`` value ``SRC[:DST]`` → ``(absolute_source, target)`` (§9.4).
+    """``--bind=``/``--bind-ro=`` value ``SRC[:DST]`` → ``(absolute_source, target)`` (docs/reference/systemd-vmspawn.md §9.4).
 
     As vmspawn's runtime_mount_parse(): SRC is the first ``:``-field via
     :func:`extract_first_word` (so ``\\:`` embeds a colon in the source), made absolute
@@ -838,7 +838,7 @@ def _path_extract_filename(path: str) -> str:
 
 
 def default_machine_name(image: str | None, directory: str | None, hostname: str) -> str:
-    """The machine name vmspawn picks when ``-M`` is not given (§1.1 step 4).
+    """The machine name vmspawn picks when ``-M`` is not given (docs/reference/systemd-vmspawn.md §1.1 step 4).
 
     The host name if the directory is ``/``; else the image file name with a trailing
     ``.raw`` removed; else the directory's last component.  The result goes through

@@ -5,7 +5,7 @@ No I/O here: everything that needs the filesystem (which binary, KVM or not, fir
 and its NVRAM copy, merged initrd, socket fds) is resolved first into `Resources`,
 so this function can be golden-tested scenario by scenario (libvirt's way).
 
-The argument order follows systemd-vmspawn 259 (vmspawn-reference.md §3.0). Where a
+The argument order follows systemd-vmspawn 259 (docs/reference/systemd-vmspawn.md §3.0). Where a
 daemon must differ, docs/deviations.md says so (`-S` and a QMP monitor on a daemon-made
 socket, the console chardev on a daemon-made socket with `logfile=` instead of a pty,
 payload file names, vmgenid, ...); nothing else may differ, and the goldens in
@@ -108,7 +108,7 @@ def memory_mib(ram: int) -> int:
 def kernel_command_line(spec: VmSpec, res: Resources | None = None) -> list[str]:
     """The words vmspawn passes to the kernel: console=hvc0 first (not for gui), then ARGS
     (root=PARTUUID= already appended by the client), then what helpers add (virtiofs root,
-    systemd.mount-extra= per bind mount), in vmspawn's order (§1.2 steps 13-18).
+    systemd.mount-extra= per bind mount), in vmspawn's order (docs/reference/systemd-vmspawn.md §1.2 steps 13-18).
     """
     words: list[str] = []
     if spec.console != ConsoleMode.GUI:
@@ -138,7 +138,7 @@ class _Payloads:
 
 def build_qemu_command(spec: VmSpec, res: Resources) -> QemuCommand:
     """Build argv, the fds QEMU must inherit and the payload files, in vmspawn 259's order
-    (vmspawn-reference.md §3.0); where the daemon differs, docs/deviations.md says why."""
+    (docs/reference/systemd-vmspawn.md §3.0); where the daemon differs, docs/deviations.md says why."""
     argv: list[str] = [res.qemu_binary]
     fds: list[int] = []
     x86 = is_x86(res.arch)
@@ -209,7 +209,7 @@ def build_qemu_command(spec: VmSpec, res: Resources) -> QemuCommand:
         if fw.secure_boot and fw.vars_path is not None:
             argv += ["-global", "ICH9-LPC.disable_s3=1"]
             argv += ["-global", "driver=cfi.pflash01,property=secure,value=on"]
-            # vmspawn uses the executable's format for the vars drive too (reference §3.3).
+            # vmspawn uses the executable's format for the vars drive too (docs/reference/systemd-vmspawn.md §3.3).
             argv += [
                 "-drive",
                 f"file={escape_qemu_value(fw.vars_path)},if=pflash,format={fw.code_format}",

@@ -4,7 +4,7 @@
 Every command has a timeout (a wedged QEMU must never hang a caller), errors become
 vmspawnd errors, and events are drained into a callback by a task this session owns.
 qemu.qmp's always-registered `events` listener keeps a history of every event it ever
-saw (libraries.md §2): the pump empties it so a month-long VM does not grow memory.
+saw (docs/reference/libraries.md §2): the pump empties it so a month-long VM does not grow memory.
 Never import qemu.qmp.legacy (GPLv2-only).
 """
 
@@ -103,7 +103,7 @@ class QmpSession:
         try:
             async for event in events:
                 events.clear()
-                events._history.clear()  # noqa: SLF001 — unbounded otherwise (libraries.md §2)
+                events._history.clear()  # noqa: SLF001 — unbounded otherwise (docs/reference/libraries.md §2)
                 name = str(event["event"])
                 data = event.get("data") or {}
                 try:

@@ -1,5 +1,5 @@
 # SPDX-License-Identifier: LGPL-2.1-or-later
-"""Registration with systemd-machined and the VM's transient scope unit (reference §5.1, §5.2).
+"""Registration with systemd-machined and the VM's transient scope unit (docs/reference/systemd-vmspawn.md §5.1, §5.2).
 
 The first half is pure: it builds the Varlink parameters and D-Bus messages systemd
 expects, so they can be golden-tested without a bus. The second half is thin effects:
@@ -160,7 +160,7 @@ def systemd_is_service_manager(environ: Mapping[str, str], exists: Callable[[str
 def bus_label_escape(text: str) -> str:
     """systemd's bus_label_escape(): object path elements allow only [A-Za-z0-9_];
     everything else becomes _XX. dbus-fast does not validate outgoing paths, and an
-    invalid one makes dbus-daemon drop the whole connection (libraries.md §3)."""
+    invalid one makes dbus-daemon drop the whole connection (docs/reference/libraries.md §3)."""
     if not text:
         return "_"
     out = []
@@ -293,7 +293,7 @@ def scope_properties(
     controller: str | None,
     pidfd_count: int = 0,
 ) -> list[list[object]]:
-    """The `a(sv)` of StartTransientUnit for the VM's scope (reference §5.2).
+    """The `a(sv)` of StartTransientUnit for the VM's scope (docs/reference/systemd-vmspawn.md §5.2).
 
     With `pidfd_count` the processes go as `PIDFDs` (`ah`, indices into the message's
     fds); otherwise as `PIDs` (`au`)."""
@@ -551,7 +551,7 @@ class Registration:
         return self.bus
 
     async def close(self) -> None:
-        """Unregister and drop the scope: AbandonScope, KillUnit(all, SIGKILL), UnrefUnit (§5.2)."""
+        """Unregister and drop the scope: AbandonScope, KillUnit(all, SIGKILL), UnrefUnit (docs/reference/systemd-vmspawn.md §5.2)."""
         if self._closed:
             return
         self._closed = True
@@ -621,7 +621,7 @@ async def _start_scope(
     pids: Sequence[int],
     on_request_stop: Callable[[], Awaitable[object]] | None,
 ) -> None:
-    """StartTransientUnit NAME.scope holding `pids`, and wait for its job (§5.2)."""
+    """StartTransientUnit NAME.scope holding `pids`, and wait for its job (docs/reference/systemd-vmspawn.md §5.2)."""
     unit = scope_unit_name(info.name)
     bus = await registration.bus_connection()
     unit_path = unit_object_path(unit)

@@ -1,5 +1,5 @@
 # SPDX-License-Identifier: LGPL-2.1-or-later
-"""sd_notify and socket activation, stdlib only (libraries.md §6: sdnotify cannot pass
+"""sd_notify and socket activation, stdlib only (docs/reference/libraries.md §6: sdnotify cannot pass
 fds, systemd-python does not build without headers).
 """
 

@@ -2,7 +2,7 @@
 """SipHash-2-4 and the identifiers systemd-vmspawn derives from it.
 
 vmspawn derives three things deterministically from the machine name with SipHash-2-4
-(reference §3.7, §3.8): the vsock CID candidates, the shortened TAP interface name and
+(docs/reference/systemd-vmspawn.md §3.7, §3.8): the vsock CID candidates, the shortened TAP interface name and
 the TAP MAC address.  Python's standard library exposes no keyed SipHash (``hash()`` is
 salted and, since 3.11, SipHash-1-3), so to produce the *same* values as systemd we carry
 a small pure-Python implementation here.  Everything in this module is pure: no I/O,
@@ -146,7 +146,7 @@ def _ascii_name(name: str, what: str) -> bytes:
 
 
 def derive_vsock_cid_candidates(name: str) -> list[int]:
-    """The 64 CIDs vmspawn tries, in order, for machine ``name`` (§3.7).
+    """The 64 CIDs vmspawn tries, in order, for machine ``name`` (docs/reference/systemd-vmspawn.md §3.7).
 
     SipHash-2-4 keyed with :data:`VSOCK_CID_HASH_KEY` absorbs the name bytes (no NUL); for
     attempt ``i`` the state is copied, the 4-byte little-endian ``i`` absorbed (the C code
@@ -181,7 +181,7 @@ def shorten_ifname(ifname: str) -> str:
 
 
 def shorten_tap_name(name: str) -> str:
-    """TAP interface name for machine ``name``: ``vt-NAME``, shortened as in §3.8.
+    """TAP interface name for machine ``name``: ``vt-NAME``, shortened as in docs/reference/systemd-vmspawn.md §3.8.
 
     systemd-networkd's shipped ``80-vm-vt.network`` matches ``vt-*``, so the prefix must
     survive shortening (it does: the first 11 bytes are kept).

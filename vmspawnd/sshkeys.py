@@ -1,5 +1,5 @@
 # SPDX-License-Identifier: LGPL-2.1-or-later
-"""The VM's ephemeral SSH key pair (`--pass-ssh-key`, `--ssh-key-type`; reference §6).
+"""The VM's ephemeral SSH key pair (`--pass-ssh-key`, `--ssh-key-type`; docs/reference/systemd-vmspawn.md §6).
 
 vmspawn runs `ssh-keygen -f <runtime>/<machine>-<type> -N "" -t <type>`; the daemon
 generates the pair in-process with `cryptography` (no fork per VM, no dependency on

@@ -1,7 +1,7 @@
 # SPDX-License-Identifier: LGPL-2.1-or-later
 """The VM's software TPM: decide, manufacture once, run swtpm on a daemon-bound socket.
 
-As systemd-vmspawn 259 (reference §3.10): `--tpm=auto` uses swtpm when it is installed,
+As systemd-vmspawn 259 (docs/reference/systemd-vmspawn.md §3.10): `--tpm=auto` uses swtpm when it is installed,
 `--tpm=yes` makes any failure fatal; the state lives beside the image or directory
 (`NAME.tpmstate`, persistent, 0700) for `--tpm-state=auto`, at PATH when given, and in a
 transient `<machine>-tpm/` directory inside the VM directory for `off` (or when there is
@@ -57,7 +57,7 @@ def tpm_wanted(spec: VmSpec, arch: str, swtpm: str | None) -> bool:
 
 
 def state_location(spec: VmSpec, machine_name: str, directory: Path) -> TpmState:
-    """Reference §3.10: auto ⇒ `<image or dir>.tpmstate` beside it; off ⇒ transient."""
+    """As docs/reference/systemd-vmspawn.md §3.10: auto ⇒ `<image or dir>.tpmstate` beside it; off ⇒ transient."""
     value = spec.tpm_state
     transient = TpmState(directory / f"{machine_name}-tpm", persistent=False)
     if value in ("off", "", "no", "false"):

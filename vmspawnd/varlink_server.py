@@ -1,5 +1,5 @@
 # SPDX-License-Identifier: LGPL-2.1-or-later
-"""asyncvarlink's server, hardened for a daemon: the workarounds of libraries.md §1.6.
+"""asyncvarlink's server, hardened for a daemon: the workarounds of docs/reference/libraries.md §1.6.
 
 Kept in one module so they can be dropped one by one as upstream fixes land (they
 touch private attributes, hence the exact pin of asyncvarlink==0.3.3); the numbers are
@@ -162,7 +162,7 @@ class HardenedServerProtocol(VarlinkInterfaceServerProtocol):
         super().connection_lost(exc)
 
     def _socket(self) -> socket.socket | None:
-        sock = getattr(self._transport, "_recvfd", None)  # private: libraries.md §1.6 item 4
+        sock = getattr(self._transport, "_recvfd", None)  # private: docs/reference/libraries.md §1.6 item 4
         return sock if isinstance(sock, socket.socket) else None
 
     # --- ending a connection (item 9) ------------------------------------------------------
@@ -316,7 +316,7 @@ class HardenedServerProtocol(VarlinkInterfaceServerProtocol):
         _log.error("internal error in a method call", exc_info=exc)
         raise GenericVarlinkErrorReply("io.vmspawnd.Manager.InternalError", {"message": str(exc)})
 
-    # --- hang-up detection (libraries.md §1.6 item 1) ------------------------------------
+    # --- hang-up detection (docs/reference/libraries.md §1.6 item 1) ------------------------------------
     def _peer_gone(self) -> None:
         """A reply could not be sent: the peer closed its end for good (a half-closed peer
         still reads). That also catches a hang-up the transport itself read as EOF in the
@@ -447,5 +447,5 @@ async def serve_unix(
     sock.setblocking(False)
     server = HardenedUnixServer(sock, registry, policy)
     await server.start_serving()
-    sock.listen(socket.SOMAXCONN)  # asyncvarlink sets backlog 1 (libraries.md §1.6 item 3)
+    sock.listen(socket.SOMAXCONN)  # asyncvarlink sets backlog 1 (docs/reference/libraries.md §1.6 item 3)
     return server

@@ -8,7 +8,7 @@ $PATH or in /usr/libexec, /usr/lib. Debian bookworm ships QEMU's older C virtiof
 probes which one is installed (its `--help`) and speaks its dialect; options that need ID
 mapping (`--private-users` for the root, `--bind-user`) fail up front, naming the binary.
 
-Guest side as 259 (reference §3.6, §3.12): tag `root` plus `root=root rootfstype=virtiofs
+Guest side as 259 (docs/reference/systemd-vmspawn.md §3.6, §3.12): tag `root` plus `root=root rootfstype=virtiofs
 rw`; share J gets tag `mntJ` and `systemd.mount-extra="mntJ:DST:virtiofs:ro|rw"` with `"`
 and `:` in DST C-escaped. Read-only is also enforced host side where virtiofsd can
 (`--readonly`, Rust ≥ 1.11); the C virtiofsd has no such option, so there only the guest's

@@ -1,5 +1,5 @@
 # SPDX-License-Identifier: LGPL-2.1-or-later
-"""vhost-vsock for a VM: is it there, and which guest CID (vmspawn-reference.md §3.7).
+"""vhost-vsock for a VM: is it there, and which guest CID (docs/reference/systemd-vmspawn.md §3.7).
 
 vmspawn opens /dev/vhost-vsock itself and claims the CID with VHOST_VSOCK_SET_GUEST_CID
 before QEMU starts (QEMU gets the fd as `vhostfd=`), so a collision shows up as

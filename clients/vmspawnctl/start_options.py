@@ -400,7 +400,7 @@ def spec_from_args(args: argparse.Namespace, env: dict[str, str] | None = None) 
 
 
 def _discover(fields: dict[str, object], user: bool, env: dict[str, str]) -> None:
-    """vmspawn's own look-ups (§1.1, §3.4), with the caller's rights."""
+    """vmspawn's own look-ups (docs/reference/systemd-vmspawn.md §1.1, §3.4), with the caller's rights."""
     if not fields.get("image") and not fields.get("directory"):
         if fields.get("name") and not fields.get("linux"):
             try:

@@ -1,7 +1,7 @@
 # SPDX-License-Identifier: LGPL-2.1-or-later
 """A small blocking Varlink client, stdlib only.
 
-vmspawnctl's one-shot calls must not pay for importing asyncio (libraries.md §1.4:
+vmspawnctl's one-shot calls must not pay for importing asyncio (docs/reference/libraries.md §1.4:
 ~40 ms for a stdlib client against ~118 ms with asyncvarlink), so the CLI speaks the
 wire protocol directly: NUL-terminated JSON objects over AF_UNIX, fds via SCM_RIGHTS.
 """

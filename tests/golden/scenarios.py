@@ -3,7 +3,7 @@
 
 Paths under /GOLDEN are placeholders; the QEMU launch test maps them to real files.
 Scenarios in HAND_WRITTEN have goldens written by hand from quotes in
-vmspawn-reference.md §3 (plus the deviations in docs/deviations.md), never regenerated.
+docs/reference/systemd-vmspawn.md §3 (plus the deviations in docs/deviations.md), never regenerated.
 """
 
 from __future__ import annotations
@@ -141,7 +141,7 @@ SCENARIOS: dict[str, tuple[VmSpec, Resources]] = {
     ),
 }
 
-# Written by hand from vmspawn-reference.md §3 (quotes) and docs/deviations.md; see HANDWRITTEN.md.
+# Written by hand from docs/reference/systemd-vmspawn.md §3 (quotes) and docs/deviations.md; see HANDWRITTEN.md.
 HAND_WRITTEN = frozenset(
     {
         "image-minimal", "linux-direct", "linux-initrd", "uuid", "network-user", "discard-off", "extra-drive",

@@ -3,7 +3,7 @@
 machine1/systemd1 services, and a stand-in io.systemd.Machine Varlink server.
 
 The assertions are on what the stand-ins received: method names, signatures and
-arguments as systemd defines them (reference §5.1, §5.2).
+arguments as systemd defines them (docs/reference/systemd-vmspawn.md §5.1, §5.2).
 """
 
 from __future__ import annotations

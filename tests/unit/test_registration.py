@@ -1,6 +1,6 @@
 # SPDX-License-Identifier: LGPL-2.1-or-later
 """The pure builders of vmspawnd.registration: Varlink parameters, D-Bus messages,
-unit properties and the registration plan (reference §5.1, §5.2)."""
+unit properties and the registration plan (docs/reference/systemd-vmspawn.md §5.1, §5.2)."""
 
 from __future__ import annotations
 
