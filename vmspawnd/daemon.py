@@ -20,10 +20,11 @@ import socket
 import sys
 from pathlib import Path
 
-from . import __version__, sdnotify
-from .runtime_dir import MANAGER_SOCKET_NAME, bind_listening_socket, default_runtime_dir
-from .settings import Settings, owner_only
-from .varlink_server import serve_unix
+from vmspawnd import __version__
+from vmspawnd.host import sdnotify
+from vmspawnd.runtime_dir import MANAGER_SOCKET_NAME, bind_listening_socket, default_runtime_dir
+from vmspawnd.settings import Settings, owner_only
+from vmspawnd.varlink.server import serve_unix
 
 _log = logging.getLogger("vmspawnd")
 
@@ -76,8 +77,8 @@ async def serve(args: argparse.Namespace) -> int:
     from asyncvarlink import VarlinkInterfaceRegistry
     from asyncvarlink.serviceinterface import VarlinkServiceInterface
 
-    from .api import ManagerInterface
-    from .manager import Manager
+    from vmspawnd.manager import Manager
+    from vmspawnd.varlink.manager_api import ManagerInterface
 
     runtime_dir = args.runtime_dir or default_runtime_dir()
     runtime_dir.mkdir(mode=0o755, parents=True, exist_ok=True)

@@ -22,23 +22,25 @@ import socket
 from collections.abc import Awaitable, Callable, Coroutine, Iterator
 from pathlib import Path
 
-from . import resolve
-from .console import ConsoleHub, History
-from .guest_notify import NotifyListener, open_unix_listener, open_vsock_listener, parse_exit_status, reopen_listener
-from .helpers import HelperSet, start_helpers, stop_recorded_helpers
-from .errors import InvalidSpec, InvalidState, NotConnected, NotSupported, StartFailed, Timeout, VmspawnError
-from .model import STATE_FORMAT_VERSION, MachineRecord, MachineState, ProcessRecord
-from .outcome import ExitFacts, decide_outcome, describe_exit, describe_status, parse_host_signal
-from .process import ChildProcess, ReapedProcess, children_of, is_same_process, process_tree, read_tail, spawn_reaped
-from .qemu_command import Resources, build_qemu_command
-from .qmp import QmpError, QmpSession
-from .registration import Registration, info_for, machined_address, register_machine, scope_unit_name
-from .runtime_dir import bind_listening_socket, make_private_dir, read_json, write_json_atomic, write_private_file
-from .settings import Settings
-from .spec import ConsoleMode, VmSpec
-from .machine_instance import serve_machine_instance
-from .varlink_server import close_gracefully
 from asyncvarlink.util import VarlinkUnixServer
+
+from vmspawnd.errors import InvalidSpec, InvalidState, NotConnected, NotSupported, StartFailed, Timeout, VmspawnError
+from vmspawnd.helpers import HelperSet, start_helpers, stop_recorded_helpers
+from vmspawnd.host.process import ChildProcess, ReapedProcess, children_of, is_same_process, process_tree, read_tail, spawn_reaped
+from vmspawnd.host.registration import Registration, info_for, machined_address, register_machine, scope_unit_name
+from vmspawnd.model import STATE_FORMAT_VERSION, MachineRecord, MachineState, ProcessRecord
+from vmspawnd.outcome import ExitFacts, decide_outcome, describe_exit, describe_status, parse_host_signal
+from vmspawnd.qemu import resolve
+from vmspawnd.qemu.command import Resources, build_qemu_command
+from vmspawnd.qemu.console import ConsoleHub, History
+from vmspawnd.qemu.guest_notify import NotifyListener, open_unix_listener, open_vsock_listener, parse_exit_status, reopen_listener
+from vmspawnd.qemu.qmp import QmpError, QmpSession
+from vmspawnd.runtime_dir import bind_listening_socket, make_private_dir, read_json, write_json_atomic, write_private_file
+from vmspawnd.settings import Settings
+from vmspawnd.spec import ConsoleMode, VmSpec
+from vmspawnd.spec.discovery import native_arch
+from vmspawnd.varlink.machine_instance import serve_machine_instance
+from vmspawnd.varlink.server import close_gracefully
 
 _log = logging.getLogger(__name__)
 
@@ -379,10 +381,10 @@ class Machine:
             _log.error("%s: could not remove the control socket: %s", self.name, exc.strerror)
 
     def _resolve(self) -> Resources:
-        from . import vsock
+        from vmspawnd.qemu import vsock
 
         resolve.check_spec_paths(self.spec)
-        arch = resolve.native_arch()
+        arch = native_arch()
         if self.spec.grow_image is not None and self.spec.image:
             resolve.grow_image(self.spec.image, self.spec.grow_image)
         initrd = None

@@ -17,16 +17,16 @@ import os
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 
-from .cgroup import own_unit, unit_of_pid
-from .errors import InvalidSpec, InvalidState, MachineExists, NoSuchMachine, VmspawnError
-from .machine import Machine, discard_leftovers
 from dbus_fast.errors import InvalidAddressError
 
-from .registration import DBusCallError, systemd_is_service_manager, unit_is_delegated
-from .model import STATE_FORMAT_VERSION, MachineRecord, MachineState
-from .runtime_dir import make_private_dir, new_machine_id, read_json
-from .spec import VmSpec
-from .settings import Settings
+from vmspawnd.errors import InvalidSpec, InvalidState, MachineExists, NoSuchMachine, VmspawnError
+from vmspawnd.host.cgroup import own_unit, unit_of_pid
+from vmspawnd.host.registration import DBusCallError, systemd_is_service_manager, unit_is_delegated
+from vmspawnd.machine import Machine, discard_leftovers
+from vmspawnd.model import STATE_FORMAT_VERSION, MachineRecord, MachineState
+from vmspawnd.runtime_dir import make_private_dir, new_machine_id, read_json
+from vmspawnd.settings import Settings
+from vmspawnd.spec import VmSpec
 
 _log = logging.getLogger(__name__)
 

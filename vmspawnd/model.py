@@ -11,7 +11,7 @@ import dataclasses
 import enum
 import time
 
-from .errors import to_camel
+from vmspawnd.errors import to_camel
 
 STATE_FORMAT_VERSION = 1
 

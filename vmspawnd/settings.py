@@ -6,7 +6,7 @@ from __future__ import annotations
 import dataclasses
 import os
 
-from .varlink_server import Peer, PeerPolicy
+from vmspawnd.varlink.server import Peer, PeerPolicy
 
 
 def owner_only(peer: Peer) -> bool:

@@ -117,7 +117,7 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
 
 
 def signal_number(text: str) -> int:
-    from vmspawnd.parsers import parse_signal
+    from vmspawnd.spec.parsers import parse_signal
 
     try:
         return parse_signal(text)

@@ -21,7 +21,6 @@ import stat
 import sys
 from collections.abc import Callable, Sequence
 
-from vmspawnd import discovery, parsers
 from vmspawnd.errors import InvalidSpec
 from vmspawnd.spec import (
     SCOPE_PROPERTIES,
@@ -31,7 +30,9 @@ from vmspawnd.spec import (
     CredentialData,
     VmSpec,
     check_property,
+    discovery,
     is_valid_user_name,
+    parsers,
 )
 
 BOOLEAN_FORMS = "a boolean (1, yes, y, true, t, on or 0, no, n, false, f, off)"
@@ -246,7 +247,7 @@ class _FirmwareList(argparse.Action):
 
     def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: object, option_string: str | None = None) -> None:
         if values == "list":
-            from vmspawnd.firmware import find_descriptor_paths
+            from vmspawnd.spec.firmware import find_descriptor_paths
 
             for path in find_descriptor_paths(os.environ.get("XDG_CONFIG_HOME")):
                 print(path)
@@ -422,7 +423,7 @@ def _discover(fields: dict[str, object], user: bool, env: dict[str, str]) -> Non
     image = fields.get("image")
     words = list(fields.get("kernel_cmdline") or [])  # type: ignore[call-overload]
     if image and fields.get("linux") and not discovery.cmdline_has_root(words):
-        from vmspawnd.resolve import native_arch
+        from vmspawnd.spec.discovery import native_arch
 
         try:
             word = discovery.image_root_word(str(image), native_arch())

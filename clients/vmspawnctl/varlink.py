@@ -12,8 +12,7 @@ import array
 import json
 import os
 import socket
-from collections.abc import Iterator
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 # Varlink messages are JSON objects whose shape the IDL, not Python, describes.

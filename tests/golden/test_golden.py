@@ -20,11 +20,10 @@ import tempfile
 from pathlib import Path
 
 import pytest
+from vmspawnd.scenarios import HAND_WRITTEN, SCENARIOS
 
 from tests.support import children_of
-from vmspawnd.qemu_command import build_qemu_command
-
-from .scenarios import HAND_WRITTEN, SCENARIOS
+from vmspawnd.qemu.command import build_qemu_command
 
 HERE = Path(__file__).parent
 REGENERATE = os.environ.get("VMSPAWND_REGENERATE") == "1"

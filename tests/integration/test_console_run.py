@@ -22,7 +22,17 @@ from pathlib import Path
 import pytest
 
 from tests.support import (
-    BOOT_TIMEOUT, MANAGER, Daemon, EventStream, make_runtime_dir, notify_as_guest, open_console, qemu_processes, start_daemon, stop_daemon, wait_notify,
+    BOOT_TIMEOUT,
+    MANAGER,
+    Daemon,
+    EventStream,
+    make_runtime_dir,
+    notify_as_guest,
+    open_console,
+    qemu_processes,
+    start_daemon,
+    stop_daemon,
+    wait_notify,
 )
 
 pytestmark = pytest.mark.vm

@@ -14,9 +14,9 @@ import sys
 import time
 
 import pytest
+from vmspawnctl.varlink import Connection, VarlinkError
 
 from tests.support import MANAGER, Daemon
-from vmspawnctl.varlink import Connection, VarlinkError
 
 pytestmark = pytest.mark.vm
 

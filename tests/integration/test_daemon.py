@@ -13,8 +13,8 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from vmspawnctl.varlink import Connection
+
 from tests.support import Daemon, make_runtime_dir, start_daemon, wait_notify
 
 

@@ -17,9 +17,9 @@ import time
 from pathlib import Path
 
 import pytest
+from vmspawnctl.varlink import VarlinkError
 
 from tests.support import Console, Daemon, EventStream, make_runtime_dir, orphans_reaped, start_daemon, stop_daemon
-from vmspawnctl.varlink import VarlinkError
 
 pytestmark = pytest.mark.vm
 

@@ -21,9 +21,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from vmspawnctl.varlink import Connection, VarlinkError
 
 from tests.support import BOOT_TIMEOUT, Daemon
-from vmspawnctl.varlink import Connection, VarlinkError
 
 pytestmark = pytest.mark.vm
 

@@ -18,9 +18,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from vmspawnctl.varlink import VarlinkError
 
 from tests.support import Console, Daemon, EventStream, children_of, no_leaks
-from vmspawnctl.varlink import VarlinkError
 
 pytestmark = pytest.mark.vm
 

@@ -21,9 +21,9 @@ from pathlib import Path
 
 import pytest
 import varlink.scanner
+from vmspawnctl.varlink import Connection, VarlinkError
 
 from tests.support import MANAGER, Console, Daemon, EventStream, make_runtime_dir, notify_as_guest, start_daemon, stop_daemon
-from vmspawnctl.varlink import Connection, VarlinkError
 
 pytestmark = pytest.mark.vm
 

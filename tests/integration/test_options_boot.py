@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from tests.support import Daemon, boot_facts
-from vmspawnd.discovery import ROOT_TYPES
+from vmspawnd.spec.discovery import ROOT_TYPES
 
 pytestmark = pytest.mark.vm
 

@@ -24,6 +24,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from vmspawnctl.varlink import Connection, ConnectionFailed, VarlinkError
 
 from tests.support import (
     Console,
@@ -37,7 +38,6 @@ from tests.support import (
     start_daemon,
     stop_daemon,
 )
-from vmspawnctl.varlink import Connection, ConnectionFailed, VarlinkError
 
 pytestmark = pytest.mark.vm
 

@@ -13,9 +13,9 @@ import sys
 from pathlib import Path
 
 import pytest
+from vmspawnctl.varlink import VarlinkError
 
 from tests.support import MANAGER, Daemon, EventStream, no_leaks, qemu_processes
-from vmspawnctl.varlink import VarlinkError
 
 MIB = 1024 * 1024
 

@@ -12,11 +12,11 @@ import subprocess
 import sys
 
 import pytest
+from vmspawnctl.varlink import Connection
 
 from tests.support import MANAGER, Console
 from tests.system.container import Container
 from tests.system.deploy import Installation
-from vmspawnctl.varlink import Connection
 
 pytestmark = [pytest.mark.system, pytest.mark.vm]
 

@@ -14,10 +14,11 @@ import select
 import time
 from collections.abc import Iterator
 
+from vmspawnctl.varlink import Connection, VarlinkError
+
 from tests.support import MANAGER, Console, EventStream
 from tests.system.container import Container
 from tests.system.deploy import Installation
-from vmspawnctl.varlink import Connection, VarlinkError
 
 SOCKET = "/run/vmspawnd/io.vmspawnd.Manager"
 BOOT_TIMEOUT = 240.0

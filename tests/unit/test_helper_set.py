@@ -94,8 +94,8 @@ def test_recorded_helpers_are_stopped_and_their_files_removed(tmp_path: Path) ->
     import subprocess
 
     from vmspawnd.helpers import stop_recorded_helpers
+    from vmspawnd.host.process import describe_process
     from vmspawnd.model import ProcessRecord
-    from vmspawnd.process import describe_process
 
     vmdir = tmp_path / "vm"
     vmdir.mkdir()

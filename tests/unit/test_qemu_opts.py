@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from vmspawnd.qemu_opts import escape_qemu_value
+from vmspawnd.qemu.opts import escape_qemu_value
 
 # --------------------------------------------------------------------------------------
 # An independent model of QEMU's QemuOpts parser (util/qemu-option.c: opts_do_parse(),

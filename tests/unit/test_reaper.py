@@ -25,7 +25,7 @@ from pathlib import Path
 import pytest
 
 from tests.support import orphans_reaped
-from vmspawnd.process import REAPER_SCRIPT, read_exit_status
+from vmspawnd.host.process import REAPER_SCRIPT, read_exit_status
 
 RTMIN4 = int(signal.SIGRTMIN) + 4
 

@@ -12,7 +12,7 @@ from dbus_fast import Variant
 from hypothesis import given
 from hypothesis import strategies as st
 
-from vmspawnd import registration as r
+from vmspawnd.host import registration as r
 
 UUID = "01234567-89ab-cdef-0123-456789abcdef"
 

@@ -7,7 +7,7 @@ import signal
 
 import pytest
 
-from vmspawnd.parsers import parse_signal, signal_name
+from vmspawnd.spec.parsers import parse_signal, signal_name
 
 
 @pytest.mark.parametrize(

@@ -236,7 +236,7 @@ def test_load_credential_from_socket(work: Path) -> None:
 
 
 def test_firmware_list_prints_and_exits_without_daemon(capsys: pytest.CaptureFixture[str]) -> None:
-    from vmspawnd.firmware import find_descriptor_paths
+    from vmspawnd.spec.firmware import find_descriptor_paths
 
     with pytest.raises(SystemExit) as info:
         main(["--address", "/nonexistent/socket", "start", "--firmware=list"])

@@ -13,8 +13,7 @@ from pathlib import Path
 import pytest
 
 from vmspawnd.errors import InvalidSpec, NotSupported
-from vmspawnd.spec import BindMount, VmSpec
-from vmspawnd.virtiofsd import (
+from vmspawnd.helpers.virtiofsd import (
     C_VIRTIOFSD,
     Dialect,
     Share,
@@ -25,6 +24,7 @@ from vmspawnd.virtiofsd import (
     start_virtiofsd,
     virtiofsd_argv,
 )
+from vmspawnd.spec import BindMount, VmSpec
 
 RUST = Virtiofsd("/usr/libexec/virtiofsd", Dialect.RUST, readonly=True)
 C = Virtiofsd(C_VIRTIOFSD, Dialect.C)

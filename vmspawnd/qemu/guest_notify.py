@@ -136,7 +136,7 @@ def open_vsock_listener(port: int = VMADDR_PORT_ANY) -> tuple[socket.socket, str
 
 def open_unix_listener(path: Path) -> tuple[socket.socket, str]:
     """The AF_UNIX stand-in for hosts without vsock (tests, development)."""
-    from .runtime_dir import bind_listening_socket
+    from vmspawnd.runtime_dir import bind_listening_socket
 
     sock = bind_listening_socket(path, 0o600)
     sock.setblocking(False)

@@ -22,7 +22,7 @@ import typing
 from collections.abc import Sequence
 from pathlib import Path
 
-from .model import ProcessRecord
+from vmspawnd.model import ProcessRecord
 
 _log = logging.getLogger(__name__)
 _BOOT_ID_PATH = "/proc/sys/kernel/random/boot_id"

@@ -17,7 +17,7 @@ from collections.abc import Callable, Mapping
 
 from qemu.qmp import ConnectError, ExecInterruptedError, ExecuteError, QMPClient, StateError
 
-from .errors import NotConnected, Timeout
+from vmspawnd.errors import NotConnected, Timeout
 
 _log = logging.getLogger(__name__)
 

@@ -18,10 +18,10 @@ import shutil
 import socket
 from pathlib import Path
 
-from .errors import InvalidSpec, NotSupported
-from .helper_process import start_helper
-from .process import ChildProcess
-from .qemu_command import Credential
+from vmspawnd.errors import InvalidSpec, NotSupported
+from vmspawnd.helpers.spawn import start_helper
+from vmspawnd.host.process import ChildProcess
+from vmspawnd.qemu.command import Credential
 
 LIBEXEC_CANDIDATES = ("/usr/lib/systemd/systemd-journal-remote", "/lib/systemd/systemd-journal-remote")
 VMADDR_CID_HOST = 2

@@ -12,22 +12,20 @@ missing QMP connection is `NotConnected`.
 import collections.abc
 import typing
 
-from asyncvarlink import TypedVarlinkErrorReply, VarlinkInterface, varlinkmethod, varlinksignature
+from asyncvarlink import TypedVarlinkErrorReply, VarlinkInterface, VarlinkInterfaceRegistry, varlinkmethod, varlinksignature
 from asyncvarlink.conversion import ForeignVarlinkType, ObjectVarlinkType, OptionalVarlinkType, VarlinkType
-
-from asyncvarlink import VarlinkInterfaceRegistry
 from asyncvarlink.serviceinterface import VarlinkServiceInterface
 from asyncvarlink.util import VarlinkUnixServer
 
-from . import __version__
-from .errors import InvalidState, NotConnected
-from .runtime_dir import bind_listening_socket
-from .varlink_server import PeerPolicy, serve_unix
+from vmspawnd import __version__
+from vmspawnd.errors import InvalidState, NotConnected
+from vmspawnd.runtime_dir import bind_listening_socket
+from vmspawnd.varlink.server import PeerPolicy, serve_unix
 
 if typing.TYPE_CHECKING:
     from pathlib import Path
 
-    from .machine import Machine
+    from vmspawnd.machine import Machine
 
 INTERFACE = "io.systemd.MachineInstance"
 

@@ -23,8 +23,8 @@ import socket
 from collections.abc import Sequence
 from pathlib import Path
 
-from .process import ChildProcess, children_of, spawn_detached
-from .runtime_dir import bind_listening_socket
+from vmspawnd.host.process import ChildProcess, children_of, spawn_detached
+from vmspawnd.runtime_dir import bind_listening_socket
 
 HELPER_TERM_GRACE = 5.0
 

@@ -27,8 +27,8 @@ import os
 import socket
 from pathlib import Path
 
-from .errors import ConsoleBusy, NotConnected
-from .runtime_dir import replace_private_file
+from vmspawnd.errors import ConsoleBusy, NotConnected
+from vmspawnd.runtime_dir import replace_private_file
 
 _log = logging.getLogger(__name__)
 

@@ -21,10 +21,10 @@ import shutil
 import sys
 from pathlib import Path
 
-from .errors import InvalidSpec, NotSupported, StartFailed
-from .helper_process import listen_unix, log_path, start_helper
-from .process import ChildProcess, read_tail
-from .spec import VmSpec
+from vmspawnd.errors import InvalidSpec, NotSupported, StartFailed
+from vmspawnd.helpers.spawn import listen_unix, log_path, start_helper
+from vmspawnd.host.process import ChildProcess, read_tail
+from vmspawnd.spec import VmSpec
 
 _log = logging.getLogger(__name__)
 

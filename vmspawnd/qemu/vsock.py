@@ -16,7 +16,7 @@ import os
 import random
 import struct
 
-from .siphash import derive_vsock_cid_candidates
+from vmspawnd.qemu.siphash import derive_vsock_cid_candidates
 
 VHOST_VSOCK_DEVICE = "/dev/vhost-vsock"
 # _IOW(VHOST_VIRTIO=0xAF, 0x60, __u64)

@@ -46,8 +46,8 @@ from dbus_fast import BusType, Message, MessageType, Variant
 from dbus_fast.aio import MessageBus
 from dbus_fast.errors import InvalidAddressError
 
-from .errors import StartFailed
-from .parsers import mangle_unit_name, parse_size
+from vmspawnd.errors import StartFailed
+from vmspawnd.spec.parsers import mangle_unit_name, parse_size
 
 _log = logging.getLogger(__name__)
 

@@ -9,22 +9,14 @@ firmware is the host's (`StartFailed` at step `resolve`). Files this step create
 from __future__ import annotations
 
 import os
-import platform
 import shutil
 import stat
 from pathlib import Path
 
-from . import firmware as firmware_db
-from .errors import InvalidSpec, StartFailed
-from .qemu_command import Firmware
-from .spec import VmSpec
-
-_ARCH_NAMES = {"x86_64": "x86_64", "amd64": "x86_64", "aarch64": "aarch64", "arm64": "aarch64"}
-
-
-def native_arch() -> str:
-    machine = platform.machine()
-    return _ARCH_NAMES.get(machine, machine)
+from vmspawnd.errors import InvalidSpec, StartFailed
+from vmspawnd.qemu.command import Firmware
+from vmspawnd.spec import VmSpec
+from vmspawnd.spec import firmware as firmware_db
 
 
 def find_qemu_binary(arch: str) -> str:

@@ -17,7 +17,7 @@ import dataclasses
 import json
 from collections.abc import Callable
 
-from .errors import InvalidSpec
+from vmspawnd.errors import InvalidSpec
 
 # systemd's range for users mapped in by --bind-user (docs/UIDS-GIDS.md: 60514…60577).
 BIND_USER_ID_MIN = 60514

@@ -19,13 +19,13 @@ import typing
 from asyncvarlink import FileDescriptor, LastResult, TypedVarlinkErrorReply, VarlinkInterface, varlinkmethod, varlinksignature
 from asyncvarlink.conversion import DataclassVarlinkType, ListVarlinkType, VarlinkType
 
-from . import errors, parsers
-from .errors import InvalidSpec, to_camel
-from .console import ConsoleMode, last_lines, read_history
-from .manager import Manager
-from .model import MachineRecord, MachineState, ProcessRecord
-from .spec import VmSpec
-from .varlink_server import current_peer
+from vmspawnd import errors
+from vmspawnd.errors import InvalidSpec, to_camel
+from vmspawnd.manager import Manager
+from vmspawnd.model import MachineRecord, MachineState, ProcessRecord
+from vmspawnd.qemu.console import ConsoleMode, last_lines, read_history
+from vmspawnd.spec import VmSpec, parsers
+from vmspawnd.varlink.server import current_peer
 
 INTERFACE = errors.INTERFACE
 

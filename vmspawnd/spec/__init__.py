@@ -18,8 +18,8 @@ import types
 import typing
 from collections.abc import Mapping
 
-from .errors import InvalidSpec, to_camel, to_snake
-from .parsers import hostname_cleanup, is_valid_hostname
+from vmspawnd.errors import InvalidSpec, to_camel, to_snake
+from vmspawnd.spec.parsers import hostname_cleanup, is_valid_hostname
 
 DEFAULT_RAM = 2 * 1024**3
 
@@ -153,7 +153,7 @@ class VmSpec:
         if self.directory and not self.image:
             import socket
 
-            from .parsers import default_machine_name
+            from vmspawnd.spec.parsers import default_machine_name
 
             try:
                 return default_machine_name(None, self.directory, socket.gethostname())
@@ -278,7 +278,7 @@ def check_property(text: str) -> None:
         raise InvalidSpec("properties", f"invalid property {text!r}: expected NAME=VALUE with NAME one of {accepted}")
     if name not in SCOPE_PROPERTIES:
         raise InvalidSpec("properties", f"property {name}= is not supported; supported: {accepted}")
-    from .parsers import parse_size
+    from vmspawnd.spec.parsers import parse_size
 
     def bad(forms: str) -> InvalidSpec:
         return InvalidSpec("properties", f"invalid value for {name}=: {value!r}; expected {forms}")
@@ -327,7 +327,7 @@ def validate_options(spec: VmSpec) -> None:
     import base64
     import binascii
 
-    from .parsers import credential_name_is_valid, parse_ether_addr, parse_private_users
+    from vmspawnd.spec.parsers import credential_name_is_valid, parse_ether_addr, parse_private_users
 
     _check_absolute("directory", spec.directory)
     _check_absolute("forwardJournal", spec.forward_journal)

@@ -60,7 +60,7 @@ from asyncvarlink.serviceerrors import InvalidParameter
 from asyncvarlink.types import JSONObject
 from asyncvarlink.util import VarlinkUnixServer
 
-from .errors import PermissionDenied, ProtocolViolation, VmspawnError
+from vmspawnd.errors import PermissionDenied, ProtocolViolation, VmspawnError
 
 _log = logging.getLogger(__name__)
 

@@ -19,10 +19,10 @@ import dataclasses
 import math
 import os
 
-from .errors import InvalidSpec
-from .qemu_opts import escape_qemu_value
-from .siphash import derive_mac, shorten_tap_name
-from .spec import ConsoleMode, VmSpec
+from vmspawnd.errors import InvalidSpec
+from vmspawnd.qemu.opts import escape_qemu_value
+from vmspawnd.qemu.siphash import derive_mac, shorten_tap_name
+from vmspawnd.spec import ConsoleMode, VmSpec
 
 MIB = 1024 * 1024
 

@@ -21,10 +21,21 @@ from __future__ import annotations
 import dataclasses
 import fnmatch
 import os
+import platform
 import stat
 import struct
 import uuid
 from collections.abc import Callable
+
+_ARCH_NAMES = {"x86_64": "x86_64", "amd64": "x86_64", "aarch64": "aarch64", "arm64": "aarch64"}
+
+
+def native_arch() -> str:
+    """The host's architecture in the names vmspawn uses (x86_64, aarch64): it picks the QEMU
+    binary, the firmware and the root partition type an image is searched for."""
+    machine = platform.machine()
+    return _ARCH_NAMES.get(machine, machine)
+
 
 # Discoverable Partitions Specification type GUIDs for the architectures vmspawnd runs on.
 ROOT_TYPES = {

@@ -19,12 +19,13 @@ import dataclasses
 import shutil
 from pathlib import Path
 
-from . import bind_user, journal, resolve, sshkeys, swtpm, virtiofsd
-from .helper_process import stop_helper
-from .model import ProcessRecord
-from .process import ChildProcess, is_same_process
-from .qemu_command import Credential
-from .spec import VmSpec
+from vmspawnd.helpers import bind_user, journal, sshkeys, swtpm, virtiofsd
+from vmspawnd.helpers.spawn import stop_helper
+from vmspawnd.host.process import ChildProcess, is_same_process
+from vmspawnd.model import ProcessRecord
+from vmspawnd.qemu.command import Credential
+from vmspawnd.spec import VmSpec
+from vmspawnd.spec.discovery import native_arch
 
 
 @dataclasses.dataclass
@@ -70,7 +71,7 @@ async def start_helpers(
     if shares:
         helpers.resources["virtiofs"] = shares
 
-    tpm = await swtpm.start_swtpm(spec, machine_name, directory, resolve.native_arch(), own)
+    tpm = await swtpm.start_swtpm(spec, machine_name, directory, native_arch(), own)
     if tpm is not None:
         helpers.processes["swtpm"], sock = tpm
         helpers.resources["tpm_socket"] = str(sock)

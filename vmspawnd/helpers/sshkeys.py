@@ -23,9 +23,9 @@ from pathlib import Path
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 
-from .errors import InvalidSpec
-from .qemu_command import Credential
-from .runtime_dir import write_private_file
+from vmspawnd.errors import InvalidSpec
+from vmspawnd.qemu.command import Credential
+from vmspawnd.runtime_dir import write_private_file
 
 KEY_TYPES = ("ed25519", "rsa", "ecdsa")
 AUTHORIZED_KEYS_CREDENTIAL = "ssh.ephemeral-authorized_keys-all"

@@ -26,14 +26,14 @@ import secrets
 import shutil
 from pathlib import Path
 
-from . import bind_user
-from .errors import InvalidSpec, NotSupported, StartFailed
-from .parsers import parse_private_users
-from .helper_process import listen_unix, start_helper
-from .process import ChildProcess
-from .qemu_command import VirtiofsShare
-from .runtime_dir import SOCKET_PATH_MAX
-from .spec import VmSpec
+from vmspawnd.errors import InvalidSpec, NotSupported, StartFailed
+from vmspawnd.helpers import bind_user
+from vmspawnd.helpers.spawn import listen_unix, start_helper
+from vmspawnd.host.process import ChildProcess
+from vmspawnd.qemu.command import VirtiofsShare
+from vmspawnd.runtime_dir import SOCKET_PATH_MAX
+from vmspawnd.spec import VmSpec
+from vmspawnd.spec.parsers import parse_private_users
 
 C_VIRTIOFSD = "/usr/lib/qemu/virtiofsd"
 RUST_LOCATIONS = ("/usr/libexec/virtiofsd", "/usr/lib/virtiofsd")
