@@ -3,7 +3,10 @@
 
 Every error a client can see is a subclass of `VmspawnError`; `api` maps each to the
 Varlink error `io.vmspawnd.Manager.<ClassName>` with `parameters()` as its parameters.
-This module is pure (no asyncio, no asyncvarlink) so that the CLI can share the names.
+The private `_InternalError` branch is not part of the API (not in ALL_ERRORS, not in the
+IDL): the daemon's own calls to other services fail with these, and the caller translates
+them where it makes the call. This module is pure (no asyncio, no asyncvarlink) so that
+the CLI can share the names.
 
     VmspawnError
      ├── InvalidSpec{field, reason}        a spec value is malformed or unusable
@@ -16,12 +19,16 @@ This module is pure (no asyncio, no asyncvarlink) so that the CLI can share the 
      ├── NotConnected{name}                QMP to this VM is gone
      ├── NotSupported{feature}             valid, but not implemented here
      ├── ProtocolViolation{reason}         a frame that is not a Varlink call
-     └── ConsoleBusy{name}                 another client holds the interactive console
+     ├── ConsoleBusy{name}                 another client holds the interactive console
+     └── _InternalError                    private: never sent as itself (InternalError{message})
+          ├── VarlinkCallError{error, replyParameters}   machined answered a Varlink call with an error
+          └── DBusCallError{name, text}    systemd (PID 1, machine1) answered a D-Bus call with an error
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 
 INTERFACE = "io.vmspawnd.Manager"
 
@@ -138,6 +145,42 @@ class ConsoleBusy(VmspawnError):
 
     name: str
 
+
+
+@dataclasses.dataclass
+class _InternalError(VmspawnError):
+    """A call the daemon makes to another service failed; the caller catches and translates
+    it. Should one escape, a client sees only `InternalError{message}`, as for any
+    unexpected exception, never a name the IDL does not declare."""
+
+    @classmethod
+    def varlink_name(cls) -> str:
+        return f"{INTERFACE}.InternalError"
+
+    def parameters(self) -> dict[str, object]:
+        return {"message": str(self)}
+
+
+@dataclasses.dataclass
+class VarlinkCallError(_InternalError):
+    """An error reply from a Varlink peer (machined)."""
+
+    error: str
+    reply_parameters: dict[str, object] = dataclasses.field(default_factory=dict)
+
+    def __str__(self) -> str:
+        return f"{self.error} {json.dumps(self.reply_parameters)}" if self.reply_parameters else self.error
+
+
+@dataclasses.dataclass
+class DBusCallError(_InternalError):
+    """An error reply to a D-Bus method call (PID 1's systemd1, machined's machine1)."""
+
+    name: str
+    text: str = ""
+
+    def __str__(self) -> str:
+        return f"{self.name}: {self.text}" if self.text else self.name
 
 ALL_ERRORS: tuple[type[VmspawnError], ...] = (
     InvalidSpec,

@@ -26,8 +26,10 @@ from asyncvarlink.util import VarlinkUnixServer
 
 from vmspawnd.errors import InvalidSpec, InvalidState, NotConnected, NotSupported, StartFailed, Timeout, VmspawnError
 from vmspawnd.helpers import HelperSet, start_helpers, stop_recorded_helpers
+from vmspawnd.host.machined import info_for, machined_address
 from vmspawnd.host.process import ChildProcess, ReapedProcess, children_of, is_same_process, process_tree, read_tail, spawn_reaped
-from vmspawnd.host.registration import Registration, info_for, machined_address, register_machine, scope_unit_name
+from vmspawnd.host.registration import Registration, register_machine
+from vmspawnd.host.scope import scope_unit_name
 from vmspawnd.model import STATE_FORMAT_VERSION, MachineRecord, MachineState, ProcessRecord
 from vmspawnd.outcome import ExitFacts, decide_outcome, describe_exit, describe_status, parse_host_signal
 from vmspawnd.qemu import resolve

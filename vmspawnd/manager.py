@@ -19,9 +19,9 @@ from pathlib import Path
 
 from dbus_fast.errors import InvalidAddressError
 
-from vmspawnd.errors import InvalidSpec, InvalidState, MachineExists, NoSuchMachine, VmspawnError
+from vmspawnd.errors import DBusCallError, InvalidSpec, InvalidState, MachineExists, NoSuchMachine, VmspawnError
 from vmspawnd.host.cgroup import own_unit, unit_of_pid
-from vmspawnd.host.registration import DBusCallError, systemd_is_service_manager, unit_is_delegated
+from vmspawnd.host.scope import systemd_is_service_manager, unit_is_delegated
 from vmspawnd.machine import Machine, discard_leftovers
 from vmspawnd.model import STATE_FORMAT_VERSION, MachineRecord, MachineState
 from vmspawnd.runtime_dir import make_private_dir, new_machine_id, read_json
