@@ -14,7 +14,7 @@ import asyncio
 import contextlib
 import logging
 import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 
 from dbus_fast.errors import InvalidAddressError
@@ -22,7 +22,10 @@ from dbus_fast.errors import InvalidAddressError
 from vmspawnd.errors import InvalidSpec, InvalidState, MachineExists, NoSuchMachine, VmspawnError
 from vmspawnd.host.cgroup import own_unit, unit_of_pid
 from vmspawnd.host.registration import DBusCallError, systemd_is_service_manager, unit_is_delegated
-from vmspawnd.machine import Machine, discard_leftovers
+from vmspawnd.fanout import FanOut
+from vmspawnd.tasks import TaskOwner
+from vmspawnd.leftovers import discard_leftovers
+from vmspawnd.machine import Machine
 from vmspawnd.model import STATE_FORMAT_VERSION, MachineRecord, MachineState
 from vmspawnd.runtime_dir import make_private_dir, new_machine_id, read_json
 from vmspawnd.settings import Settings
@@ -67,6 +70,10 @@ async def keep_unit_target(caller_pid: int) -> str | None:
     return unit
 
 
+def _events_lost(_event: dict[str, object]) -> dict[str, object]:
+    return {"machine": None, "event": "EventsLost", "data": {}}
+
+
 class Manager:
     def __init__(self, runtime_dir: Path, settings: Settings | None = None) -> None:
         self.settings = settings or Settings()
@@ -74,8 +81,8 @@ class Manager:
         self.machines_dir = runtime_dir / "machines"
         make_private_dir(self.machines_dir)
         self._machines: dict[str, Machine] = {}
-        self._tasks: set[asyncio.Task[object]] = set()
-        self._subscribers: set[asyncio.Queue[dict[str, object]]] = set()
+        self._starts = TaskOwner("manager")  # Machine.start tasks: a client that leaves does not cancel them
+        self.events: FanOut[dict[str, object]] = FanOut(SUBSCRIBER_QUEUE_SIZE, overflow=_events_lost)
 
     # --- lookup ---------------------------------------------------------------------
     def get(self, name: str) -> Machine:
@@ -110,8 +117,7 @@ class Manager:
         machine = Machine(record, spec, self.machines_dir / machine_id, self._publish, self.settings)
         machine.caller_unit = caller_unit
         self._machines[name] = machine
-        task = machine.starting = asyncio.create_task(machine.start(), name=f"start-{name}")
-        self._own(task)
+        task = machine.starting = self._starts.spawn(machine.start(), f"start {name}", report=False)
         task.add_done_callback(lambda t: self._after_start(machine, t))
         await asyncio.shield(task)
         return machine.record
@@ -124,34 +130,15 @@ class Manager:
             if not task.cancelled():
                 _log.warning("%s: %s", machine.name, task.exception())
 
-    def _own(self, task: asyncio.Task[object]) -> None:
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-
     # --- events -----------------------------------------------------------------------
     def _publish(self, machine: Machine, event: str, data: dict[str, object]) -> None:
-        """Fan an event out to every subscriber without ever blocking the publisher.
+        """Fan an event out to every subscriber without ever blocking the publisher."""
+        self.events.publish({"machine": machine.name, "event": event, "data": data})
 
-        A subscriber that does not keep up loses events and is told so (EventsLost)
-        rather than slowing the VMs or the other subscribers.
-        """
-        message: dict[str, object] = {"machine": machine.name, "event": event, "data": data}
-        for queue in self._subscribers:
-            try:
-                queue.put_nowait(message)
-            except asyncio.QueueFull:
-                while not queue.empty():
-                    queue.get_nowait()
-                queue.put_nowait({"machine": None, "event": "EventsLost", "data": {}})
-
-    @contextlib.contextmanager
-    def subscribe(self) -> Iterator[asyncio.Queue[dict[str, object]]]:
-        queue: asyncio.Queue[dict[str, object]] = asyncio.Queue(maxsize=SUBSCRIBER_QUEUE_SIZE)
-        self._subscribers.add(queue)
-        try:
-            yield queue
-        finally:
-            self._subscribers.discard(queue)
+    def subscribe(self) -> contextlib.AbstractContextManager[asyncio.Queue[dict[str, object]]]:
+        """The daemon's events while the block runs; a subscriber that does not keep up
+        loses events and is told so (EventsLost) rather than slowing the VMs or the others."""
+        return self.events.subscribe()
 
     # --- adoption after a restart -------------------------------------------------------
     async def adopt_all(self) -> None:
@@ -201,10 +188,7 @@ class Manager:
 
     async def shutdown(self, stop_vms: bool) -> None:
         """Daemon exit: leave VMs running (default) or power them off."""
-        for task in list(self._tasks):
-            if task.get_name().startswith("start-"):
-                with contextlib.suppress(Exception, asyncio.CancelledError):
-                    await task
+        await self._starts.wait()  # a VM half started is finished or unwound, never left half
         machines = list(self._machines.values())
         if stop_vms:
             await asyncio.gather(
