@@ -22,7 +22,6 @@ from vmspawnd.host.registration import info_for, register_machine, scope_unit_na
 from vmspawnd.model import MachineState
 from vmspawnd.qemu.console import ConsoleHub
 from vmspawnd.qemu.guest_notify import NotifyListener, reopen_listener
-from vmspawnd.qemu.qmp import QmpSession
 from vmspawnd.varlink.machine_instance import serve_machine_instance
 
 if typing.TYPE_CHECKING:
@@ -100,15 +99,11 @@ async def _renew_registration(machine: Machine) -> None:
 async def _reconnect(machine: Machine) -> None:
     """QMP (bounded), control socket, notify listener and console, as before the restart."""
     rec = machine.record
-    qmp = QmpSession(machine.name, machine._on_qmp_event, machine._on_qmp_disconnect)
     try:
-        await qmp.connect(str(machine.paths.qmp))
-        machine._qmp = qmp
-        status = await qmp.query_status()
+        status = await machine.monitor.reconnect()
         rec.paused = status.get("status") == "paused"
     except (Timeout, NotConnected) as exc:
         _log.error("%s: QMP did not answer after the restart (%s); lifecycle calls will fail", machine.name, exc)
-        await qmp.close()
     if rec.control_address:
         machine._control = await serve_machine_instance(machine, Path(rec.control_address), machine.settings.peer_policy)
     if rec.notify_address:

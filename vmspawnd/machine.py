@@ -34,7 +34,8 @@ from vmspawnd.outcome import ExitFacts, decide_outcome, describe_exit, describe_
 from vmspawnd.qemu.command import build_qemu_command
 from vmspawnd.qemu.console import ConsoleHub
 from vmspawnd.qemu.guest_notify import NotifyListener, open_unix_listener, open_vsock_listener, parse_exit_status
-from vmspawnd.qemu.qmp import QmpError, QmpSession
+from vmspawnd.qemu.monitor import QemuMonitor
+from vmspawnd.qemu.qmp import QmpError
 from vmspawnd.qemu.resolve import resolve_host
 from vmspawnd.qemu.resources import Channels, assemble
 from vmspawnd.runtime_dir import VmPaths, make_private_dir, write_json_atomic, write_private_file
@@ -47,7 +48,6 @@ from vmspawnd.varlink.server import close_gracefully
 _log = logging.getLogger(__name__)
 
 QUIT_GRACE = 3.0
-QMP_EXIT_GRACE = 1.0  # after QMP drops: is QEMU exiting (normal) or did only the connection die?
 TERM_GRACE = 5.0
 HELPER_EXIT_GRACE = 2.0  # how long QEMU may take to follow a helper that ended with it
 DEFAULT_POWEROFF_DEADLINE = 60.0
@@ -79,7 +79,6 @@ class Machine:
         self._qemu: ReapedProcess | None = None
         self._helpers: dict[str, ChildProcess] = {}
         self._helper_set: HelperSet | None = None  # stopped by _finish once QEMU is gone
-        self._qmp: QmpSession | None = None
         self._supervisor: asyncio.Task[None] | None = None
         self._finished = asyncio.Event()
         self._changed = asyncio.Event()  # set and replaced at every change (wait_for)
@@ -96,6 +95,10 @@ class Machine:
         self._ready_pending = False
         self._control: VarlinkUnixServer | None = None
         self._tasks = TaskOwner(f"machine {record.name}")
+        self.monitor = QemuMonitor(
+            record.name, self.paths.qmp, self._on_qmp_event, self._on_monitor_notice, self._wait_exit,
+            lambda: self._qemu is not None and not self._qemu.exited and self.record.state.is_active, self._tasks,
+        )
         # Raw QMP events for io.systemd.MachineInstance.SubscribeEvents; a slow reader loses events.
         self.qmp_events: FanOut[QmpEvent] = FanOut(maxsize=1024)
 
@@ -210,9 +213,8 @@ class Machine:
                 self._persist()
 
                 step = "qmp"
-                self._qmp = QmpSession(self.name, self._on_qmp_event, self._on_qmp_disconnect)
-                await self._unless_qemu_exits(self._qmp.connect(str(self.paths.qmp)), step)
-                stack.push_async_callback(self._qmp.close)
+                await self._unless_qemu_exits(self.monitor.connect(), step)
+                stack.push_async_callback(self.monitor.close)
 
                 step = "control"
                 self._control = await serve_machine_instance(self, self.paths.control, self.settings.peer_policy)
@@ -244,7 +246,7 @@ class Machine:
                 self.record.registered = self._registration.registered
 
                 step = "cont"
-                await self._unless_qemu_exits(self._qmp.execute("cont"), step)
+                await self._unless_qemu_exits(self.monitor.execute("cont"), step)
 
                 self._supervisor = self._tasks.spawn(self._supervise(), "supervise")
                 stack.pop_all()
@@ -307,12 +309,9 @@ class Machine:
     # --- QMP for the per-VM control interface --------------------------------------------------
     async def qmp_execute(self, command: str) -> object:
         """One bounded QMP command on behalf of a client (Timeout / NotConnected otherwise)."""
-        if self._qmp is None or not self._qmp.connected or self.record.state.is_final:
+        if self.record.state.is_final:
             raise NotConnected(self.name)
-        try:
-            return await self._qmp.execute(command)
-        except QmpError as exc:
-            raise InvalidState(self.name, self.record.state.value, f"{command} ({exc})") from exc
+        return await self.monitor.request(command, self.record.state.value, command)
 
     def subscribe_qmp(self) -> contextlib.AbstractContextManager[asyncio.Queue[QmpEvent]]:
         """Raw QMP events of this VM while the block runs; (None, None) marks its end."""
@@ -358,34 +357,10 @@ class Machine:
         self.qmp_events.publish((name, data))
         self._on_event(self, name, data)
 
-    def _on_qmp_disconnect(self) -> None:
-        """QMP dropped while we did not close it: if QEMU still runs, reconnect (QEMU's
-        monitor socket takes a new client once the old one is gone), bounded."""
-        if self._qemu is None or self._qemu.exited or not self.record.state.is_active:
-            return
-        self._tasks.spawn(self._reconnect_qmp(), "reconnect QMP")
-
-    async def _reconnect_qmp(self) -> None:
-        assert self._qemu is not None
-        if await self._wait_exit(QMP_EXIT_GRACE):
-            return  # QEMU was exiting: the supervisor records that
-        _log.warning("%s: QMP connection lost while QEMU runs; reconnecting", self.name)
-        self._on_event(self, "QmpDisconnected", {})
-        if self._qmp is not None:
-            await self._qmp.close()
-        qmp = QmpSession(self.name, self._on_qmp_event, self._on_qmp_disconnect)
-        try:
-            await qmp.connect(str(self.paths.qmp))
-            status = await qmp.query_status()
-        except (Timeout, NotConnected) as exc:
-            _log.error("%s: QMP reconnect failed (%s); lifecycle calls will answer NotConnected", self.name, exc)
-            await qmp.close()
-            self._qmp = None
-            return
-        self._qmp = qmp
-        self._set_paused(status.get("status") == "paused")
-        self._on_event(self, "QmpReconnected", {"status": status.get("status")})
-        _log.info("%s: QMP reconnected", self.name)
+    def _on_monitor_notice(self, name: str, data: dict[str, object]) -> None:
+        if name == "QmpReconnected":
+            self._set_paused(data.get("status") == "paused")
+        self._on_event(self, name, data)
 
     def _set_paused(self, paused: bool) -> None:
         if paused != self.record.paused:
@@ -472,9 +447,6 @@ class Machine:
             if self.console is not None:
                 await self.console.close(drain=True)
 
-        async def close_qmp() -> None:
-            if self._qmp is not None:
-                await self._qmp.close()
 
         async def close_notify() -> None:
             if self._notify_listener is not None:
@@ -497,7 +469,7 @@ class Machine:
 
         return [
             ("closing the console", close_console),
-            ("closing QMP", close_qmp),
+            ("closing QMP", self.monitor.close),
             ("closing the control socket", self._close_control),
             ("closing the notify socket", close_notify),
             ("stopping the helpers", stop_helpers),
@@ -541,9 +513,7 @@ class Machine:
             return
         self._require("power off", MachineState.RUNNING, MachineState.READY)
         try:
-            if self._qmp is None:
-                raise NotConnected(self.name)
-            await self._qmp.execute("system_powerdown")
+            await self.monitor.execute("system_powerdown")
         except (NotConnected, QmpError, Timeout) as exc:
             _log.warning("%s: ACPI power-off request failed (%s), escalating", self.name, exc)
             deadline = 0
@@ -576,9 +546,9 @@ class Machine:
 
     async def _escalate(self) -> None:
         assert self._qemu is not None
-        if self._qmp is not None and self._qmp.connected:
+        if self.monitor.connected:
             with contextlib.suppress(Timeout, NotConnected, QmpError):
-                await self._qmp.execute("quit", timeout=QUIT_GRACE)
+                await self.monitor.execute("quit", timeout=QUIT_GRACE)
             if await self._wait_exit(QUIT_GRACE):
                 await self._wait_finished(None)
                 return
@@ -610,12 +580,7 @@ class Machine:
 
     async def _qmp_command(self, operation: str, command: str) -> None:
         self._require(operation, MachineState.RUNNING, MachineState.READY)
-        if self._qmp is None or not self._qmp.connected:
-            raise NotConnected(self.name)
-        try:
-            await self._qmp.execute(command)
-        except QmpError as exc:
-            raise InvalidState(self.name, self.record.state.value, f"{operation} ({exc})") from exc
+        await self.monitor.request(operation, self.record.state.value, command)
 
     async def pause(self) -> None:
         """Freeze the vCPUs (QMP stop); the STOP event updates `paused`."""
@@ -639,22 +604,17 @@ class Machine:
         self._require("take a screenshot of", MachineState.RUNNING, MachineState.READY)
         if self.spec.console != ConsoleMode.GUI:
             raise NotSupported(f"screenshots of a VM without a display (its console mode is {self.spec.console}; use --console=gui)")
-        if self._qmp is None or not self._qmp.connected:
-            raise NotConnected(self.name)
         path = self.directory / f".screenshot-{secrets.token_hex(4)}.{image_format}"
         try:
-            await self._qmp.execute("screendump", {"filename": str(path), "format": image_format})
+            await self.monitor.request("take a screenshot", self.record.state.value, "screendump",
+                                       {"filename": str(path), "format": image_format})
             return os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-        except QmpError as exc:
-            raise InvalidState(self.name, self.record.state.value, f"take a screenshot ({exc})") from exc
         finally:
             path.unlink(missing_ok=True)
 
     async def query_status(self) -> dict[str, object]:
         """QEMU's own view (running flag and status string), bounded like every QMP call."""
-        if self._qmp is None or not self._qmp.connected:
-            raise NotConnected(self.name)
-        return await self._qmp.query_status()
+        return await self.monitor.query_status()
 
     async def wait_ready(self, timeout: float) -> None:
         rec = self.record
@@ -671,7 +631,6 @@ class Machine:
         if self.console is not None:
             await self.console.close(drain=False)
         await self._tasks.aclose()  # the supervisor, and escalations a restarted daemon resumes
-        if self._qmp is not None:
-            await self._qmp.close()
+        await self.monitor.close()
         if self._qemu is not None:
             self._qemu.close()
