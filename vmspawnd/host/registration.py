@@ -19,7 +19,6 @@ honoured by dbus-fast.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import dataclasses
 import functools
@@ -33,6 +32,7 @@ from dbus_fast.aio import MessageBus
 from dbus_fast.errors import InvalidAddressError
 
 from vmspawnd.errors import DBusCallError, StartFailed, VarlinkCallError
+from vmspawnd.tasks import TaskOwner
 from vmspawnd.host.dbus import connect_bus, dbus_call
 from vmspawnd.host.machined import (
     RegistrationInfo,
@@ -91,7 +91,7 @@ class Registration:
         self.scope_unit: str | None = None  # allocated by us (stopped in close())
         self.unit: str | None = None  # the unit holding the VM's processes: our scope or the caller's
         self.bus: MessageBus | None = None
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._tasks = TaskOwner(f"registration of {name}")  # stop requests from machined
         self._closed = False
 
     @property
@@ -123,7 +123,7 @@ class Registration:
             ):
                 await self._quietly(message, f"{message.member} {self.scope_unit}", debug=True)
         # A running stop request is not awaited: it waits for the VM's end, which is what
-        # called us (it finishes on its own; _tasks keeps it referenced until then).
+        # called us (it finishes on its own; _tasks holds it until then).
         if self.bus is not None:
             self.bus.disconnect()
             with contextlib.suppress(Exception):
@@ -144,9 +144,7 @@ class Registration:
             except Exception:  # noqa: BLE001 - a stop request racing the VM's own end
                 _log.debug("%s: stop request handler failed", self.name, exc_info=True)
 
-        task = asyncio.get_running_loop().create_task(run())
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        self._tasks.spawn(run(), "stop request")
 
 
 async def register_machine(
