@@ -9,6 +9,7 @@ interpreter and list what it really imported.
 from __future__ import annotations
 
 import ast
+import re
 import json
 import subprocess
 import sys
@@ -96,3 +97,24 @@ def test_the_cli_loads_no_daemon_internals_at_run_time(argv: list[str]) -> None:
     loaded = json.loads(result.stdout.strip().splitlines()[-1])
     bad = [m for m in loaded if not allowed(m, CLIENT_MAY_IMPORT)]
     assert not bad, f"vmspawnctl {' '.join(argv)} loaded {bad}"
+    if argv == ["list"]:  # the one-shot verbs load nothing of the daemon package but its version
+        assert [m for m in loaded if m.startswith("vmspawnd")] == ["vmspawnd"], loaded
+
+
+def test_the_module_map_in_architecture_md_is_the_tree() -> None:
+    """docs/architecture.md lists every module of the package, and nothing that is gone."""
+    text = (ROOT / "docs" / "architecture.md").read_text()
+    section = text[text.index("## Modules"):]
+    documented = set(re.findall(r"^\| `(vmspawnd/[\w/]+\.py)` \|", section, flags=re.M))
+    present = {str(path.relative_to(ROOT)) for path in PACKAGE.rglob("*.py")}
+    assert documented == present, (
+        f"missing from the map: {sorted(present - documented)}; no longer in the tree: {sorted(documented - present)}"
+    )
+
+
+def test_the_five_files_from_start_to_argv_exist() -> None:
+    text = (ROOT / "docs" / "architecture.md").read_text()
+    section = text[text.index("### From `vmspawnctl start` to the QEMU argv"):]
+    files = re.findall(r"^\d\. `([\w/]+\.py)`", section, flags=re.M)
+    assert 0 < len(files) <= 5
+    assert all((ROOT / f).is_file() for f in files), files
