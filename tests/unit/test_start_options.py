@@ -14,9 +14,9 @@ import threading
 from pathlib import Path
 
 import pytest
+from vmspawnctl.main import main
+from vmspawnctl.start_options import parse_start, spec_from_args
 
-from clients.vmspawnctl.main import main
-from clients.vmspawnctl.start_options import parse_start, spec_from_args
 from vmspawnd.spec import BindMount, VmSpec
 
 
@@ -105,7 +105,7 @@ def test_every_option_has_bad_forms() -> None:
 def _actions() -> list:  # type: ignore[type-arg]
     import argparse
 
-    from clients.vmspawnctl.start_options import add_start_options
+    from vmspawnctl.start_options import add_start_options
 
     parser = argparse.ArgumentParser()
     add_start_options(parser)

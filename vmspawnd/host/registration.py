@@ -32,7 +32,6 @@ from dbus_fast.aio import MessageBus
 from dbus_fast.errors import InvalidAddressError
 
 from vmspawnd.errors import DBusCallError, StartFailed, VarlinkCallError
-from vmspawnd.tasks import TaskOwner
 from vmspawnd.host.dbus import connect_bus, dbus_call
 from vmspawnd.host.machined import (
     RegistrationInfo,
@@ -51,6 +50,7 @@ from vmspawnd.host.scope import (
     systemd_is_service_manager,
     unref_unit_message,
 )
+from vmspawnd.tasks import TaskOwner
 
 _log = logging.getLogger(__name__)
 
