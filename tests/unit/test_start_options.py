@@ -7,6 +7,7 @@ reaching it would exit 1 ("is vmspawnd running?"), not 2.
 
 from __future__ import annotations
 
+import argparse
 import base64
 import os
 import socket
@@ -102,9 +103,7 @@ def test_every_option_has_bad_forms() -> None:
     assert not missing, missing
 
 
-def _actions() -> list:  # type: ignore[type-arg]
-    import argparse
-
+def _actions() -> list[argparse.Action]:
     from vmspawnctl.start_options import add_start_options
 
     parser = argparse.ArgumentParser()

@@ -127,7 +127,7 @@ class Registration:
         if self.bus is not None:
             self.bus.disconnect()
             with contextlib.suppress(Exception):
-                await self.bus.wait_for_disconnect()  # type: ignore[no-untyped-call]
+                await self.bus.wait_for_disconnect()
             self.bus = None
 
     async def _quietly(self, message: Message, what: str, debug: bool = False) -> None:
