@@ -527,23 +527,27 @@ def render(res: Report) -> str:
     L = [f"### Run of {res['date']}", ""]
     L.append(f"Machine: {info['nproc']} CPUs ({info['cpu']}), {info['ram']} RAM, kernel {info['kernel']}, "
              f"{info['qemu']}, Python {info['python']}; load average at start {info['loadavg_at_start']}. "
-             f"KVM not used (`kvm: false`, TCG). Runtime directory {res.get('runtime_dir')}. Command: `{res['command']}`; wall time {res['wall_s']:.0f} s.")
+             f"KVM not used (`kvm: false`, TCG). Runtime directory {res.get('runtime_dir')}. "
+             f"Command: `{res['command']}`; wall time {res['wall_s']:.0f} s.")
     L.append("")
     L.append("| measurement | vmspawnd | baseline | ratio | target |")
     L.append("| --- | --- | --- | --- | --- |")
     if "spawn" in res:
         r = res["spawn"]
         a, b, q = fmt_cmp(r)
-        L.append(f"| Spawn → running, {r['daemon']['n']} A/B pairs | {a} | {b} (same argv by hand) | {q} | ≤ 1.10: {verdict(r['ratio'] <= 1.10)} |")
+        L.append(f"| Spawn → running, {r['daemon']['n']} A/B pairs | {a} | {b} (same argv by hand) | {q} "
+                 f"| ≤ 1.10: {verdict(r['ratio'] <= 1.10)} |")
     if "marker" in res:
         r = res["marker"]
         a, b, q = fmt_cmp(r, digits=2)
         sig = "significant" if r["mann_whitney_p"] < 0.05 else "not significant"
-        L.append(f"| `vmspawnctl start` → `facts-done`, {r['daemon']['n']} A/B pairs | {a} | {b} (same argv by hand) | {q}; {sig} at 5 % | ≤ 1.05: {verdict(r['ratio'] <= 1.05)} |")
+        L.append(f"| `vmspawnctl start` → `facts-done`, {r['daemon']['n']} A/B pairs | {a} | {b} (same argv by hand) "
+                 f"| {q}; {sig} at 5 % | ≤ 1.05: {verdict(r['ratio'] <= 1.05)} |")
     if "cli" in res:
         r = res["cli"]
         a, b, q = fmt_cmp(r, 1e3, "ms", 1)
-        L.append(f"| `vmspawnctl list`, {r['daemon']['n']} A/B pairs | {a} | {b} (`python3 -c pass`) | {q} | ≤ 3×: {verdict(r['ratio'] <= 3)} |")
+        L.append(f"| `vmspawnctl list`, {r['daemon']['n']} A/B pairs | {a} | {b} (`python3 -c pass`) | {q} "
+                 f"| ≤ 3×: {verdict(r['ratio'] <= 3)} |")
     if "idle_rss_kib" in res:
         idle = res["idle_rss_kib"] / 1024
         L.append(f"| daemon RSS idle | {idle:.1f} MiB | | | ≤ 40 MiB: {verdict(idle <= 40)} |")
@@ -552,7 +556,8 @@ def render(res: Report) -> str:
         per = s["per_vm_kib"] / 1024
         n = s["rss_kib"][-1][0]
         L.append(f"| daemon RSS per VM (least squares, 1–{n} VMs) | {per:.2f} MiB | | | ≤ 1 MiB: {verdict(per <= 1)} |")
-        L.append(f"| daemon RSS with {n} VMs / after removing them | {s['rss_full_kib'] / 1024:.1f} / {s['rss_after_remove_kib'] / 1024:.1f} MiB | | | |")
+        L.append(f"| daemon RSS with {n} VMs / after removing them "
+                 f"| {s['rss_full_kib'] / 1024:.1f} / {s['rss_after_remove_kib'] / 1024:.1f} MiB | | | |")
     L.append("")
     if "scale" in res:
         s = res["scale"]
@@ -568,7 +573,8 @@ def render(res: Report) -> str:
             L.append(f"| {key} | " + " | ".join(f"{c['p50_ms']:.2f} / {c['p99_ms']:.2f} ({c['max_ms']:.1f})" for c in cells) + " |")
         worst = max(c["p99_ms"] for c in list(s["latency"][levels[-1]].values()) + list(s["wedged"].values()))
         L.append("")
-        L.append(f"Target p99 ≤ 5 ms at {levels[-1]} VMs, unchanged by the wedged one: worst p99 {worst:.2f} ms, {verdict(worst <= 5)}.")
+        L.append(f"Target p99 ≤ 5 ms at {levels[-1]} VMs, unchanged by the wedged one: "
+                 f"worst p99 {worst:.2f} ms, {verdict(worst <= 5)}.")
         L.append("")
     if "leak" in res:
         k = res["leak"]

@@ -104,7 +104,8 @@ class Registration:
         return self.bus
 
     async def close(self) -> None:
-        """Unregister and drop the scope: AbandonScope, KillUnit(all, SIGKILL), UnrefUnit (docs/reference/systemd-vmspawn.md §5.2)."""
+        """Unregister and drop the scope: AbandonScope, KillUnit(all, SIGKILL), UnrefUnit
+        (docs/reference/systemd-vmspawn.md §5.2)."""
         if self._closed:
             return
         self._closed = True
@@ -168,8 +169,8 @@ async def register_machine(
 
     `pids` are all of the VM's processes; `caller_unit` is the unit of the client that
     asked for `--keep-unit`. `adopting`: a restarted daemon takes the VM back; its
-    processes are in their unit already and only the registration is renewed. Raises StartFailed at step "scope", "keep-unit" or "register"
-    when a required part fails; with auto registration an absent machined is skipped
+    processes are in their unit already and only the registration is renewed. Raises
+    StartFailed at step "scope", "keep-unit" or "register" when a required part fails; with auto registration an absent machined is skipped
     quietly and other failures logged. Whatever was done before a failure is undone
     before raising."""
     env = os.environ if environ is None else environ
