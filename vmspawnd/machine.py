@@ -22,8 +22,7 @@ import socket
 from collections.abc import Awaitable, Callable, Coroutine, Iterator
 from pathlib import Path
 
-from asyncvarlink.util import VarlinkUnixServer
-
+from vmspawnd.control import ControlServer
 from vmspawnd.errors import InvalidSpec, InvalidState, NotConnected, NotSupported, StartFailed, Timeout, VmspawnError
 from vmspawnd.helpers import HelperSet, start_helpers, stop_recorded_helpers
 from vmspawnd.host.process import ChildProcess, ReapedProcess, children_of, is_same_process, process_tree, read_tail, spawn_reaped
@@ -39,8 +38,6 @@ from vmspawnd.runtime_dir import bind_listening_socket, make_private_dir, read_j
 from vmspawnd.settings import Settings
 from vmspawnd.spec import ConsoleMode, VmSpec
 from vmspawnd.spec.discovery import native_arch
-from vmspawnd.varlink.machine_instance import serve_machine_instance
-from vmspawnd.varlink.server import close_gracefully
 
 _log = logging.getLogger(__name__)
 
@@ -82,7 +79,7 @@ class Machine:
         self.caller_unit: str | None = None  # --keep-unit: the unit of the client that spawned it
         self._notify_listener: NotifyListener | None = None
         self._ready_pending = False
-        self._control: VarlinkUnixServer | None = None
+        self._control: ControlServer | None = None
         self._tasks: set[asyncio.Task[object]] = set()
         self._qmp_subscribers: set[asyncio.Queue[tuple[str | None, dict[str, object] | None]]] = set()
 
@@ -242,7 +239,7 @@ class Machine:
                 stack.push_async_callback(self._qmp.close)
 
                 step = "control"
-                self._control = await serve_machine_instance(self, self.control_path, self.settings.peer_policy)
+                self._control = await self.settings.serve_control(self, self.control_path)
                 stack.push_async_callback(self._close_control)
                 self.record.control_address = str(self.control_path)
 
@@ -370,10 +367,11 @@ class Machine:
                 queue.put_nowait((None, None))  # SubscribeEvents streams end with NotConnected
         if self._control is not None:
             # Calls in flight get their replies before their connection closes, as
-            # systemd-vmspawn answers Terminate before it exits. Not awaited: Terminate is
-            # such a call, and it waits for this teardown to finish. The bound covers the
-            # rest of the teardown (helpers' stop grace, machined) that Terminate waits for.
-            close_gracefully(self._control, timeout=60.0)
+            # systemd-vmspawn answers Terminate before it exits. The drain is not waited
+            # for: Terminate is such a call, and it waits for this teardown to finish. The
+            # bound covers the rest of the teardown (helpers' stop grace, machined) that
+            # Terminate waits for.
+            self._control.close(drain_timeout=60.0)
             self._control = None
         try:
             (self.directory / "control").unlink(missing_ok=True)
@@ -614,7 +612,7 @@ class Machine:
             _log.error("%s: QMP did not answer after the restart (%s); lifecycle calls will fail", self.name, exc)
             await qmp.close()
         if rec.control_address:
-            self._control = await serve_machine_instance(self, Path(rec.control_address), self.settings.peer_policy)
+            self._control = await self.settings.serve_control(self, Path(rec.control_address))
         if rec.notify_address:
             sock, _address = reopen_listener(rec.notify_address, self.directory / "notify")
             self._notify_listener = NotifyListener(sock, rec.notify_address, self._on_notify, self.name)

@@ -68,8 +68,8 @@ async def keep_unit_target(caller_pid: int) -> str | None:
 
 
 class Manager:
-    def __init__(self, runtime_dir: Path, settings: Settings | None = None) -> None:
-        self.settings = settings or Settings()
+    def __init__(self, runtime_dir: Path, settings: Settings) -> None:
+        self.settings = settings
         self.runtime_dir = runtime_dir
         self.machines_dir = runtime_dir / "machines"
         make_private_dir(self.machines_dir)

@@ -13,19 +13,30 @@ import collections.abc
 import contextlib
 import dataclasses
 import logging
+import socket
 import types
 import typing
 
-from asyncvarlink import FileDescriptor, LastResult, TypedVarlinkErrorReply, VarlinkInterface, varlinkmethod, varlinksignature
+from asyncvarlink import (
+    FileDescriptor,
+    LastResult,
+    TypedVarlinkErrorReply,
+    VarlinkInterface,
+    VarlinkInterfaceRegistry,
+    varlinkmethod,
+    varlinksignature,
+)
 from asyncvarlink.conversion import DataclassVarlinkType, ListVarlinkType, VarlinkType
+from asyncvarlink.serviceinterface import VarlinkServiceInterface
 
-from vmspawnd import errors
+from vmspawnd import __version__, errors
 from vmspawnd.errors import InvalidSpec, to_camel
 from vmspawnd.manager import Manager
 from vmspawnd.model import MachineRecord, MachineState, ProcessRecord
 from vmspawnd.qemu.console import ConsoleMode, last_lines, read_history
 from vmspawnd.spec import VmSpec, parsers
-from vmspawnd.varlink.server import current_peer
+from vmspawnd.host.peer import PeerPolicy
+from vmspawnd.varlink.server import HardenedUnixServer, current_peer, serve_unix
 
 INTERFACE = errors.INTERFACE
 
@@ -422,3 +433,14 @@ def _prevalidate_machines(interface: type[VarlinkInterface]) -> None:
 
 
 _prevalidate_machines(ManagerInterface)
+
+
+async def serve_manager(sock: socket.socket, manager: Manager, policy: PeerPolicy) -> HardenedUnixServer:
+    """Serve io.vmspawnd.Manager (and introspection) for `manager` on a bound or
+    socket-activated listening socket; calls from peers `policy` refuses get PermissionDenied."""
+    registry = VarlinkInterfaceRegistry()
+    registry.register_interface(ManagerInterface(manager))
+    registry.register_interface(
+        VarlinkServiceInterface("vmspawnd", "vmspawnd", __version__, "https://github.com/vmspawnd/vmspawnd", registry)
+    )
+    return await serve_unix(sock, registry, policy)

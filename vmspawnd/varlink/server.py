@@ -40,12 +40,9 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
-import dataclasses
 import json
 import logging
 import socket
-import struct
-from collections.abc import Callable
 
 from asyncvarlink import (
     FileDescriptorArray,
@@ -61,6 +58,7 @@ from asyncvarlink.types import JSONObject
 from asyncvarlink.util import VarlinkUnixServer
 
 from vmspawnd.errors import PermissionDenied, ProtocolViolation, VmspawnError
+from vmspawnd.host.peer import Peer, PeerPolicy, peer_credentials
 
 _log = logging.getLogger(__name__)
 
@@ -70,22 +68,8 @@ DRAIN_TIMEOUT = 10.0
 PUBLIC_INTERFACES = frozenset({"org.varlink.service"})
 
 
-@dataclasses.dataclass(frozen=True)
-class Peer:
-    pid: int
-    uid: int
-    gid: int
-
-
+# The peer of the call being handled (item 4): set around every call, read by the methods.
 current_peer: contextvars.ContextVar[Peer] = contextvars.ContextVar("current_peer")
-
-PeerPolicy = Callable[[Peer], bool]
-
-
-def peer_credentials(sock: socket.socket) -> Peer:
-    data = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
-    pid, uid, gid = struct.unpack("3i", data)
-    return Peer(pid, uid, gid)
 
 
 _NOT_UTF8 = b"\x01not-utf-8"
