@@ -26,7 +26,7 @@ from vmspawnd.machine import Machine, discard_leftovers
 from vmspawnd.model import STATE_FORMAT_VERSION, MachineRecord, MachineState
 from vmspawnd.runtime_dir import make_private_dir, new_machine_id, read_json
 from vmspawnd.settings import Settings
-from vmspawnd.spec import VmSpec
+from vmspawnd.spec import VmSpec, wire
 
 _log = logging.getLogger(__name__)
 
@@ -75,7 +75,7 @@ class Manager:
         make_private_dir(self.machines_dir)
         self._machines: dict[str, Machine] = {}
         self._tasks: set[asyncio.Task[object]] = set()
-        self._subscribers: set[asyncio.Queue[dict[str, object]]] = set()
+        self._subscribers: set[asyncio.Queue[wire.EventJson]] = set()
 
     # --- lookup ---------------------------------------------------------------------
     def get(self, name: str) -> Machine:
@@ -135,7 +135,7 @@ class Manager:
         A subscriber that does not keep up loses events and is told so (EventsLost)
         rather than slowing the VMs or the other subscribers.
         """
-        message: dict[str, object] = {"machine": machine.name, "event": event, "data": data}
+        message: wire.EventJson = {"machine": machine.name, "event": event, "data": data}
         for queue in self._subscribers:
             try:
                 queue.put_nowait(message)
@@ -145,8 +145,8 @@ class Manager:
                 queue.put_nowait({"machine": None, "event": "EventsLost", "data": {}})
 
     @contextlib.contextmanager
-    def subscribe(self) -> Iterator[asyncio.Queue[dict[str, object]]]:
-        queue: asyncio.Queue[dict[str, object]] = asyncio.Queue(maxsize=SUBSCRIBER_QUEUE_SIZE)
+    def subscribe(self) -> Iterator[asyncio.Queue[wire.EventJson]]:
+        queue: asyncio.Queue[wire.EventJson] = asyncio.Queue(maxsize=SUBSCRIBER_QUEUE_SIZE)
         self._subscribers.add(queue)
         try:
             yield queue
