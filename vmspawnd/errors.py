@@ -23,6 +23,8 @@ from __future__ import annotations
 
 import dataclasses
 
+from vmspawnd import override
+
 INTERFACE = "io.vmspawnd.Manager"
 
 
@@ -41,6 +43,7 @@ class VmspawnError(Exception):
         """Parameters on the wire, lowerCamelCase like systemd's."""
         return {to_camel(f.name): getattr(self, f.name) for f in dataclasses.fields(self)}
 
+    @override
     def __str__(self) -> str:
         params = ", ".join(f"{k}={v!r}" for k, v in self.parameters().items())
         return f"{type(self).__name__}({params})"
@@ -51,6 +54,7 @@ class InvalidSpec(VmspawnError):
     field: str
     reason: str
 
+    @override
     def __str__(self) -> str:
         return f"invalid {self.field}: {self.reason}"
 
@@ -59,6 +63,7 @@ class InvalidSpec(VmspawnError):
 class NoSuchMachine(VmspawnError):
     name: str
 
+    @override
     def __str__(self) -> str:
         return f"no machine named {self.name!r}"
 
@@ -67,6 +72,7 @@ class NoSuchMachine(VmspawnError):
 class MachineExists(VmspawnError):
     name: str
 
+    @override
     def __str__(self) -> str:
         return f"a machine named {self.name!r} already exists (remove it first if it stopped)"
 
@@ -77,6 +83,7 @@ class InvalidState(VmspawnError):
     state: str
     operation: str
 
+    @override
     def __str__(self) -> str:
         return f"cannot {self.operation} machine {self.name!r} while it is {self.state}"
 
@@ -87,6 +94,7 @@ class StartFailed(VmspawnError):
     message: str
     stderr_tail: str = ""
 
+    @override
     def __str__(self) -> str:
         text = f"start failed at {self.step}: {self.message}"
         if self.stderr_tail:
@@ -96,6 +104,7 @@ class StartFailed(VmspawnError):
 
 @dataclasses.dataclass
 class PermissionDenied(VmspawnError):
+    @override
     def __str__(self) -> str:
         return "permission denied"
 
@@ -104,6 +113,7 @@ class PermissionDenied(VmspawnError):
 class Timeout(VmspawnError):
     operation: str
 
+    @override
     def __str__(self) -> str:
         return f"timed out: {self.operation}"
 
@@ -112,6 +122,7 @@ class Timeout(VmspawnError):
 class NotConnected(VmspawnError):
     name: str
 
+    @override
     def __str__(self) -> str:
         return f"no QMP connection to machine {self.name!r}"
 
@@ -120,6 +131,7 @@ class NotConnected(VmspawnError):
 class NotSupported(VmspawnError):
     feature: str
 
+    @override
     def __str__(self) -> str:
         return f"not supported: {self.feature}"
 
@@ -128,6 +140,7 @@ class NotSupported(VmspawnError):
 class ProtocolViolation(VmspawnError):
     reason: str
 
+    @override
     def __str__(self) -> str:
         return f"protocol violation: {self.reason}"
 

@@ -21,6 +21,7 @@ import stat
 import sys
 from collections.abc import Callable, Sequence
 
+from vmspawnd import override
 from vmspawnd.errors import InvalidSpec
 from vmspawnd.spec import (
     SCOPE_PROPERTIES,
@@ -224,6 +225,7 @@ def _load_credential(text: str) -> tuple[str, bytes]:
 class _Accumulate(argparse.Action):
     """Append a converted value; an empty argument clears the list (vmspawn's rule for -s)."""
 
+    @override
     def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: object, option_string: str | None = None) -> None:
         items = list(getattr(namespace, self.dest, None) or [])
         if values == "" and self.metavar == "STRING":
@@ -236,6 +238,7 @@ class _Accumulate(argparse.Action):
 class _Ordered(argparse.Action):
     """Record (kind, value) in one list so credentials keep the command line's order."""
 
+    @override
     def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: object, option_string: str | None = None) -> None:
         items = list(getattr(namespace, self.dest, None) or [])
         items.append(values)
@@ -245,6 +248,7 @@ class _Ordered(argparse.Action):
 class _FirmwareList(argparse.Action):
     """`--firmware=list` prints the descriptor search result and exits 0, before anything else."""
 
+    @override
     def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: object, option_string: str | None = None) -> None:
         if values == "list":
             from vmspawnd.spec.firmware import find_descriptor_paths
@@ -259,6 +263,7 @@ class _FirmwareList(argparse.Action):
 class _Network(argparse.Action):
     """-n and --network-user-mode pick one network stack; the last one given wins."""
 
+    @override
     def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: object, option_string: str | None = None) -> None:
         namespace.network = self.const
 

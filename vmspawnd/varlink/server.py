@@ -43,6 +43,7 @@ import contextvars
 import json
 import logging
 import socket
+import typing
 
 from asyncvarlink import (
     FileDescriptorArray,
@@ -57,6 +58,7 @@ from asyncvarlink.serviceerrors import InvalidParameter
 from asyncvarlink.types import JSONObject
 from asyncvarlink.util import VarlinkUnixServer
 
+from vmspawnd import override
 from vmspawnd.errors import PermissionDenied, ProtocolViolation, VmspawnError
 from vmspawnd.host.peer import Peer, PeerPolicy, peer_credentials
 
@@ -101,7 +103,31 @@ def _screen_frame(frame: bytes) -> bytes:
 
 
 def to_varlink_error(exc: VmspawnError) -> VarlinkErrorReply:
-    return GenericVarlinkErrorReply(exc.varlink_name(), exc.parameters())  # type: ignore[arg-type]
+    # The parameters are the error's dataclass fields: strings (vmspawnd/errors.py).
+    return GenericVarlinkErrorReply(exc.varlink_name(), typing.cast(JSONObject, exc.parameters()))
+
+
+def _quiet_when_cancelled(call_fut: asyncio.Future[None]) -> asyncio.Future[None]:
+    """What asyncvarlink is given for a call in flight: `call_fut`'s outcome, except that a
+    call cancelled because its client is gone (item 1) ends quietly — it has no one to
+    answer. asyncvarlink 0.3.3 would ask the cancelled future for its exception(), which
+    raises CancelledError inside its done callback (an ERROR in the log per hung-up
+    stream) and never releases the connection's back-pressure; returning a future of our
+    own from call_received (its public contract) keeps it from seeing the cancellation.
+    """
+    outcome: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    def settle(done: asyncio.Future[None]) -> None:
+        if outcome.done():
+            return
+        exc = None if done.cancelled() else done.exception()
+        if exc is None:
+            outcome.set_result(None)
+        else:
+            outcome.set_exception(exc)
+
+    call_fut.add_done_callback(settle)
+    return outcome
 
 
 def _clip(text: str, limit: int = 200) -> str:
@@ -122,12 +148,15 @@ class HardenedServerProtocol(VarlinkInterfaceServerProtocol):
         self._watch: socket.socket | None = None  # the hang-up watch's own dup of the socket, while armed
         self._calls: set[asyncio.Future[None]] = set()  # in flight, for _peer_gone
         self._ending = False  # no new calls: close once those in flight are answered
-        # VarlinkProtocol.close() forgets its transport; abort() still needs it.
+        self._partial = b""  # the start of a frame whose NUL has not arrived yet
+        # Ours, from connection_made: VarlinkProtocol.close() forgets its own, abort() still needs it.
         self._connection: VarlinkTransport | None = None
 
+    @override
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
-        self._connection = self._transport
+        assert isinstance(transport, VarlinkTransport)
+        self._connection = transport
         sock = self._socket()
         if sock is not None:
             try:
@@ -137,6 +166,7 @@ class HardenedServerProtocol(VarlinkInterfaceServerProtocol):
         if self._server is not None:
             self._server._connection_made(self)
 
+    @override
     def connection_lost(self, exc: Exception | None) -> None:
         # asyncvarlink calls this before it closes the connection's fd: the watch's dup goes
         # now, or it would keep the connection open for the peer until the call ended.
@@ -146,18 +176,23 @@ class HardenedServerProtocol(VarlinkInterfaceServerProtocol):
         super().connection_lost(exc)
 
     def _socket(self) -> socket.socket | None:
-        sock = getattr(self._transport, "_recvfd", None)  # private: docs/reference/libraries.md §1.6 item 4
+        """The connection's socket, for SO_PEERCRED and the hang-up watch.
+
+        Private in asyncvarlink 0.3.3 (`VarlinkTransport._recvfd`, read only): the server
+        builds each transport with only `peername` as extra info (empty for AF_UNIX
+        clients), and its protocol factory is called without the accepted socket.
+        """
+        sock = getattr(self._connection, "_recvfd", None)
         return sock if isinstance(sock, socket.socket) else None
 
     # --- ending a connection (item 9) ------------------------------------------------------
     def end(self) -> None:
         """Take no new calls; close once the calls in flight have been answered (now if idle)."""
         self._ending = True
-        # Private in asyncvarlink 0.3.3: `_closing` makes VarlinkServerProtocol close the
-        # connection once `_inflight` (calls and the sends of their replies) is empty, as it
-        # does after EOF; `_maybe_close_if_idle` closes now if it already is.
-        self._closing = True
-        self._maybe_close_if_idle()
+        # What asyncvarlink does at the client's EOF is what ending means: no more calls are
+        # read from this connection, and VarlinkServerProtocol closes it once the calls in
+        # flight and the sends of their replies are done (now, if there are none).
+        self.eof_received()
 
     def abort(self) -> None:
         """Cut the connection now and cancel its calls: nobody is left to answer them."""
@@ -175,30 +210,31 @@ class HardenedServerProtocol(VarlinkInterfaceServerProtocol):
         self.end()
 
     # --- framing -------------------------------------------------------------------
+    @override
     def message_received(self, data: bytes, fds: FileDescriptorArray | None) -> None:
-        # asyncvarlink only catches JSONDecodeError; a frame that is not UTF-8 raises
-        # UnicodeDecodeError out of the transport and wedges the connection. Replace such
-        # frames by one that fails JSON parsing, so error_received answers it.
-        frames = data.split(b"\0")
-        if len(frames) > 1:
-            head = self._recv_buffer + frames[0]
-            complete = [head, *frames[1:-1]]
-            for index, frame in enumerate(complete):
-                complete[index] = _screen_frame(frame)
-            self._recv_buffer = b""
-            data = b"\0".join([*complete, frames[-1]])
-        super().message_received(data, fds)
-        if len(self._recv_buffer) > MAX_MESSAGE_SIZE:
+        # The frames are cut here, and asyncvarlink is handed whole frames only (its own
+        # buffer stays empty): so a frame's size is capped, and a frame its parser would
+        # choke on is screened first (asyncvarlink only catches JSONDecodeError; a frame
+        # that is not UTF-8 raised UnicodeDecodeError out of the transport and wedged the
+        # connection). Such frames become one that fails JSON parsing, answered by
+        # error_received.
+        frames = (self._partial + data).split(b"\0")
+        self._partial = frames.pop()
+        if frames:
+            super().message_received(b"\0".join(_screen_frame(frame) for frame in frames) + b"\0", fds)
+        if len(self._partial) > MAX_MESSAGE_SIZE:
             _log.warning("closing connection from %s: frame larger than %d bytes", self._peer, MAX_MESSAGE_SIZE)
-            self._recv_buffer = b""
-            if self._transport is not None:
-                self._transport.abort()
+            self._partial = b""
+            if self._connection is not None:
+                self._connection.abort()
 
+    @override
     def error_received(self, err: Exception, data: bytes, fds: FileDescriptorArray | None) -> None:
         reason = _SCREENED.get(data, "frame is not a JSON object")
         _log.info("protocol violation from %s: %s", self._peer, err)
         self._refuse(to_varlink_error(ProtocolViolation(reason)))
 
+    @override
     def send_error(self, error: VarlinkErrorReply) -> asyncio.Future[None]:
         # asyncvarlink answers a JSON object that is not a call with the made-up interface
         # `invalid.asyncvarlink`, which no client can look up: use our typed error instead.
@@ -210,6 +246,7 @@ class HardenedServerProtocol(VarlinkInterfaceServerProtocol):
         return super().send_error(error)
 
     # --- calls -----------------------------------------------------------------------
+    @override
     def request_received(self, obj: JSONObject, fds: FileDescriptorArray | None) -> asyncio.Future[None] | None:
         # Item 8. asyncvarlink answers a call object that fails parsing only when
         # obj.get("oneway") is falsy: {"oneway": 1.5} or {"oneway": "yes"} got no answer at
@@ -234,6 +271,7 @@ class HardenedServerProtocol(VarlinkInterfaceServerProtocol):
             return None
         return super().request_received(obj, fds)
 
+    @override
     def call_received(
         self, call: VarlinkMethodCall, fds: FileDescriptorArray | None
     ) -> asyncio.Future[None] | None:
@@ -242,25 +280,15 @@ class HardenedServerProtocol(VarlinkInterfaceServerProtocol):
                 raise to_varlink_error(PermissionDenied())
         if self._peer is not None:
             current_peer.set(self._peer)
-        fut = super().call_received(call, fds)
-        if fut is not None and not fut.done():
-            self._calls.add(fut)
-            fut.add_done_callback(self._calls.discard)
-            asyncio.get_running_loop().call_soon(self._watch_hangup, fut)
-        return fut
+        call_fut = super().call_received(call, fds)
+        if call_fut is None or call_fut.done():
+            return call_fut
+        self._calls.add(call_fut)
+        call_fut.add_done_callback(self._calls.discard)
+        asyncio.get_running_loop().call_soon(self._watch_hangup, call_fut)
+        return _quiet_when_cancelled(call_fut)
 
-    def _on_receiver_completes(
-        self, backpressure_fut: asyncio.Future[None], oneway: bool, call_fut: asyncio.Future[None]
-    ) -> None:
-        # Private in asyncvarlink 0.3.3: it asks a cancelled future for its exception(), which
-        # raises CancelledError inside the callback (an ERROR in the log per hung-up stream)
-        # and never releases the connection's back-pressure future.
-        if call_fut.cancelled():
-            if not backpressure_fut.done():
-                backpressure_fut.set_result(None)
-            return
-        super()._on_receiver_completes(backpressure_fut, oneway, call_fut)  # type: ignore[misc]
-
+    @override
     def send_message(
         self, obj: JSONObject, fds: list[int] | None = None, autoclose: bool = True
     ) -> asyncio.Future[None]:
@@ -287,11 +315,17 @@ class HardenedServerProtocol(VarlinkInterfaceServerProtocol):
         inner.add_done_callback(relay)
         return outer
 
+    @override
     def _on_message_sent(self, fut: asyncio.Future[None]) -> None:
-        # Likewise: a reply whose sending was cancelled with its call is no error.
+        # Private in asyncvarlink 0.3.3, and overridden for want of a public way: a reply
+        # whose sending was cancelled with its call is no error, but asyncvarlink asks the
+        # cancelled future for its exception(), which raises inside the callback. (The
+        # future is the relay above: the call awaiting it cancels it, and nothing public
+        # stands between the call and the future send_reply watches.)
         if not fut.cancelled():
-            super()._on_message_sent(fut)  # type: ignore[misc]
+            super()._on_message_sent(fut)
 
+    @override
     def handle_call_exception(self, exc: BaseException, oneway: bool) -> None:
         if isinstance(exc, VmspawnError):
             raise to_varlink_error(exc)
@@ -325,8 +359,8 @@ class HardenedServerProtocol(VarlinkInterfaceServerProtocol):
         sock = self._socket()
         if fut.done() or sock is None or self._watch is not None:
             return
-        if not getattr(self._transport, "_paused", False):  # private: the transport reads by itself and will see EOF
-            return
+        # The call is in flight, so asyncvarlink has paused reading this connection
+        # (back-pressure until the call is done): nothing else would see an EOF now.
         try:
             watch = sock.dup()
         except OSError:
