@@ -1,9 +1,10 @@
 # SPDX-License-Identifier: LGPL-2.1-or-later
 """asyncvarlink's server, hardened for a daemon: the workarounds of docs/reference/libraries.md §1.6.
 
-Kept in one module so they can be dropped one by one as upstream fixes land (they
-touch private attributes, hence the exact pin of asyncvarlink==0.3.3); the numbers are
-those of the list in docs/dependencies.md:
+Kept in one module so they can be dropped one by one as upstream fixes land. They use
+asyncvarlink's public hooks, except in two places where 0.3.3 has none (the connection's
+socket, `_on_message_sent`; docs/dependencies.md says why), hence the exact pin of
+asyncvarlink==0.3.3. The numbers are those of the list in docs/dependencies.md:
 
 1. a client that hangs up while its call is in flight is noticed (MSG_PEEK watch, or
    a reply that cannot be sent because the peer is gone) and the handler is cancelled —
@@ -269,7 +270,9 @@ class HardenedServerProtocol(VarlinkInterfaceServerProtocol):
             # The connection closes as soon as what is in flight has been answered.
             self.end()
             return None
-        return super().request_received(obj, fds)
+        # (asyncvarlink's own override decorator leaves its methods untyped for mypy.)
+        handled: asyncio.Future[None] | None = super().request_received(obj, fds)
+        return handled
 
     @override
     def call_received(
@@ -280,7 +283,7 @@ class HardenedServerProtocol(VarlinkInterfaceServerProtocol):
                 raise to_varlink_error(PermissionDenied())
         if self._peer is not None:
             current_peer.set(self._peer)
-        call_fut = super().call_received(call, fds)
+        call_fut: asyncio.Future[None] | None = super().call_received(call, fds)
         if call_fut is None or call_fut.done():
             return call_fut
         self._calls.add(call_fut)
