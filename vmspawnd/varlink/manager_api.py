@@ -273,7 +273,7 @@ class ManagerInterface(VarlinkInterface, name=INTERFACE):
         machine = self._manager.get(name)
         if lines is not None and lines < 0:
             raise InvalidSpec("lines", "must not be negative")
-        return last_lines(read_history(machine.console_log_path), lines)
+        return last_lines(read_history(machine.paths.console_log), lines)
 
     @_replies_machine
     @varlinkmethod(return_parameter="machine", return_type=wire.Machine, delay_generator=False)
