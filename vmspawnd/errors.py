@@ -30,6 +30,8 @@ from __future__ import annotations
 import dataclasses
 import json
 
+from vmspawnd import override
+
 INTERFACE = "io.vmspawnd.Manager"
 
 
@@ -48,6 +50,7 @@ class VmspawnError(Exception):
         """Parameters on the wire, lowerCamelCase like systemd's."""
         return {to_camel(f.name): getattr(self, f.name) for f in dataclasses.fields(self)}
 
+    @override
     def __str__(self) -> str:
         params = ", ".join(f"{k}={v!r}" for k, v in self.parameters().items())
         return f"{type(self).__name__}({params})"
@@ -58,6 +61,7 @@ class InvalidSpec(VmspawnError):
     field: str
     reason: str
 
+    @override
     def __str__(self) -> str:
         return f"invalid {self.field}: {self.reason}"
 
@@ -66,6 +70,7 @@ class InvalidSpec(VmspawnError):
 class NoSuchMachine(VmspawnError):
     name: str
 
+    @override
     def __str__(self) -> str:
         return f"no machine named {self.name!r}"
 
@@ -74,6 +79,7 @@ class NoSuchMachine(VmspawnError):
 class MachineExists(VmspawnError):
     name: str
 
+    @override
     def __str__(self) -> str:
         return f"a machine named {self.name!r} already exists (remove it first if it stopped)"
 
@@ -84,6 +90,7 @@ class InvalidState(VmspawnError):
     state: str
     operation: str
 
+    @override
     def __str__(self) -> str:
         return f"cannot {self.operation} machine {self.name!r} while it is {self.state}"
 
@@ -94,6 +101,7 @@ class StartFailed(VmspawnError):
     message: str
     stderr_tail: str = ""
 
+    @override
     def __str__(self) -> str:
         text = f"start failed at {self.step}: {self.message}"
         if self.stderr_tail:
@@ -103,6 +111,7 @@ class StartFailed(VmspawnError):
 
 @dataclasses.dataclass
 class PermissionDenied(VmspawnError):
+    @override
     def __str__(self) -> str:
         return "permission denied"
 
@@ -111,6 +120,7 @@ class PermissionDenied(VmspawnError):
 class Timeout(VmspawnError):
     operation: str
 
+    @override
     def __str__(self) -> str:
         return f"timed out: {self.operation}"
 
@@ -119,6 +129,7 @@ class Timeout(VmspawnError):
 class NotConnected(VmspawnError):
     name: str
 
+    @override
     def __str__(self) -> str:
         return f"no QMP connection to machine {self.name!r}"
 
@@ -127,6 +138,7 @@ class NotConnected(VmspawnError):
 class NotSupported(VmspawnError):
     feature: str
 
+    @override
     def __str__(self) -> str:
         return f"not supported: {self.feature}"
 
@@ -135,6 +147,7 @@ class NotSupported(VmspawnError):
 class ProtocolViolation(VmspawnError):
     reason: str
 
+    @override
     def __str__(self) -> str:
         return f"protocol violation: {self.reason}"
 
