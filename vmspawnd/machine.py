@@ -23,8 +23,8 @@ from typing import TypeVar
 
 from vmspawnd import adoption, launch
 from vmspawnd.control import ControlServer, QmpEvent
-from vmspawnd.fanout import FanOut
 from vmspawnd.errors import InvalidSpec, InvalidState, NotConnected, NotSupported, StartFailed, Timeout
+from vmspawnd.fanout import FanOut
 from vmspawnd.helpers import HelperSet, start_helpers, stop_recorded_helpers
 from vmspawnd.host.machined import info_for
 from vmspawnd.host.process import ChildProcess, ReapedProcess, process_tree, spawn_reaped
