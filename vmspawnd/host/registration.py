@@ -170,9 +170,9 @@ async def register_machine(
     `pids` are all of the VM's processes; `caller_unit` is the unit of the client that
     asked for `--keep-unit`. `adopting`: a restarted daemon takes the VM back; its
     processes are in their unit already and only the registration is renewed. Raises
-    StartFailed at step "scope", "keep-unit" or "register" when a required part fails; with auto registration an absent machined is skipped
-    quietly and other failures logged. Whatever was done before a failure is undone
-    before raising."""
+    StartFailed at step "scope", "keep-unit" or "register" when a required part fails;
+    with auto registration an absent machined is skipped quietly and other failures
+    logged. Whatever was done before a failure is undone before raising."""
     env = os.environ if environ is None else environ
     root = os.geteuid() == 0 if is_root is None else is_root
     booted = systemd_is_service_manager(env) if systemd_booted is None else systemd_booted
