@@ -13,7 +13,6 @@ import asyncio
 import collections.abc
 import contextlib
 import dataclasses
-import logging
 import socket
 import typing
 
@@ -283,9 +282,9 @@ class ManagerInterface(VarlinkInterface, name=INTERFACE):
         when the VM has ended.
         """
         machine = self._manager.get(name)
-        async with _bound_to_caller(self._manager, machine):
+        async with self._manager.held_by_caller(machine):
             yield machine.record.to_json()
-            await _until_ended(machine)
+            await self._manager.until_ended(machine)
         # The last reply must say so (continues=false): with delay_generator=False that is
         # LastResult, a plain final yield would be sent as "more to come".
         raise LastResult(machine.record.to_json())
@@ -304,69 +303,13 @@ class ManagerInterface(VarlinkInterface, name=INTERFACE):
             await self._manager.spawn(spec_json, *_caller())
         except asyncio.CancelledError:
             with contextlib.suppress(errors.NoSuchMachine):
-                _end_for_departed_holder(self._manager, self._manager.get(name))
+                self._manager.end_for_departed_holder(self._manager.get(name))
             raise
         machine = self._manager.get(name)
-        async with _bound_to_caller(self._manager, machine):
+        async with self._manager.held_by_caller(machine):
             yield machine.record.to_json()
-            await _until_ended(machine)
+            await self._manager.until_ended(machine)
         raise LastResult(machine.record.to_json())
-
-
-@contextlib.asynccontextmanager
-async def _bound_to_caller(manager: Manager, machine: typing.Any) -> collections.abc.AsyncIterator[None]:
-    """Around a holding call's replies: if the call ends before its VM did — the caller
-    hung up (CancelledError while waiting) or a reply could not be sent (GeneratorExit at
-    the yield) — the VM is ended and forgotten."""
-    try:
-        yield
-    except BaseException:
-        if not machine.record.state.is_final and not getattr(machine, "detached", False):
-            _end_for_departed_holder(manager, machine)
-        raise
-
-
-async def _until_ended(machine: typing.Any) -> None:
-    rec = machine.record
-    while not rec.state.is_final:
-        with contextlib.suppress(errors.Timeout):
-            await machine.wait_for(lambda: rec.state.is_final, 3600.0, "hold")
-
-
-_HOLD_TASKS: set["asyncio.Task[None]"] = set()
-
-
-def _end_for_departed_holder(manager: Manager, machine: typing.Any) -> None:
-    """Schedule `_end_held` on a task the API owns (the caller's own task is being cancelled)."""
-    _HOLD_TASKS.add(task := asyncio.get_running_loop().create_task(_end_held(manager, machine)))
-    task.add_done_callback(_HOLD_TASKS.discard)
-
-
-def _still_managed(manager: Manager, machine: typing.Any) -> bool:
-    """Not failed to start, nor removed (and its name not reused) meanwhile."""
-    with contextlib.suppress(errors.NoSuchMachine):
-        return manager.get(machine.name) is machine
-    return False
-
-
-async def _end_held(manager: Manager, machine: typing.Any) -> None:
-    """The holder of a HoldMachine/SpawnAndHold call went away (e.g. `vmspawnctl run` was
-    killed): end its VM and forget it, so the name is free again, as after systemd-vmspawn
-    dies. A VM still starting is let finish its start first (a failed start cleans itself)."""
-    try:
-        if machine.starting is not None:
-            await asyncio.wait({machine.starting})  # its outcome is the start's business
-        if machine.record.state.is_final or not _still_managed(manager, machine):
-            return
-        try:
-            await machine.terminate()
-        except errors.VmspawnError:
-            pass
-        await machine.wait_for(lambda: machine.record.state.is_final, 60.0, "end a held VM")
-        if _still_managed(manager, machine):
-            await manager.remove(machine.name)
-    except errors.VmspawnError as exc:
-        logging.getLogger(__name__).warning("%s: could not end the VM of a departed holder: %s", machine.name, exc)
 
 
 async def serve_manager(sock: socket.socket, manager: Manager, policy: PeerPolicy) -> HardenedUnixServer:
