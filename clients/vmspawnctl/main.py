@@ -14,12 +14,11 @@ import os
 import sys
 import typing
 
-from .varlink import Connection, ConnectionFailed, VarlinkError
+from .varlink import INTERFACE, Connection, ConnectionFailed, VarlinkError
 
 if typing.TYPE_CHECKING:  # the shapes of the replies, for the type checker only: free at run time
     from vmspawnd.spec.wire import EventJson, MachineJson
 
-INTERFACE = "io.vmspawnd.Manager"
 EXIT_FAILURE = 1
 EXIT_USAGE = 2
 

@@ -23,12 +23,11 @@ import threading
 import typing
 
 from .console import Relay, Terminated, open_console, raw_terminal, signals_raise, write_all
-from .varlink import Connection, ConnectionFailed, JsonObject, VarlinkError
+from .varlink import INTERFACE, Connection, ConnectionFailed, JsonObject, VarlinkError
 
 if typing.TYPE_CHECKING:  # the shapes of the replies, for the type checker only: free at run time
     from vmspawnd.spec.wire import MachineJson, VmSpecJson
 
-INTERFACE = "io.vmspawnd.Manager"
 POWER_OFF_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGRTMIN + 4)
 VMSPAWN_HUE = 130.0  # systemd-vmspawn tints green-ish (nspawn cyan, run0 red)
 

@@ -118,3 +118,12 @@ def test_the_five_files_from_start_to_argv_exist() -> None:
     files = re.findall(r"^\d\. `([\w/]+\.py)`", section, flags=re.M)
     assert 0 < len(files) <= 5
     assert all((ROOT / f).is_file() for f in files), files
+
+
+def test_the_client_names_the_daemons_interface() -> None:
+    """The CLI keeps its own copy of the interface name (importing errors costs start-up)."""
+    from vmspawnctl.varlink import INTERFACE as CLIENT_INTERFACE
+
+    from vmspawnd.errors import INTERFACE
+
+    assert CLIENT_INTERFACE == INTERFACE

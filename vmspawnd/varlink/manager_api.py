@@ -33,7 +33,7 @@ from vmspawnd import __version__, errors, override
 from vmspawnd.errors import InvalidSpec, to_camel
 from vmspawnd.host.peer import PeerPolicy
 from vmspawnd.manager import Manager
-from vmspawnd.qemu.console import ConsoleMode, last_lines, read_history
+from vmspawnd.qemu.console import AttachMode, last_lines, read_history
 from vmspawnd.spec import VmSpec, parsers, wire
 from vmspawnd.varlink.server import HardenedUnixServer, current_peer, serve_unix
 
@@ -249,7 +249,7 @@ class ManagerInterface(VarlinkInterface, name=INTERFACE):
             if machine.record.state.is_final:
                 raise errors.InvalidState(name, machine.record.state.value, "open the console")
             raise errors.NotSupported(f"console of a VM with console mode {machine.spec.console}")
-        theirs = hub.open(ConsoleMode(mode or "interactive"), force=bool(force), history=history or 0)
+        theirs = hub.open(AttachMode(mode or "interactive"), force=bool(force), history=history or 0)
         return FileDescriptor(theirs, should_close=True)
 
     @varlinkmethod(return_parameter="fd")
