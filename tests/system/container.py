@@ -1,7 +1,7 @@
 # SPDX-License-Identifier: LGPL-2.1-or-later
 """A Debian tree booted with ``systemd-nspawn -b``: systemd as PID 1, dbus, machined.
 
-How it is started, and why (the project notes in shared/systemd-container.md have the measurements):
+How it is started, and why (docs/reference/systemd-container.md has the measurements):
 
 * The cached tree is never written: the container's root is an overlayfs over it, with the
   upper layer in a temporary directory that goes away with the container.
