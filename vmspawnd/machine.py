@@ -22,7 +22,6 @@ from pathlib import Path
 from typing import TypeVar
 
 from vmspawnd import adoption, launch
-from vmspawnd.leftovers import remove_transient_files
 from vmspawnd.control import ControlServer, QmpEvent
 from vmspawnd.errors import InvalidSpec, InvalidState, NotConnected, NotSupported, StartFailed, Timeout
 from vmspawnd.fanout import FanOut
@@ -30,6 +29,7 @@ from vmspawnd.helpers import HelperSet, start_helpers, stop_recorded_helpers
 from vmspawnd.host.machined import info_for
 from vmspawnd.host.process import ChildProcess, ReapedProcess, process_tree, spawn_reaped
 from vmspawnd.host.registration import Registration, register_machine
+from vmspawnd.leftovers import remove_transient_files
 from vmspawnd.model import STATE_FORMAT_VERSION, MachineRecord, MachineState
 from vmspawnd.outcome import ExitFacts, decide_outcome, describe_exit, describe_status, parse_host_signal
 from vmspawnd.qemu.command import build_qemu_command
