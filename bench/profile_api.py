@@ -60,12 +60,11 @@ def main() -> None:
     p.add_argument("--seconds", type=int, default=15)
     p.add_argument("--method", default="List")
     p.add_argument("--py-spy", default="py-spy")
-    p.add_argument("--daemon-patch", type=Path)
     p.add_argument("--out", type=Path, default=Path("/tmp/vmspawnd-profile.txt"))
     args = p.parse_args()
     guest = ensure_guest()
     runtime = make_runtime_dir("vmspawnd-prof-")
-    d = launch_daemon(runtime, args.daemon_patch)
+    d = launch_daemon(runtime)
     try:
         for i in range(args.vms):
             call(d.address, "Spawn", {"spec": vm_spec(guest, f"p{i}", 64 * MIB)})

@@ -20,10 +20,11 @@ import socket
 import sys
 from pathlib import Path
 
-from . import __version__, sdnotify
-from .runtime_dir import MANAGER_SOCKET_NAME, bind_listening_socket, default_runtime_dir
-from .settings import Settings, owner_only
-from .varlink_server import serve_unix
+from vmspawnd import __version__
+from vmspawnd.host import sdnotify
+from vmspawnd.host.peer import owner_only
+from vmspawnd.runtime_dir import MANAGER_SOCKET_NAME, bind_listening_socket, default_runtime_dir
+from vmspawnd.settings import Settings
 
 _log = logging.getLogger("vmspawnd")
 
@@ -73,24 +74,19 @@ def manager_socket(args: argparse.Namespace, runtime_dir: Path) -> socket.socket
 
 
 async def serve(args: argparse.Namespace) -> int:
-    from asyncvarlink import VarlinkInterfaceRegistry
-    from asyncvarlink.serviceinterface import VarlinkServiceInterface
-
-    from .api import ManagerInterface
-    from .manager import Manager
+    from vmspawnd.manager import Manager
+    from vmspawnd.varlink.machine_instance import machine_instance_servers
+    from vmspawnd.varlink.manager_api import serve_manager
 
     runtime_dir = args.runtime_dir or default_runtime_dir()
     runtime_dir.mkdir(mode=0o755, parents=True, exist_ok=True)
     lock_fd = take_lock(runtime_dir)
-    manager = Manager(runtime_dir, Settings(notify_transport=args.notify_transport, peer_policy=owner_only))
+    # Only the instance's owner may call, on the manager socket and on every VM's.
+    settings = Settings(notify_transport=args.notify_transport, serve_control=machine_instance_servers(owner_only))
+    manager = Manager(runtime_dir, settings)
     await manager.adopt_all()
-    registry = VarlinkInterfaceRegistry()
-    registry.register_interface(ManagerInterface(manager))
-    registry.register_interface(
-        VarlinkServiceInterface("vmspawnd", "vmspawnd", __version__, "https://github.com/vmspawnd/vmspawnd", registry)
-    )
     sock = manager_socket(args, runtime_dir)
-    server = await serve_unix(sock, registry, owner_only)
+    server = await serve_manager(sock, manager, owner_only)
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -115,7 +111,7 @@ def main(argv: list[str] | None = None) -> None:
         level=args.log_level.upper(),
         format="%(levelname)s %(name)s: %(message)s" if os.environ.get("JOURNAL_STREAM") else "%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
-    # asyncvarlink logs every cancelled in-flight call (libraries.md §1.6 item 6).
+    # asyncvarlink logs every cancelled in-flight call (docs/reference/libraries.md §1.6 item 6).
     logging.getLogger("asyncvarlink").setLevel(logging.CRITICAL if args.log_level != "debug" else logging.DEBUG)
     try:
         code = asyncio.run(serve(args))

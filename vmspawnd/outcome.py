@@ -16,8 +16,8 @@ from __future__ import annotations
 import dataclasses
 import re
 
-from .model import MachineState
-from .parsers import signal_name
+from vmspawnd.model import MachineState
+from vmspawnd.spec.parsers import signal_name
 
 # softmmu/runstate.c qemu_kill_report(), unchanged from QEMU 2.x to 11.
 _HOST_SIGNAL = re.compile(r"terminating on signal (\d+)(?: from pid (\d+) \((.*)\))?")

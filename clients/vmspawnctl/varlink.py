@@ -1,7 +1,7 @@
 # SPDX-License-Identifier: LGPL-2.1-or-later
 """A small blocking Varlink client, stdlib only.
 
-vmspawnctl's one-shot calls must not pay for importing asyncio (libraries.md §1.4:
+vmspawnctl's one-shot calls must not pay for importing asyncio (docs/reference/libraries.md §1.4:
 ~40 ms for a stdlib client against ~118 ms with asyncvarlink), so the CLI speaks the
 wire protocol directly: NUL-terminated JSON objects over AF_UNIX, fds via SCM_RIGHTS.
 """
@@ -12,14 +12,17 @@ import array
 import json
 import os
 import socket
-from collections.abc import Iterator
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 # Varlink messages are JSON objects whose shape the IDL, not Python, describes.
 JsonObject = dict[str, Any]
 
 MAX_FDS = 16
+
+
+# vmspawnd's interface (vmspawnd.errors.INTERFACE, which the client does not import for speed).
+INTERFACE = "io.vmspawnd.Manager"
 
 
 class VarlinkError(Exception):
@@ -88,7 +91,7 @@ class Connection:
                 raise ConnectionFailed("the service closed the connection")
             self._buffer += data
         frame, self._buffer = self._buffer.split(b"\0", 1)
-        reply = json.loads(frame)
+        reply: JsonObject = json.loads(frame)
         if "error" in reply:
             raise VarlinkError(reply["error"], reply.get("parameters") or {})
         return reply

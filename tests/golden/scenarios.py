@@ -3,15 +3,16 @@
 
 Paths under /GOLDEN are placeholders; the QEMU launch test maps them to real files.
 Scenarios in HAND_WRITTEN have goldens written by hand from quotes in
-vmspawn-reference.md §3 (plus the deviations in docs/deviations.md), never regenerated.
+docs/reference/systemd-vmspawn.md §3 (plus the deviations in docs/deviations.md), never regenerated.
 """
 
 from __future__ import annotations
 
 import base64
 import dataclasses
+from typing import TypedDict, Unpack
 
-from vmspawnd.qemu_command import Credential, Firmware, Resources, VirtiofsShare
+from vmspawnd.qemu.resources import Credential, Firmware, Resources, VirtiofsShare
 from vmspawnd.spec import BindMount, CredentialData, VmSpec
 
 G = "/GOLDEN"
@@ -36,8 +37,29 @@ BASE = Resources(
 )
 
 
-def _r(**kw: object) -> Resources:
-    return dataclasses.replace(BASE, **kw)  # type: ignore[arg-type]
+class Differences(TypedDict, total=False):
+    """The Resources fields the scenarios set differently from BASE."""
+
+    arch: str
+    block_devices: frozenset[str]
+    console_fd: int | None
+    credentials: tuple[Credential, ...]
+    display_socket: str | None
+    firmware: Firmware | None
+    initrd: str | None
+    kernel_cmdline_extra: tuple[str, ...]
+    kvm: bool
+    notify_address: str | None
+    qemu_binary: str
+    tpm_socket: str | None
+    vhost_vsock_fd: int | None
+    virtiofs: tuple[VirtiofsShare, ...]
+    vmgenid: str | None
+    vsock_cid: int | None
+
+
+def _r(**kw: Unpack[Differences]) -> Resources:
+    return dataclasses.replace(BASE, **kw)
 
 
 def _cred(cred_id: str, data: bytes) -> CredentialData:
@@ -141,7 +163,7 @@ SCENARIOS: dict[str, tuple[VmSpec, Resources]] = {
     ),
 }
 
-# Written by hand from vmspawn-reference.md §3 (quotes) and docs/deviations.md; see HANDWRITTEN.md.
+# Written by hand from docs/reference/systemd-vmspawn.md §3 (quotes) and docs/deviations.md; see HANDWRITTEN.md.
 HAND_WRITTEN = frozenset(
     {
         "image-minimal", "linux-direct", "linux-initrd", "uuid", "network-user", "discard-off", "extra-drive",

@@ -7,7 +7,7 @@ The exported methods carry the names and signatures of systemd's introspection d
 (RegisterMachine sayssus, UnregisterMachine s, StartTransientUnit ssa(sv)a(sa(sv)) → o,
 KillUnit ssi, AttachProcessesToUnit ssau, AbandonScope s, UnrefUnit s), so a call with a wrong signature fails as it
 would against systemd. Every call is recorded with its signature and arguments.
-dbus-fast cannot receive `h` inside a variant as a service (libraries.md §3): PIDFDs
+dbus-fast cannot receive `h` inside a variant as a service (docs/reference/libraries.md §3): PIDFDs
 arrive as indices, so the stand-in only records that they came and can refuse them
 like a manager without pidfd support.
 """
@@ -185,7 +185,7 @@ class Services:
     async def close(self) -> None:
         self.bus.disconnect()
         with contextlib.suppress(Exception):
-            await self.bus.wait_for_disconnect()  # type: ignore[no-untyped-call]
+            await self.bus.wait_for_disconnect()
 
 
 async def start_services(

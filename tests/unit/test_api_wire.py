@@ -5,9 +5,9 @@ from __future__ import annotations
 
 from asyncvarlink.conversion import DataclassVarlinkType
 
-from vmspawnd.api import MachineWire
 from vmspawnd.model import MachineRecord, MachineState, ProcessRecord
 from vmspawnd.spec import BindMount, CredentialData, VmSpec
+from vmspawnd.spec.wire import Machine as MachineWire
 
 
 def full_record() -> MachineRecord:

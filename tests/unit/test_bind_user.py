@@ -7,9 +7,9 @@ import json
 
 import pytest
 
-from vmspawnd import bind_user
 from vmspawnd.errors import InvalidSpec
-from vmspawnd.virtiofsd import Dialect, Share, Virtiofsd, add_bind_user_shares, virtiofsd_argv
+from vmspawnd.helpers import bind_user
+from vmspawnd.helpers.virtiofsd import Dialect, Share, Virtiofsd, add_bind_user_shares, virtiofsd_argv
 
 USERS = {
     "alice": bind_user.HostUser("alice", 1000, 1000, "Alice A.,room 1,,", "/home/alice", "/bin/zsh", "$y$j9T$salt$hash"),

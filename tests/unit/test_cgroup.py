@@ -7,7 +7,7 @@ import os
 
 import pytest
 
-from vmspawnd.cgroup import cgroup_path, unit_from_cgroup, unit_of_pid
+from vmspawnd.host.cgroup import cgroup_path, unit_from_cgroup, unit_of_pid
 
 HYBRID = """12:pids:/system.slice/foo.service
 1:name=systemd:/system.slice/foo.service

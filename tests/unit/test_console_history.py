@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from vmspawnd.console import History, read_history
+from vmspawnd.qemu.console import History, read_history
 
 
 def qemu_log(path: Path) -> int:

@@ -13,7 +13,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from vmspawnd.firmware import (
+from vmspawnd.spec.firmware import (
     EntryKind,
     FirmwareDescriptor,
     descriptor_search_dirs,

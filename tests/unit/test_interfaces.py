@@ -11,7 +11,7 @@ from pathlib import Path
 
 import varlink.scanner  # python-varlink's IDL parser: an independent reader of our IDL
 
-from vmspawnd.api import ManagerInterface
+from vmspawnd.varlink.manager_api import ManagerInterface
 
 DOCS = Path(__file__).resolve().parents[2] / "docs" / "interfaces"
 

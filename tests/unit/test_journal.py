@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from vmspawnd.errors import InvalidSpec, NotSupported
-from vmspawnd.journal import (
+from vmspawnd.helpers.journal import (
     forward_credential,
     journal_remote_argv,
     start_journal_remote,

@@ -20,8 +20,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from vmspawnd import parsers as P
-from vmspawnd.parsers import (
+from vmspawnd.spec import parsers as P
+from vmspawnd.spec.parsers import (
     c_unescape,
     credential_name_is_valid,
     credential_source_kind,

@@ -21,11 +21,12 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from tests.golden.scenarios import BASE, IMG, KERNEL, PAYLOAD, SCENARIOS
-from vmspawnd import discovery, resolve, vsock
 from vmspawnd.errors import InvalidSpec
-from vmspawnd.qemu_command import Credential, build_qemu_command
-from vmspawnd.siphash import derive_vsock_cid_candidates
-from vmspawnd.spec import CredentialData, VmSpec, check_property
+from vmspawnd.qemu import resolve, vsock
+from vmspawnd.qemu.command import build_qemu_command
+from vmspawnd.qemu.resources import Credential
+from vmspawnd.qemu.siphash import derive_vsock_cid_candidates
+from vmspawnd.spec import CredentialData, VmSpec, check_property, discovery
 
 
 def split_qemu_opts(text: str) -> list[tuple[str, str]]:
@@ -106,7 +107,7 @@ def test_notify_address_inline() -> None:
 
 
 def test_tap_mac_derived_from_machine_id_and_name() -> None:
-    from vmspawnd.siphash import derive_mac
+    from vmspawnd.qemu.siphash import derive_mac
 
     spec, res = SCENARIOS["network-tap"]
     (nic,) = args_after(build_qemu_command(spec, res).argv, "-nic")

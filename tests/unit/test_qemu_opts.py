@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from vmspawnd.qemu_opts import escape_qemu_value, format_qemu_opts
+from vmspawnd.qemu.opts import escape_qemu_value
 
 # --------------------------------------------------------------------------------------
 # An independent model of QEMU's QemuOpts parser (util/qemu-option.c: opts_do_parse(),
@@ -118,82 +118,6 @@ def test_escape_qemu_value_refuses_nul() -> None:
 def test_escape_qemu_value_refuses_unencodable() -> None:
     with pytest.raises(ValueError, match="encoded"):
         escape_qemu_value("\ud800")
-
-
-# --------------------------------------------------------------------------------------
-# format_qemu_opts
-# --------------------------------------------------------------------------------------
-
-
-def test_format_examples() -> None:
-    assert format_qemu_opts("virtio-rng-pci", [("rng", "rng0"), ("id", "rng-device0")]) == (
-        "virtio-rng-pci,rng=rng0,id=rng-device0"
-    )
-    assert format_qemu_opts(None, [("if", "pflash"), ("file", "/a,b.fd")]) == "if=pflash,file=/a,,b.fd"
-    assert format_qemu_opts("none", []) == "none"
-    assert format_qemu_opts(None, [("type", "11"), ("value", "io.systemd.credential.binary:x=eQ==")]) == (
-        "type=11,value=io.systemd.credential.binary:x=eQ=="
-    )
-
-
-def test_format_value_cannot_inject_options() -> None:
-    s = format_qemu_opts("virtio-blk-pci", [("drive", "x,id=evil,bootindex=0"), ("serial", "s")])
-    assert qemu_opts_split(s, "driver") == [
-        ("driver", "virtio-blk-pci"),
-        ("drive", "x,id=evil,bootindex=0"),
-        ("serial", "s"),
-    ]
-
-
-@pytest.mark.parametrize(
-    "driver",
-    ["", "a,b", "a=b", "{\"driver\":\"x\"}", "-x", "help", "?", "a b", "caf\u00e9", "a\0"],
-)
-def test_format_refuses_bad_driver(driver: str) -> None:
-    with pytest.raises(ValueError, match="driver"):
-        format_qemu_opts(driver, [("k", "v")])
-
-
-@pytest.mark.parametrize("key", ["", "a,b", "a=b", "help", "?", " k", "k\n", "_k"])
-def test_format_refuses_bad_key(key: str) -> None:
-    with pytest.raises(ValueError, match="key"):
-        format_qemu_opts("drv", [(key, "v")])
-
-
-def test_format_refuses_nul_value_and_empty_result() -> None:
-    with pytest.raises(ValueError, match="NUL"):
-        format_qemu_opts("drv", [("k", "a\0b")])
-    with pytest.raises(ValueError, match="driver or at least one"):
-        format_qemu_opts(None, [])
-
-
-def test_format_props_must_be_pairs() -> None:
-    with pytest.raises(TypeError):
-        format_qemu_opts("drv", [("k",)])  # type: ignore[list-item]
-
-
-_names = st.from_regex(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,15}", fullmatch=True).filter(lambda n: n != "help")
-# Arbitrary text without NUL, biased towards the characters that matter to the parser.
-_values = st.one_of(
-    st.text(st.characters(blacklist_characters="\0", blacklist_categories=["Cs"]), max_size=30),
-    st.text(alphabet=",=\"' \\\n\t;:{}a\u00e9\U0001f600", max_size=30),
-)
-
-
-@given(driver=st.none() | _names, props=st.lists(st.tuples(_names, _values), max_size=6))
-def test_format_roundtrips_through_qemu_parser(driver: str | None, props: list[tuple[str, str]]) -> None:
-    if driver is None and not props:
-        return
-    s = format_qemu_opts(driver, props)
-    expected = ([("driver", driver)] if driver is not None else []) + props
-    assert qemu_opts_split(s, "driver" if driver is not None else None) == expected
-
-
-@given(props=st.lists(st.tuples(_names, _values), min_size=1, max_size=6))
-def test_format_without_driver_is_immune_to_an_implied_first_name(props: list[tuple[str, str]]) -> None:
-    # -nic/-chardev/-object have an implied first name; a string without a driver must
-    # still parse as exactly the given key=value pairs.
-    assert qemu_opts_split(format_qemu_opts(None, props), "type") == props
 
 
 @given(st.text(st.characters(blacklist_characters="\0", blacklist_categories=["Cs"]), max_size=40))

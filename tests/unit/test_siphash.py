@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from vmspawnd.siphash import (
+from vmspawnd.qemu.siphash import (
     SHORTEN_IFNAME_HASH_KEY,
     VM_TAP_HASH_KEY,
     VSOCK_CID_HASH_KEY,

@@ -12,7 +12,7 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 
 from vmspawnd.errors import InvalidSpec
-from vmspawnd.sshkeys import (
+from vmspawnd.helpers.sshkeys import (
     AUTHORIZED_KEYS_CREDENTIAL,
     DROPIN_CREDENTIAL,
     SSHD_VSOCK_DROPIN,

@@ -12,8 +12,7 @@ from pathlib import Path
 import pytest
 
 from vmspawnd.errors import InvalidSpec, NotSupported, StartFailed
-from vmspawnd.spec import VmSpec
-from vmspawnd.swtpm import (
+from vmspawnd.helpers.swtpm import (
     TpmState,
     setup_argv,
     start_swtpm,
@@ -21,6 +20,7 @@ from vmspawnd.swtpm import (
     swtpm_argv,
     tpm_wanted,
 )
+from vmspawnd.spec import VmSpec
 
 
 def test_decision_follows_259() -> None:

@@ -24,7 +24,7 @@ import pytest_asyncio
 from asyncvarlink import TypedVarlinkErrorReply, VarlinkInterface, VarlinkInterfaceRegistry, varlinkmethod
 from asyncvarlink.util import VarlinkUnixServer
 
-from vmspawnd.varlink_server import close_gracefully, serve_unix
+from vmspawnd.varlink.server import close_gracefully, serve_unix
 
 BOUND = 5.0  # seconds: any answer, EOF or drain the tests wait for (generous for a loaded host)
 TYPED_ERROR = re.compile(r"^(org\.varlink\.service|io\.vmspawnd\.Manager|com\.example\.Probe)\.[A-Z][A-Za-z]*$")

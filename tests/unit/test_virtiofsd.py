@@ -13,8 +13,7 @@ from pathlib import Path
 import pytest
 
 from vmspawnd.errors import InvalidSpec, NotSupported
-from vmspawnd.spec import BindMount, VmSpec
-from vmspawnd.virtiofsd import (
+from vmspawnd.helpers.virtiofsd import (
     C_VIRTIOFSD,
     Dialect,
     Share,
@@ -25,6 +24,7 @@ from vmspawnd.virtiofsd import (
     start_virtiofsd,
     virtiofsd_argv,
 )
+from vmspawnd.spec import BindMount, VmSpec
 
 RUST = Virtiofsd("/usr/libexec/virtiofsd", Dialect.RUST, readonly=True)
 C = Virtiofsd(C_VIRTIOFSD, Dialect.C)
@@ -34,7 +34,8 @@ RUST_HELP = "Usage: virtiofsd [OPTIONS]\n  --shared-dir <SHARED_DIR>\n  --fd <FD
 def test_probe_recognises_both_dialects() -> None:
     assert parse_help("/x", RUST_HELP) == Virtiofsd("/x", Dialect.RUST, readonly=True)
     assert parse_help("/x", RUST_HELP.replace("--readonly", "")) == Virtiofsd("/x", Dialect.RUST, readonly=False)
-    assert parse_help("/x", "usage: ...\n  -o source=PATH   shared directory tree\n").dialect is Dialect.C
+    c_dialect = parse_help("/x", "usage: ...\n  -o source=PATH   shared directory tree\n")
+    assert c_dialect is not None and c_dialect.dialect is Dialect.C
     assert parse_help("/x", "something else") is None
 
 
