@@ -34,6 +34,7 @@ import uuid
 from pathlib import Path
 
 import pytest
+from vmspawnctl.varlink import JsonObject
 
 from tests.integration.test_console import ESCAPE3, Terminal
 from tests.realguest.conftest import TIMINGS
@@ -159,7 +160,7 @@ def wait_for_report(console: Console, label: str, started: float) -> Report:
     return Report(console.text())
 
 
-def check_common(report: Report, inputs: Inputs, machine: dict[str, object]) -> str:
+def check_common(report: Report, inputs: Inputs, machine: JsonObject) -> str:
     """The facts every path must show; returns the guest's kernel command line."""
     assert report.one("state") == "running", f"failed units: {report.all('failed')}"
     assert report.all("failed") == []
@@ -223,31 +224,30 @@ def power_off(daemon: Daemon, name: str, console: Console) -> None:
     # is complete; the kernel's own last words may not have made it out before the power went).
     console.wait_for(r"Reached target .*System Power Off", timeout=60)
     machine = daemon.call("Describe", {"name": name})["machine"]
-    assert machine["state"] == "stopped", machine  # type: ignore[index]
+    assert machine["state"] == "stopped", machine
 
 
-def boot_path(daemon: Daemon, tmp_path: Path, name: str, label: str, *args: str) -> tuple[Report, str, dict[str, object]]:
+def boot_path(daemon: Daemon, tmp_path: Path, name: str, label: str, *args: str) -> tuple[Report, str, list[str]]:
     """Boot, check the common facts, log in on the console, power off; returns the report, the
-    guest's command line and the machine record (taken while it ran) for path-specific checks.
+    guest's command line and QEMU's command line (taken while it ran) for path-specific checks.
     The VM is terminated and removed whatever happens."""
     inputs = Inputs(tmp_path)
     started = start(daemon, name, inputs, *args)
     try:
         machine = daemon.call("Describe", {"name": name})["machine"]
-        qemu_cmdline = Path(f"/proc/{machine['qemu']['pid']}/cmdline").read_bytes().split(b"\0")  # type: ignore[index]
-        machine["qemuArgv"] = [a.decode() for a in qemu_cmdline]  # type: ignore[index]
-        with Console(machine) as console:  # type: ignore[arg-type]
+        qemu_argv = Path(f"/proc/{machine['qemu']['pid']}/cmdline").read_text().split("\0")
+        with Console(machine) as console:
             try:
                 report = wait_for_report(console, label, started)
-                cmdline = check_common(report, inputs, machine)  # type: ignore[arg-type]
+                cmdline = check_common(report, inputs, machine)
                 log_in_on_the_getty(daemon, name)
                 power_off(daemon, name, console)
             finally:
                 # The whole console, for a failure's post-mortem (pytest keeps the last runs' tmp_path).
                 (tmp_path / "console.log").write_text(console.text())
-        return report, cmdline, machine  # type: ignore[return-value]
+        return report, cmdline, qemu_argv
     finally:
-        state = daemon.call("Describe", {"name": name})["machine"]["state"]  # type: ignore[index]
+        state = daemon.call("Describe", {"name": name})["machine"]["state"]
         if state not in ("stopped", "failed"):
             daemon.call("Terminate", {"name": name})
         daemon.call("Remove", {"name": name})
@@ -271,13 +271,12 @@ def test_directory_over_virtiofs_kernel_from_bls_entry(daemon: Daemon, real_gues
     subprocess.run(["cp", "-a", "--reflink=auto", str(real_guest.tree), str(tree)], check=True)
     entry = (tree / "boot/loader/entries/debian.conf").read_text()
     assert f"linux /vmlinuz-{real_guest.kernel_version}" in entry
-    report, cmdline, machine = boot_path(daemon, tmp_path, "rg-directory", "-D TREE (virtiofs root, BLS entry)",
+    report, cmdline, argv = boot_path(daemon, tmp_path, "rg-directory", "-D TREE (virtiofs root, BLS entry)",
                                          "-D", str(tree))
     words = cmdline.split()
     assert words[words.index("root=root"):][:3] == ["root=root", "rootfstype=virtiofs", "rw"], cmdline
     assert report.one("root").split()[:2] == ["virtiofs", "root"]  # switched to the tree's systemd
     assert report.one("kernel") == real_guest.kernel_version
-    argv = machine["qemuArgv"]
     assert argv[argv.index("-kernel") + 1] == str(tree / f"boot/vmlinuz-{real_guest.kernel_version}")
     assert argv[argv.index("-initrd") + 1] == str(tree / f"boot/initrd.img-{real_guest.kernel_version}")
 
@@ -300,10 +299,9 @@ def test_image_through_firmware_systemd_boot_and_uki(daemon: Daemon, real_guest:
     PCR 11 and appends vmspawnd's command line from SMBIOS to its own."""
     disk = copy_disk(real_guest, tmp_path)
     extra = [] if secure_boot == "default" else [f"--secure-boot={secure_boot}"]
-    report, cmdline, machine = boot_path(daemon, tmp_path, f"rg-uki-sb-{secure_boot}",
+    report, cmdline, argv = boot_path(daemon, tmp_path, f"rg-uki-sb-{secure_boot}",
                                          f"-i IMAGE (firmware, systemd-boot, UKI; --secure-boot {secure_boot})",
                                          "-i", str(disk), *extra)
-    argv = machine["qemuArgv"]
     assert "-kernel" not in argv
     smm = argv[argv.index("-machine") + 1]
     # The default picks the first Secure Boot capable descriptor without enrolled keys; =no one without.
@@ -344,7 +342,7 @@ def test_bind_user(daemon: Daemon, real_guest: RealGuest, tmp_path: Path) -> Non
         if real_guest.systemd_version < 258:
             pytest.skip(f"the guest's systemd {real_guest.systemd_version} predates userdb.transient.* credentials (258)")
         machine = daemon.call("Describe", {"name": "rg-user"})["machine"]
-        with Console(machine) as console:  # type: ignore[arg-type]
+        with Console(machine) as console:
             report = wait_for_report(console, "--bind-user", time.monotonic())
         assert report.one_of("userdb", user).startswith("ok "), report.all("userdb")
         assert f"/run/vmhost/home/{user}" in report.mounts()
