@@ -31,6 +31,7 @@ import pwd
 import subprocess
 import time
 import uuid
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -143,19 +144,114 @@ class Inputs:
         ]
 
 
-def start(daemon: Daemon, name: str, inputs: Inputs, *args: str) -> float:
-    """`vmspawnctl start`; returns when it was called (monotonic)."""
-    started = time.monotonic()
-    result = daemon.ctl("start", "-M", name, "--kvm=no", f"--ram={RAM}", *inputs.args(), *args)
-    assert result.returncode == 0, result.stderr
-    return started
+class Boot:
+    """One boot of the module: its VM name, its label in the times, how to make its arguments."""
+
+    def __init__(self, key: str, label: str, make_args: Callable[[RealGuest, Path], list[str]]) -> None:
+        self.key = key
+        self.name = f"rg-{key}"
+        self.label = label
+        self.make_args = make_args
+        self.directory = Path()
+        self.inputs: Inputs
+        self.started = 0.0
+        self.company = ""  # what else ran meanwhile, for the times
 
 
-def wait_for_report(console: Console, label: str, started: float) -> Report:
+def directory_args(guest: RealGuest, directory: Path) -> list[str]:
+    """-D on a copy of the tree (2-3 s), no --linux: the BLS entry names the kernel and initrd."""
+    tree = directory / "realguest"
+    subprocess.run(["cp", "-a", "--reflink=auto", str(guest.tree), str(tree)], check=True)
+    return ["-D", str(tree)]
+
+
+def copy_disk(guest: RealGuest, directory: Path) -> Path:
+    """A private copy of the cached image (sparse: < 1 s), since the guest writes to its root."""
+    disk = directory / "realguest.raw"
+    subprocess.run(["cp", "--sparse=always", "--reflink=auto", str(guest.disk), str(disk)], check=True)
+    return disk
+
+
+BOOTS = {boot.key: boot for boot in (
+    Boot("directory", "-D TREE (virtiofs root, BLS entry)", directory_args),
+    Boot("linux", "-i IMAGE --linux --initrd (root=PARTUUID=)",
+         lambda g, d: ["-i", str(copy_disk(g, d)), f"--linux={g.kernel}", f"--initrd={g.initrd}"]),
+    Boot("uki-default", "-i IMAGE (firmware, systemd-boot, UKI)", lambda g, d: ["-i", str(copy_disk(g, d))]),
+    Boot("uki-no", "-i IMAGE --secure-boot=no (firmware, systemd-boot, UKI)",
+         lambda g, d: ["-i", str(copy_disk(g, d)), "--secure-boot=no"]),
+)}
+
+
+class Fleet:
+    """Starts the module's boots one ahead: while a test checks its VM, logs in and powers it
+    off, the next test's VM is already booting. Never more than two VMs (this machine's limit,
+    and one per host core under TCG)."""
+
+    def __init__(self, daemon: Daemon, guest: RealGuest, base: Path, order: list[str]) -> None:
+        self.daemon = daemon
+        self.guest = guest
+        self.base = base
+        self.order = order
+        self.running: list[str] = []
+        self.started: set[str] = set()
+
+    def _start(self, key: str) -> None:
+        boot = BOOTS[key]
+        boot.directory = self.base / key
+        boot.directory.mkdir()
+        boot.inputs = Inputs(boot.directory)
+        args = boot.make_args(self.guest, boot.directory)
+        boot.company = f" (beside {', '.join(BOOTS[k].name for k in self.running)})" if self.running else ""
+        boot.started = time.monotonic()
+        result = self.daemon.ctl("start", "-M", boot.name, "--kvm=no", f"--ram={RAM}", *boot.inputs.args(), *args)
+        assert result.returncode == 0, result.stderr
+        self.started.add(key)
+        self.running.append(key)
+
+    def take(self, key: str) -> Boot:
+        """`key`'s boot, started now if it was not yet; then the next one in order starts."""
+        if key not in self.started:
+            self._start(key)
+        later = self.order[self.order.index(key) + 1:] if key in self.order else []
+        following = [k for k in later if k not in self.started]
+        if following and len(self.running) < 2:
+            self._start(following[0])
+        return BOOTS[key]
+
+    def finish(self, key: str) -> None:
+        """Terminate (if it still runs) and remove `key`'s VM."""
+        name = BOOTS[key].name
+        state = self.daemon.call("Describe", {"name": name})["machine"]["state"]
+        if state not in ("stopped", "failed"):
+            self.daemon.call("Terminate", {"name": name})
+        self.daemon.call("Remove", {"name": name})
+        self.running.remove(key)
+
+
+def boot_key(item: pytest.Item) -> str | None:
+    """Which of BOOTS a collected test takes (its `boot` parameter), if any."""
+    callspec = getattr(item, "callspec", None)
+    key = callspec.params.get("boot") if callspec is not None else None
+    return key if isinstance(key, str) else None
+
+
+@pytest.fixture(scope="module")
+def fleet(request: pytest.FixtureRequest, daemon: Daemon, real_guest: RealGuest,
+          tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
+    """The selected tests' boots in their run order (so `-k` starts only what runs)."""
+    order = [key for item in request.session.items
+             if item.path == request.path and (key := boot_key(item)) is not None]
+    f = Fleet(daemon, real_guest, tmp_path_factory.mktemp("realguest"), order)
+    yield f
+    for key in list(f.running):  # started ahead for a test that then did not run (-x)
+        f.finish(key)
+
+
+def wait_for_report(console: Console, boot: Boot) -> Report:
     """Wait for `running` (timed, for the summary) and then for the whole report."""
     console.wait_for(rf"{TAG} state \S+", timeout=RUNNING_TIMEOUT)
-    seconds = time.monotonic() - started
-    TIMINGS.append((f"{label}: start to `running`", seconds))
+    seconds = time.monotonic() - boot.started
+    TIMINGS.append((f"{boot.label}: start to `running`{boot.company}", seconds))
     console.wait_for(rf"{TAG} report-done", timeout=RUNNING_TIMEOUT)
     return Report(console.text())
 
@@ -167,13 +263,16 @@ def check_common(report: Report, inputs: Inputs, machine: JsonObject) -> str:
     assert report.one("virt") == "qemu"
     assert report.one("product-uuid").lower() == inputs.uuid
 
-    creds = report.credentials()
-    assert creds["vmspawnd.set"] == SET_VALUE.encode()
-    assert creds["vmspawnd.load"] == inputs.cred_file.read_bytes()
-    assert creds["vmspawnd.smbios"] == SMBIOS_CREDENTIAL.encode()  # an io.systemd.credential: string
     public_key = Path(f"{machine['sshPrivateKeyPath']}.pub").read_bytes()
     assert public_key.startswith(b"ssh-ed25519 ")
-    assert creds["ssh.ephemeral-authorized_keys-all"] == public_key
+    expected = {
+        "vmspawnd.set": SET_VALUE.encode(),
+        "vmspawnd.load": inputs.cred_file.read_bytes(),
+        "vmspawnd.smbios": SMBIOS_CREDENTIAL.encode(),  # an io.systemd.credential: SMBIOS string
+        "ssh.ephemeral-authorized_keys-all": public_key,
+    }
+    creds = report.credentials()
+    assert {name: creds.get(name) for name in expected} == expected, f"all credentials: {creds}"
     strings = report.smbios_strings()
     assert PLAIN_SMBIOS in strings
     assert f"io.systemd.credential:vmspawnd.smbios={SMBIOS_CREDENTIAL}" in strings
@@ -227,37 +326,27 @@ def power_off(daemon: Daemon, name: str, console: Console) -> None:
     assert machine["state"] == "stopped", machine
 
 
-def boot_path(daemon: Daemon, tmp_path: Path, name: str, label: str, *args: str) -> tuple[Report, str, list[str]]:
-    """Boot, check the common facts, log in on the console, power off; returns the report, the
-    guest's command line and QEMU's command line (taken while it ran) for path-specific checks.
-    The VM is terminated and removed whatever happens."""
-    inputs = Inputs(tmp_path)
-    started = start(daemon, name, inputs, *args)
+def boot_path(daemon: Daemon, fleet: Fleet, key: str) -> tuple[Report, str, list[str]]:
+    """Take the fleet's boot `key` (started ahead), check the common facts, log in on the
+    console, power off; returns the report, the guest's command line and QEMU's command line
+    (taken while it ran) for path-specific checks. The VM is terminated and removed whatever
+    happens."""
+    boot = fleet.take(key)
     try:
-        machine = daemon.call("Describe", {"name": name})["machine"]
+        machine = daemon.call("Describe", {"name": boot.name})["machine"]
         qemu_argv = Path(f"/proc/{machine['qemu']['pid']}/cmdline").read_text().split("\0")
         with Console(machine) as console:
             try:
-                report = wait_for_report(console, label, started)
-                cmdline = check_common(report, inputs, machine)
-                log_in_on_the_getty(daemon, name)
-                power_off(daemon, name, console)
+                report = wait_for_report(console, boot)
+                cmdline = check_common(report, boot.inputs, machine)
+                log_in_on_the_getty(daemon, boot.name)
+                power_off(daemon, boot.name, console)
             finally:
                 # The whole console, for a failure's post-mortem (pytest keeps the last runs' tmp_path).
-                (tmp_path / "console.log").write_text(console.text())
+                (boot.directory / "console.log").write_text(console.text())
         return report, cmdline, qemu_argv
     finally:
-        state = daemon.call("Describe", {"name": name})["machine"]["state"]
-        if state not in ("stopped", "failed"):
-            daemon.call("Terminate", {"name": name})
-        daemon.call("Remove", {"name": name})
-
-
-def copy_disk(real_guest: RealGuest, tmp_path: Path) -> Path:
-    """A private copy of the cached image (sparse: ~1 s), since the guest writes to its root."""
-    disk = tmp_path / "realguest.raw"
-    subprocess.run(["cp", "--sparse=always", "--reflink=auto", str(real_guest.disk), str(disk)], check=True)
-    return disk
+        fleet.finish(key)
 
 
 def utf16(value: bytes | None) -> str:
@@ -265,14 +354,12 @@ def utf16(value: bytes | None) -> str:
     return value.decode("utf-16-le").rstrip("\0")
 
 
-def test_directory_over_virtiofs_kernel_from_bls_entry(daemon: Daemon, real_guest: RealGuest, tmp_path: Path) -> None:
+@pytest.mark.parametrize("boot", ["directory"])
+def test_directory_over_virtiofs_kernel_from_bls_entry(daemon: Daemon, fleet: Fleet, real_guest: RealGuest, boot: str) -> None:
     """-D: the tree is the root (virtiofs); no --linux: the BLS entry in TREE/boot names both."""
-    tree = tmp_path / "realguest"
-    subprocess.run(["cp", "-a", "--reflink=auto", str(real_guest.tree), str(tree)], check=True)
-    entry = (tree / "boot/loader/entries/debian.conf").read_text()
-    assert f"linux /vmlinuz-{real_guest.kernel_version}" in entry
-    report, cmdline, argv = boot_path(daemon, tmp_path, "rg-directory", "-D TREE (virtiofs root, BLS entry)",
-                                         "-D", str(tree))
+    report, cmdline, argv = boot_path(daemon, fleet, boot)
+    tree = BOOTS[boot].directory / "realguest"
+    assert f"linux /vmlinuz-{real_guest.kernel_version}" in (tree / "boot/loader/entries/debian.conf").read_text()
     words = cmdline.split()
     assert words[words.index("root=root"):][:3] == ["root=root", "rootfstype=virtiofs", "rw"], cmdline
     assert report.one("root").split()[:2] == ["virtiofs", "root"]  # switched to the tree's systemd
@@ -281,31 +368,26 @@ def test_directory_over_virtiofs_kernel_from_bls_entry(daemon: Daemon, real_gues
     assert argv[argv.index("-initrd") + 1] == str(tree / f"boot/initrd.img-{real_guest.kernel_version}")
 
 
-def test_image_with_linux_and_initrd_root_by_partuuid(daemon: Daemon, real_guest: RealGuest, tmp_path: Path) -> None:
+@pytest.mark.parametrize("boot", ["linux"])
+def test_image_with_linux_and_initrd_root_by_partuuid(daemon: Daemon, fleet: Fleet, real_guest: RealGuest, boot: str) -> None:
     """-i IMAGE --linux --initrd: vmspawnd reads the image's GPT and says root=PARTUUID=."""
-    disk = copy_disk(real_guest, tmp_path)
-    report, cmdline, _ = boot_path(daemon, tmp_path, "rg-linux", "-i IMAGE --linux --initrd (root=PARTUUID=)",
-                                   "-i", str(disk), f"--linux={real_guest.kernel}", f"--initrd={real_guest.initrd}")
+    report, cmdline, _ = boot_path(daemon, fleet, boot)
     assert f"root=PARTUUID={real_guest.root_partuuid}" in cmdline.split()
     fstype, source, options = report.one("root").split()
     assert (fstype, source, options.split(",")[0]) == ("ext4", "/dev/vda2", "rw")
     assert report.efivar("LoaderInfo") is None and report.efivar("StubInfo") is None  # no boot loader ran
 
 
-@pytest.mark.parametrize("secure_boot", ["default", "no"])
-def test_image_through_firmware_systemd_boot_and_uki(daemon: Daemon, real_guest: RealGuest, tmp_path: Path,
-                                                      secure_boot: str) -> None:
+@pytest.mark.parametrize("boot", ["uki-default", "uki-no"])
+def test_image_through_firmware_systemd_boot_and_uki(daemon: Daemon, fleet: Fleet, real_guest: RealGuest, boot: str) -> None:
     """-i IMAGE alone: OVMF -> systemd-boot -> UKI (systemd-stub), which measures itself into
-    PCR 11 and appends vmspawnd's command line from SMBIOS to its own."""
-    disk = copy_disk(real_guest, tmp_path)
-    extra = [] if secure_boot == "default" else [f"--secure-boot={secure_boot}"]
-    report, cmdline, argv = boot_path(daemon, tmp_path, f"rg-uki-sb-{secure_boot}",
-                                         f"-i IMAGE (firmware, systemd-boot, UKI; --secure-boot {secure_boot})",
-                                         "-i", str(disk), *extra)
+    PCR 11 and appends vmspawnd's command line from SMBIOS to its own. [uki-default]: the
+    default firmware; [uki-no]: --secure-boot=no."""
+    report, cmdline, argv = boot_path(daemon, fleet, boot)
     assert "-kernel" not in argv
     smm = argv[argv.index("-machine") + 1]
     # The default picks the first Secure Boot capable descriptor without enrolled keys; =no one without.
-    assert ("smm=on" if secure_boot == "default" else "smm=off") in smm.split(","), smm
+    assert ("smm=on" if boot == "uki-default" else "smm=off") in smm.split(","), smm
     # The UKI's own .cmdline first, then what vmspawnd sent through SMBIOS.
     assert cmdline.startswith(f"root=PARTUUID={real_guest.root_partuuid} rw "), cmdline
     extra_cmdline = [s for s in report.smbios_strings() if s.startswith("io.systemd.stub.kernel-cmdline-extra=")]
@@ -318,6 +400,8 @@ def test_image_through_firmware_systemd_boot_and_uki(daemon: Daemon, real_guest:
     fstype, source, _ = report.one("root").split()
     assert (fstype, source) == ("ext4", "/dev/vda2")
     assert report.efivar("SecureBoot") in (None, b"\0"), "no keys are enrolled: Secure Boot is off either way"
+
+
 
 
 def test_bind_user(daemon: Daemon, real_guest: RealGuest, tmp_path: Path) -> None:
@@ -343,7 +427,8 @@ def test_bind_user(daemon: Daemon, real_guest: RealGuest, tmp_path: Path) -> Non
             pytest.skip(f"the guest's systemd {real_guest.systemd_version} predates userdb.transient.* credentials (258)")
         machine = daemon.call("Describe", {"name": "rg-user"})["machine"]
         with Console(machine) as console:
-            report = wait_for_report(console, "--bind-user", time.monotonic())
+            console.wait_for(rf"{TAG} report-done", timeout=RUNNING_TIMEOUT)
+            report = Report(console.text())
         assert report.one_of("userdb", user).startswith("ok "), report.all("userdb")
         assert f"/run/vmhost/home/{user}" in report.mounts()
     finally:
