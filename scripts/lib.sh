@@ -30,6 +30,7 @@ VMSPAWND_SYSTEM_PACKAGES=(
 VMSPAWND_TEST_PACKAGES=(
     debootstrap
     systemd-container
+    e2fsprogs  # mkfs.ext4 -d: the real guest's disk image (tests/realguest)
 )
 
 # The oldest Python pyproject.toml accepts (requires-python).
