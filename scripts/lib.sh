@@ -25,8 +25,8 @@ VMSPAWND_SYSTEM_PACKAGES=(
     python3-venv
 )
 
-# Only for the tests' system tier (tests/system): it builds Debian trees and boots them with
-# systemd as PID 1 in containers.
+# Only for the tests: the system tier (tests/system) builds Debian trees and boots them with
+# systemd as PID 1 in containers; tests/realguest builds a Debian guest and its disk image.
 VMSPAWND_TEST_PACKAGES=(
     debootstrap
     systemd-container
