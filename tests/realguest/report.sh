@@ -7,7 +7,13 @@
 #
 # Run as a Type=exec unit: a oneshot would hold up the boot it waits for.
 
+REPORT=/run/vmspawnd-report
+
+# Each fact goes to the console (to follow the boot) and to $REPORT, which ends up on the
+# read-write shares: the console is shared with the getty and the kernel, whose output can
+# land in the middle of a line, so the test reads the copy on the share.
 tag() {
+    printf 'VMSPAWND-REAL: %s\n' "$*" >>"$REPORT"
     printf 'VMSPAWND-REAL: %s\n' "$*"
 }
 
@@ -99,4 +105,11 @@ else
     tag power-button none
 fi
 
+# Published whole (rename) on every read-write share but the root.
+findmnt -rn -t virtiofs -o TARGET,OPTIONS | while read -r target options; do
+    case $target,$options in
+        /,*) ;;
+        *,rw,*|*,rw) cp "$REPORT" "$target/.vmspawnd-report" && mv "$target/.vmspawnd-report" "$target/vmspawnd-report" ;;
+    esac
+done
 tag report-done

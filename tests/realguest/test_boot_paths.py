@@ -56,6 +56,7 @@ RW_TARGET = "/mnt/rw"
 RO_TARGET = "/mnt/ro"
 HOST_FILE = "host-file"
 GUEST_FILE = "from-guest"
+REPORT_FILE = "vmspawnd-report"  # report.sh's copy on each read-write share
 ZERO_PCR = "0" * 64
 
 
@@ -248,12 +249,17 @@ def fleet(request: pytest.FixtureRequest, daemon: Daemon, real_guest: RealGuest,
 
 
 def wait_for_report(console: Console, boot: Boot) -> Report:
-    """Wait for `running` (timed, for the summary) and then for the whole report."""
-    console.wait_for(rf"{TAG} state \S+", timeout=RUNNING_TIMEOUT)
+    """Wait for `running` (timed, for the summary) and then for the whole report, which the
+    guest also leaves on the read-write share: the console interleaves the getty's and the
+    kernel's output with it, sometimes inside a line, so the facts are read from the share."""
+    # Loose patterns: a line cut by other output must not make the wait miss it.
+    console.wait_for(r"REAL: state \S+|report-done", timeout=RUNNING_TIMEOUT)
     seconds = time.monotonic() - boot.started
     TIMINGS.append((f"{boot.label}: start to `running`{boot.company}", seconds))
-    console.wait_for(rf"{TAG} report-done", timeout=RUNNING_TIMEOUT)
-    return Report(console.text())
+    console.wait_for(r"report-done", timeout=RUNNING_TIMEOUT)
+    published = boot.inputs.rw / REPORT_FILE
+    assert published.is_file(), f"no report on the read-write share; the console:\n{console.text()[-5000:]}"
+    return Report(published.read_text())
 
 
 def check_common(report: Report, inputs: Inputs, machine: JsonObject) -> str:
@@ -427,8 +433,8 @@ def test_bind_user(daemon: Daemon, real_guest: RealGuest, tmp_path: Path) -> Non
             pytest.skip(f"the guest's systemd {real_guest.systemd_version} predates userdb.transient.* credentials (258)")
         machine = daemon.call("Describe", {"name": "rg-user"})["machine"]
         with Console(machine) as console:
-            console.wait_for(rf"{TAG} report-done", timeout=RUNNING_TIMEOUT)
-            report = Report(console.text())
+            console.wait_for(r"report-done", timeout=RUNNING_TIMEOUT)
+        report = Report((inputs.rw / REPORT_FILE).read_text())
         assert report.one_of("userdb", user).startswith("ok "), report.all("userdb")
         assert f"/run/vmhost/home/{user}" in report.mounts()
     finally:
