@@ -197,10 +197,12 @@ def ensure_real_guest() -> RealGuest:
 # busybox guest and the system tier's trees live elsewhere in the cache. Each is ~1 GB.
 def _prune(root: Path, keep: str) -> None:
     for old in root.glob(f"{SUITE}-*"):
-        if old.is_dir() and old.name != keep:
+        if old.name.split(".")[0] == keep:
+            continue
+        if old.is_dir():
             shutil.rmtree(old, ignore_errors=True)
-            for leftover in (".used", ".json", ".log"):
-                (root / f"{old.name}{leftover}").unlink(missing_ok=True)
+        else:  # its .used, .json, or the .log of a build that failed
+            old.unlink(missing_ok=True)
 
 
 def _build(spec: dict[str, object], work: Path, log: IO[str]) -> None:
