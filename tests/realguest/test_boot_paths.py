@@ -29,6 +29,7 @@ from __future__ import annotations
 import base64
 import pwd
 import subprocess
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -157,6 +158,24 @@ class Boot:
         self.inputs: Inputs
         self.started = 0.0
         self.company = ""  # what else ran meanwhile, for the times
+        self.running_at = 0.0  # when the console showed `running` (the watcher's clock)
+        self.watcher: threading.Thread | None = None
+        self.watch_error: BaseException | None = None
+
+    def watch(self, daemon: Daemon) -> None:
+        """Note when the guest reports `running`, in a thread of its own: a VM started ahead
+        gets there before its test looks."""
+        def run() -> None:
+            try:
+                with Console(daemon.call("Describe", {"name": self.name})["machine"]) as console:
+                    # Loose: a line cut by other output on the console must not make the wait miss it.
+                    console.wait_for(r"REAL: state \S+|report-done", timeout=RUNNING_TIMEOUT)
+                self.running_at = time.monotonic()
+            except BaseException as exc:  # handed to the test, which re-raises it
+                self.watch_error = exc
+
+        self.watcher = threading.Thread(target=run, name=f"watch-{self.name}", daemon=True)
+        self.watcher.start()
 
 
 def directory_args(guest: RealGuest, directory: Path) -> list[str]:
@@ -208,6 +227,7 @@ class Fleet:
         assert result.returncode == 0, result.stderr
         self.started.add(key)
         self.running.append(key)
+        boot.watch(self.daemon)
 
     def take(self, key: str) -> Boot:
         """`key`'s boot, started now if it was not yet; then the next one in order starts."""
@@ -252,10 +272,11 @@ def wait_for_report(console: Console, boot: Boot) -> Report:
     """Wait for `running` (timed, for the summary) and then for the whole report, which the
     guest also leaves on the read-write share: the console interleaves the getty's and the
     kernel's output with it, sometimes inside a line, so the facts are read from the share."""
-    # Loose patterns: a line cut by other output must not make the wait miss it.
-    console.wait_for(r"REAL: state \S+|report-done", timeout=RUNNING_TIMEOUT)
-    seconds = time.monotonic() - boot.started
-    TIMINGS.append((f"{boot.label}: start to `running`{boot.company}", seconds))
+    assert boot.watcher is not None
+    boot.watcher.join(RUNNING_TIMEOUT + 60)
+    if boot.watch_error is not None:
+        raise boot.watch_error
+    TIMINGS.append((f"{boot.label}: start to `running`{boot.company}", boot.running_at - boot.started))
     console.wait_for(r"report-done", timeout=RUNNING_TIMEOUT)
     published = boot.inputs.rw / REPORT_FILE
     assert published.is_file(), f"no report on the read-write share; the console:\n{console.text()[-5000:]}"
