@@ -205,7 +205,8 @@ BOOTS = {boot.key: boot for boot in (
 class Fleet:
     """Starts the module's boots one ahead: while a test checks its VM, logs in and powers it
     off, the next test's VM is already booting. Never more than two VMs (this machine's limit,
-    and one per host core under TCG)."""
+    and one per host core under TCG). The slowest boot (-D, virtiofs) is the module's last test,
+    so the image boots pair up before it."""
 
     def __init__(self, daemon: Daemon, guest: RealGuest, base: Path, order: list[str]) -> None:
         self.daemon = daemon
@@ -381,20 +382,6 @@ def utf16(value: bytes | None) -> str:
     return value.decode("utf-16-le").rstrip("\0")
 
 
-@pytest.mark.parametrize("boot", ["directory"])
-def test_directory_over_virtiofs_kernel_from_bls_entry(daemon: Daemon, fleet: Fleet, real_guest: RealGuest, boot: str) -> None:
-    """-D: the tree is the root (virtiofs); no --linux: the BLS entry in TREE/boot names both."""
-    report, cmdline, argv = boot_path(daemon, fleet, boot)
-    tree = BOOTS[boot].directory / "realguest"
-    assert f"linux /vmlinuz-{real_guest.kernel_version}" in (tree / "boot/loader/entries/debian.conf").read_text()
-    words = cmdline.split()
-    assert words[words.index("root=root"):][:3] == ["root=root", "rootfstype=virtiofs", "rw"], cmdline
-    assert report.one("root").split()[:2] == ["virtiofs", "root"]  # switched to the tree's systemd
-    assert report.one("kernel") == real_guest.kernel_version
-    assert argv[argv.index("-kernel") + 1] == str(tree / f"boot/vmlinuz-{real_guest.kernel_version}")
-    assert argv[argv.index("-initrd") + 1] == str(tree / f"boot/initrd.img-{real_guest.kernel_version}")
-
-
 @pytest.mark.parametrize("boot", ["linux"])
 def test_image_with_linux_and_initrd_root_by_partuuid(daemon: Daemon, fleet: Fleet, real_guest: RealGuest, boot: str) -> None:
     """-i IMAGE --linux --initrd: vmspawnd reads the image's GPT and says root=PARTUUID=."""
@@ -429,6 +416,20 @@ def test_image_through_firmware_systemd_boot_and_uki(daemon: Daemon, fleet: Flee
     assert report.efivar("SecureBoot") in (None, b"\0"), "no keys are enrolled: Secure Boot is off either way"
 
 
+
+
+@pytest.mark.parametrize("boot", ["directory"])
+def test_directory_over_virtiofs_kernel_from_bls_entry(daemon: Daemon, fleet: Fleet, real_guest: RealGuest, boot: str) -> None:
+    """-D: the tree is the root (virtiofs); no --linux: the BLS entry in TREE/boot names both."""
+    report, cmdline, argv = boot_path(daemon, fleet, boot)
+    tree = BOOTS[boot].directory / "realguest"
+    assert f"linux /vmlinuz-{real_guest.kernel_version}" in (tree / "boot/loader/entries/debian.conf").read_text()
+    words = cmdline.split()
+    assert words[words.index("root=root"):][:3] == ["root=root", "rootfstype=virtiofs", "rw"], cmdline
+    assert report.one("root").split()[:2] == ["virtiofs", "root"]  # switched to the tree's systemd
+    assert report.one("kernel") == real_guest.kernel_version
+    assert argv[argv.index("-kernel") + 1] == str(tree / f"boot/vmlinuz-{real_guest.kernel_version}")
+    assert argv[argv.index("-initrd") + 1] == str(tree / f"boot/initrd.img-{real_guest.kernel_version}")
 
 
 def test_bind_user(daemon: Daemon, real_guest: RealGuest, tmp_path: Path) -> None:
