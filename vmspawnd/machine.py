@@ -153,6 +153,7 @@ class Machine:
                 stack.callback(shutil.rmtree, self.directory, ignore_errors=True)
                 self.record.runtime_directory = str(self.directory)
                 self._persist()
+                self._notify()  # events show the VM from its first state, "starting"
 
                 step = "resolve"
                 host = resolve_host(self.spec, self.name, self.record.id, self.paths)

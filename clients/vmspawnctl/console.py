@@ -206,8 +206,24 @@ def attach(conn: Connection, name: str, read_only: bool, force: bool) -> int:
     return 0
 
 
+def no_console_reason(machine: dict[str, object]) -> str | None:
+    """Why a VM has no console history to show, if it has none: gui and headless VMs have
+    no console at all (their history would print nothing, and say nothing about why)."""
+    spec = machine.get("spec")
+    mode = spec.get("console") if isinstance(spec, dict) else None
+    name = machine.get("name")
+    if mode == "gui":
+        return f"{name} has no console, so no console history: a --console=gui VM shows its output on its display (vmspawnctl screenshot {name} FILE)"
+    if mode == "headless":
+        return f"{name} has no console, so no console history: it runs with --console=headless"
+    return None
+
+
 def follow_log(conn: Connection, name: str, lines: int | None, follow: bool) -> int:
     """`vmspawnctl log NAME [-f]`: the history, then (with -f) the live console, read-only."""
+    if reason := no_console_reason(conn.call(f"{INTERFACE}.Describe", {"name": name})["machine"]):
+        print(f"vmspawnctl: {reason}", file=sys.stderr)
+        return 1
     sock = None
     if follow:
         # Attach before reading the history: a line may show twice, but none is lost.

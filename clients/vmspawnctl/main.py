@@ -14,11 +14,13 @@ import sys
 
 from vmspawnd.errors import InvalidSpec
 
+from .usage import CommandLineParser, UsageError, usage_error
 from .varlink import Connection, ConnectionFailed, VarlinkError
 
 INTERFACE = "io.vmspawnd.Manager"
 EXIT_FAILURE = 1
 EXIT_USAGE = 2
+DEFAULT_POWEROFF_DEADLINE = 60.0  # the daemon's, for the progress line (docs/vmspawnctl.md: stop)
 
 
 def default_address() -> str:
@@ -50,7 +52,7 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     full = command not in {"list", "status", "stop", "terminate", "remove", "pause", "resume", "reboot",
                            "log", "console", "events", "kill", "shutdown-all", "screenshot"}
 
-    parser = argparse.ArgumentParser(prog="vmspawnctl", description="Control virtual machines supervised by vmspawnd.")
+    parser = CommandLineParser(prog="vmspawnctl", description="Control virtual machines supervised by vmspawnd.")
     parser.add_argument("--address", default=None, help="vmspawnd socket (default: $VMSPAWN_ADDRESS, else the system or user instance)")
     parser.add_argument("--version", action="version", version=f"vmspawnctl {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
@@ -135,10 +137,15 @@ def format_error(exc: VarlinkError) -> str:
         case "MachineExists":
             return f"a machine named {p.get('name')!r} already exists"
         case "InvalidState":
-            return f"cannot {p.get('operation')} {p.get('name')!r} while it is {p.get('state')}"
+            text = f"cannot {p.get('operation')} {p.get('name')!r} while it is {p.get('state')}"
+            if p.get("operation") == "remove":
+                text += f"; stop it first (vmspawnctl stop {p.get('name')}, or terminate to pull the plug)"
+            return text
         case "StartFailed":
-            tail = str(p.get("stderrTail") or "").strip()
-            return f"failed to start ({p.get('step')}): {p.get('message')}" + (f"\n{tail}" if tail else "")
+            message, tail = str(p.get("message")), str(p.get("stderrTail") or "").strip()
+            # The daemon names QEMU's own error line in the message; the rest of its output
+            # follows only if there is more to it.
+            return f"failed to start ({p.get('step')}): {message}" + (f"\n{tail}" if tail and tail not in message else "")
         case "PermissionDenied":
             return "permission denied: this vmspawnd instance only serves its owner"
         case "Timeout":
@@ -269,6 +276,43 @@ def save_screenshot(conn: Connection, name: str, file: str, image_format: str | 
             shutil.copyfileobj(image, out)
 
 
+def power_off(conn: Connection, name: str, deadline: float | None) -> dict[str, object]:
+    """`stop`: the PowerOff call, which returns once the VM is down (up to the deadline and
+    the escalation after it). On a terminal a progress line says what it is waiting for,
+    so the wait is never silent."""
+    import threading
+    import time
+
+    params: dict[str, object] = {"name": name}
+    if deadline is not None:
+        params["deadline"] = deadline
+    if not sys.stderr.isatty():
+        return conn.call(f"{INTERFACE}.PowerOff", params)["machine"]  # type: ignore[no-any-return]
+    limit = DEFAULT_POWEROFF_DEADLINE if deadline is None else deadline
+    done = threading.Event()
+
+    def show_progress() -> None:
+        started = time.monotonic()
+        while True:
+            waited = time.monotonic() - started
+            if waited < limit:
+                text = f"waiting for the guest to power off (ACPI power button)… {waited:.0f}s, terminating it after {limit:g}s"
+            else:
+                text = "the guest did not power off in time: terminating it…"
+            print(f"\r\033[K{name}: {text}", end="", file=sys.stderr, flush=True)
+            if done.wait(1.0):
+                break
+        print("\r\033[K", end="", file=sys.stderr, flush=True)
+
+    progress = threading.Thread(target=show_progress, name="stop-progress", daemon=True)
+    progress.start()
+    try:
+        return conn.call(f"{INTERFACE}.PowerOff", params)["machine"]  # type: ignore[no-any-return]
+    finally:
+        done.set()
+        progress.join()
+
+
 def shutdown_all(address: str, timeout: float) -> int:
     """ACPI power-off of every active VM at once (libvirt-guests' job at host shutdown)."""
     import threading
@@ -276,6 +320,9 @@ def shutdown_all(address: str, timeout: float) -> int:
     with Connection(address) as conn:
         machines = conn.call(f"{INTERFACE}.List")["machines"]
     active = [m["name"] for m in machines if m["state"] in ("starting", "running", "ready", "stopping")]  # type: ignore[index]
+    if not active:
+        print("No VM is running: nothing to power off.")
+        return 0
     failures: list[str] = []
 
     def power_off(name: str) -> None:
@@ -329,10 +376,7 @@ def run(args: argparse.Namespace) -> int:
             if not args.json:
                 print_status(machine)  # type: ignore[arg-type]
         elif args.command == "stop":
-            params: dict[str, object] = {"name": args.name}
-            if args.deadline is not None:
-                params["deadline"] = args.deadline
-            machine = conn.call(method + "PowerOff", params)["machine"]
+            machine = power_off(conn, args.name, args.deadline)
             print(f"{machine['name']}: {machine['state']} ({machine['reason']})")  # type: ignore[index]
         elif args.command in ("pause", "resume", "reboot"):
             machine = conn.call(method + args.command.capitalize(), {"name": args.name})["machine"]
@@ -373,6 +417,8 @@ def main(argv: list[str] | None = None) -> None:
     except InvalidSpec as exc:  # spec validation (start, run) before any call
         print(f"vmspawnctl {args.command}: {exc}", file=sys.stderr)
         code = EXIT_USAGE
+    except UsageError as exc:  # a start/run command line that cannot mean what it says
+        usage_error(f"vmspawnctl {args.command}", str(exc))
     except BrokenPipeError:
         code = EXIT_FAILURE
     sys.exit(code)

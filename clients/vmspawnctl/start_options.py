@@ -35,6 +35,8 @@ from vmspawnd.spec import (
     parsers,
 )
 
+from .usage import UsageError
+
 BOOLEAN_FORMS = "a boolean (1, yes, y, true, t, on or 0, no, n, false, f, off)"
 TRISTATE_FORMS = BOOLEAN_FORMS + " or 'auto'"
 SIZE_FORMS = "a size in bytes with an optional K, M, G, T, P or E suffix (base 1024), e.g. 2G or 1.5G"
@@ -70,10 +72,12 @@ def _machine_name(text: str) -> str:
 
 
 def _cpus(text: str) -> str:
-    """Passed verbatim to -smp (so QEMU topology syntax works); only empty or blank is refused."""
-    if not text or any(c.isspace() for c in text):
-        raise argparse.ArgumentTypeError(f"invalid value {text!r}: expected a QEMU -smp value such as 4 or 4,sockets=2 (no blanks)")
-    return text
+    """Passed verbatim to -smp (so QEMU topology syntax works), once QEMU's rules hold:
+    a zero or malformed count is refused here rather than by QEMU (parsers.parse_smp)."""
+    try:
+        return parsers.parse_smp(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"invalid value {text!r}: {exc}") from None
 
 
 def _firmware(text: str) -> str:
@@ -344,9 +348,43 @@ def _console_mode(text: str) -> str:
     return text
 
 
+def looks_like_machine_name(word: str) -> bool:
+    """A bare word that can only be a name: a valid hostname without '=', '/' or '.'
+    (kernel arguments are KEY=VALUE, paths, dotted flags like rd.break, or runlevels)."""
+    return (
+        parsers.is_valid_hostname(word)
+        and not any(c in word for c in "=/.")
+        and not word.isdigit()
+    )
+
+
+def check_arguments(args: argparse.Namespace) -> None:
+    """Mistakes vmspawn's own parsing would turn into something else, caught before any
+    discovery runs (whose errors would then point away from them)."""
+    if getattr(args, "initrds", None) and not args.linux:
+        # vmspawn's verify_arguments(); checked before the -D . default, whose boot-entry
+        # search would otherwise fail first with a message about a missing UKI.
+        raise UsageError("--initrd needs --linux")
+    words = list(getattr(args, "kernel_cmdline", None) or [])
+    given = args.name is not None or args.image or args.directory or args.linux
+    if words and not given and looks_like_machine_name(words[0]):
+        # getopt with '+' (vmspawn's parser) ends the options at the first positional word:
+        # `start dwpos --linux=K` would boot -D . with "dwpos --linux=K" as kernel arguments.
+        rest = " ".join(words[1:])
+        raise UsageError(
+            f"{words[0]!r} looks like a machine name: use -M {words[0]}. The first argument that is not an "
+            "option starts the kernel command line" + (f" (here also: {rest})" if rest else "")
+            + "; to pass it to the kernel, give -D, -i or --linux before it"
+        )
+
+
 def spec_from_args(args: argparse.Namespace, env: dict[str, str] | None = None) -> VmSpec:
-    """Build and validate the spec, reading the client's context (env, discovery)."""
+    """Build and validate the spec, reading the client's context (env, discovery).
+
+    UsageError for a command line that cannot mean what it says (check_arguments);
+    notices about defaults the caller may not expect go to stderr unless -q."""
     env = dict(os.environ) if env is None else env
+    check_arguments(args)
     fields: dict[str, object] = {}
     for key in (
         "image", "directory", "linux", "cpus", "ram", "kvm", "vsock", "vsock_cid", "tpm", "tpm_state",
@@ -394,14 +432,20 @@ def spec_from_args(args: argparse.Namespace, env: dict[str, str] | None = None) 
     if term := env.get("TERM"):
         fields["term"] = term
 
-    _discover(fields, user=os.geteuid() != 0, env=env)
+    def notice(text: str) -> None:
+        if not getattr(args, "quiet", False):
+            print(f"vmspawnctl: {text}", file=sys.stderr, flush=True)
+
+    _discover(fields, user=os.geteuid() != 0, env=env, notice=notice)
     spec = VmSpec(**fields)  # type: ignore[arg-type]
     spec.validate()
     return spec
 
 
-def _discover(fields: dict[str, object], user: bool, env: dict[str, str]) -> None:
-    """vmspawn's own look-ups (docs/reference/systemd-vmspawn.md §1.1, §3.4), with the caller's rights."""
+def _discover(fields: dict[str, object], user: bool, env: dict[str, str], notice: Callable[[str], None]) -> None:
+    """vmspawn's own look-ups (docs/reference/systemd-vmspawn.md §1.1, §3.4), with the caller's
+    rights. What is chosen without being asked for is told through `notice`, before a
+    look-up that may fail on it."""
     if not fields.get("image") and not fields.get("directory"):
         if fields.get("name") and not fields.get("linux"):
             try:
@@ -411,6 +455,7 @@ def _discover(fields: dict[str, object], user: bool, env: dict[str, str]) -> Non
             fields[kind] = path
         elif not fields.get("linux"):
             fields["directory"] = os.getcwd()
+            notice(f"no -i/-D given: booting the current directory as -D . ({fields['directory']})")
     directory = fields.get("directory")
     if directory and not fields.get("linux"):
         try:
