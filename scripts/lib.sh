@@ -46,6 +46,14 @@ die() {
     exit 1
 }
 
+# True when PID exists and is no zombie (PID 1 here may reap orphans late).
+pid_running() {
+    local state
+    # The state follows the ")" that ends the command name (which may contain spaces).
+    state=$(sed 's/.*) //' "/proc/$1/stat" 2>/dev/null | cut -d' ' -f1 || true)
+    [ -n "$state" ] && [ "$state" != Z ] && [ "$state" != X ]
+}
+
 repo_root() {
     # The directory above scripts/, whatever the caller's cwd.
     (cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd -P)

@@ -177,3 +177,72 @@ def test_readme_demo(system_container: Container, vmspawnd_installed: Installati
         c.run(["vmspawnctl", "remove", "demo"], check=False)
     assert stopped.stdout.startswith("demo: stopped"), stopped
     assert json.loads(c.run(["vmspawnctl", "list", "--json"]).stdout) == []
+
+
+def test_upgrade_keeps_a_running_vm(system_container: Container, vmspawnd_installed: Installation) -> None:
+    """docs/vmspawnd.md, "Upgrade": scripts/install from a newer checkout installs the new code
+    and restarts the daemon on it; the VM keeps running (its QEMU is the same process) and the
+    new daemon adopts it: it lists it and can stop it."""
+    c, inst = system_container, vmspawnd_installed
+    c.run(["vmspawnctl", "start", "-M", "up", "--kvm=no", "--ram=256M", f"--linux={inst.kernel}",
+           f"--initrd={inst.initrd}", "--wait", "--timeout=240", "vmspawnd_test.mode=wait"], timeout=300)
+    try:
+        wait_console(c, "up", r"VMSPAWND-TEST: acpid-running")  # so that stop below is an ACPI power-off
+        qemu_pid = describe(c, "up")["qemu"]["pid"]  # type: ignore[index]
+        daemon = main_pid(c, "vmspawnd.service")
+        # A newer checkout: one line more in the package.
+        marker = "# an upgrade, as tests/system/test_install.py makes it"
+        c.run(f"printf '%s\\n' '{marker}' >>{inst.checkout}/vmspawnd/__init__.py")
+        result = c.unit_run("scripts/install", cwd=inst.checkout, timeout=600)
+        assert "installing vmspawnd into /opt/vmspawnd" in result.stderr, result.stderr
+        assert marker in c.run("cat /opt/vmspawnd/lib/python3*/site-packages/vmspawnd/__init__.py").stdout
+        assert main_pid(c, "vmspawnd.service") not in (0, daemon), "the daemon was not restarted on the new code"
+        machine = describe(c, "up")
+        assert machine["state"] in ("running", "ready") and machine["qemu"]["pid"] == qemu_pid, machine  # type: ignore[index]
+        assert c.run(["cat", f"/proc/{qemu_pid}/comm"]).stdout.startswith("qemu-system"), "QEMU is gone"
+        assert ["up"] == [m["name"] for m in json.loads(c.run(["vmspawnctl", "list", "--json"]).stdout)]
+        stopped = c.run(["vmspawnctl", "stop", "up"], timeout=180)
+        assert stopped.stdout.startswith("up: stopped (powered off on request)"), stopped
+    finally:
+        c.run(["vmspawnctl", "terminate", "up"], check=False)
+        c.run(["vmspawnctl", "remove", "up"], check=False)
+
+
+INSTALLED = ["/etc/systemd/system/vmspawnd.socket", "/etc/systemd/system/vmspawnd.service",
+             "/etc/systemd/system/vmspawnd-guests.service", "/etc/systemd/user/vmspawnd.socket",
+             "/etc/systemd/user/vmspawnd.service", "/opt/vmspawnd", "/usr/local/bin/vmspawnctl", SOCKET, "/run/vmspawnd"]
+
+
+def exists(c: Container, path: str) -> bool:
+    return c.run(["test", "-e", path], check=False).returncode == 0 or c.run(["test", "-L", path], check=False).returncode == 0
+
+
+def test_uninstall(system_container: Container, vmspawnd_installed: Installation) -> None:
+    """`scripts/install --uninstall`: refused while a VM runs; then no unit, venv, socket or
+    vmspawnctl is left, no process of it runs, and the TPM state the VM made stays."""
+    c, inst = system_container, vmspawnd_installed
+    assert all(exists(c, path) for path in INSTALLED if path != "/run/vmspawnd"), "not installed to begin with"
+    c.run(["vmspawnctl", "start", "-M", "keep", "--kvm=no", "--ram=256M", "--tpm=yes", "--tpm-state=/root/keep.tpmstate",
+           f"--linux={inst.kernel}", f"--initrd={inst.initrd}", "vmspawnd_test.mode=wait"], timeout=300)
+    try:
+        refused = c.unit_run("scripts/install --uninstall", cwd=inst.checkout, check=False, timeout=120)
+        assert refused.returncode != 0, refused
+        assert "VMs still run under vmspawnd: keep. Stop them first" in refused.stderr, refused.stderr
+        assert all(exists(c, path) for path in INSTALLED), "a refused uninstall removed something"
+        assert describe(c, "keep")["state"] in ("running", "ready")
+    finally:
+        c.run(["vmspawnctl", "terminate", "keep"], check=False)
+        c.run(["vmspawnctl", "remove", "keep"], check=False)
+
+    result = c.unit_run("scripts/install --uninstall", cwd=inst.checkout, timeout=300)
+    for path in INSTALLED:
+        assert not exists(c, path), f"{path} is left after --uninstall:\n{result.stderr}"
+    assert "removed /opt/vmspawnd (the venv)" in result.stderr, result.stderr
+    assert "removed /etc/systemd/system/vmspawnd.service" in result.stderr, result.stderr
+    assert "Kept: VM images and directories, their TPM state" in result.stderr, result.stderr
+    units = c.run(["systemctl", "list-unit-files", "--no-legend", "vmspawnd*"], check=False).stdout
+    assert units.strip() == "", units
+    assert c.run(["systemctl", "--global", "is-enabled", "vmspawnd.socket"], check=False).returncode != 0
+    assert c.run(["pgrep", "-f", "/opt/vmspawnd"], check=False).returncode == 1, "a process of the venv still runs"
+    assert exists(c, "/root/keep.tpmstate"), "the VM's TPM state was removed"
+    assert "vmspawnd.service: Failed" not in c.journal("vmspawnd.service")
