@@ -22,40 +22,38 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import TypeVar
 
-from asyncvarlink.util import VarlinkUnixServer
-
 from vmspawnd import adoption, launch
-from vmspawnd.fanout import FanOut
+from vmspawnd.control import ControlServer, QmpEvent
 from vmspawnd.errors import InvalidSpec, InvalidState, NotConnected, NotSupported, StartFailed, Timeout
+from vmspawnd.fanout import FanOut
 from vmspawnd.helpers import HelperSet, start_helpers, stop_recorded_helpers
+from vmspawnd.host.machined import info_for
 from vmspawnd.host.process import ChildProcess, ReapedProcess, process_tree, spawn_reaped
-from vmspawnd.host.registration import Registration, info_for, register_machine
+from vmspawnd.host.registration import Registration, register_machine
+from vmspawnd.leftovers import remove_transient_files
 from vmspawnd.model import STATE_FORMAT_VERSION, MachineRecord, MachineState
 from vmspawnd.outcome import ExitFacts, decide_outcome, describe_exit, describe_status, parse_host_signal
 from vmspawnd.qemu.command import build_qemu_command
 from vmspawnd.qemu.console import ConsoleHub
-from vmspawnd.qemu.guest_notify import NotifyListener, open_unix_listener, open_vsock_listener, parse_exit_status
-from vmspawnd.qemu.qmp import QmpError, QmpSession
+from vmspawnd.qemu.guest_notify import NotifyListener, parse_exit_status
+from vmspawnd.qemu.monitor import QemuMonitor
+from vmspawnd.qemu.qmp import QmpError
 from vmspawnd.qemu.resolve import resolve_host
 from vmspawnd.qemu.resources import Channels, assemble
 from vmspawnd.runtime_dir import VmPaths, make_private_dir, write_json_atomic, write_private_file
 from vmspawnd.settings import Settings
 from vmspawnd.spec import ConsoleMode, VmSpec
 from vmspawnd.tasks import TaskOwner
-from vmspawnd.varlink.machine_instance import serve_machine_instance
-from vmspawnd.varlink.server import close_gracefully
 
 _log = logging.getLogger(__name__)
 
 QUIT_GRACE = 3.0
-QMP_EXIT_GRACE = 1.0  # after QMP drops: is QEMU exiting (normal) or did only the connection die?
 TERM_GRACE = 5.0
 HELPER_EXIT_GRACE = 2.0  # how long QEMU may take to follow a helper that ended with it
 DEFAULT_POWEROFF_DEADLINE = 60.0
 
 EventCallback = Callable[["Machine", str, dict[str, object]], None]
 T = TypeVar("T")
-QmpEvent = tuple[str | None, dict[str, object] | None]  # (None, None): the VM has ended
 
 
 def _describe_failure(exc: Exception) -> str:
@@ -80,7 +78,6 @@ class Machine:
         self._qemu: ReapedProcess | None = None
         self._helpers: dict[str, ChildProcess] = {}
         self._helper_set: HelperSet | None = None  # stopped by _finish once QEMU is gone
-        self._qmp: QmpSession | None = None
         self._supervisor: asyncio.Task[None] | None = None
         self._finished = asyncio.Event()
         self._changed = asyncio.Event()  # set and replaced at every change (wait_for)
@@ -95,8 +92,12 @@ class Machine:
         self.caller_unit: str | None = None  # --keep-unit: the unit of the client that spawned it
         self._notify_listener: NotifyListener | None = None
         self._ready_pending = False
-        self._control: VarlinkUnixServer | None = None
+        self._control: ControlServer | None = None
         self._tasks = TaskOwner(f"machine {record.name}")
+        self.monitor = QemuMonitor(
+            record.name, self.paths.qmp, self._on_qmp_event, self._on_monitor_notice, self._wait_exit,
+            lambda: self._qemu is not None and not self._qemu.exited and self.record.state.is_active, self._tasks,
+        )
         # Raw QMP events for io.systemd.MachineInstance.SubscribeEvents; a slow reader loses events.
         self.qmp_events: FanOut[QmpEvent] = FanOut(maxsize=1024)
 
@@ -215,12 +216,11 @@ class Machine:
                 self._persist()
 
                 step = "qmp"
-                self._qmp = QmpSession(self.name, self._on_qmp_event, self._on_qmp_disconnect)
-                await self._unless_qemu_exits(self._qmp.connect(str(self.paths.qmp)), step)
-                stack.push_async_callback(self._qmp.close)
+                await self._unless_qemu_exits(self.monitor.connect(), step)
+                stack.push_async_callback(self.monitor.close)
 
                 step = "control"
-                self._control = await serve_machine_instance(self, self.paths.control, self.settings.peer_policy)
+                self._control = await self.settings.serve_control(self, self.paths.control)
                 stack.push_async_callback(self._close_control)
                 self.record.control_address = str(self.paths.control)
 
@@ -249,7 +249,7 @@ class Machine:
                 self.record.registered = self._registration.registered
 
                 step = "cont"
-                await self._unless_qemu_exits(self._qmp.execute("cont"), step)
+                await self._unless_qemu_exits(self.monitor.execute("cont"), step)
 
                 self._supervisor = self._tasks.spawn(self._supervise(), "supervise")
                 stack.pop_all()
@@ -263,26 +263,17 @@ class Machine:
 
     # --- readiness and the guest's notify channel ------------------------------------------
     async def _open_notify_listener(self, stack: contextlib.AsyncExitStack, vsock_cid: int | None) -> str | None:
-        """Listen for the guest's READY/STATUS/EXIT_STATUS, if anything can reach us.
-
-        With vsock the guest gets the address as the vmm.notify_socket credential. Without
-        it nothing in the guest can report readiness, so running counts as ready (vmspawn
-        never signals READY there at all: a documented deviation).
-        """
-        rec = self.record
-        if self.settings.notify_transport == "unix":
-            sock, address = open_unix_listener(self.paths.notify)
-        elif vsock_cid is not None:
-            sock, address = open_vsock_listener()
-        else:
-            rec.readiness = "running (no vsock: the guest cannot report readiness)"
+        """Listen for the guest's READY/STATUS/EXIT_STATUS if anything can reach us; the
+        vsock address the guest is given (launch.open_notify_listener)."""
+        listener, self.record.readiness = await launch.open_notify_listener(
+            self.settings.notify_transport, self.paths, vsock_cid, self.spec.notify_ready, self._on_notify, self.name
+        )
+        if listener is None:
             return None
-        self._notify_listener = NotifyListener(sock, address, self._on_notify, self.name)
-        await self._notify_listener.start()
-        stack.push_async_callback(self._notify_listener.close)
-        rec.notify_address = address
-        rec.readiness = "guest (READY=1 over the notify socket)" if self.spec.notify_ready else "running (--notify-ready=no)"
-        return address if address.startswith("vsock") else None
+        self._notify_listener = listener
+        stack.push_async_callback(listener.close)
+        self.record.notify_address = listener.address
+        return listener.address if listener.address.startswith("vsock") else None
 
     def _on_notify(self, fields: dict[str, str]) -> None:
         """Handle one message as vmspawn does: READY=1, STATUS=, EXIT_STATUS= (uint8)."""
@@ -312,12 +303,9 @@ class Machine:
     # --- QMP for the per-VM control interface --------------------------------------------------
     async def qmp_execute(self, command: str) -> object:
         """One bounded QMP command on behalf of a client (Timeout / NotConnected otherwise)."""
-        if self._qmp is None or not self._qmp.connected or self.record.state.is_final:
+        if self.record.state.is_final:
             raise NotConnected(self.name)
-        try:
-            return await self._qmp.execute(command)
-        except QmpError as exc:
-            raise InvalidState(self.name, self.record.state.value, f"{command} ({exc})") from exc
+        return await self.monitor.request(command, self.record.state.value, command)
 
     def subscribe_qmp(self) -> contextlib.AbstractContextManager[asyncio.Queue[QmpEvent]]:
         """Raw QMP events of this VM while the block runs; (None, None) marks its end."""
@@ -327,10 +315,11 @@ class Machine:
         self.qmp_events.publish((None, None))  # SubscribeEvents streams end with NotConnected
         if self._control is not None:
             # Calls in flight get their replies before their connection closes, as
-            # systemd-vmspawn answers Terminate before it exits. Not awaited: Terminate is
-            # such a call, and it waits for this teardown to finish. The bound covers the
-            # rest of the teardown (helpers' stop grace, machined) that Terminate waits for.
-            close_gracefully(self._control, timeout=60.0)
+            # systemd-vmspawn answers Terminate before it exits. The drain is not waited
+            # for: Terminate is such a call, and it waits for this teardown to finish. The
+            # bound covers the rest of the teardown (helpers' stop grace, machined) that
+            # Terminate waits for.
+            self._control.close(drain_timeout=60.0)
             self._control = None
         try:
             self.paths.control.unlink(missing_ok=True)
@@ -363,34 +352,10 @@ class Machine:
         self.qmp_events.publish((name, data))
         self._on_event(self, name, data)
 
-    def _on_qmp_disconnect(self) -> None:
-        """QMP dropped while we did not close it: if QEMU still runs, reconnect (QEMU's
-        monitor socket takes a new client once the old one is gone), bounded."""
-        if self._qemu is None or self._qemu.exited or not self.record.state.is_active:
-            return
-        self._tasks.spawn(self._reconnect_qmp(), "reconnect QMP")
-
-    async def _reconnect_qmp(self) -> None:
-        assert self._qemu is not None
-        if await self._wait_exit(QMP_EXIT_GRACE):
-            return  # QEMU was exiting: the supervisor records that
-        _log.warning("%s: QMP connection lost while QEMU runs; reconnecting", self.name)
-        self._on_event(self, "QmpDisconnected", {})
-        if self._qmp is not None:
-            await self._qmp.close()
-        qmp = QmpSession(self.name, self._on_qmp_event, self._on_qmp_disconnect)
-        try:
-            await qmp.connect(str(self.paths.qmp))
-            status = await qmp.query_status()
-        except (Timeout, NotConnected) as exc:
-            _log.error("%s: QMP reconnect failed (%s); lifecycle calls will answer NotConnected", self.name, exc)
-            await qmp.close()
-            self._qmp = None
-            return
-        self._qmp = qmp
-        self._set_paused(status.get("status") == "paused")
-        self._on_event(self, "QmpReconnected", {"status": status.get("status")})
-        _log.info("%s: QMP reconnected", self.name)
+    def _on_monitor_notice(self, name: str, data: dict[str, object]) -> None:
+        if name == "QmpReconnected":
+            self._set_paused(data.get("status") == "paused")
+        self._on_event(self, name, data)
 
     def _set_paused(self, paused: bool) -> None:
         if paused != self.record.paused:
@@ -477,10 +442,6 @@ class Machine:
             if self.console is not None:
                 await self.console.close(drain=True)
 
-        async def close_qmp() -> None:
-            if self._qmp is not None:
-                await self._qmp.close()
-
         async def close_notify() -> None:
             if self._notify_listener is not None:
                 listener, self._notify_listener = self._notify_listener, None
@@ -498,31 +459,17 @@ class Machine:
                 await self._registration.close()  # unregister, end the scope; failures are only logged
 
         async def remove_leftovers() -> None:
-            self._remove_leftovers()  # credentials (keys) end with the VM, as vmspawn's SMBIOS dir
+            remove_transient_files(self.paths, self.name)  # credentials (keys) end with the VM, as vmspawn's SMBIOS dir
 
         return [
             ("closing the console", close_console),
-            ("closing QMP", close_qmp),
+            ("closing QMP", self.monitor.close),
             ("closing the control socket", self._close_control),
             ("closing the notify socket", close_notify),
             ("stopping the helpers", stop_helpers),
             ("unregistering", unregister),
             ("removing runtime files", remove_leftovers),
         ]
-
-    def _remove_leftovers(self) -> None:
-        """Sockets and temporary files die with QEMU; the record, logs and history stay.
-
-        A failing filesystem (full, read-only, immutable) must not keep the VM from being
-        recorded as ended: failures are logged, and Remove deletes the directory later.
-        """
-        for leftover in self.paths.transient():
-            try:
-                leftover.unlink(missing_ok=True)
-            except OSError as exc:
-                _log.error("%s: could not remove %s: %s", self.name, leftover, exc.strerror)
-        # credentials (keys) end with the VM, as vmspawn's SMBIOS directory
-        shutil.rmtree(self.paths.payload, onerror=lambda _f, path, exc: _log.error("%s: could not remove %s: %s", self.name, path, exc[1]))
 
     # --- lifecycle requests ------------------------------------------------------------------
     def _require(self, operation: str, *states: MachineState) -> None:
@@ -546,9 +493,7 @@ class Machine:
             return
         self._require("power off", MachineState.RUNNING, MachineState.READY)
         try:
-            if self._qmp is None:
-                raise NotConnected(self.name)
-            await self._qmp.execute("system_powerdown")
+            await self.monitor.execute("system_powerdown")
         except (NotConnected, QmpError, Timeout) as exc:
             _log.warning("%s: ACPI power-off request failed (%s), escalating", self.name, exc)
             deadline = 0
@@ -581,9 +526,9 @@ class Machine:
 
     async def _escalate(self) -> None:
         assert self._qemu is not None
-        if self._qmp is not None and self._qmp.connected:
+        if self.monitor.connected:
             with contextlib.suppress(Timeout, NotConnected, QmpError):
-                await self._qmp.execute("quit", timeout=QUIT_GRACE)
+                await self.monitor.execute("quit", timeout=QUIT_GRACE)
             if await self._wait_exit(QUIT_GRACE):
                 await self._wait_finished(None)
                 return
@@ -615,12 +560,7 @@ class Machine:
 
     async def _qmp_command(self, operation: str, command: str) -> None:
         self._require(operation, MachineState.RUNNING, MachineState.READY)
-        if self._qmp is None or not self._qmp.connected:
-            raise NotConnected(self.name)
-        try:
-            await self._qmp.execute(command)
-        except QmpError as exc:
-            raise InvalidState(self.name, self.record.state.value, f"{operation} ({exc})") from exc
+        await self.monitor.request(operation, self.record.state.value, command)
 
     async def pause(self) -> None:
         """Freeze the vCPUs (QMP stop); the STOP event updates `paused`."""
@@ -644,22 +584,17 @@ class Machine:
         self._require("take a screenshot of", MachineState.RUNNING, MachineState.READY)
         if self.spec.console != ConsoleMode.GUI:
             raise NotSupported(f"screenshots of a VM without a display (its console mode is {self.spec.console}; use --console=gui)")
-        if self._qmp is None or not self._qmp.connected:
-            raise NotConnected(self.name)
         path = self.directory / f".screenshot-{secrets.token_hex(4)}.{image_format}"
         try:
-            await self._qmp.execute("screendump", {"filename": str(path), "format": image_format})
+            await self.monitor.request("take a screenshot", self.record.state.value, "screendump",
+                                       {"filename": str(path), "format": image_format})
             return os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-        except QmpError as exc:
-            raise InvalidState(self.name, self.record.state.value, f"take a screenshot ({exc})") from exc
         finally:
             path.unlink(missing_ok=True)
 
     async def query_status(self) -> dict[str, object]:
         """QEMU's own view (running flag and status string), bounded like every QMP call."""
-        if self._qmp is None or not self._qmp.connected:
-            raise NotConnected(self.name)
-        return await self._qmp.query_status()
+        return await self.monitor.query_status()
 
     async def wait_ready(self, timeout: float) -> None:
         rec = self.record
@@ -676,7 +611,6 @@ class Machine:
         if self.console is not None:
             await self.console.close(drain=False)
         await self._tasks.aclose()  # the supervisor, and escalations a restarted daemon resumes
-        if self._qmp is not None:
-            await self._qmp.close()
+        await self.monitor.close()
         if self._qemu is not None:
             self._qemu.close()

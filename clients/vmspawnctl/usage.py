@@ -12,11 +12,12 @@ then by similarity (difflib).
 from __future__ import annotations
 
 import argparse
-import difflib
 import re
 import sys
 from collections.abc import Iterable, Sequence
 from typing import NoReturn
+
+from vmspawnd import override
 
 EXIT_USAGE = 2
 
@@ -71,6 +72,8 @@ def usage_error(prog: str, message: str) -> NoReturn:
 
 def closest(word: str, known: Iterable[str], synonyms: dict[str, str]) -> str | None:
     """The known name a mistyped or foreign `word` most likely means, if any is close."""
+    import difflib  # only on this error path: `vmspawnctl list` should not pay for it
+
     names = list(known)
     if synonyms.get(word) in names:
         return synonyms[word]
@@ -95,6 +98,7 @@ def unknown_arguments_message(extras: Sequence[str], parser: argparse.ArgumentPa
 class CommandLineParser(argparse.ArgumentParser):
     """argparse with vmspawnctl's usage errors; subparsers inherit the class."""
 
+    @override
     def error(self, message: str) -> NoReturn:
         choice = re.match(r"argument COMMAND: invalid choice: '([^']*)'", message)
         if choice:
@@ -102,6 +106,7 @@ class CommandLineParser(argparse.ArgumentParser):
             message = f"unknown command {choice[1]!r}" + (f" (did you mean {hint}?)" if hint else "")
         usage_error(self.prog, message)
 
+    @override
     def parse_args(self, args: Sequence[str] | None = None, namespace: argparse.Namespace | None = None) -> argparse.Namespace:  # type: ignore[override]
         parsed, extras = self.parse_known_args(args, namespace)
         if extras:

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.guest.build import Guest
 from tests.support import BOOT_TIMEOUT, Daemon, EventStream, no_leaks
 
 pytestmark = pytest.mark.vm
@@ -34,10 +35,10 @@ def ctl(daemon: Daemon, *args: str, cwd: Path | None = None) -> subprocess.Compl
 def names(daemon: Daemon) -> set[str]:
     """Also proves the daemon still serves."""
     assert daemon.alive(), daemon.log()[-3000:]
-    return {str(m["name"]) for m in daemon.call("List")["machines"]}  # type: ignore[index,union-attr]
+    return {str(m["name"]) for m in daemon.call("List")["machines"]}
 
 
-def boot_args(guest, name: str, *extra: str) -> list[str]:  # type: ignore[no-untyped-def]
+def boot_args(guest: Guest, name: str, *extra: str) -> list[str]:
     return ["start", "-M", name, "--kvm=no", "--ram=256M", f"--linux={guest.kernel}", f"--initrd={guest.initrd}", *extra]
 
 
@@ -48,7 +49,7 @@ def test_shutdown_all_with_nothing_running_says_so(daemon: Daemon) -> None:
     assert result.stdout == "No VM is running: nothing to power off.\n", result
 
 
-def test_a_machine_name_given_as_an_argument(daemon: Daemon, guest, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_a_machine_name_given_as_an_argument(daemon: Daemon, guest: Guest, tmp_path: Path) -> None:
     """`start dwpos --kvm=no --linux=K`: vmspawn's parsing makes the rest kernel arguments and
     boots the working directory; the message says to use -M, and nothing starts."""
     with no_leaks(daemon):
@@ -60,7 +61,7 @@ def test_a_machine_name_given_as_an_argument(daemon: Daemon, guest, tmp_path: Pa
     assert "dwpos" not in names(daemon)
 
 
-def test_initrd_without_linux(daemon: Daemon, guest, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_initrd_without_linux(daemon: Daemon, guest: Guest, tmp_path: Path) -> None:
     with no_leaks(daemon):
         result = ctl(daemon, "start", "-M", "noinitrd", f"--initrd={guest.initrd}", cwd=tmp_path)
     assert result.returncode == 2, result
@@ -78,7 +79,7 @@ def test_no_image_option_says_the_current_directory_is_booted(daemon: Daemon, tm
     assert not names(daemon)
 
 
-def test_bind_user_without_a_home_names_bind_user(daemon: Daemon, guest) -> None:  # type: ignore[no-untyped-def]
+def test_bind_user_without_a_home_names_bind_user(daemon: Daemon, guest: Guest) -> None:
     """`--bind-user=nobody`: nobody's home does not exist. The error used to be about an
     invalid --bind, which was never given."""
     home = pwd.getpwnam("nobody").pw_dir
@@ -92,7 +93,7 @@ def test_bind_user_without_a_home_names_bind_user(daemon: Daemon, guest) -> None
     assert "nohome" not in names(daemon)
 
 
-def test_qemu_refusing_its_arguments_is_shown_in_its_own_words(daemon: Daemon, guest) -> None:  # type: ignore[no-untyped-def]
+def test_qemu_refusing_its_arguments_is_shown_in_its_own_words(daemon: Daemon, guest: Guest) -> None:
     """QEMU's error line is the message, not only "QEMU exited with status 1" and a tail."""
     with no_leaks(daemon):
         result = ctl(daemon, *boot_args(guest, "badsmp", "--tpm=no", "--cpus=2,maxcpus=1"))
@@ -130,7 +131,7 @@ class Pty:
         os.close(self.master)
 
 
-def test_running_vm_remove_stop_and_the_starting_event(daemon: Daemon, guest) -> None:  # type: ignore[no-untyped-def]
+def test_running_vm_remove_stop_and_the_starting_event(daemon: Daemon, guest: Guest) -> None:
     """The guest ignores the ACPI power button, so `stop` waits out its deadline: on a
     terminal it shows that it is waiting and for how long, never silently."""
     name = "hour"
@@ -138,7 +139,7 @@ def test_running_vm_remove_stop_and_the_starting_event(daemon: Daemon, guest) ->
         started = ctl(daemon, *boot_args(guest, name, "--tpm=no", "vmspawnd_test.mode=ignore-acpi"))
         assert started.returncode == 0, started
         first = events.wait_event(name, "StateChanged")
-        assert first["data"]["state"] == "starting", events.seen  # type: ignore[index]
+        assert first["data"]["state"] == "starting", events.seen
         events.wait_state(name, "running")
     try:
         removed = ctl(daemon, "remove", name)
@@ -163,7 +164,7 @@ def test_running_vm_remove_stop_and_the_starting_event(daemon: Daemon, guest) ->
     assert name not in names(daemon)
 
 
-def test_log_of_a_gui_vm_says_why_it_is_empty(daemon: Daemon, guest) -> None:  # type: ignore[no-untyped-def]
+def test_log_of_a_gui_vm_says_why_it_is_empty(daemon: Daemon, guest: Guest) -> None:
     name = "guilog"
     started = ctl(daemon, *boot_args(guest, name, "--tpm=no", "--console=gui", "vmspawnd_test.mode=wait"))
     assert started.returncode == 0, started

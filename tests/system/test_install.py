@@ -12,7 +12,7 @@ import subprocess
 import sys
 
 import pytest
-from vmspawnctl.varlink import Connection
+from vmspawnctl.varlink import Connection, JsonObject
 
 from tests.support import MANAGER, Console
 from tests.system.container import Container
@@ -32,8 +32,9 @@ def main_pid(c: Container, unit: str) -> int:
     return int(c.run(["systemctl", "show", "-P", "MainPID", unit]).stdout)
 
 
-def describe(c: Container, name: str = VM) -> dict[str, object]:
-    return json.loads(c.run(["vmspawnctl", "status", name, "--json"]).stdout)  # type: ignore[no-any-return]
+def describe(c: Container, name: str = VM) -> JsonObject:
+    machine: JsonObject = json.loads(c.run(["vmspawnctl", "status", name, "--json"]).stdout)
+    return machine
 
 
 def wait_console(c: Container, name: str, pattern: str) -> dict[str, list[str]]:
@@ -170,7 +171,7 @@ def test_readme_demo(system_container: Container, vmspawnd_installed: Installati
         assert machine["state"] in ("running", "ready"), machine
         # Up to its ACPI handler, so that stop below is a clean power-off, not an escalation.
         wait_console(c, "demo", r"VMSPAWND-TEST: acpid-running")
-        assert "vmspawnd_test.mode=wait" in c.run(["cat", f"/proc/{machine['qemu']['pid']}/cmdline"]).stdout  # type: ignore[index]
+        assert "vmspawnd_test.mode=wait" in c.run(["cat", f"/proc/{machine['qemu']['pid']}/cmdline"]).stdout
         assert "demo" in c.run(["machinectl", "list", "--no-legend"]).stdout
     finally:
         stopped = c.run(["vmspawnctl", "stop", "demo"], timeout=180, check=False)
@@ -188,7 +189,7 @@ def test_upgrade_keeps_a_running_vm(system_container: Container, vmspawnd_instal
            f"--initrd={inst.initrd}", "--wait", "--timeout=240", "vmspawnd_test.mode=wait"], timeout=300)
     try:
         wait_console(c, "up", r"VMSPAWND-TEST: acpid-running")  # so that stop below is an ACPI power-off
-        qemu_pid = describe(c, "up")["qemu"]["pid"]  # type: ignore[index]
+        qemu_pid = describe(c, "up")["qemu"]["pid"]
         daemon = main_pid(c, "vmspawnd.service")
         # A newer checkout: one line more in the package.
         marker = "# an upgrade, as tests/system/test_install.py makes it"
@@ -198,7 +199,7 @@ def test_upgrade_keeps_a_running_vm(system_container: Container, vmspawnd_instal
         assert marker in c.run("cat /opt/vmspawnd/lib/python3*/site-packages/vmspawnd/__init__.py").stdout
         assert main_pid(c, "vmspawnd.service") not in (0, daemon), "the daemon was not restarted on the new code"
         machine = describe(c, "up")
-        assert machine["state"] in ("running", "ready") and machine["qemu"]["pid"] == qemu_pid, machine  # type: ignore[index]
+        assert machine["state"] in ("running", "ready") and machine["qemu"]["pid"] == qemu_pid, machine
         assert c.run(["cat", f"/proc/{qemu_pid}/comm"]).stdout.startswith("qemu-system"), "QEMU is gone"
         assert ["up"] == [m["name"] for m in json.loads(c.run(["vmspawnctl", "list", "--json"]).stdout)]
         stopped = c.run(["vmspawnctl", "stop", "up"], timeout=180)

@@ -24,8 +24,7 @@ import shlex
 from pathlib import Path
 
 import pytest
-
-from clients.vmspawnctl.main import build_parser, signal_number
+from vmspawnctl.main import build_parser, signal_number
 
 DOC = Path(__file__).resolve().parents[2] / "docs" / "vmspawnctl.md"
 OPTION = re.compile(r"(?<![\w-])(--?[A-Za-z][\w-]*)")
@@ -171,7 +170,7 @@ def test_the_examples_parse() -> None:
 
 
 def test_the_documented_default_tint_is_the_one_run_uses() -> None:
-    from clients.vmspawnctl.run import default_tint
+    from vmspawnctl.run import default_tint
 
     documented_tint = re.findall(r"`(48;2;\d+;\d+;\d+)`", "\n".join(sections()["run"]))
     assert documented_tint == [default_tint()]
@@ -189,6 +188,6 @@ def test_the_documented_default_tint_is_the_one_run_uses() -> None:
 def test_the_tint_follows_systemds_hsv_to_rgb(hsv: tuple[float, float, float], rgb: tuple[int, int, int]) -> None:
     """color-util.c: c = s·v, x = c·(1 − |(h/60) mod 2 − 1|), m = v − c, each channel (· + m)·255
     cast to uint8_t."""
-    from clients.vmspawnctl.run import hsv_to_rgb
+    from vmspawnctl.run import hsv_to_rgb
 
     assert hsv_to_rgb(*hsv) == rgb

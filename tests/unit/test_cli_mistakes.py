@@ -11,9 +11,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-
-from clients.vmspawnctl.main import main
-from clients.vmspawnctl.start_options import looks_like_machine_name, parse_start, spec_from_args
+from vmspawnctl.main import main
+from vmspawnctl.start_options import looks_like_machine_name, parse_start, spec_from_args
 
 NOWHERE = "/nonexistent/vmspawnd.socket"
 
@@ -148,10 +147,10 @@ class _PowerOffReply:
 
 def test_stop_shows_no_progress_when_stderr_is_not_a_terminal(capsys: pytest.CaptureFixture[str]) -> None:
     """Scripts and logs get the outcome line only, never carriage-return animations."""
-    from clients.vmspawnctl.main import power_off
+    from vmspawnctl.main import stop_with_progress
 
     reply = _PowerOffReply()
-    machine = power_off(reply, "vm", 5.0)  # type: ignore[arg-type]
+    machine = stop_with_progress(reply, "vm", 5.0)  # type: ignore[arg-type]
     assert machine["state"] == "stopped"
     assert reply.calls == [("io.vmspawnd.Manager.PowerOff", {"name": "vm", "deadline": 5.0})]
     assert capsys.readouterr().err == ""
