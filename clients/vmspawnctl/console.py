@@ -21,6 +21,7 @@ import time
 import tty
 from collections.abc import Callable, Iterator
 
+from .output import paged
 from .varlink import Connection, VarlinkError
 
 INTERFACE = "io.vmspawnd.Manager"
@@ -206,8 +207,11 @@ def attach(conn: Connection, name: str, read_only: bool, force: bool) -> int:
     return 0
 
 
-def follow_log(conn: Connection, name: str, lines: int | None, follow: bool) -> int:
-    """`vmspawnctl log NAME [-f]`: the history, then (with -f) the live console, read-only."""
+def follow_log(conn: Connection, name: str, lines: int | None, follow: bool, pager: bool = True) -> int:
+    """`vmspawnctl log NAME [-f]`: the history, then (with -f) the live console, read-only.
+
+    Without -f the history goes through a pager on a terminal (unless `pager` is false), as
+    journalctl's does; -f never pages, the stream has no end for a pager to wait for."""
     sock = None
     if follow:
         # Attach before reading the history: a line may show twice, but none is lost.
@@ -220,6 +224,10 @@ def follow_log(conn: Connection, name: str, lines: int | None, follow: bool) -> 
     if lines is not None:
         params["lines"] = lines
     text = str(conn.call(f"{INTERFACE}.ReadConsoleLog", params)["text"])
+    if not follow:
+        with paged(pager) as page:
+            page.write(text.encode("utf-8", errors="replace"))
+        return 0
     out = sys.stdout.buffer
     out.write(text.encode("utf-8", errors="replace"))
     out.flush()

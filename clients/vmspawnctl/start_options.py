@@ -41,15 +41,30 @@ SIZE_FORMS = "a size in bytes with an optional K, M, G, T, P or E suffix (base 1
 
 
 def _typed(parse: Callable[[str], object], forms: str) -> Callable[[str], object]:
-    """Wrap a parser so argparse reports 'argument --option: invalid value …; expected FORMS'."""
+    """Wrap a parser so argparse reports one sentence: 'argument --option: invalid size '12Q': expected FORMS'.
+
+    The parsers name what they got and the accepted forms themselves (vmspawnd.spec.parsers'
+    convention); `forms` is added only to a message that does not already say what is expected,
+    so the two are never glued together."""
 
     def convert(text: str) -> object:
         try:
             return parse(text)
         except ValueError as exc:
-            raise argparse.ArgumentTypeError(f"invalid value {text!r}: {exc}; expected {forms}") from None
+            raise argparse.ArgumentTypeError(_with_forms(str(exc), text, forms)) from None
 
     return convert
+
+
+def _with_forms(message: str, text: str, forms: str) -> str:
+    """`message` as the tail of argparse's 'argument --option: ' sentence, naming the forms once."""
+    if message[:1].isupper() and message[1:2].islower():
+        message = message[0].lower() + message[1:]  # "Invalid size …" continues a sentence
+    if "expected" in message:
+        return message
+    if repr(text) not in message:
+        message = f"invalid value {text!r}: {message}"
+    return f"{message}; expected {forms}"
 
 
 def _absolute(text: str) -> str:
@@ -108,7 +123,7 @@ def _grow_image(text: str) -> int | None:
     try:
         size = parsers.parse_size(text)
     except ValueError as exc:
-        raise argparse.ArgumentTypeError(f"invalid value {text!r}: {exc}; expected {SIZE_FORMS}, or empty") from None
+        raise argparse.ArgumentTypeError(_with_forms(str(exc), text, SIZE_FORMS) + ", or empty") from None
     return size
 
 
@@ -201,7 +216,10 @@ def _load_credential(text: str) -> tuple[str, bytes]:
     if parsers.credential_source_kind(source) == "credential":
         directory = os.environ.get("CREDENTIALS_DIRECTORY")
         if not directory:
-            raise ValueError(f"credential {source!r} requested, but $CREDENTIALS_DIRECTORY is not set")
+            raise argparse.ArgumentTypeError(
+                f"credential {source!r} is one of our own credentials, but $CREDENTIALS_DIRECTORY is not set; "
+                "expected ID:PATH with a '/' in PATH, or run with credentials"
+            )
         path = os.path.join(directory, source)
     else:
         path = os.path.join(os.getcwd(), source)
@@ -218,7 +236,10 @@ def _load_credential(text: str) -> tuple[str, bytes]:
         with open(path, "rb") as f:
             return cred_id, f.read()
     except OSError as exc:
-        raise ValueError(f"cannot read {path}: {exc.strerror}") from None
+        # The form was right: say what failed, and what the path has to be.
+        raise argparse.ArgumentTypeError(
+            f"cannot read {path} for credential {cred_id!r}: {exc.strerror}; expected a readable file or AF_UNIX stream socket"
+        ) from None
 
 
 class _Accumulate(argparse.Action):
@@ -340,7 +361,7 @@ def add_start_options(parser: argparse.ArgumentParser) -> None:
 def _console_mode(text: str) -> str:
     accepted = [m.value for m in ConsoleMode if m is not ConsoleMode.HEADLESS]
     if text not in accepted:
-        raise ValueError("unknown console mode")
+        raise ValueError(f"invalid console mode {text!r}")
     return text
 
 
