@@ -68,8 +68,11 @@ def dumps(value: object, mode: str) -> str:
     return json.dumps(value, separators=(",", ":"))
 
 
-def _parse_boolean(text: str) -> bool | None:
-    # systemd's parse_boolean(); kept here so that deciding on colour imports no parser module.
+def parse_boolean_env(text: str | None) -> bool | None:
+    """systemd's parse_boolean() for an environment variable: None when unset or not a boolean.
+    (Kept here so that deciding on colour imports no parser module.)"""
+    if text is None:
+        return None
     lowered = text.lower()
     if lowered in ("1", "yes", "y", "true", "t", "on"):
         return True
@@ -84,7 +87,7 @@ def colour_enabled(stream: IO[str] | IO[bytes], env: Mapping[str, str] | None = 
     if (setting := env.get("SYSTEMD_COLORS")) is not None:
         if setting in ("16", "256", "24bit"):
             return True
-        if (explicit := _parse_boolean(setting)) is not None:
+        if (explicit := parse_boolean_env(setting)) is not None:
             return explicit
         # Anything else is ignored, as systemd ignores an invalid SYSTEMD_COLORS.
     if "NO_COLOR" in env:
