@@ -11,7 +11,7 @@ journalctl), so that hands and scripts used to those need nothing new:
   ``$SYSTEMD_PAGER``, else ``$PAGER``, else ``less``, else ``more``; empty or ``cat`` means
   none; ``less`` gets ``$SYSTEMD_LESS`` or ``FRSXMK`` (quit if one screen, raw colours).
 
-Stdlib only and nothing imported that a one-shot command does not use.
+Stdlib only, and what only the pager needs is imported when it is used.
 """
 
 from __future__ import annotations
@@ -20,9 +20,6 @@ import argparse
 import contextlib
 import json
 import os
-import shlex
-import shutil
-import subprocess
 import sys
 from collections.abc import Iterator, Mapping, Sequence
 from typing import IO
@@ -113,6 +110,9 @@ def state_style(state: str) -> str:
 
 def pager_command(env: Mapping[str, str] | None = None) -> list[str] | None:
     """The pager to run, as argv, or None for none."""
+    import shlex
+    import shutil
+
     env = os.environ if env is None else env
     for variable in ("SYSTEMD_PAGER", "PAGER"):
         if (value := env.get(variable)) is not None:
@@ -131,6 +131,8 @@ def paged(enabled: bool, env: Mapping[str, str] | None = None) -> Iterator[IO[by
     """Yield where to write long output: a pager's stdin when ``enabled`` and stdout is a
     terminal and a pager is configured, else stdout. The pager is waited for on the way out;
     its quitting early (a closed pipe, Ctrl-C) ends the output quietly."""
+    import subprocess  # only here: it costs a one-shot command ~10 ms to import
+
     env = dict(os.environ if env is None else env)
     command = pager_command(env) if enabled and sys.stdout.isatty() else None
     if command is None:
