@@ -108,17 +108,19 @@ _vmspawnctl_completion() {
 """
 
 ZSH_PREAMBLE = r"""
-# vmspawnctl's own completer (vmspawnctl/completion.py): the daemon's machine names.
+# vmspawnctl's own completer (vmspawnctl/completion.py): the daemon's machine names. The
+# whole line, not $words: _arguments has narrowed that to the verb's own words.
 _vmspawnctl_machines() {
-  local -a address names
+  local -a line address names
   local i
-  for ((i = 2; i < CURRENT; i++)); do
-    case ${words[i]} in
-      --address) address=(--address="${words[i+1]}") ;;
-      --address=*) address=("${words[i]}") ;;
+  line=(${(z)LBUFFER})
+  for ((i = 2; i < ${#line}; i++)); do
+    case ${line[i]} in
+      --address) address=(--address="${(Q)line[i+1]}") ;;
+      --address=*) address=("${(Q)line[i]}") ;;
     esac
   done
-  names=(${${(f)"$(${words[1]} $address list --no-legend 2>/dev/null </dev/null)"}%% *})
+  names=(${${(f)"$(${(Q)line[1]} $address list --no-legend 2>/dev/null </dev/null)"}%% *})
   compadd -a names
 }
 """
@@ -197,12 +199,12 @@ def generate(shell: str) -> str:
     parser = build_parser([])  # no verb given: the whole parser, start's and run's options included
     annotate(parser, shell)
     if shell == "bash":
-        script = shtab.complete(parser, "bash", preamble={"bash": BASH_PREAMBLE})
+        script = shtab.complete(parser, "bash", preamble=BASH_PREAMBLE)
         # Register the '='-aware wrapper instead of shtab's function.
         return script.replace("complete -o bashdefault -F _shtab_vmspawnctl vmspawnctl",
                               "complete -o bashdefault -F _vmspawnctl_completion vmspawnctl")
     if shell == "zsh":
-        return accept_equals(str(shtab.complete(parser, "zsh", preamble={"zsh": ZSH_PREAMBLE})), parser)
+        return accept_equals(str(shtab.complete(parser, "zsh", preamble=ZSH_PREAMBLE)), parser)
     raise ValueError(f"no completion for shell {shell!r}; expected bash or zsh")
 
 
