@@ -11,7 +11,7 @@ from __future__ import annotations
 import base64
 import dataclasses
 
-from vmspawnd.qemu.command import Credential, Firmware, Resources, VirtiofsShare
+from vmspawnd.qemu.resources import Credential, Firmware, Resources, VirtiofsShare
 from vmspawnd.spec import BindMount, CredentialData, VmSpec
 
 G = "/GOLDEN"

@@ -23,7 +23,8 @@ from hypothesis import strategies as st
 from tests.golden.scenarios import BASE, IMG, KERNEL, PAYLOAD, SCENARIOS
 from vmspawnd.errors import InvalidSpec
 from vmspawnd.qemu import resolve, vsock
-from vmspawnd.qemu.command import Credential, build_qemu_command
+from vmspawnd.qemu.command import build_qemu_command
+from vmspawnd.qemu.resources import Credential
 from vmspawnd.qemu.siphash import derive_vsock_cid_candidates
 from vmspawnd.spec import CredentialData, VmSpec, check_property, discovery
 

@@ -21,7 +21,7 @@ from pathlib import Path
 from vmspawnd.errors import InvalidSpec, NotSupported
 from vmspawnd.helpers.spawn import start_helper
 from vmspawnd.host.process import ChildProcess
-from vmspawnd.qemu.command import Credential
+from vmspawnd.qemu.resources import Credential
 
 LIBEXEC_CANDIDATES = ("/usr/lib/systemd/systemd-journal-remote", "/lib/systemd/systemd-journal-remote")
 VMADDR_CID_HOST = 2

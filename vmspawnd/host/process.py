@@ -368,3 +368,15 @@ async def _read_report(sock: socket.socket, reaper: ChildProcess) -> tuple[int, 
         await reaper.wait()
         raise OSError("the reaper could not start the process (see the VM's qemu.log)")
     return int(data), connection
+
+
+def processes_mentioning(directory: Path) -> list[int]:
+    """Pids whose command line contains `directory` (a VM's processes all do)."""
+    needle = os.fsencode(f"{directory}/")
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit() and int(entry) != os.getpid():
+            with contextlib.suppress(OSError):
+                if needle in Path(f"/proc/{entry}/cmdline").read_bytes():
+                    found.append(int(entry))
+    return found

@@ -313,7 +313,7 @@ class ManagerInterface(VarlinkInterface, name=INTERFACE):
         machine = self._manager.get(name)
         if lines is not None and lines < 0:
             raise InvalidSpec("lines", "must not be negative")
-        return last_lines(read_history(machine.console_log_path), lines)
+        return last_lines(read_history(machine.paths.console_log), lines)
 
     @varlinkmethod(return_parameter="machine", delay_generator=False)
     async def HoldMachine(self, *, name: str) -> collections.abc.AsyncIterator[MachineWire]:  # type: ignore[valid-type]
