@@ -17,12 +17,13 @@ from pathlib import Path
 
 from vmspawnd.errors import NotConnected, StartFailed, Timeout, VmspawnError
 from vmspawnd.helpers import stop_recorded_helpers
+from vmspawnd.host.machined import info_for
 from vmspawnd.host.process import ChildProcess, ReapedProcess, is_same_process
-from vmspawnd.host.registration import info_for, register_machine, scope_unit_name
+from vmspawnd.host.registration import register_machine
+from vmspawnd.host.scope import scope_unit_name
 from vmspawnd.model import MachineState
 from vmspawnd.qemu.console import ConsoleHub
 from vmspawnd.qemu.guest_notify import NotifyListener, reopen_listener
-from vmspawnd.varlink.machine_instance import serve_machine_instance
 
 if typing.TYPE_CHECKING:
     from vmspawnd.machine import Machine
@@ -105,7 +106,7 @@ async def _reconnect(machine: Machine) -> None:
     except (Timeout, NotConnected) as exc:
         _log.error("%s: QMP did not answer after the restart (%s); lifecycle calls will fail", machine.name, exc)
     if rec.control_address:
-        machine._control = await serve_machine_instance(machine, Path(rec.control_address), machine.settings.peer_policy)
+        machine._control = await machine.settings.serve_control(machine, Path(rec.control_address))
     if rec.notify_address:
         sock, _address = reopen_listener(rec.notify_address, machine.paths.notify)
         machine._notify_listener = NotifyListener(sock, rec.notify_address, machine._on_notify, machine.name)

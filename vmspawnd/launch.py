@@ -18,8 +18,8 @@ from pathlib import Path
 from typing import TypeVar
 
 from vmspawnd.errors import StartFailed
+from vmspawnd.host.machined import machined_address
 from vmspawnd.host.process import ReapedProcess, read_tail
-from vmspawnd.host.registration import machined_address
 from vmspawnd.outcome import describe_exit
 from vmspawnd.qemu.console import History
 from vmspawnd.runtime_dir import VmPaths, bind_listening_socket, make_private_dir

@@ -21,14 +21,14 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import TypeVar
 
-from asyncvarlink.util import VarlinkUnixServer
-
 from vmspawnd import adoption, launch
+from vmspawnd.control import ControlServer, QmpEvent
 from vmspawnd.fanout import FanOut
 from vmspawnd.errors import InvalidSpec, InvalidState, NotConnected, NotSupported, StartFailed, Timeout
 from vmspawnd.helpers import HelperSet, start_helpers, stop_recorded_helpers
+from vmspawnd.host.machined import info_for
 from vmspawnd.host.process import ChildProcess, ReapedProcess, process_tree, spawn_reaped
-from vmspawnd.host.registration import Registration, info_for, register_machine
+from vmspawnd.host.registration import Registration, register_machine
 from vmspawnd.model import STATE_FORMAT_VERSION, MachineRecord, MachineState
 from vmspawnd.outcome import ExitFacts, decide_outcome, describe_exit, describe_status, parse_host_signal
 from vmspawnd.qemu.command import build_qemu_command
@@ -42,8 +42,6 @@ from vmspawnd.runtime_dir import VmPaths, make_private_dir, write_json_atomic, w
 from vmspawnd.settings import Settings
 from vmspawnd.spec import ConsoleMode, VmSpec
 from vmspawnd.tasks import TaskOwner
-from vmspawnd.varlink.machine_instance import serve_machine_instance
-from vmspawnd.varlink.server import close_gracefully
 
 _log = logging.getLogger(__name__)
 
@@ -54,7 +52,6 @@ DEFAULT_POWEROFF_DEADLINE = 60.0
 
 EventCallback = Callable[["Machine", str, dict[str, object]], None]
 T = TypeVar("T")
-QmpEvent = tuple[str | None, dict[str, object] | None]  # (None, None): the VM has ended
 
 
 def _describe_failure(exc: Exception) -> str:
@@ -93,7 +90,7 @@ class Machine:
         self.caller_unit: str | None = None  # --keep-unit: the unit of the client that spawned it
         self._notify_listener: NotifyListener | None = None
         self._ready_pending = False
-        self._control: VarlinkUnixServer | None = None
+        self._control: ControlServer | None = None
         self._tasks = TaskOwner(f"machine {record.name}")
         self.monitor = QemuMonitor(
             record.name, self.paths.qmp, self._on_qmp_event, self._on_monitor_notice, self._wait_exit,
@@ -217,7 +214,7 @@ class Machine:
                 stack.push_async_callback(self.monitor.close)
 
                 step = "control"
-                self._control = await serve_machine_instance(self, self.paths.control, self.settings.peer_policy)
+                self._control = await self.settings.serve_control(self, self.paths.control)
                 stack.push_async_callback(self._close_control)
                 self.record.control_address = str(self.paths.control)
 
@@ -321,10 +318,11 @@ class Machine:
         self.qmp_events.publish((None, None))  # SubscribeEvents streams end with NotConnected
         if self._control is not None:
             # Calls in flight get their replies before their connection closes, as
-            # systemd-vmspawn answers Terminate before it exits. Not awaited: Terminate is
-            # such a call, and it waits for this teardown to finish. The bound covers the
-            # rest of the teardown (helpers' stop grace, machined) that Terminate waits for.
-            close_gracefully(self._control, timeout=60.0)
+            # systemd-vmspawn answers Terminate before it exits. The drain is not waited
+            # for: Terminate is such a call, and it waits for this teardown to finish. The
+            # bound covers the rest of the teardown (helpers' stop grace, machined) that
+            # Terminate waits for.
+            self._control.close(drain_timeout=60.0)
             self._control = None
         try:
             self.paths.control.unlink(missing_ok=True)

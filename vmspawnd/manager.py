@@ -19,9 +19,9 @@ from pathlib import Path
 
 from dbus_fast.errors import InvalidAddressError
 
-from vmspawnd.errors import InvalidSpec, InvalidState, MachineExists, NoSuchMachine, Timeout, VmspawnError
+from vmspawnd.errors import DBusCallError, InvalidSpec, InvalidState, MachineExists, NoSuchMachine, Timeout, VmspawnError
 from vmspawnd.host.cgroup import own_unit, unit_of_pid
-from vmspawnd.host.registration import DBusCallError, systemd_is_service_manager, unit_is_delegated
+from vmspawnd.host.scope import systemd_is_service_manager, unit_is_delegated
 from vmspawnd.fanout import FanOut
 from vmspawnd.tasks import TaskOwner
 from vmspawnd.leftovers import discard_leftovers
@@ -29,7 +29,7 @@ from vmspawnd.machine import Machine
 from vmspawnd.model import STATE_FORMAT_VERSION, MachineRecord, MachineState
 from vmspawnd.runtime_dir import make_private_dir, new_machine_id, read_json
 from vmspawnd.settings import Settings
-from vmspawnd.spec import VmSpec
+from vmspawnd.spec import VmSpec, wire
 
 _log = logging.getLogger(__name__)
 
@@ -70,20 +70,20 @@ async def keep_unit_target(caller_pid: int) -> str | None:
     return unit
 
 
-def _events_lost(_event: dict[str, object]) -> dict[str, object]:
+def _events_lost(_event: wire.EventJson) -> wire.EventJson:
     return {"machine": None, "event": "EventsLost", "data": {}}
 
 
 class Manager:
-    def __init__(self, runtime_dir: Path, settings: Settings | None = None) -> None:
-        self.settings = settings or Settings()
+    def __init__(self, runtime_dir: Path, settings: Settings) -> None:
+        self.settings = settings
         self.runtime_dir = runtime_dir
         self.machines_dir = runtime_dir / "machines"
         make_private_dir(self.machines_dir)
         self._machines: dict[str, Machine] = {}
         self._held = TaskOwner("manager")  # ending VMs whose holding client went away
         self._starts = TaskOwner("manager")  # Machine.start tasks: a client that leaves does not cancel them
-        self.events: FanOut[dict[str, object]] = FanOut(SUBSCRIBER_QUEUE_SIZE, overflow=_events_lost)
+        self.events: FanOut[wire.EventJson] = FanOut(SUBSCRIBER_QUEUE_SIZE, overflow=_events_lost)
 
     # --- lookup ---------------------------------------------------------------------
     def get(self, name: str) -> Machine:
@@ -136,7 +136,7 @@ class Manager:
         """Fan an event out to every subscriber without ever blocking the publisher."""
         self.events.publish({"machine": machine.name, "event": event, "data": data})
 
-    def subscribe(self) -> contextlib.AbstractContextManager[asyncio.Queue[dict[str, object]]]:
+    def subscribe(self) -> contextlib.AbstractContextManager[asyncio.Queue[wire.EventJson]]:
         """The daemon's events while the block runs; a subscriber that does not keep up
         loses events and is told so (EventsLost) rather than slowing the VMs or the others."""
         return self.events.subscribe()

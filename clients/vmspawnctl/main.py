@@ -1,7 +1,8 @@
 # SPDX-License-Identifier: LGPL-2.1-or-later
 """vmspawnctl: control vmspawnd over Varlink.
 
-Kept light on purpose (no asyncio; of the daemon package only the pure spec side): a one-shot call should cost
+Kept light on purpose (no asyncio; of the daemon package only the pure spec side, and that only
+for start and run): a one-shot call should cost
 little more than starting Python. Errors are one line on stderr and a non-zero exit.
 """
 
@@ -11,14 +12,15 @@ import argparse
 import json
 import os
 import sys
-
-from vmspawnd.errors import InvalidSpec
+import typing
 
 from . import output
-from .varlink import Connection, ConnectionFailed, VarlinkError
+from .varlink import INTERFACE, Connection, ConnectionFailed, VarlinkError
 from .views import display_state, machine_status, machine_table
 
-INTERFACE = "io.vmspawnd.Manager"
+if typing.TYPE_CHECKING:  # the shapes of the replies, for the type checker only: free at run time
+    from vmspawnd.spec.wire import EventJson, MachineJson
+
 EXIT_FAILURE = 1
 EXIT_USAGE = 2
 # The verbs with --json[=MODE] (only theirs is rewritten: start's words after the first
@@ -169,7 +171,7 @@ def follow_events(conn: Connection, name: str | None, json_mode: str) -> None:
     params = {"name": name} if name else {}
     try:
         for reply in conn.call_more(f"{INTERFACE}.SubscribeEvents", params):
-            event = reply["event"]
+            event: EventJson = reply["event"]
             if json_mode != "off":
                 print(output.dumps(event, json_mode), flush=True)
                 continue
@@ -197,17 +199,17 @@ def wait_until_ready(address: str, name: str, timeout: float, quiet: bool) -> in
         with Connection(address, timeout=timeout) as stream, Connection(address, timeout=timeout) as conn:
             events = stream.call_more(f"{INTERFACE}.SubscribeEvents", {"name": name})
             next(events)  # Subscribed: nothing after this is missed
-            machine = conn.call(f"{INTERFACE}.Describe", {"name": name})["machine"]
-            state = machine["state"]  # type: ignore[index]
+            machine: MachineJson = conn.call(f"{INTERFACE}.Describe", {"name": name})["machine"]
+            state: str = machine["state"]
             show(f"{state}, waiting for the guest to report ready…")
             for reply in events:
                 if state in ("ready", "stopped", "failed"):
                     break
-                event = reply["event"]
-                data = event.get("data") or {}  # type: ignore[union-attr]
-                if event["event"] == "StateChanged":  # type: ignore[index]
+                event: EventJson = reply["event"]
+                data = event.get("data") or {}
+                if event["event"] == "StateChanged":
                     state = data["state"]
-                elif event["event"] == "Notify" and "STATUS" in data:  # type: ignore[index]
+                elif event["event"] == "Notify" and "STATUS" in data:
                     show(str(data["STATUS"]))
     except socket.timeout:
         show("")
@@ -242,15 +244,15 @@ def shutdown_all(address: str, timeout: float) -> int:
     import threading
 
     with Connection(address) as conn:
-        machines = conn.call(f"{INTERFACE}.List")["machines"]
-    active = [m["name"] for m in machines if m["state"] in ("starting", "running", "ready", "stopping")]  # type: ignore[index]
+        machines: list[MachineJson] = conn.call(f"{INTERFACE}.List")["machines"]
+    active = [m["name"] for m in machines if m["state"] in ("starting", "running", "ready", "stopping")]
     failures: list[str] = []
 
     def power_off(name: str) -> None:
         try:
             with Connection(address) as c:
-                m = c.call(f"{INTERFACE}.PowerOff", {"name": name, "deadline": timeout})["machine"]
-            print(f"{name}: {m['state']} ({m['reason']})")  # type: ignore[index]
+                m: MachineJson = c.call(f"{INTERFACE}.PowerOff", {"name": name, "deadline": timeout})["machine"]
+            print(f"{name}: {m['state']} ({m['reason']})")
         except (VarlinkError, ConnectionFailed) as exc:
             failures.append(f"{name}: {format_error(exc) if isinstance(exc, VarlinkError) else exc}")
 
@@ -272,11 +274,12 @@ def run(args: argparse.Namespace) -> int:
 
         spec = spec_from_args(args)
         with Connection(address) as conn:
-            machine = conn.call(method + "Spawn", {"spec": spec.to_json()})["machine"]
+            spawned: MachineJson = conn.call(method + "Spawn", {"spec": spec.to_json()})["machine"]
         if not args.quiet:
-            print(f"Spawned VM {machine['name']} (id {machine['id']}, QEMU pid {machine['qemu']['pid']}).")  # type: ignore[index]
+            qemu = spawned.get("qemu")  # set once Spawn returns: QEMU runs
+            print(f"Spawned VM {spawned['name']} (id {spawned['id']}, QEMU pid {qemu['pid'] if qemu else '-'}).")
         if args.wait:
-            return wait_until_ready(address, str(machine["name"]), args.timeout, args.quiet)  # type: ignore[index]
+            return wait_until_ready(address, spawned["name"], args.timeout, args.quiet)
         return 0
     if args.command == "shutdown-all":
         return shutdown_all(address, args.timeout)
@@ -286,32 +289,32 @@ def run(args: argparse.Namespace) -> int:
         return run_vm(args, address)
     with Connection(address) as conn:
         if args.command == "list":
-            machines = conn.call(method + "List")["machines"]
+            machines: list[MachineJson] = conn.call(method + "List")["machines"]
             if args.json != "off":
                 print(output.dumps(machines, args.json))
             else:
                 colour = output.colour_enabled(sys.stdout)
-                print("\n".join(machine_table(machines, legend=not args.no_legend, colour=colour)))  # type: ignore[arg-type]
+                print("\n".join(machine_table(machines, legend=not args.no_legend, colour=colour)))
         elif args.command == "status":
-            machine = conn.call(method + "Describe", {"name": args.name})["machine"]
+            machine: MachineJson = conn.call(method + "Describe", {"name": args.name})["machine"]
             if args.json != "off":
                 print(output.dumps(machine, args.json))
             else:
-                print("\n".join(machine_status(machine, colour=output.colour_enabled(sys.stdout))))  # type: ignore[arg-type]
+                print("\n".join(machine_status(machine, colour=output.colour_enabled(sys.stdout))))
         elif args.command == "stop":
             params: dict[str, object] = {"name": args.name}
             if args.deadline is not None:
                 params["deadline"] = args.deadline
             machine = conn.call(method + "PowerOff", params)["machine"]
-            print(f"{machine['name']}: {machine['state']} ({machine['reason']})")  # type: ignore[index]
+            print(f"{machine['name']}: {machine['state']} ({machine['reason']})")
         elif args.command in ("pause", "resume", "reboot"):
             machine = conn.call(method + args.command.capitalize(), {"name": args.name})["machine"]
-            print(f"{machine['name']}: {display_state(machine)}")  # type: ignore[arg-type,index]
+            print(f"{machine['name']}: {display_state(machine)}")
         elif args.command == "events":
             follow_events(conn, args.name, args.json)
         elif args.command == "terminate":
             machine = conn.call(method + "Terminate", {"name": args.name})["machine"]
-            print(f"{machine['name']}: {machine['state']} ({machine['reason']})")  # type: ignore[index]
+            print(f"{machine['name']}: {machine['state']} ({machine['reason']})")
         elif args.command == "kill":
             conn.call(method + "Kill", {"name": args.name, "signal": signal_number(args.signal)})
         elif args.command == "remove":
@@ -335,6 +338,14 @@ def main(argv: list[str] | None = None) -> None:
         argv = output.expand_bare_json(argv, sys.stdout.isatty())
     parser = build_parser(argv)
     args = parser.parse_args(argv)
+    # Only start and run validate a spec in the client (InvalidSpec before any call). The
+    # error tree is imported on that path alone: loading it costs `list` and the other
+    # one-shot verbs ~25 ms of their ~70 (docs/performance.md, "CLI start-up").
+    spec_errors: tuple[type[Exception], ...] = ()
+    if args.command in ("start", "run"):
+        from vmspawnd.errors import InvalidSpec
+
+        spec_errors = (InvalidSpec,)
     try:
         code = run(args)
     except VarlinkError as exc:
@@ -343,7 +354,7 @@ def main(argv: list[str] | None = None) -> None:
     except ConnectionFailed as exc:
         print(f"vmspawnctl: {exc} (is vmspawnd running? see --address)", file=sys.stderr)
         code = EXIT_FAILURE
-    except InvalidSpec as exc:  # spec validation (start, run) before any call
+    except spec_errors as exc:
         print(f"vmspawnctl {args.command}: {exc}", file=sys.stderr)
         code = EXIT_USAGE
     except BrokenPipeError:

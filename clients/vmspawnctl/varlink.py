@@ -21,6 +21,10 @@ JsonObject = dict[str, Any]
 MAX_FDS = 16
 
 
+# vmspawnd's interface (vmspawnd.errors.INTERFACE, which the client does not import for speed).
+INTERFACE = "io.vmspawnd.Manager"
+
+
 class VarlinkError(Exception):
     """The service answered with a Varlink error."""
 

@@ -6,7 +6,7 @@ Pure: no I/O, colour passed in, so every form is testable without a terminal or 
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 from .output import BOLD, paint, state_style
 
@@ -28,7 +28,7 @@ def _qemu_pid(m: Record) -> str:
     return "-"
 
 
-def machine_table(machines: list[Record], *, legend: bool = True, colour: bool = False) -> list[str]:
+def machine_table(machines: Sequence[Record], *, legend: bool = True, colour: bool = False) -> list[str]:
     """`vmspawnctl list`: a header, one row per VM, and "N machines listed." (machinectl's
     layout); without the legend only the rows, for scripts and completion."""
     rows = [(str(m["name"]), display_state(m), _qemu_pid(m), str(m["id"]),

@@ -26,7 +26,9 @@ from tests.standins import machined_varlink
 from tests.standins.dbus import PrivateBus, Services, private_system_bus, start_services
 from tests.support import make_runtime_dir, start_daemon, stop_daemon
 from vmspawnd.errors import StartFailed
-from vmspawnd.host.registration import RegistrationInfo, register_machine, unit_object_path
+from vmspawnd.host.machined import RegistrationInfo
+from vmspawnd.host.registration import register_machine
+from vmspawnd.host.scope import unit_object_path
 
 UUID = "0123456789abcdef0123456789abcdef"
 MIB = 1024 * 1024

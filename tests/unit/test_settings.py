@@ -6,6 +6,8 @@ from __future__ import annotations
 import pytest
 
 from vmspawnd import settings
+from vmspawnd.host.peer import owner_only
+from vmspawnd.varlink.machine_instance import machine_instance_servers
 
 
 @pytest.mark.parametrize(
@@ -27,4 +29,4 @@ def test_gui_window_only_in_a_graphical_user_session(
     for var, value in env.items():
         monkeypatch.setenv(var, value)
     assert settings.session_has_display() is window
-    assert settings.Settings().gui_window is window
+    assert settings.Settings(serve_control=machine_instance_servers(owner_only)).gui_window is window
