@@ -139,3 +139,31 @@ def test_pager_choice() -> None:
     assert output.pager_command({**path, "SYSTEMD_PAGER": "cat", "PAGER": "more"}) is None
     assert output.pager_command({**path, "SYSTEMD_PAGER": ""}) is None
     assert output.pager_command({"PATH": "/nonexistent"}) is None
+
+
+GLUED_BEFORE = ["--ram=12Q", "--ram=256MB", "--kvm=maybe", "--uuid=00", "--private-users=x", "--background=zz",
+                "--vsock-cid=2", "--grow-image=1Q", "--notify-ready=2", "--set-credential=foo", "--console=foo",
+                "--load-credential=id:/nonexistent/file"]
+
+
+@pytest.mark.parametrize("form", GLUED_BEFORE)
+def test_an_option_error_is_one_sentence(capsys: pytest.CaptureFixture[str], form: str) -> None:
+    """Each of these printed two "expected" clauses glued together; now one sentence names the
+    option, what it got and the accepted forms."""
+    option, _, value = form.partition("=")
+    with pytest.raises(SystemExit) as exc:
+        build_parser(["start"]).parse_args(["start", form])
+    assert exc.value.code == 2
+    message = capsys.readouterr().err.strip().splitlines()[-1]
+    assert re.match(rf"vmspawnctl start: error: argument (-\w/)?{option}\b", message), message
+    assert value.split(":")[-1] in message and message.count("expected") == 1, message
+
+
+def test_the_ram_message_in_full(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        build_parser(["start"]).parse_args(["start", "--ram=12Q"])
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        "vmspawnctl start: error: argument --ram/--qemu-mem: invalid size '12Q': expected a non-negative number with an "
+        "optional decimal fraction and an optional suffix B, K, M, G, T, P or E (upper case, powers of 1024), e.g. 2G, "
+        "512M or 1.5K"
+    )
