@@ -66,8 +66,9 @@ def test_man_pages_and_completion_are_found(system_container: Container, vmspawn
     aliases of vmspawnd(8)), and bash-completion loads vmspawnctl's completion on first use."""
     c = system_container
     assert "/usr/local/share/man" in c.run(["manpath"]).stdout.strip().split(":")
-    assert c.run(["man", "-w", "vmspawnctl"]).stdout.strip() == "/usr/local/share/man/man1/vmspawnctl.1"
-    assert c.run(["man", "-w", "vmspawnd"]).stdout.strip() == "/usr/local/share/man/man8/vmspawnd.8"
+    for page, link in (("vmspawnctl", "/usr/local/share/man/man1/vmspawnctl.1"), ("vmspawnd", "/usr/local/share/man/man8/vmspawnd.8")):
+        # man -w names the file behind the link, in the installation's share/man.
+        assert c.run(["man", "-w", page]).stdout.strip() == c.run(["readlink", "-e", link]).stdout.strip() != ""
     for page, title in (("vmspawnctl", "VMSPAWNCTL(1)"), ("vmspawnd", "VMSPAWND(8)"), ("vmspawnd.service", "VMSPAWND(8)")):
         shown = c.run(["man", page], env={"MANWIDTH": "80"}).stdout
         assert shown.split("\n", 1)[0].startswith(title), shown[:300]
