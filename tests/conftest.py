@@ -6,14 +6,18 @@ from __future__ import annotations
 import os
 import shutil
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 import pytest
 
 from tests.support import Daemon, make_runtime_dir, start_daemon, stop_daemon, zombies
 
+if TYPE_CHECKING:
+    from tests.guest.build import Guest
+
 
 @pytest.fixture(scope="session")
-def guest():  # type: ignore[no-untyped-def]
+def guest() -> Guest:
     from tests.guest.build import ensure_guest
 
     return ensure_guest()

@@ -208,7 +208,7 @@ import typing
 def render_wire_module() -> str:
     """The source of vmspawnd/spec/wire.py."""
     types_ = wire_types()
-    lines = [HEADER]
+    lines = [HEADER.rstrip("\n")]  # one blank line after the imports, as isort has it
     for enum_type, alias in CHOICES.items():
         values = ", ".join(f'"{member.value}"' for member in enum_type)
         lines += ["", f"{alias} = typing.Literal[{values}]", ""]

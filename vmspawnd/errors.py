@@ -167,9 +167,11 @@ class _InternalError(VmspawnError):
     unexpected exception, never a name the IDL does not declare."""
 
     @classmethod
+    @override
     def varlink_name(cls) -> str:
         return f"{INTERFACE}.InternalError"
 
+    @override
     def parameters(self) -> dict[str, object]:
         return {"message": str(self)}
 
@@ -181,6 +183,7 @@ class VarlinkCallError(_InternalError):
     error: str
     reply_parameters: dict[str, object] = dataclasses.field(default_factory=dict)
 
+    @override
     def __str__(self) -> str:
         return f"{self.error} {json.dumps(self.reply_parameters)}" if self.reply_parameters else self.error
 
@@ -192,6 +195,7 @@ class DBusCallError(_InternalError):
     name: str
     text: str = ""
 
+    @override
     def __str__(self) -> str:
         return f"{self.name}: {self.text}" if self.text else self.name
 

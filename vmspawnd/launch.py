@@ -3,8 +3,9 @@
 
 Machine.start runs the steps; the pieces here need no machine state: the sockets the daemon
 binds for QEMU (so there is no connect race and a restarted daemon reconnects by path), the
-payload directory for secrets, where a gui VM's display goes, the options of the reaper that
-leads the VM, and `unless_exits`, which fails a start step fast when QEMU dies under it.
+payload directory for secrets, where a gui VM's display goes, the guest's notify channel, the
+options of the reaper that leads the VM, and `unless_exits`, which fails a start step fast
+when QEMU dies under it.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from vmspawnd.host.machined import machined_address
 from vmspawnd.host.process import ReapedProcess, read_tail
 from vmspawnd.outcome import describe_exit
 from vmspawnd.qemu.console import History
+from vmspawnd.qemu.guest_notify import MessageCallback, NotifyListener, open_unix_listener, open_vsock_listener
 from vmspawnd.runtime_dir import VmPaths, bind_listening_socket, make_private_dir
 from vmspawnd.spec import ConsoleMode, VmSpec
 
@@ -66,6 +68,27 @@ def leader_options(spec: VmSpec, paths: VmPaths, deadline: float) -> list[str]:
     if spec.register is not False:
         options.append(f"--machined={machined_address(os.environ, os.geteuid() == 0)}")
     return options
+
+
+async def open_notify_listener(
+    transport: str, paths: VmPaths, vsock_cid: int | None, notify_ready: bool, on_message: MessageCallback, name: str
+) -> tuple[NotifyListener | None, str]:
+    """The guest's notify channel (started), and where readiness comes from, in words.
+
+    With vsock the guest gets the address as the vmm.notify_socket credential. Without it
+    nothing in the guest can report readiness, so running counts as ready (vmspawn never
+    signals READY there at all: a documented deviation). `transport="unix"` is the AF_UNIX
+    stand-in for hosts without vhost-vsock (tests).
+    """
+    if transport == "unix":
+        sock, address = open_unix_listener(paths.notify)
+    elif vsock_cid is not None:
+        sock, address = open_vsock_listener()
+    else:
+        return None, "running (no vsock: the guest cannot report readiness)"
+    listener = NotifyListener(sock, address, on_message, name)
+    await listener.start()
+    return listener, "guest (READY=1 over the notify socket)" if notify_ready else "running (--notify-ready=no)"
 
 
 def stderr_tail(paths: VmPaths) -> str:

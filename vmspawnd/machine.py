@@ -23,17 +23,18 @@ from typing import TypeVar
 
 from vmspawnd import adoption, launch
 from vmspawnd.control import ControlServer, QmpEvent
-from vmspawnd.fanout import FanOut
 from vmspawnd.errors import InvalidSpec, InvalidState, NotConnected, NotSupported, StartFailed, Timeout
+from vmspawnd.fanout import FanOut
 from vmspawnd.helpers import HelperSet, start_helpers, stop_recorded_helpers
 from vmspawnd.host.machined import info_for
 from vmspawnd.host.process import ChildProcess, ReapedProcess, process_tree, spawn_reaped
 from vmspawnd.host.registration import Registration, register_machine
+from vmspawnd.leftovers import remove_transient_files
 from vmspawnd.model import STATE_FORMAT_VERSION, MachineRecord, MachineState
 from vmspawnd.outcome import ExitFacts, decide_outcome, describe_exit, describe_status, parse_host_signal
 from vmspawnd.qemu.command import build_qemu_command
 from vmspawnd.qemu.console import ConsoleHub
-from vmspawnd.qemu.guest_notify import NotifyListener, open_unix_listener, open_vsock_listener, parse_exit_status
+from vmspawnd.qemu.guest_notify import NotifyListener, parse_exit_status
 from vmspawnd.qemu.monitor import QemuMonitor
 from vmspawnd.qemu.qmp import QmpError
 from vmspawnd.qemu.resolve import resolve_host
@@ -257,26 +258,17 @@ class Machine:
 
     # --- readiness and the guest's notify channel ------------------------------------------
     async def _open_notify_listener(self, stack: contextlib.AsyncExitStack, vsock_cid: int | None) -> str | None:
-        """Listen for the guest's READY/STATUS/EXIT_STATUS, if anything can reach us.
-
-        With vsock the guest gets the address as the vmm.notify_socket credential. Without
-        it nothing in the guest can report readiness, so running counts as ready (vmspawn
-        never signals READY there at all: a documented deviation).
-        """
-        rec = self.record
-        if self.settings.notify_transport == "unix":
-            sock, address = open_unix_listener(self.paths.notify)
-        elif vsock_cid is not None:
-            sock, address = open_vsock_listener()
-        else:
-            rec.readiness = "running (no vsock: the guest cannot report readiness)"
+        """Listen for the guest's READY/STATUS/EXIT_STATUS if anything can reach us; the
+        vsock address the guest is given (launch.open_notify_listener)."""
+        listener, self.record.readiness = await launch.open_notify_listener(
+            self.settings.notify_transport, self.paths, vsock_cid, self.spec.notify_ready, self._on_notify, self.name
+        )
+        if listener is None:
             return None
-        self._notify_listener = NotifyListener(sock, address, self._on_notify, self.name)
-        await self._notify_listener.start()
-        stack.push_async_callback(self._notify_listener.close)
-        rec.notify_address = address
-        rec.readiness = "guest (READY=1 over the notify socket)" if self.spec.notify_ready else "running (--notify-ready=no)"
-        return address if address.startswith("vsock") else None
+        self._notify_listener = listener
+        stack.push_async_callback(listener.close)
+        self.record.notify_address = listener.address
+        return listener.address if listener.address.startswith("vsock") else None
 
     def _on_notify(self, fields: dict[str, str]) -> None:
         """Handle one message as vmspawn does: READY=1, STATUS=, EXIT_STATUS= (uint8)."""
@@ -445,7 +437,6 @@ class Machine:
             if self.console is not None:
                 await self.console.close(drain=True)
 
-
         async def close_notify() -> None:
             if self._notify_listener is not None:
                 listener, self._notify_listener = self._notify_listener, None
@@ -463,7 +454,7 @@ class Machine:
                 await self._registration.close()  # unregister, end the scope; failures are only logged
 
         async def remove_leftovers() -> None:
-            self._remove_leftovers()  # credentials (keys) end with the VM, as vmspawn's SMBIOS dir
+            remove_transient_files(self.paths, self.name)  # credentials (keys) end with the VM, as vmspawn's SMBIOS dir
 
         return [
             ("closing the console", close_console),
@@ -474,20 +465,6 @@ class Machine:
             ("unregistering", unregister),
             ("removing runtime files", remove_leftovers),
         ]
-
-    def _remove_leftovers(self) -> None:
-        """Sockets and temporary files die with QEMU; the record, logs and history stay.
-
-        A failing filesystem (full, read-only, immutable) must not keep the VM from being
-        recorded as ended: failures are logged, and Remove deletes the directory later.
-        """
-        for leftover in self.paths.transient():
-            try:
-                leftover.unlink(missing_ok=True)
-            except OSError as exc:
-                _log.error("%s: could not remove %s: %s", self.name, leftover, exc.strerror)
-        # credentials (keys) end with the VM, as vmspawn's SMBIOS directory
-        shutil.rmtree(self.paths.payload, onerror=lambda _f, path, exc: _log.error("%s: could not remove %s: %s", self.name, path, exc[1]))
 
     # --- lifecycle requests ------------------------------------------------------------------
     def _require(self, operation: str, *states: MachineState) -> None:

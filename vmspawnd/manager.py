@@ -20,16 +20,16 @@ from pathlib import Path
 from dbus_fast.errors import InvalidAddressError
 
 from vmspawnd.errors import DBusCallError, InvalidSpec, InvalidState, MachineExists, NoSuchMachine, Timeout, VmspawnError
+from vmspawnd.fanout import FanOut
 from vmspawnd.host.cgroup import own_unit, unit_of_pid
 from vmspawnd.host.scope import systemd_is_service_manager, unit_is_delegated
-from vmspawnd.fanout import FanOut
-from vmspawnd.tasks import TaskOwner
 from vmspawnd.leftovers import discard_leftovers
 from vmspawnd.machine import Machine
 from vmspawnd.model import STATE_FORMAT_VERSION, MachineRecord, MachineState
 from vmspawnd.runtime_dir import make_private_dir, new_machine_id, read_json
 from vmspawnd.settings import Settings
 from vmspawnd.spec import VmSpec, wire
+from vmspawnd.tasks import TaskOwner
 
 _log = logging.getLogger(__name__)
 

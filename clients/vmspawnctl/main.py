@@ -187,8 +187,6 @@ def follow_events(conn: Connection, name: str | None, json_mode: str) -> None:
 
 def wait_until_ready(address: str, name: str, timeout: float, quiet: bool) -> int:
     """Follow the VM's events until it is ready, with a progress line on stderr."""
-    import socket
-
     progress = sys.stderr.isatty() and not quiet
 
     def show(text: str) -> None:
@@ -211,7 +209,7 @@ def wait_until_ready(address: str, name: str, timeout: float, quiet: bool) -> in
                     state = data["state"]
                 elif event["event"] == "Notify" and "STATUS" in data:
                     show(str(data["STATUS"]))
-    except socket.timeout:
+    except TimeoutError:
         show("")
         print(f"vmspawnctl: timed out after {timeout:g}s waiting for {name} to be ready", file=sys.stderr)
         return EXIT_FAILURE

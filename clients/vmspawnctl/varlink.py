@@ -91,7 +91,7 @@ class Connection:
                 raise ConnectionFailed("the service closed the connection")
             self._buffer += data
         frame, self._buffer = self._buffer.split(b"\0", 1)
-        reply = json.loads(frame)
+        reply: JsonObject = json.loads(frame)
         if "error" in reply:
             raise VarlinkError(reply["error"], reply.get("parameters") or {})
         return reply

@@ -9,8 +9,8 @@ interpreter and list what it really imported.
 from __future__ import annotations
 
 import ast
-import re
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path

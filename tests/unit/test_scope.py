@@ -48,9 +48,18 @@ def test_unit_object_path() -> None:
     assert scope.unit_object_path("vm-1.scope") == "/org/freedesktop/systemd1/unit/vm_2d1_2escope"
 
 
+def plain_properties(props: list[list[object]]) -> dict[object, tuple[str, object]]:
+    """An `a(sv)` as {name: (signature, value)}; every value must be a Variant."""
+    plain: dict[object, tuple[str, object]] = {}
+    for name, v in props:
+        assert isinstance(v, Variant), (name, v)
+        plain[name] = (v.signature, v.value)
+    return plain
+
+
 def test_scope_properties() -> None:
     props = scope.scope_properties("vm1", None, [10, 11], ["TasksMax=50"], ":1.5")
-    plain = {name: (v.signature, v.value) for name, v in props}
+    plain = plain_properties(props)
     assert plain == {
         "Description": ("s", "Virtual Machine vm1"),
         "CollectMode": ("s", "inactive-or-failed"),
@@ -61,7 +70,7 @@ def test_scope_properties() -> None:
         "PIDs": ("au", [10, 11]),
         "TasksMax": ("t", 50),
     }
-    with_fds = {name: (v.signature, v.value) for name, v in scope.scope_properties("vm1", "my/vms", [10, 11], [], None, 2)}
+    with_fds = plain_properties(scope.scope_properties("vm1", "my/vms", [10, 11], [], None, 2))
     assert with_fds["PIDFDs"] == ("ah", [0, 1]) and "PIDs" not in with_fds
     assert with_fds["Slice"] == ("s", "my-vms.slice")
     assert "Controller" not in with_fds

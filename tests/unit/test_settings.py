@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from vmspawnd import settings
@@ -23,7 +25,7 @@ from vmspawnd.varlink.machine_instance import machine_instance_servers
 def test_gui_window_only_in_a_graphical_user_session(
     monkeypatch: pytest.MonkeyPatch, euid: int, env: dict[str, str], window: bool
 ) -> None:
-    monkeypatch.setattr(settings.os, "geteuid", lambda: euid)
+    monkeypatch.setattr(os, "geteuid", lambda: euid)
     for var in ("DISPLAY", "WAYLAND_DISPLAY"):
         monkeypatch.delenv(var, raising=False)
     for var, value in env.items():

@@ -231,7 +231,7 @@ class ReapedProcess:
     after a daemon restart. Signals go straight to QEMU.
     """
 
-    def __init__(self, name: str, qemu: ChildProcess, reaper: ChildProcess | None, status_path: Path) -> None:
+    def __init__(self, name: str, qemu: ChildProcess | _ExitedProcess, reaper: ChildProcess | None, status_path: Path) -> None:
         self.name = name
         self.pid = qemu.pid
         self._qemu = qemu
@@ -279,7 +279,7 @@ class ReapedProcess:
         reaper_child = None
         if reaper is not None and is_same_process(reaper):
             reaper_child = ChildProcess("reaper", reaper.pid, None)
-        return cls(name, loop_child, reaper_child, status_path)  # type: ignore[arg-type]
+        return cls(name, loop_child, reaper_child, status_path)
 
 
 class _ExitedProcess:

@@ -32,7 +32,6 @@ from dbus_fast.aio import MessageBus
 from dbus_fast.errors import InvalidAddressError
 
 from vmspawnd.errors import DBusCallError, StartFailed, VarlinkCallError
-from vmspawnd.tasks import TaskOwner
 from vmspawnd.host.dbus import connect_bus, dbus_call
 from vmspawnd.host.machined import (
     RegistrationInfo,
@@ -51,6 +50,7 @@ from vmspawnd.host.scope import (
     systemd_is_service_manager,
     unref_unit_message,
 )
+from vmspawnd.tasks import TaskOwner
 
 _log = logging.getLogger(__name__)
 
@@ -104,7 +104,8 @@ class Registration:
         return self.bus
 
     async def close(self) -> None:
-        """Unregister and drop the scope: AbandonScope, KillUnit(all, SIGKILL), UnrefUnit (docs/reference/systemd-vmspawn.md §5.2)."""
+        """Unregister and drop the scope: AbandonScope, KillUnit(all, SIGKILL), UnrefUnit
+        (docs/reference/systemd-vmspawn.md §5.2)."""
         if self._closed:
             return
         self._closed = True
@@ -127,7 +128,7 @@ class Registration:
         if self.bus is not None:
             self.bus.disconnect()
             with contextlib.suppress(Exception):
-                await self.bus.wait_for_disconnect()  # type: ignore[no-untyped-call]
+                await self.bus.wait_for_disconnect()
             self.bus = None
 
     async def _quietly(self, message: Message, what: str, debug: bool = False) -> None:
@@ -168,10 +169,10 @@ async def register_machine(
 
     `pids` are all of the VM's processes; `caller_unit` is the unit of the client that
     asked for `--keep-unit`. `adopting`: a restarted daemon takes the VM back; its
-    processes are in their unit already and only the registration is renewed. Raises StartFailed at step "scope", "keep-unit" or "register"
-    when a required part fails; with auto registration an absent machined is skipped
-    quietly and other failures logged. Whatever was done before a failure is undone
-    before raising."""
+    processes are in their unit already and only the registration is renewed. Raises
+    StartFailed at step "scope", "keep-unit" or "register" when a required part fails;
+    with auto registration an absent machined is skipped quietly and other failures
+    logged. Whatever was done before a failure is undone before raising."""
     env = os.environ if environ is None else environ
     root = os.geteuid() == 0 if is_root is None else is_root
     booted = systemd_is_service_manager(env) if systemd_booted is None else systemd_booted

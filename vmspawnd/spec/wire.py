@@ -14,7 +14,6 @@ these annotations at run time.
 import dataclasses
 import typing
 
-
 MachineState = typing.Literal["starting", "running", "ready", "stopping", "stopped", "failed"]
 
 
