@@ -163,7 +163,7 @@ class Renderer:
         for row in body["children"]:
             cells = [inline(cell["children"]) for cell in row["children"]]
             self.emit(".TP", cells[0])
-            lines = [f"\\fI{header}\\fR: {cell}" for header, cell in zip(headers[1:], cells[1:]) if cell]
+            lines = [f"\\fI{header}\\fR: {cell}" for header, cell in zip(headers[1:], cells[1:], strict=True) if cell]
             self.emit("\n.br\n".join(lines))
 
 

@@ -42,9 +42,9 @@ def vm(daemon: Daemon, guest) -> Iterator[dict[str, object]]:  # type: ignore[no
         "initrds": [str(guest.initrd)], "kernelCmdline": ["vmspawnd_test.mode=wait"],
     }})
     machine = daemon.call("Describe", {"name": NAME})["machine"]
-    with Console(machine) as console:  # type: ignore[arg-type]
+    with Console(machine) as console:
         console.wait_for(r"VMSPAWND-TEST: acpid-running")
-    yield machine  # type: ignore[misc]
+    yield machine
     daemon.call("Terminate", {"name": NAME})
     daemon.call("Remove", {"name": NAME})
 

@@ -112,7 +112,7 @@ def demo(daemon: Daemon, guest) -> Iterator[dict[str, str]]:  # type: ignore[no-
     assert "start -M demo --kvm=no --ram=256M" in install and "vmspawnd_test.mode=wait" in install
     subprocess.run(["vmspawnctl", "start", "-M", "demo", "--kvm=no", "--ram=256M", f"--linux={guest.kernel}",
                     f"--initrd={guest.initrd}", "vmspawnd_test.mode=wait"], env=env, check=True, timeout=300)
-    with Console(daemon.call("Describe", {"name": "demo"})["machine"]) as console:  # type: ignore[arg-type]
+    with Console(daemon.call("Describe", {"name": "demo"})["machine"]) as console:
         console.wait_for(r"VMSPAWND-TEST: acpid-running")
     yield env
     for name in ("demo", "vm1", "vm2"):
