@@ -21,6 +21,7 @@ import time
 import tty
 from collections.abc import Callable, Iterator
 
+from .output import paged
 from .varlink import INTERFACE, Connection, VarlinkError
 
 ESCAPE = 0x1D  # Ctrl-]
@@ -218,8 +219,11 @@ def no_console_reason(machine: dict[str, object]) -> str | None:
     return None
 
 
-def follow_log(conn: Connection, name: str, lines: int | None, follow: bool) -> int:
-    """`vmspawnctl log NAME [-f]`: the history, then (with -f) the live console, read-only."""
+def follow_log(conn: Connection, name: str, lines: int | None, follow: bool, pager: bool = True) -> int:
+    """`vmspawnctl log NAME [-f]`: the history, then (with -f) the live console, read-only.
+
+    Without -f the history goes through a pager on a terminal (unless `pager` is false), as
+    journalctl's does; -f never pages, the stream has no end for a pager to wait for."""
     if reason := no_console_reason(conn.call(f"{INTERFACE}.Describe", {"name": name})["machine"]):
         print(f"vmspawnctl: {reason}", file=sys.stderr)
         return 1
@@ -235,6 +239,10 @@ def follow_log(conn: Connection, name: str, lines: int | None, follow: bool) -> 
     if lines is not None:
         params["lines"] = lines
     text = str(conn.call(f"{INTERFACE}.ReadConsoleLog", params)["text"])
+    if not follow:
+        with paged(pager) as page:
+            page.write(text.encode("utf-8", errors="replace"))
+        return 0
     out = sys.stdout.buffer
     out.write(text.encode("utf-8", errors="replace"))
     out.flush()

@@ -21,7 +21,9 @@ import socket
 import sys
 import threading
 import typing
+from collections.abc import Mapping
 
+from . import output
 from .console import Relay, Terminated, open_console, raw_terminal, signals_raise, write_all
 from .varlink import INTERFACE, Connection, ConnectionFailed, JsonObject, VarlinkError
 
@@ -60,6 +62,18 @@ def default_tint() -> str:
     """
     red, green, blue = hsv_to_rgb(VMSPAWN_HUE, 75, 20)
     return f"48;2;{red};{green};{blue}"
+
+
+def default_tint_if_wanted(env: Mapping[str, str] | None = None) -> str:
+    """The default tint, unless colour is off ($NO_COLOR, $SYSTEMD_COLORS=0, TERM=dumb: systemd
+    queries no background colour then, so it tints nothing) or $SYSTEMD_TINT_BACKGROUND is
+    false. An explicit --background is the user's own choice and not subject to this."""
+    env = os.environ if env is None else env
+    if not output.colour_enabled(sys.stdout, env):
+        return ""
+    if output.parse_boolean_env(env.get("SYSTEMD_TINT_BACKGROUND")) is False:
+        return ""
+    return default_tint()
 
 
 def sd_notify(message: str) -> None:
@@ -152,7 +166,7 @@ def _foreground(args: argparse.Namespace, address: str, machine: MachineJson, mo
     stdout = sys.stdout.fileno()
     tint = ""
     if attached and mode != "native" and os.isatty(stdout):
-        tint = default_tint() if args.background is None else args.background
+        tint = default_tint_if_wanted() if args.background is None else args.background
     final: dict[str, object] = {}
     signals = _Signals()
     control: list[Connection] = []  # PowerOff calls in flight; their replies are not awaited

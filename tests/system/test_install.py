@@ -16,7 +16,7 @@ from vmspawnctl.varlink import Connection, JsonObject
 
 from tests.support import MANAGER, Console
 from tests.system.container import Container
-from tests.system.deploy import Installation
+from tests.system.deploy import REPO_ROOT, Installation
 
 pytestmark = [pytest.mark.system, pytest.mark.vm]
 
@@ -60,6 +60,22 @@ def test_readme_install(system_container: Container, vmspawnd_installed: Install
     assert is_active(c, "vmspawnd.socket") == "active"
     assert is_active(c, "vmspawnd-guests.service") == "active"
     assert c.run(["stat", "-c", "%F %a", SOCKET]).stdout.strip() == "socket 666"
+
+
+def test_man_pages_and_completion_are_found(system_container: Container, vmspawnd_installed: Installation) -> None:
+    """After the install `man` finds both pages on its default MANPATH (and the units as
+    aliases of vmspawnd(8)), and bash-completion loads vmspawnctl's completion on first use."""
+    c = system_container
+    assert "/usr/local/share/man" in c.run(["manpath"]).stdout.strip().split(":")
+    for page, link in (("vmspawnctl", "/usr/local/share/man/man1/vmspawnctl.1"), ("vmspawnd", "/usr/local/share/man/man8/vmspawnd.8")):
+        # man -w names the file behind the link, in the installation's share/man.
+        assert c.run(["man", "-w", page]).stdout.strip() == c.run(["readlink", "-e", link]).stdout.strip() != ""
+    for page, title in (("vmspawnctl", "VMSPAWNCTL(1)"), ("vmspawnd", "VMSPAWND(8)"), ("vmspawnd.service", "VMSPAWND(8)")):
+        shown = c.run(["man", page], env={"MANWIDTH": "80"}).stdout
+        assert shown.split("\n", 1)[0].startswith(title), shown[:300]
+    loaded = c.run(". /usr/share/bash-completion/bash_completion; _completion_loader vmspawnctl; complete -p vmspawnctl").stdout
+    assert "-F _vmspawnctl_completion vmspawnctl" in loaded, loaded
+    assert c.run(["test", "-s", "/usr/local/share/zsh/site-functions/_vmspawnctl"], check=False).returncode == 0
 
 
 def test_install_again_changes_nothing(system_container: Container, vmspawnd_installed: Installation) -> None:
@@ -132,10 +148,23 @@ def test_varlink_clients_list_the_vm(system_container: Container, vmspawnd_insta
     c = system_container
     reply = json.loads(c.run(["varlinkctl", "call", SOCKET, f"{MANAGER}.List", "{}"]).stdout)
     assert [m["name"] for m in reply["machines"]] == [VM], reply
-    # README's example with the dev venv's client, from the host.
+    # An independent client from the host.
     host = subprocess.run([sys.executable, "-m", "varlink.cli", "call", f"unix:{c.path(SOCKET)}/{MANAGER}.List", "{}"],
                           capture_output=True, text=True, timeout=60, check=True)
     assert [m["name"] for m in json.loads(host.stdout)["machines"]] == [VM], host.stdout
+    # README's Varlink examples, as written, inside (python-varlink's CLI exits 0 on a Varlink
+    # error: the output is what counts).
+    examples = [line for line in (REPO_ROOT / "README.md").read_text().splitlines()
+                if line.startswith(("varlinkctl call ", "/opt/vmspawnd/bin/python -m varlink.cli call "))]
+    assert len(examples) == 2, examples
+    for example in examples:
+        out = c.run(example).stdout
+        assert [m["name"] for m in json.loads(out)["machines"]] == [VM], (example, out)
+    # Tab after "vmspawnctl status " offers the running VM, through the installed completion.
+    offered = c.run(". /usr/share/bash-completion/bash_completion; _completion_loader vmspawnctl; "
+                    "COMP_WORDS=(vmspawnctl status ''); COMP_CWORD=2; _vmspawnctl_completion vmspawnctl '' status; "
+                    "printf '%s\\n' \"${COMPREPLY[@]}\"").stdout.split()
+    assert offered == [VM], offered
 
 
 def test_stop_and_remove(system_container: Container, vmspawnd_installed: Installation) -> None:
