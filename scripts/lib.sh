@@ -26,10 +26,15 @@ VMSPAWND_SYSTEM_PACKAGES=(
 )
 
 # Only for the tests: the system tier (tests/system) builds Debian trees and boots them with
-# systemd as PID 1 in containers; tests/realguest builds a Debian guest and its disk image.
+# systemd as PID 1 in containers; man-db renders the man pages, bash-completion and zsh run
+# the completion scripts (tests/unit/test_manpages.py, tests/integration/test_cli_conventions.py);
+# tests/realguest builds a Debian guest and its disk image.
 VMSPAWND_TEST_PACKAGES=(
     debootstrap
     systemd-container
+    man-db
+    bash-completion
+    zsh
     e2fsprogs  # mkfs.ext4 -d: the real guest's disk image (tests/realguest)
 )
 
@@ -45,6 +50,14 @@ log() {
 die() {
     printf '%s: error: %s\n' "${0##*/}" "$*" >&2
     exit 1
+}
+
+# True when PID exists and is no zombie (PID 1 here may reap orphans late).
+pid_running() {
+    local state
+    # The state follows the ")" that ends the command name (which may contain spaces).
+    state=$(sed 's/.*) //' "/proc/$1/stat" 2>/dev/null | cut -d' ' -f1 || true)
+    [ -n "$state" ] && [ "$state" != Z ] && [ "$state" != X ]
 }
 
 repo_root() {
