@@ -20,8 +20,8 @@ import tempfile
 from pathlib import Path
 
 import pytest
-from vmspawnd.scenarios import HAND_WRITTEN, SCENARIOS
 
+from tests.golden.scenarios import HAND_WRITTEN, SCENARIOS
 from tests.support import children_of
 from vmspawnd.qemu.command import build_qemu_command
 
