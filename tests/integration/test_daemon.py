@@ -45,6 +45,7 @@ def test_sigterm_sends_stopping_and_exits_cleanly(runtime: Path) -> None:
     d.notify.close()
 
 
+@pytest.mark.vm
 def test_socket_activation_with_named_fd(runtime: Path, guest) -> None:  # type: ignore[no-untyped-def]
     """Under the real systemd-socket-activate, with the fd named 'varlink' among others."""
     activate = shutil.which("systemd-socket-activate")

@@ -92,6 +92,7 @@ def test_cli_refuses_bad_ram_without_contacting_the_daemon(daemon: Daemon, tmp_p
     assert "cannot connect" not in result.stderr
 
 
+@pytest.mark.vm
 def test_duplicate_name_is_refused_and_qemu_failure_is_reported(daemon: Daemon, guest) -> None:  # type: ignore[no-untyped-def]
     spec = {"name": "dup", "kvm": False, "ram": 128 * MIB, "linux": str(guest.kernel),
             "initrds": [str(guest.initrd)], "kernelCmdline": ["vmspawnd_test.mode=wait"]}
@@ -146,6 +147,7 @@ def test_oversized_frame_is_closed(daemon: Daemon) -> None:
         assert daemon.call("List")["machines"] == []
 
 
+@pytest.mark.vm
 def test_client_hanging_up_mid_spawn_leaves_a_consistent_vm(daemon: Daemon, guest) -> None:  # type: ignore[no-untyped-def]
     spec = {"name": "hangup", "kvm": False, "ram": 128 * MIB, "linux": str(guest.kernel),
             "initrds": [str(guest.initrd)], "kernelCmdline": ["vmspawnd_test.mode=wait"]}
