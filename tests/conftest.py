@@ -12,7 +12,6 @@ import pytest
 
 from tests.support import Daemon, make_runtime_dir, start_daemon, stop_daemon, zombies
 
-
 GUEST_MARKERS = {"vm", "qemu", "system"}
 
 
