@@ -29,14 +29,15 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any, NotRequired, TextIO, TypedDict
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(1, str(REPO / "clients"))
 
-from vmspawnctl.varlink import Connection
+from vmspawnctl.varlink import Connection, JsonObject
 
-from tests.guest.build import ensure_guest
+from tests.guest.build import Guest, ensure_guest
 from tests.support import (
     Console,
     Daemon,
@@ -50,6 +51,65 @@ from tests.support import (
 MANAGER = "io.vmspawnd.Manager"
 MIB = 1024 * 1024
 MARKER = "VMSPAWND-TEST: facts-done"
+
+# --- the report's shape (written as JSON, rendered into docs/performance.md) ----------------
+
+
+class Comparison(TypedDict):
+    """Paired timings of the daemon (a) against a baseline (b), in seconds."""
+
+    daemon: dict[str, float]
+    baseline: dict[str, float]
+    ratio: float
+    ratio_ci95: list[float]
+    mann_whitney_p: float
+    samples_daemon: list[float]
+    samples_baseline: list[float]
+    argv: NotRequired[list[str]]  # spawn only: the QEMU command line both sides ran
+
+
+# "Describe / one connection" → {"p50_ms", "p99_ms", "max_ms", "n"}
+Latency = dict[str, dict[str, float]]
+
+
+class Scale(TypedDict):
+    rss_kib: list[tuple[int, int]]  # (VMs supervised, daemon RSS)
+    latency: dict[str, Latency]  # by VM count
+    wedged: Latency  # at the highest count, one QEMU SIGSTOPped
+    per_vm_kib: float
+    rss_full_kib: int
+    rss_after_remove_kib: int
+
+
+class Snapshot(TypedDict):
+    fds: list[str]
+    children: list[int]
+    dirs: list[str]
+    rss_kib: int
+
+
+class Leak(TypedDict):
+    cycles: int
+    seconds: float
+    before: Snapshot
+    after: Snapshot
+    fds_same: bool
+    children_same: bool
+    dirs_same: bool
+
+
+class Report(TypedDict):
+    date: str
+    machine: dict[str, str]
+    command: str
+    runtime_dir: NotRequired[str]
+    idle_rss_kib: NotRequired[int]
+    cli: NotRequired[Comparison]
+    spawn: NotRequired[Comparison]
+    marker: NotRequired[Comparison]
+    scale: NotRequired[Scale]
+    leak: NotRequired[Leak]
+    wall_s: NotRequired[float]
 
 
 def log(*args: object) -> None:
@@ -87,7 +147,7 @@ def mann_whitney(a: list[float], b: list[float]) -> float:
         ties += t ** 3 - t
         i = j + 1
     n1, n2 = len(a), len(b)
-    r1 = sum(r for r, (_, g) in zip(ranks, both) if g == 0)
+    r1 = sum(r for r, (_, g) in zip(ranks, both, strict=True) if g == 0)
     u = r1 - n1 * (n1 + 1) / 2
     mu = n1 * n2 / 2
     n = n1 + n2
@@ -108,7 +168,7 @@ def bootstrap_ratio(a: list[float], b: list[float], rounds: int = 10000) -> tupl
     return ratios[int(0.025 * rounds)], ratios[int(0.975 * rounds)]
 
 
-def compare(daemon: list[float], baseline: list[float]) -> dict[str, object]:
+def compare(daemon: list[float], baseline: list[float]) -> Comparison:
     lo, hi = bootstrap_ratio(daemon, baseline)
     return {
         "daemon": summary(daemon), "baseline": summary(baseline),
@@ -142,12 +202,12 @@ def rss_kib(pid: int) -> int:
     raise RuntimeError("no VmRSS")
 
 
-def call(address: str, method: str, params: dict[str, object] | None = None, timeout: float = 300) -> dict[str, object]:
+def call(address: str, method: str, params: dict[str, object] | None = None, timeout: float = 300) -> JsonObject:
     with Connection(address, timeout=timeout) as conn:
         return conn.call(f"{MANAGER}.{method}", params)
 
 
-def vm_spec(guest, name: str, ram: int, mode: str = "wait") -> dict[str, object]:  # type: ignore[no-untyped-def]
+def vm_spec(guest: Guest, name: str, ram: int, mode: str = "wait") -> dict[str, object]:
     # tpm off: the by-hand baseline would otherwise need its own swtpm (see docs/performance.md).
     return {"name": name, "kvm": False, "tpm": False, "ram": ram, "linux": str(guest.kernel),
             "initrds": [str(guest.initrd)], "kernelCmdline": [f"vmspawnd_test.mode={mode}"]}
@@ -205,13 +265,14 @@ class QemuTemplate:
         return out
 
 
-def qmp_cmd(f, sock: socket.socket, command: str) -> dict[str, object]:  # type: ignore[no-untyped-def]
+def qmp_cmd(f: TextIO, sock: socket.socket, command: str) -> dict[str, Any]:
+    """One QMP command's reply (JSON in the shape QEMU's QAPI schema gives it)."""
     sock.sendall(json.dumps({"execute": command}).encode() + b"\n")
     while True:
         line = f.readline()
         if not line:
             raise RuntimeError("QMP closed")
-        msg = json.loads(line)
+        msg: dict[str, Any] = json.loads(line)
         if "return" in msg or "error" in msg:
             return msg
 
@@ -255,7 +316,7 @@ class ByHand:
             qmp_cmd(f, qmp, "qmp_capabilities")
             reply = qmp_cmd(f, qmp, "cont")
             assert "return" in reply, reply
-            while qmp_cmd(f, qmp, "query-status")["return"]["status"] != "running":  # type: ignore[index]
+            while qmp_cmd(f, qmp, "query-status")["return"]["status"] != "running":
                 pass
 
     def wait_marker(self, timeout: float = 300) -> None:
@@ -283,12 +344,13 @@ class ByHand:
 # --- the benchmarks ----------------------------------------------------------------------
 
 
-def bench_spawn(d: Daemon, guest, root: Path, runs: int) -> dict[str, object]:  # type: ignore[no-untyped-def]
+def bench_spawn(d: Daemon, guest: Guest, root: Path, runs: int) -> Comparison:
     log(f"spawn overhead: {runs} alternating pairs")
     first = call(d.address, "Spawn", {"spec": vm_spec(guest, "tmpl", 64 * MIB)})["machine"]
-    template = QemuTemplate(first["qemu"]["pid"], Path(first["runtimeDirectory"]), root / "spawn-template")  # type: ignore[index]
+    template = QemuTemplate(first["qemu"]["pid"], Path(first["runtimeDirectory"]), root / "spawn-template")
     remove(d.address, "tmpl")
-    a, b = [], []
+    a: list[float] = []  # the daemon's side
+    b: list[float] = []  # the baseline's
     for i in range(runs):
         for side in ((0, 1) if i % 2 == 0 else (1, 0)):
             if side == 0:
@@ -309,13 +371,14 @@ def bench_spawn(d: Daemon, guest, root: Path, runs: int) -> dict[str, object]:  
     return result
 
 
-def bench_marker(d: Daemon, guest, root: Path, runs: int) -> dict[str, object]:  # type: ignore[no-untyped-def]
+def bench_marker(d: Daemon, guest: Guest, root: Path, runs: int) -> Comparison:
     log(f"time to guest marker: {runs} alternating pairs")
     env = dict(os.environ, VMSPAWN_ADDRESS=d.address)
     ctl_args = ["--kvm=no", "--tpm=no", "--ram=256M", f"--linux={guest.kernel}", f"--initrd={guest.initrd}",
                 "vmspawnd_test.mode=wait"]
     template: QemuTemplate | None = None
-    a, b = [], []
+    a: list[float] = []  # the daemon's side
+    b: list[float] = []  # the baseline's
     for i in range(runs):
         # Pair 0 starts with the daemon: its QEMU is the template for the by-hand runs.
         for side in ((0, 1) if i % 2 == 0 else (1, 0)):
@@ -325,11 +388,11 @@ def bench_marker(d: Daemon, guest, root: Path, runs: int) -> dict[str, object]: 
                 subprocess.run([sys.executable, "-m", "vmspawnctl.main", "start", "-M", name, *ctl_args],
                                env=env, check=True, capture_output=True, timeout=300)
                 machine = call(d.address, "Describe", {"name": name})["machine"]
-                with Console(machine) as console:  # type: ignore[arg-type]
+                with Console(machine) as console:
                     console.wait_for(re.escape(MARKER), timeout=300)
                 a.append(time.perf_counter() - t)
                 if template is None:
-                    template = QemuTemplate(machine["qemu"]["pid"], Path(machine["runtimeDirectory"]), root / "marker-template")  # type: ignore[index]
+                    template = QemuTemplate(machine["qemu"]["pid"], Path(machine["runtimeDirectory"]), root / "marker-template")
                 remove(d.address, name)
             else:
                 assert template is not None
@@ -345,10 +408,11 @@ def bench_marker(d: Daemon, guest, root: Path, runs: int) -> dict[str, object]: 
     return compare(a, b)
 
 
-def bench_cli(d: Daemon, runs: int) -> dict[str, object]:
+def bench_cli(d: Daemon, runs: int) -> Comparison:
     log(f"CLI start-up: {runs} alternating pairs")
     env = dict(os.environ, VMSPAWN_ADDRESS=d.address)
-    a, b = [], []
+    a: list[float] = []  # the daemon's side
+    b: list[float] = []  # the baseline's
     for i in range(runs):
         for side in ((0, 1) if i % 2 == 0 else (1, 0)):
             argv = [sys.executable, "-m", "vmspawnctl.main", "list"] if side == 0 else [sys.executable, "-c", "pass"]
@@ -383,19 +447,19 @@ def latency(d: Daemon, names: list[str], calls: int) -> dict[str, dict[str, floa
     return out
 
 
-def bench_scale(d: Daemon, guest, max_vms: int, levels: list[int], calls: int, idle_rss: int) -> dict[str, object]:  # type: ignore[no-untyped-def]
+def bench_scale(d: Daemon, guest: Guest, max_vms: int, levels: list[int], calls: int, idle_rss: int) -> Scale:
     log(f"scale: up to {max_vms} VMs (64M, paused right after Spawn), latency at {levels}")
     names: list[str] = []
     rss = [(0, idle_rss)]
-    lat: dict[str, object] = {}
-    wedged: dict[str, object] = {}
+    lat: dict[str, Latency] = {}
+    wedged: Latency = {}
     pids: list[int] = []
     for n in range(1, max_vms + 1):
         name = f"vm{n:03d}"
         m = call(d.address, "Spawn", {"spec": vm_spec(guest, name, 64 * MIB)})["machine"]
         call(d.address, "Pause", {"name": name})
         names.append(name)
-        pids.append(m["qemu"]["pid"])  # type: ignore[index]
+        pids.append(m["qemu"]["pid"])
         call(d.address, "List")
         rss.append((n, rss_kib(d.process.pid)))
         if n in levels:
@@ -418,16 +482,16 @@ def bench_scale(d: Daemon, guest, max_vms: int, levels: list[int], calls: int, i
     xs = [n for n, _ in rss[1:]]
     ys = [r for _, r in rss[1:]]
     mx, my = statistics.fmean(xs), statistics.fmean(ys)
-    slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sum((x - mx) ** 2 for x in xs) if len(xs) > 1 else 0.0
+    slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys, strict=True)) / sum((x - mx) ** 2 for x in xs) if len(xs) > 1 else 0.0
     return {"rss_kib": rss, "latency": lat, "wedged": wedged, "per_vm_kib": slope,
             "rss_full_kib": full_rss, "rss_after_remove_kib": after_rss}
 
 
-def bench_leak(d: Daemon, guest, cycles: int) -> dict[str, object]:  # type: ignore[no-untyped-def]
+def bench_leak(d: Daemon, guest: Guest, cycles: int) -> Leak:
     log(f"leak check: {cycles} Spawn/Terminate/Remove cycles")
     call(d.address, "List")
     pid = d.process.pid
-    before = {"fds": daemon_fds(d), "children": sorted(children_of(pid)),
+    before: Snapshot = {"fds": daemon_fds(d), "children": sorted(children_of(pid)),
               "dirs": sorted(p.name for p in (d.runtime_dir / "machines").iterdir()), "rss_kib": rss_kib(pid)}
     t = time.perf_counter()
     for i in range(cycles):
@@ -436,7 +500,7 @@ def bench_leak(d: Daemon, guest, cycles: int) -> dict[str, object]:  # type: ign
     elapsed = time.perf_counter() - t
     call(d.address, "List")
     time.sleep(0.5)
-    after = {"fds": daemon_fds(d), "children": sorted(children_of(pid)),
+    after: Snapshot = {"fds": daemon_fds(d), "children": sorted(children_of(pid)),
              "dirs": sorted(p.name for p in (d.runtime_dir / "machines").iterdir()), "rss_kib": rss_kib(pid)}
     return {"cycles": cycles, "seconds": elapsed, "before": before, "after": after,
             "fds_same": before["fds"] == after["fds"], "children_same": before["children"] == after["children"],
@@ -446,40 +510,44 @@ def bench_leak(d: Daemon, guest, cycles: int) -> dict[str, object]:  # type: ign
 # --- report ------------------------------------------------------------------------------
 
 
-def fmt_cmp(r: dict[str, object], unit: float = 1.0, suffix: str = "s", digits: int = 3) -> tuple[str, str, str]:
+def fmt_cmp(r: Comparison, unit: float = 1.0, suffix: str = "s", digits: int = 3) -> tuple[str, str, str]:
     def one(s: dict[str, float]) -> str:
         return f"{s['median'] * unit:.{digits}f} {suffix} ({s['min'] * unit:.{digits}f}–{s['max'] * unit:.{digits}f})"
-    lo, hi = r["ratio_ci95"]  # type: ignore[misc]
+    lo, hi = r["ratio_ci95"]
     ratio = f"{r['ratio']:.2f} (95% CI {lo:.2f}–{hi:.2f}, MW p={r['mann_whitney_p']:.3f})"
-    return one(r["daemon"]), one(r["baseline"]), ratio  # type: ignore[arg-type]
+    return one(r["daemon"]), one(r["baseline"]), ratio
 
 
 def verdict(ok: bool) -> str:
     return "met" if ok else "**missed**"
 
 
-def render(res: dict[str, object]) -> str:
+def render(res: Report) -> str:
     info = res["machine"]
     L = [f"### Run of {res['date']}", ""]
     L.append(f"Machine: {info['nproc']} CPUs ({info['cpu']}), {info['ram']} RAM, kernel {info['kernel']}, "
              f"{info['qemu']}, Python {info['python']}; load average at start {info['loadavg_at_start']}. "
-             f"KVM not used (`kvm: false`, TCG). Runtime directory {res.get('runtime_dir')}. Command: `{res['command']}`; wall time {res['wall_s']:.0f} s.")
+             f"KVM not used (`kvm: false`, TCG). Runtime directory {res.get('runtime_dir')}. "
+             f"Command: `{res['command']}`; wall time {res['wall_s']:.0f} s.")
     L.append("")
     L.append("| measurement | vmspawnd | baseline | ratio | target |")
     L.append("| --- | --- | --- | --- | --- |")
     if "spawn" in res:
         r = res["spawn"]
         a, b, q = fmt_cmp(r)
-        L.append(f"| Spawn → running, {r['daemon']['n']} A/B pairs | {a} | {b} (same argv by hand) | {q} | ≤ 1.10: {verdict(r['ratio'] <= 1.10)} |")
+        L.append(f"| Spawn → running, {r['daemon']['n']} A/B pairs | {a} | {b} (same argv by hand) | {q} "
+                 f"| ≤ 1.10: {verdict(r['ratio'] <= 1.10)} |")
     if "marker" in res:
         r = res["marker"]
         a, b, q = fmt_cmp(r, digits=2)
         sig = "significant" if r["mann_whitney_p"] < 0.05 else "not significant"
-        L.append(f"| `vmspawnctl start` → `facts-done`, {r['daemon']['n']} A/B pairs | {a} | {b} (same argv by hand) | {q}; {sig} at 5 % | ≤ 1.05: {verdict(r['ratio'] <= 1.05)} |")
+        L.append(f"| `vmspawnctl start` → `facts-done`, {r['daemon']['n']} A/B pairs | {a} | {b} (same argv by hand) "
+                 f"| {q}; {sig} at 5 % | ≤ 1.05: {verdict(r['ratio'] <= 1.05)} |")
     if "cli" in res:
         r = res["cli"]
         a, b, q = fmt_cmp(r, 1e3, "ms", 1)
-        L.append(f"| `vmspawnctl list`, {r['daemon']['n']} A/B pairs | {a} | {b} (`python3 -c pass`) | {q} | ≤ 3×: {verdict(r['ratio'] <= 3)} |")
+        L.append(f"| `vmspawnctl list`, {r['daemon']['n']} A/B pairs | {a} | {b} (`python3 -c pass`) | {q} "
+                 f"| ≤ 3×: {verdict(r['ratio'] <= 3)} |")
     if "idle_rss_kib" in res:
         idle = res["idle_rss_kib"] / 1024
         L.append(f"| daemon RSS idle | {idle:.1f} MiB | | | ≤ 40 MiB: {verdict(idle <= 40)} |")
@@ -488,7 +556,8 @@ def render(res: dict[str, object]) -> str:
         per = s["per_vm_kib"] / 1024
         n = s["rss_kib"][-1][0]
         L.append(f"| daemon RSS per VM (least squares, 1–{n} VMs) | {per:.2f} MiB | | | ≤ 1 MiB: {verdict(per <= 1)} |")
-        L.append(f"| daemon RSS with {n} VMs / after removing them | {s['rss_full_kib'] / 1024:.1f} / {s['rss_after_remove_kib'] / 1024:.1f} MiB | | | |")
+        L.append(f"| daemon RSS with {n} VMs / after removing them "
+                 f"| {s['rss_full_kib'] / 1024:.1f} / {s['rss_after_remove_kib'] / 1024:.1f} MiB | | | |")
     L.append("")
     if "scale" in res:
         s = res["scale"]
@@ -504,16 +573,18 @@ def render(res: dict[str, object]) -> str:
             L.append(f"| {key} | " + " | ".join(f"{c['p50_ms']:.2f} / {c['p99_ms']:.2f} ({c['max_ms']:.1f})" for c in cells) + " |")
         worst = max(c["p99_ms"] for c in list(s["latency"][levels[-1]].values()) + list(s["wedged"].values()))
         L.append("")
-        L.append(f"Target p99 ≤ 5 ms at {levels[-1]} VMs, unchanged by the wedged one: worst p99 {worst:.2f} ms, {verdict(worst <= 5)}.")
+        L.append(f"Target p99 ≤ 5 ms at {levels[-1]} VMs, unchanged by the wedged one: "
+                 f"worst p99 {worst:.2f} ms, {verdict(worst <= 5)}.")
         L.append("")
     if "leak" in res:
         k = res["leak"]
-        b, a = k["before"], k["after"]
+        before, after = k["before"], k["after"]
         L.append(f"Leak check, {k['cycles']} × Spawn → Terminate → Remove ({k['seconds']:.0f} s): "
-                 f"fds {len(b['fds'])} → {len(a['fds'])} ({'same set' if k['fds_same'] else 'DIFFERENT'}), "
-                 f"children {len(b['children'])} → {len(a['children'])} ({'same' if k['children_same'] else 'DIFFERENT'}), "
-                 f"machines/ dirs {len(b['dirs'])} → {len(a['dirs'])} ({'same' if k['dirs_same'] else 'DIFFERENT'}), "
-                 f"RSS {b['rss_kib'] / 1024:.1f} → {a['rss_kib'] / 1024:.1f} MiB.")
+                 f"fds {len(before['fds'])} → {len(after['fds'])} ({'same set' if k['fds_same'] else 'DIFFERENT'}), "
+                 f"children {len(before['children'])} → {len(after['children'])} "
+                 f"({'same' if k['children_same'] else 'DIFFERENT'}), "
+                 f"machines/ dirs {len(before['dirs'])} → {len(after['dirs'])} ({'same' if k['dirs_same'] else 'DIFFERENT'}), "
+                 f"RSS {before['rss_kib'] / 1024:.1f} → {after['rss_kib'] / 1024:.1f} MiB.")
         L.append("")
     return "\n".join(L)
 
@@ -547,7 +618,7 @@ def main() -> None:
     only = set(args.only.split(","))
     started = time.perf_counter()
     guest = ensure_guest()
-    res: dict[str, object] = {
+    res: Report = {
         "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
         "machine": machine_info(), "command": args.command,
     }
@@ -574,7 +645,7 @@ def main() -> None:
             res["marker"] = bench_marker(d, guest, root, args.runs)
         if "scale" in only:
             levels = [int(x) for x in args.levels.split(",") if int(x) <= args.max_vms]
-            res["scale"] = bench_scale(d, guest, args.max_vms, levels, args.calls, res["idle_rss_kib"])  # type: ignore[arg-type]
+            res["scale"] = bench_scale(d, guest, args.max_vms, levels, args.calls, res["idle_rss_kib"])
         if "leak" in only:
             res["leak"] = bench_leak(d, guest, args.cycles)
     finally:

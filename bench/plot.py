@@ -27,7 +27,7 @@ def main() -> None:
     fig, (lat_ax, rss_ax) = plt.subplots(1, 2, figsize=(11, 4.2))
     levels = [int(n) for n in scale["latency"]]
     keys = list(next(iter(scale["latency"].values())))
-    for key, colour in zip(keys, ("tab:blue", "tab:orange", "tab:green", "tab:red")):
+    for key, colour in zip(keys, ("tab:blue", "tab:orange", "tab:green", "tab:red"), strict=False):
         for pct, style in (("p50_ms", "-"), ("p99_ms", "--")):
             ys = [scale["latency"][str(n)][key][pct] for n in levels]
             lat_ax.plot(levels, ys, style, marker="o", color=colour, label=f"{key} {pct[:3]}")

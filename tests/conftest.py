@@ -7,16 +7,20 @@ from __future__ import annotations
 import os
 import shutil
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 import pytest
 
 from tests.support import Daemon, make_runtime_dir, start_daemon, stop_daemon, zombies
 
+if TYPE_CHECKING:
+    from tests.guest.build import Guest
+
 GUEST_MARKERS = {"vm", "qemu", "system"}
 
 
 @pytest.fixture(scope="session")
-def guest():  # type: ignore[no-untyped-def]
+def guest() -> Guest:
     """The test guest (tests/guest), built on first use: only for tests marked vm or qemu."""
     from tests.guest.build import ensure_guest
 

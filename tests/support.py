@@ -21,8 +21,9 @@ import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Protocol
 
-from vmspawnctl.varlink import Connection
+from vmspawnctl.varlink import Connection, JsonObject
 
 MANAGER = "io.vmspawnd.Manager"
 BOOT_TIMEOUT = 120.0  # TCG on 2 shared cores with OVMF: ~13 s normally, much more under load
@@ -59,7 +60,7 @@ class Daemon:
     def connect(self, timeout: float = 300.0) -> Connection:
         return Connection(self.address, timeout=timeout)
 
-    def call(self, method: str, params: dict[str, object] | None = None, timeout: float = 300.0) -> dict[str, object]:
+    def call(self, method: str, params: dict[str, object] | None = None, timeout: float = 300.0) -> JsonObject:
         with self.connect(timeout) as conn:
             return conn.call(f"{MANAGER}.{method}", params)
 
@@ -110,7 +111,7 @@ def stop_daemon(daemon: Daemon) -> None:
     """
     try:
         if daemon.alive():
-            for machine in daemon.call("List", timeout=60)["machines"]:  # type: ignore[union-attr]
+            for machine in daemon.call("List", timeout=60)["machines"]:
                 if machine["state"] not in ("stopped", "failed"):
                     with contextlib.suppress(Exception):
                         daemon.call("Terminate", {"name": machine["name"]}, timeout=60)
@@ -126,11 +127,11 @@ def stop_daemon(daemon: Daemon) -> None:
             daemon.process.wait()
         kill_leftovers(daemon.runtime_dir)
         daemon.notify.close()
-        if "PYTEST_CURRENT_TEST" not in os.environ:
-            return
-        # Shown by pytest only when the module's last test failed: the daemon's side of it.
-        print(f"--- last lines of {daemon.log_path} ---")
-        print("\n".join(daemon.log().splitlines()[-150:]))
+        # Not a `return` when outside pytest: in a `finally` it would swallow the exception.
+        if "PYTEST_CURRENT_TEST" in os.environ:
+            # Shown by pytest only when the module's last test failed: the daemon's side of it.
+            print(f"--- last lines of {daemon.log_path} ---")
+            print("\n".join(daemon.log().splitlines()[-150:]))
 
 
 def kill_leftovers(runtime_dir: Path) -> list[int]:
@@ -186,7 +187,7 @@ class Console:
     read-only OpenConsole stream (the daemon holds QEMU's console socket itself).
     """
 
-    def __init__(self, machine: dict[str, object]) -> None:
+    def __init__(self, machine: JsonObject) -> None:
         self.log_path = Path(str(machine["consoleLog"]))
         runtime = Path(str(machine["runtimeDirectory"]))
         self.address = str(runtime.parent.parent / "io.vmspawnd.Manager")  # RUNTIME/machines/ID
@@ -344,16 +345,23 @@ def no_leaks(daemon: Daemon) -> Iterator[None]:
     assert after == fds, f"fds changed: now {after}, before {fds}"
 
 
+class Reachable(Protocol):
+    """A daemon whose manager socket the tests can connect to: a Daemon here, a daemon in a
+    container (tests/system/vms.py's Remote) there."""
+
+    def connect(self, timeout: float = 300.0) -> Connection: ...
+
+
 class EventStream:
     """A SubscribeEvents stream; events after `__enter__` returns are never missed."""
 
-    def __init__(self, daemon: Daemon, name: str | None = None, timeout: float = BOOT_TIMEOUT) -> None:
+    def __init__(self, daemon: Reachable, name: str | None = None, timeout: float = BOOT_TIMEOUT) -> None:
         self._conn = daemon.connect(timeout)
         params: dict[str, object] = {} if name is None else {"name": name}
         self._conn.send(f"{MANAGER}.SubscribeEvents", params, more=True)
-        first = self._conn.receive()["parameters"]["event"]  # type: ignore[index]
+        first = self._conn.receive()["parameters"]["event"]
         assert first["event"] == "Subscribed", first
-        self.seen: list[dict[str, object]] = []
+        self.seen: list[JsonObject] = []
 
     def __enter__(self) -> EventStream:
         return self
@@ -361,20 +369,20 @@ class EventStream:
     def __exit__(self, *_: object) -> None:
         self._conn.close()
 
-    def next(self) -> dict[str, object]:
-        event = self._conn.receive()["parameters"]["event"]  # type: ignore[index]
-        self.seen.append(event)  # type: ignore[arg-type]
-        return event  # type: ignore[return-value]
+    def next(self) -> JsonObject:
+        event: JsonObject = self._conn.receive()["parameters"]["event"]
+        self.seen.append(event)
+        return event
 
-    def wait_state(self, machine: str, *states: str) -> dict[str, object]:
+    def wait_state(self, machine: str, *states: str) -> JsonObject:
         """Block until `machine` enters one of `states`; returns that event."""
         while True:
             event = self.next()
             if event["machine"] == machine and event["event"] == "StateChanged":
-                if event["data"]["state"] in states:  # type: ignore[index]
+                if event["data"]["state"] in states:
                     return event
 
-    def wait_event(self, machine: str, name: str) -> dict[str, object]:
+    def wait_event(self, machine: str, name: str) -> JsonObject:
         while True:
             event = self.next()
             if event["machine"] == machine and event["event"] == name:
@@ -393,7 +401,7 @@ def boot_facts(daemon: Daemon, name: str, *start_args: str, pass_name: bool = Tr
     assert result.returncode == 0, result.stderr
     machine = daemon.call("Describe", {"name": name})["machine"]
     try:
-        with Console(machine) as console:  # type: ignore[arg-type]
+        with Console(machine) as console:
             console.wait_for(r"VMSPAWND-TEST: facts-done")
             return console.facts()
     finally:

@@ -22,9 +22,9 @@ from pathlib import Path
 
 from vmspawnd import __version__
 from vmspawnd.host import sdnotify
+from vmspawnd.host.peer import owner_only
 from vmspawnd.runtime_dir import MANAGER_SOCKET_NAME, bind_listening_socket, default_runtime_dir
-from vmspawnd.settings import Settings, owner_only
-from vmspawnd.varlink.server import serve_unix
+from vmspawnd.settings import Settings
 
 _log = logging.getLogger("vmspawnd")
 
@@ -74,24 +74,19 @@ def manager_socket(args: argparse.Namespace, runtime_dir: Path) -> socket.socket
 
 
 async def serve(args: argparse.Namespace) -> int:
-    from asyncvarlink import VarlinkInterfaceRegistry
-    from asyncvarlink.serviceinterface import VarlinkServiceInterface
-
     from vmspawnd.manager import Manager
-    from vmspawnd.varlink.manager_api import ManagerInterface
+    from vmspawnd.varlink.machine_instance import machine_instance_servers
+    from vmspawnd.varlink.manager_api import serve_manager
 
     runtime_dir = args.runtime_dir or default_runtime_dir()
     runtime_dir.mkdir(mode=0o755, parents=True, exist_ok=True)
     lock_fd = take_lock(runtime_dir)
-    manager = Manager(runtime_dir, Settings(notify_transport=args.notify_transport, peer_policy=owner_only))
+    # Only the instance's owner may call, on the manager socket and on every VM's.
+    settings = Settings(notify_transport=args.notify_transport, serve_control=machine_instance_servers(owner_only))
+    manager = Manager(runtime_dir, settings)
     await manager.adopt_all()
-    registry = VarlinkInterfaceRegistry()
-    registry.register_interface(ManagerInterface(manager))
-    registry.register_interface(
-        VarlinkServiceInterface("vmspawnd", "vmspawnd", __version__, "https://github.com/vmspawnd/vmspawnd", registry)
-    )
     sock = manager_socket(args, runtime_dir)
-    server = await serve_unix(sock, registry, owner_only)
+    server = await serve_manager(sock, manager, owner_only)
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

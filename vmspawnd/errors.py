@@ -3,7 +3,10 @@
 
 Every error a client can see is a subclass of `VmspawnError`; `api` maps each to the
 Varlink error `io.vmspawnd.Manager.<ClassName>` with `parameters()` as its parameters.
-This module is pure (no asyncio, no asyncvarlink) so that the CLI can share the names.
+The private `_InternalError` branch is not part of the API (not in ALL_ERRORS, not in the
+IDL): the daemon's own calls to other services fail with these, and the caller translates
+them where it makes the call. This module is pure (no asyncio, no asyncvarlink) so that
+the CLI can share the names.
 
     VmspawnError
      ├── InvalidSpec{field, reason}        a spec value is malformed or unusable
@@ -16,12 +19,18 @@ This module is pure (no asyncio, no asyncvarlink) so that the CLI can share the 
      ├── NotConnected{name}                QMP to this VM is gone
      ├── NotSupported{feature}             valid, but not implemented here
      ├── ProtocolViolation{reason}         a frame that is not a Varlink call
-     └── ConsoleBusy{name}                 another client holds the interactive console
+     ├── ConsoleBusy{name}                 another client holds the interactive console
+     └── _InternalError                    private: never sent as itself (InternalError{message})
+          ├── VarlinkCallError{error, replyParameters}   machined answered a Varlink call with an error
+          └── DBusCallError{name, text}    systemd (PID 1, machine1) answered a D-Bus call with an error
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
+
+from vmspawnd import override
 
 INTERFACE = "io.vmspawnd.Manager"
 
@@ -41,6 +50,7 @@ class VmspawnError(Exception):
         """Parameters on the wire, lowerCamelCase like systemd's."""
         return {to_camel(f.name): getattr(self, f.name) for f in dataclasses.fields(self)}
 
+    @override
     def __str__(self) -> str:
         params = ", ".join(f"{k}={v!r}" for k, v in self.parameters().items())
         return f"{type(self).__name__}({params})"
@@ -51,6 +61,7 @@ class InvalidSpec(VmspawnError):
     field: str
     reason: str
 
+    @override
     def __str__(self) -> str:
         return f"invalid {self.field}: {self.reason}"
 
@@ -59,6 +70,7 @@ class InvalidSpec(VmspawnError):
 class NoSuchMachine(VmspawnError):
     name: str
 
+    @override
     def __str__(self) -> str:
         return f"no machine named {self.name!r}"
 
@@ -67,6 +79,7 @@ class NoSuchMachine(VmspawnError):
 class MachineExists(VmspawnError):
     name: str
 
+    @override
     def __str__(self) -> str:
         return f"a machine named {self.name!r} already exists (remove it first if it stopped)"
 
@@ -77,6 +90,7 @@ class InvalidState(VmspawnError):
     state: str
     operation: str
 
+    @override
     def __str__(self) -> str:
         return f"cannot {self.operation} machine {self.name!r} while it is {self.state}"
 
@@ -87,6 +101,7 @@ class StartFailed(VmspawnError):
     message: str
     stderr_tail: str = ""
 
+    @override
     def __str__(self) -> str:
         text = f"start failed at {self.step}: {self.message}"
         if self.stderr_tail:
@@ -96,6 +111,7 @@ class StartFailed(VmspawnError):
 
 @dataclasses.dataclass
 class PermissionDenied(VmspawnError):
+    @override
     def __str__(self) -> str:
         return "permission denied"
 
@@ -104,6 +120,7 @@ class PermissionDenied(VmspawnError):
 class Timeout(VmspawnError):
     operation: str
 
+    @override
     def __str__(self) -> str:
         return f"timed out: {self.operation}"
 
@@ -112,6 +129,7 @@ class Timeout(VmspawnError):
 class NotConnected(VmspawnError):
     name: str
 
+    @override
     def __str__(self) -> str:
         return f"no QMP connection to machine {self.name!r}"
 
@@ -120,6 +138,7 @@ class NotConnected(VmspawnError):
 class NotSupported(VmspawnError):
     feature: str
 
+    @override
     def __str__(self) -> str:
         return f"not supported: {self.feature}"
 
@@ -128,6 +147,7 @@ class NotSupported(VmspawnError):
 class ProtocolViolation(VmspawnError):
     reason: str
 
+    @override
     def __str__(self) -> str:
         return f"protocol violation: {self.reason}"
 
@@ -138,6 +158,46 @@ class ConsoleBusy(VmspawnError):
 
     name: str
 
+
+
+@dataclasses.dataclass
+class _InternalError(VmspawnError):
+    """A call the daemon makes to another service failed; the caller catches and translates
+    it. Should one escape, a client sees only `InternalError{message}`, as for any
+    unexpected exception, never a name the IDL does not declare."""
+
+    @classmethod
+    @override
+    def varlink_name(cls) -> str:
+        return f"{INTERFACE}.InternalError"
+
+    @override
+    def parameters(self) -> dict[str, object]:
+        return {"message": str(self)}
+
+
+@dataclasses.dataclass
+class VarlinkCallError(_InternalError):
+    """An error reply from a Varlink peer (machined)."""
+
+    error: str
+    reply_parameters: dict[str, object] = dataclasses.field(default_factory=dict)
+
+    @override
+    def __str__(self) -> str:
+        return f"{self.error} {json.dumps(self.reply_parameters)}" if self.reply_parameters else self.error
+
+
+@dataclasses.dataclass
+class DBusCallError(_InternalError):
+    """An error reply to a D-Bus method call (PID 1's systemd1, machined's machine1)."""
+
+    name: str
+    text: str = ""
+
+    @override
+    def __str__(self) -> str:
+        return f"{self.name}: {self.text}" if self.text else self.name
 
 ALL_ERRORS: tuple[type[VmspawnError], ...] = (
     InvalidSpec,

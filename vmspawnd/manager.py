@@ -14,19 +14,22 @@ import asyncio
 import contextlib
 import logging
 import os
-from collections.abc import Iterator, Mapping
+from collections.abc import AsyncIterator, Mapping
 from pathlib import Path
 
 from dbus_fast.errors import InvalidAddressError
 
-from vmspawnd.errors import InvalidSpec, InvalidState, MachineExists, NoSuchMachine, VmspawnError
+from vmspawnd.errors import DBusCallError, InvalidSpec, InvalidState, MachineExists, NoSuchMachine, Timeout, VmspawnError
+from vmspawnd.fanout import FanOut
 from vmspawnd.host.cgroup import own_unit, unit_of_pid
-from vmspawnd.host.registration import DBusCallError, systemd_is_service_manager, unit_is_delegated
-from vmspawnd.machine import Machine, discard_leftovers
+from vmspawnd.host.scope import systemd_is_service_manager, unit_is_delegated
+from vmspawnd.leftovers import discard_leftovers
+from vmspawnd.machine import Machine
 from vmspawnd.model import STATE_FORMAT_VERSION, MachineRecord, MachineState
 from vmspawnd.runtime_dir import make_private_dir, new_machine_id, read_json
 from vmspawnd.settings import Settings
-from vmspawnd.spec import VmSpec
+from vmspawnd.spec import VmSpec, wire
+from vmspawnd.tasks import TaskOwner
 
 _log = logging.getLogger(__name__)
 
@@ -67,15 +70,20 @@ async def keep_unit_target(caller_pid: int) -> str | None:
     return unit
 
 
+def _events_lost(_event: wire.EventJson) -> wire.EventJson:
+    return {"machine": None, "event": "EventsLost", "data": {}}
+
+
 class Manager:
-    def __init__(self, runtime_dir: Path, settings: Settings | None = None) -> None:
-        self.settings = settings or Settings()
+    def __init__(self, runtime_dir: Path, settings: Settings) -> None:
+        self.settings = settings
         self.runtime_dir = runtime_dir
         self.machines_dir = runtime_dir / "machines"
         make_private_dir(self.machines_dir)
         self._machines: dict[str, Machine] = {}
-        self._tasks: set[asyncio.Task[object]] = set()
-        self._subscribers: set[asyncio.Queue[dict[str, object]]] = set()
+        self._held = TaskOwner("manager")  # ending VMs whose holding client went away
+        self._starts = TaskOwner("manager")  # Machine.start tasks: a client that leaves does not cancel them
+        self.events: FanOut[wire.EventJson] = FanOut(SUBSCRIBER_QUEUE_SIZE, overflow=_events_lost)
 
     # --- lookup ---------------------------------------------------------------------
     def get(self, name: str) -> Machine:
@@ -110,8 +118,7 @@ class Manager:
         machine = Machine(record, spec, self.machines_dir / machine_id, self._publish, self.settings)
         machine.caller_unit = caller_unit
         self._machines[name] = machine
-        task = machine.starting = asyncio.create_task(machine.start(), name=f"start-{name}")
-        self._own(task)
+        task = machine.starting = self._starts.spawn(machine.start(), f"start {name}", report=False)
         task.add_done_callback(lambda t: self._after_start(machine, t))
         await asyncio.shield(task)
         return machine.record
@@ -124,34 +131,15 @@ class Manager:
             if not task.cancelled():
                 _log.warning("%s: %s", machine.name, task.exception())
 
-    def _own(self, task: asyncio.Task[object]) -> None:
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-
     # --- events -----------------------------------------------------------------------
     def _publish(self, machine: Machine, event: str, data: dict[str, object]) -> None:
-        """Fan an event out to every subscriber without ever blocking the publisher.
+        """Fan an event out to every subscriber without ever blocking the publisher."""
+        self.events.publish({"machine": machine.name, "event": event, "data": data})
 
-        A subscriber that does not keep up loses events and is told so (EventsLost)
-        rather than slowing the VMs or the other subscribers.
-        """
-        message: dict[str, object] = {"machine": machine.name, "event": event, "data": data}
-        for queue in self._subscribers:
-            try:
-                queue.put_nowait(message)
-            except asyncio.QueueFull:
-                while not queue.empty():
-                    queue.get_nowait()
-                queue.put_nowait({"machine": None, "event": "EventsLost", "data": {}})
-
-    @contextlib.contextmanager
-    def subscribe(self) -> Iterator[asyncio.Queue[dict[str, object]]]:
-        queue: asyncio.Queue[dict[str, object]] = asyncio.Queue(maxsize=SUBSCRIBER_QUEUE_SIZE)
-        self._subscribers.add(queue)
-        try:
-            yield queue
-        finally:
-            self._subscribers.discard(queue)
+    def subscribe(self) -> contextlib.AbstractContextManager[asyncio.Queue[wire.EventJson]]:
+        """The daemon's events while the block runs; a subscriber that does not keep up
+        loses events and is told so (EventsLost) rather than slowing the VMs or the others."""
+        return self.events.subscribe()
 
     # --- adoption after a restart -------------------------------------------------------
     async def adopt_all(self) -> None:
@@ -190,6 +178,51 @@ class Manager:
             if keep:
                 self._machines[record.name] = machine
 
+    # --- held VMs: a VM whose life is bound to a client's call (HoldMachine, SpawnAndHold) ---
+    @contextlib.asynccontextmanager
+    async def held_by_caller(self, machine: Machine) -> AsyncIterator[None]:
+        """Around a holding call's replies: if the call ends before its VM did — the caller
+        hung up (CancelledError while waiting) or a reply could not be sent (GeneratorExit at
+        the yield) — the VM is ended and forgotten."""
+        try:
+            yield
+        except BaseException:
+            if not machine.record.state.is_final and not machine.detached:
+                self.end_for_departed_holder(machine)
+            raise
+
+    @staticmethod
+    async def until_ended(machine: Machine) -> None:
+        rec = machine.record
+        while not rec.state.is_final:
+            with contextlib.suppress(Timeout):
+                await machine.wait_for(lambda: rec.state.is_final, 3600.0, "hold")
+
+    def end_for_departed_holder(self, machine: Machine) -> None:
+        """End `machine` on a task of the manager's (the holder's own task is being cancelled)."""
+        self._held.spawn(self._end_held(machine), f"end {machine.name} for its departed holder")
+
+    def _still_managed(self, machine: Machine) -> bool:
+        """Not failed to start, nor removed (and its name not reused) meanwhile."""
+        return self._machines.get(machine.name) is machine
+
+    async def _end_held(self, machine: Machine) -> None:
+        """The holder of a HoldMachine/SpawnAndHold call went away (e.g. `vmspawnctl run` was
+        killed): end its VM and forget it, so the name is free again, as after systemd-vmspawn
+        dies. A VM still starting is let finish its start first (a failed start cleans itself)."""
+        try:
+            if machine.starting is not None:
+                await asyncio.wait({machine.starting})  # its outcome is the start's business
+            if machine.record.state.is_final or not self._still_managed(machine):
+                return
+            with contextlib.suppress(VmspawnError):
+                await machine.terminate()
+            await machine.wait_for(lambda: machine.record.state.is_final, 60.0, "end a held VM")
+            if self._still_managed(machine):
+                await self.remove(machine.name)
+        except VmspawnError as exc:
+            _log.warning("%s: could not end the VM of a departed holder: %s", machine.name, exc)
+
     # --- lifecycle ---------------------------------------------------------------------
     async def remove(self, name: str) -> None:
         machine = self.get(name)
@@ -201,10 +234,8 @@ class Manager:
 
     async def shutdown(self, stop_vms: bool) -> None:
         """Daemon exit: leave VMs running (default) or power them off."""
-        for task in list(self._tasks):
-            if task.get_name().startswith("start-"):
-                with contextlib.suppress(Exception, asyncio.CancelledError):
-                    await task
+        await self._starts.wait()  # a VM half started is finished or unwound, never left half
+        await self._held.wait()  # a VM whose holder left is ended, as the holder would have wanted
         machines = list(self._machines.values())
         if stop_vms:
             await asyncio.gather(

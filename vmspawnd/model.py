@@ -10,6 +10,8 @@ from __future__ import annotations
 import dataclasses
 import enum
 import time
+from collections.abc import Mapping
+from typing import Any
 
 from vmspawnd.errors import to_camel
 
@@ -63,8 +65,9 @@ class ProcessRecord:
         return {"pid": self.pid, "startTime": self.start_time, "bootId": self.boot_id}
 
     @classmethod
-    def from_json(cls, data: dict[str, object]) -> ProcessRecord:
-        return cls(int(data["pid"]), int(data["startTime"]), str(data["bootId"]))  # type: ignore[call-overload]
+    def from_json(cls, data: Mapping[str, Any]) -> ProcessRecord:
+        """From decoded JSON (a state file): its values are whatever the file holds."""
+        return cls(int(data["pid"]), int(data["startTime"]), str(data["bootId"]))
 
 
 @dataclasses.dataclass
@@ -121,18 +124,19 @@ class MachineRecord:
         return out
 
     @classmethod
-    def from_json(cls, data: dict[str, object]) -> MachineRecord:
-        kwargs: dict[str, object] = {}
+    def from_json(cls, data: Mapping[str, Any]) -> MachineRecord:
+        """From decoded JSON (state.json's `machine`), as `to_json` wrote it."""
+        kwargs: dict[str, Any] = {}
         for f in dataclasses.fields(cls):
             key = to_camel(f.name)
             if key not in data:
                 continue
             value = data[key]
             if f.name in ("qemu", "reaper") and value is not None:
-                value = ProcessRecord.from_json(value)  # type: ignore[arg-type]
+                value = ProcessRecord.from_json(value)
             elif f.name == "helpers":
-                value = {k: ProcessRecord.from_json(v) for k, v in value.items()}  # type: ignore[attr-defined]
+                value = {k: ProcessRecord.from_json(v) for k, v in value.items()}
             elif f.name == "state":
                 value = MachineState(str(value))
             kwargs[f.name] = value
-        return cls(**kwargs)  # type: ignore[arg-type]
+        return cls(**kwargs)

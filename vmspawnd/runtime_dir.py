@@ -13,12 +13,22 @@
         console.log               console history: QEMU's logfile=, rotated by the daemon
         console.log.1             the history before the last rotation (each ≤ 1 MiB)
         qemu.log                  QEMU stdout+stderr
+        qemu.exit                 QEMU's wait status, written by the reaper (survives a restart)
+        control                   io.systemd.MachineInstance socket of the VM
+        display                   --console=gui without a session: QEMU's VNC socket
+        notify                    the guest's notify socket (AF_UNIX stand-in for vsock)
+        efi-vars.fd, initrd       the VM's NVRAM copy and merged initrd (gone with QEMU)
+        payload/                  0700: SMBIOS payload files, credentials (gone with QEMU)
+
+`VmPaths` names these; the helpers own their own names in the same directory (swtpm's
+tpm.sock and NAME-tpm/, virtiofsd's sock-*, the SSH key pair).
 
 IDs are short because AF_UNIX paths must stay under 108 bytes.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import json
 import os
@@ -29,6 +39,70 @@ from pathlib import Path
 
 SOCKET_PATH_MAX = 107  # sizeof(sun_path) minus the terminating NUL
 MANAGER_SOCKET_NAME = "io.vmspawnd.Manager"
+
+
+@dataclasses.dataclass(frozen=True)
+class VmPaths:
+    """The files of one VM's directory (machines/ID/), as the module docstring lays them out."""
+
+    directory: Path
+
+    @property
+    def state(self) -> Path:
+        return self.directory / "state.json"
+
+    @property
+    def qmp(self) -> Path:
+        return self.directory / "qmp"
+
+    @property
+    def console(self) -> Path:
+        return self.directory / "console"
+
+    @property
+    def console_log(self) -> Path:
+        return self.directory / "console.log"
+
+    @property
+    def display(self) -> Path:
+        return self.directory / "display"
+
+    @property
+    def qemu_log(self) -> Path:
+        return self.directory / "qemu.log"
+
+    @property
+    def exit_status(self) -> Path:
+        return self.directory / "qemu.exit"
+
+    @property
+    def control(self) -> Path:
+        return self.directory / "control"
+
+    @property
+    def notify(self) -> Path:
+        return self.directory / "notify"
+
+    @property
+    def efi_vars(self) -> Path:
+        return self.directory / "efi-vars.fd"
+
+    @property
+    def initrd(self) -> Path:
+        return self.directory / "initrd"
+
+    @property
+    def payload(self) -> Path:
+        return self.directory / "payload"
+
+    def socket(self, name: str) -> Path:
+        """A listening socket the daemon binds for QEMU: `qmp` or `console`."""
+        return self.directory / name
+
+    def transient(self) -> tuple[Path, ...]:
+        """What ends with QEMU (sockets, NVRAM copy, merged initrd); the record, logs and
+        console history stay until Remove."""
+        return (self.qmp, self.console, self.display, self.notify, self.efi_vars, self.initrd)
 
 
 def default_runtime_dir() -> Path:

@@ -6,12 +6,7 @@ from __future__ import annotations
 import dataclasses
 import os
 
-from vmspawnd.varlink.server import Peer, PeerPolicy
-
-
-def owner_only(peer: Peer) -> bool:
-    """System instance: root only; user instance: its owner only. Same rule: our euid."""
-    return peer.uid == os.geteuid()
+from vmspawnd.control import ServeControl
 
 
 def session_has_display() -> bool:
@@ -26,6 +21,9 @@ def session_has_display() -> bool:
 
 @dataclasses.dataclass(frozen=True)
 class Settings:
+    # How each VM serves its io.systemd.MachineInstance socket. Injected (the daemon passes
+    # vmspawnd.varlink.machine_instance's, with its peer policy) so that machines import no
+    # Varlink; no default, as a VM without one would register a control address nobody serves.
+    serve_control: ServeControl = dataclasses.field(kw_only=True)
     notify_transport: str = "vsock"  # or "unix": an AF_UNIX stand-in where vsock is missing
-    peer_policy: PeerPolicy = owner_only
     gui_window: bool = dataclasses.field(default_factory=session_has_display)

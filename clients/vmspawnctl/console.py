@@ -21,9 +21,8 @@ import time
 import tty
 from collections.abc import Callable, Iterator
 
-from .varlink import Connection, VarlinkError
+from .varlink import INTERFACE, Connection, VarlinkError
 
-INTERFACE = "io.vmspawnd.Manager"
 ESCAPE = 0x1D  # Ctrl-]
 ESCAPE_COUNT = 3
 ESCAPE_WINDOW = 1.0

@@ -20,11 +20,14 @@ import signal
 import socket
 import sys
 import threading
+import typing
 
 from .console import Relay, Terminated, open_console, raw_terminal, signals_raise, write_all
-from .varlink import Connection, ConnectionFailed, VarlinkError
+from .varlink import INTERFACE, Connection, ConnectionFailed, JsonObject, VarlinkError
 
-INTERFACE = "io.vmspawnd.Manager"
+if typing.TYPE_CHECKING:  # the shapes of the replies, for the type checker only: free at run time
+    from vmspawnd.spec.wire import MachineJson, VmSpecJson
+
 POWER_OFF_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGRTMIN + 4)
 VMSPAWN_HUE = 130.0  # systemd-vmspawn tints green-ish (nspawn cyan, run0 red)
 
@@ -57,10 +60,10 @@ def sd_notify(message: str) -> None:
         sock.sendto(message.encode(), address)
 
 
-def _boot_path(spec: dict[str, object]) -> str:
+def _boot_path(spec: VmSpecJson) -> str:
     for key in ("image", "directory", "linux"):
-        if spec.get(key):
-            return str(spec[key])
+        if path := spec.get(key):
+            return str(path)
     return "-"
 
 
@@ -104,18 +107,18 @@ def run_vm(args: argparse.Namespace, address: str) -> int:
     hold = Connection(address)
     try:
         hold.send(f"{INTERFACE}.SpawnAndHold", {"spec": spec}, more=True)
-        machine = hold.receive().get("parameters", {}).get("machine")
+        machine: MachineJson | None = hold.receive().get("parameters", {}).get("machine")
         assert isinstance(machine, dict)
         return _foreground(args, address, machine, mode, hold)
     finally:
         hold.close()
 
 
-def _foreground(args: argparse.Namespace, address: str, machine: dict[str, object], mode: str, hold: Connection) -> int:
-    name = str(machine["name"])
+def _foreground(args: argparse.Namespace, address: str, machine: MachineJson, mode: str, hold: Connection) -> int:
+    name = machine["name"]
     attached = mode in ("interactive", "read-only", "native")
     if not args.quiet and mode != "gui":
-        print(f"Spawning VM {name} on {_boot_path(machine.get('spec') or {})}.", file=sys.stderr)  # type: ignore[arg-type]
+        print(f"Spawning VM {name} on {_boot_path(machine.get('spec') or {})}.", file=sys.stderr)
         if mode == "interactive":  # as vmspawn: a read-only console takes no keys at all
             print("Press Ctrl-] three times within 1s to kill VM.", file=sys.stderr)
         elif mode == "native":
@@ -123,7 +126,8 @@ def _foreground(args: argparse.Namespace, address: str, machine: dict[str, objec
         sys.stderr.flush()
     if not args.quiet and machine.get("displayAddress"):
         print(f"Display of VM {name}: vnc+unix://{machine['displayAddress']} (for example: remote-viewer).", file=sys.stderr)
-    pid = (machine.get("qemu") or {}).get("pid")  # type: ignore[attr-defined]
+    qemu = machine.get("qemu")
+    pid = qemu["pid"] if qemu else None
     sd_notify(f"STATUS=VM started.\nX_VMSPAWN_LEADER_PID={pid}")
     _notify_ready_when_ready(address, name, bool(machine.get("ready")))
 
@@ -153,7 +157,8 @@ def _foreground(args: argparse.Namespace, address: str, machine: dict[str, objec
 
     def on_hold() -> bool:
         with contextlib.suppress(VarlinkError, ConnectionFailed):
-            final.update(hold.receive().get("parameters", {}).get("machine") or {})  # type: ignore[attr-defined]
+            parameters: JsonObject = hold.receive().get("parameters", {})
+            final.update(parameters.get("machine") or {})
         return True
 
     relay = Relay(sock, interactive=mode != "read-only", stdin=stdin if (attached and (mode != "read-only" or os.isatty(stdin))) else None, stdout=stdout)
@@ -182,7 +187,7 @@ def _foreground(args: argparse.Namespace, address: str, machine: dict[str, objec
         write_all(stdout, b"\r\n")
     if not final:
         with contextlib.suppress(VarlinkError), Connection(address) as conn:
-            final = dict(conn.call(f"{INTERFACE}.Describe", {"name": name})["machine"])  # type: ignore[call-overload]
+            final = dict(conn.call(f"{INTERFACE}.Describe", {"name": name})["machine"])
     code = exit_code(final)
     with contextlib.suppress(VarlinkError, ConnectionFailed), Connection(address) as conn:
         conn.call(f"{INTERFACE}.Remove", {"name": name})  # vmspawn leaves no trace: free the name

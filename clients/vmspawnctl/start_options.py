@@ -20,7 +20,9 @@ import socket
 import stat
 import sys
 from collections.abc import Callable, Sequence
+from typing import Any
 
+from vmspawnd import override
 from vmspawnd.errors import InvalidSpec
 from vmspawnd.spec import (
     SCOPE_PROPERTIES,
@@ -224,6 +226,7 @@ def _load_credential(text: str) -> tuple[str, bytes]:
 class _Accumulate(argparse.Action):
     """Append a converted value; an empty argument clears the list (vmspawn's rule for -s)."""
 
+    @override
     def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: object, option_string: str | None = None) -> None:
         items = list(getattr(namespace, self.dest, None) or [])
         if values == "" and self.metavar == "STRING":
@@ -236,6 +239,7 @@ class _Accumulate(argparse.Action):
 class _Ordered(argparse.Action):
     """Record (kind, value) in one list so credentials keep the command line's order."""
 
+    @override
     def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: object, option_string: str | None = None) -> None:
         items = list(getattr(namespace, self.dest, None) or [])
         items.append(values)
@@ -245,6 +249,7 @@ class _Ordered(argparse.Action):
 class _FirmwareList(argparse.Action):
     """`--firmware=list` prints the descriptor search result and exits 0, before anything else."""
 
+    @override
     def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: object, option_string: str | None = None) -> None:
         if values == "list":
             from vmspawnd.spec.firmware import find_descriptor_paths
@@ -259,6 +264,7 @@ class _FirmwareList(argparse.Action):
 class _Network(argparse.Action):
     """-n and --network-user-mode pick one network stack; the last one given wins."""
 
+    @override
     def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: object, option_string: str | None = None) -> None:
         namespace.network = self.const
 
@@ -347,7 +353,7 @@ def _console_mode(text: str) -> str:
 def spec_from_args(args: argparse.Namespace, env: dict[str, str] | None = None) -> VmSpec:
     """Build and validate the spec, reading the client's context (env, discovery)."""
     env = dict(os.environ) if env is None else env
-    fields: dict[str, object] = {}
+    fields: dict[str, Any] = {}  # VmSpec's keyword arguments, each from its option's parser
     for key in (
         "image", "directory", "linux", "cpus", "ram", "kvm", "vsock", "vsock_cid", "tpm", "tpm_state",
         "secure_boot", "discard_disk", "grow_image", "notify_ready", "uuid", "slice", "register",
@@ -395,12 +401,12 @@ def spec_from_args(args: argparse.Namespace, env: dict[str, str] | None = None) 
         fields["term"] = term
 
     _discover(fields, user=os.geteuid() != 0, env=env)
-    spec = VmSpec(**fields)  # type: ignore[arg-type]
+    spec = VmSpec(**fields)
     spec.validate()
     return spec
 
 
-def _discover(fields: dict[str, object], user: bool, env: dict[str, str]) -> None:
+def _discover(fields: dict[str, Any], user: bool, env: dict[str, str]) -> None:
     """vmspawn's own look-ups (docs/reference/systemd-vmspawn.md §1.1, §3.4), with the caller's rights."""
     if not fields.get("image") and not fields.get("directory"):
         if fields.get("name") and not fields.get("linux"):
@@ -419,9 +425,9 @@ def _discover(fields: dict[str, object], user: bool, env: dict[str, str]) -> Non
             raise InvalidSpec("directory", str(exc)) from None
         fields["linux"] = entry.kernel
         if entry.initrds:
-            fields["initrds"] = list(entry.initrds) + list(fields.get("initrds") or [])  # type: ignore[call-overload]
+            fields["initrds"] = list(entry.initrds) + list(fields.get("initrds") or [])
     image = fields.get("image")
-    words = list(fields.get("kernel_cmdline") or [])  # type: ignore[call-overload]
+    words = list(fields.get("kernel_cmdline") or [])
     if image and fields.get("linux") and not discovery.cmdline_has_root(words):
         from vmspawnd.spec.discovery import native_arch
 

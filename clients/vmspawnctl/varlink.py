@@ -21,6 +21,10 @@ JsonObject = dict[str, Any]
 MAX_FDS = 16
 
 
+# vmspawnd's interface (vmspawnd.errors.INTERFACE, which the client does not import for speed).
+INTERFACE = "io.vmspawnd.Manager"
+
+
 class VarlinkError(Exception):
     """The service answered with a Varlink error."""
 
@@ -87,7 +91,7 @@ class Connection:
                 raise ConnectionFailed("the service closed the connection")
             self._buffer += data
         frame, self._buffer = self._buffer.split(b"\0", 1)
-        reply = json.loads(frame)
+        reply: JsonObject = json.loads(frame)
         if "error" in reply:
             raise VarlinkError(reply["error"], reply.get("parameters") or {})
         return reply

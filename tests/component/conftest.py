@@ -21,13 +21,17 @@ import pytest
 
 from tests.fakes import fake_vm_spec, install_fake_qemu
 from tests.support import children_of, kill_leftovers, process_state
+from vmspawnd.host.peer import owner_only
 from vmspawnd.machine import Machine
 from vmspawnd.model import MachineRecord, MachineState
 from vmspawnd.runtime_dir import new_machine_id
 from vmspawnd.settings import Settings
 from vmspawnd.spec import VmSpec
+from vmspawnd.varlink.machine_instance import machine_instance_servers
 
-SETTINGS = Settings(gui_window=False)
+# The real control socket (io.systemd.MachineInstance), as the daemon serves it.
+SERVE_CONTROL = machine_instance_servers(owner_only)
+SETTINGS = Settings(gui_window=False, serve_control=SERVE_CONTROL)
 
 
 class EventLog:
@@ -142,4 +146,4 @@ def open_fds() -> list[str]:
     return sorted(found)
 
 
-__all__ = ["EventLog", "FakeHost", "fake_host", "open_fds", "short_tmp", "state_of"]
+__all__ = ["SERVE_CONTROL", "SETTINGS", "EventLog", "FakeHost", "fake_host", "open_fds", "short_tmp", "state_of"]

@@ -18,7 +18,7 @@ import pytest
 import pytest_asyncio
 
 from vmspawnd.errors import ConsoleBusy, NotConnected
-from vmspawnd.qemu.console import CLIENT_BUFFER, SLOW_MESSAGE, TAKEN_OVER_MESSAGE, ConsoleHub, ConsoleMode, History
+from vmspawnd.qemu.console import CLIENT_BUFFER, SLOW_MESSAGE, TAKEN_OVER_MESSAGE, AttachMode, ConsoleHub, History
 
 TIMEOUT = 10.0
 
@@ -96,12 +96,12 @@ async def read_to_eof(sock: socket.socket) -> bytes:
 @pytest.mark.asyncio
 async def test_output_reaches_every_client_and_history_comes_first(console: tuple[ConsoleHub, Qemu]) -> None:
     hub, qemu = console
-    first = hub.open(ConsoleMode.READ_ONLY)
+    first = hub.open(AttachMode.READ_ONLY)
     with first:
         await qemu.guest_writes(b"early boot\n")
         assert await read(first, 11) == b"early boot\n"  # the hub has passed it on: it is history now
-    late = hub.open(ConsoleMode.READ_ONLY, history=4096)
-    other = hub.open(ConsoleMode.READ_ONLY)  # no history asked: only what comes from now on
+    late = hub.open(AttachMode.READ_ONLY, history=4096)
+    other = hub.open(AttachMode.READ_ONLY)  # no history asked: only what comes from now on
     with late, other:
         assert await read(late, 11) == b"early boot\n"
         await qemu.guest_writes(b"login: ")
@@ -112,15 +112,15 @@ async def test_output_reaches_every_client_and_history_comes_first(console: tupl
 @pytest.mark.asyncio
 async def test_only_the_writer_types_and_force_takes_over(console: tuple[ConsoleHub, Qemu]) -> None:
     hub, qemu = console
-    watcher = hub.open(ConsoleMode.READ_ONLY)
-    writer = hub.open(ConsoleMode.INTERACTIVE)
+    watcher = hub.open(AttachMode.READ_ONLY)
+    writer = hub.open(AttachMode.INTERACTIVE)
     with watcher, writer:
         with pytest.raises(ConsoleBusy):
-            hub.open(ConsoleMode.INTERACTIVE)
+            hub.open(AttachMode.INTERACTIVE)
         watcher.sendall(b"ignored")  # read and dropped: a watcher cannot type
         writer.sendall(b"root\n")
         assert await qemu.received(5) == b"root\n"
-        usurper = hub.open(ConsoleMode.INTERACTIVE, force=True)
+        usurper = hub.open(AttachMode.INTERACTIVE, force=True)
         with usurper:
             assert await read_to_eof(writer) == TAKEN_OVER_MESSAGE  # told, then detached
             assert hub.writer is not None and len(hub.clients) == 2
@@ -131,8 +131,8 @@ async def test_only_the_writer_types_and_force_takes_over(console: tuple[Console
 @pytest.mark.asyncio
 async def test_a_client_that_stops_reading_is_dropped_not_the_others(console: tuple[ConsoleHub, Qemu]) -> None:
     hub, qemu = console
-    stalled = hub.open(ConsoleMode.READ_ONLY)
-    reader = hub.open(ConsoleMode.READ_ONLY)
+    stalled = hub.open(AttachMode.READ_ONLY)
+    reader = hub.open(AttachMode.READ_ONLY)
     with stalled, reader:
         stalled.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # its kernel buffer fills soon
         flood = b"x" * (2 * CLIENT_BUFFER)
@@ -148,7 +148,7 @@ async def test_a_client_that_stops_reading_is_dropped_not_the_others(console: tu
 @pytest.mark.asyncio
 async def test_the_end_of_qemu_ends_every_client_after_its_last_words(console: tuple[ConsoleHub, Qemu]) -> None:
     hub, qemu = console
-    client = hub.open(ConsoleMode.READ_ONLY)
+    client = hub.open(AttachMode.READ_ONLY)
     with client:
         await qemu.guest_writes(b"reboot: Power down\n")
         assert qemu.conn is not None
@@ -157,4 +157,4 @@ async def test_the_end_of_qemu_ends_every_client_after_its_last_words(console: t
         await hub.close(drain=True)
         assert await read_to_eof(client) == b"reboot: Power down\n"
         with pytest.raises(NotConnected):
-            hub.open(ConsoleMode.READ_ONLY)
+            hub.open(AttachMode.READ_ONLY)

@@ -21,15 +21,15 @@ from pathlib import Path
 
 import pytest
 
-from tests.component.conftest import FakeHost, open_fds, state_of
+from tests.component.conftest import SERVE_CONTROL, FakeHost, open_fds, state_of
 from tests.support import notify_as_guest, parent_of
 from vmspawnd.errors import NotConnected, StartFailed
 from vmspawnd.machine import Machine
 from vmspawnd.model import MachineState
-from vmspawnd.qemu.console import ConsoleMode
+from vmspawnd.qemu.console import AttachMode
 from vmspawnd.settings import Settings
 
-UNIX_NOTIFY = Settings(gui_window=False, notify_transport="unix")
+UNIX_NOTIFY = Settings(gui_window=False, notify_transport="unix", serve_control=SERVE_CONTROL)
 
 
 async def receive_until(sock: socket.socket, end: bytes) -> bytes:
@@ -239,15 +239,15 @@ async def test_console_echo_and_history(fake_host: FakeHost) -> None:
     banner = b"fake-qemu: guest running\r\n"  # written by the guest as it started
     try:
         assert machine.console is not None
-        writer = machine.console.open(ConsoleMode.INTERACTIVE)
-        watcher = machine.console.open(ConsoleMode.READ_ONLY)
+        writer = machine.console.open(AttachMode.INTERACTIVE)
+        watcher = machine.console.open(AttachMode.READ_ONLY)
         with writer, watcher:
             writer.sendall(b"typed")
             # The guest echoes to every client; the banner comes first if the hub had not
             # passed it on yet when they attached.
             assert await receive_until(watcher, b"typed") in (b"typed", banner + b"typed")
             assert await receive_until(writer, b"typed") in (b"typed", banner + b"typed")
-            late = machine.console.open(ConsoleMode.READ_ONLY, history=4096)
+            late = machine.console.open(AttachMode.READ_ONLY, history=4096)
             with late:
                 assert await receive_until(late, b"typed") == banner + b"typed"  # all of it, once
     finally:

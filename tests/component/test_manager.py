@@ -109,7 +109,7 @@ async def test_events_of_every_vm_reach_subscribers(fake_host: FakeHost) -> None
         while not queue.empty():
             message = queue.get_nowait()
             if message["event"] == "StateChanged":
-                seen.append((message["machine"], message["data"]["state"]))  # type: ignore[index]
+                seen.append((message["machine"], message["data"]["state"]))
     for name in ("a", "b"):
         assert [state for machine, state in seen if machine == name] == ["running", "ready", "stopping", "stopped"]
 

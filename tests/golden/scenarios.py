@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import base64
 import dataclasses
+from typing import TypedDict, Unpack
 
-from vmspawnd.qemu.command import Credential, Firmware, Resources, VirtiofsShare
+from vmspawnd.qemu.resources import Credential, Firmware, Resources, VirtiofsShare
 from vmspawnd.spec import BindMount, CredentialData, VmSpec
 
 G = "/GOLDEN"
@@ -36,8 +37,29 @@ BASE = Resources(
 )
 
 
-def _r(**kw: object) -> Resources:
-    return dataclasses.replace(BASE, **kw)  # type: ignore[arg-type]
+class Differences(TypedDict, total=False):
+    """The Resources fields the scenarios set differently from BASE."""
+
+    arch: str
+    block_devices: frozenset[str]
+    console_fd: int | None
+    credentials: tuple[Credential, ...]
+    display_socket: str | None
+    firmware: Firmware | None
+    initrd: str | None
+    kernel_cmdline_extra: tuple[str, ...]
+    kvm: bool
+    notify_address: str | None
+    qemu_binary: str
+    tpm_socket: str | None
+    vhost_vsock_fd: int | None
+    virtiofs: tuple[VirtiofsShare, ...]
+    vmgenid: str | None
+    vsock_cid: int | None
+
+
+def _r(**kw: Unpack[Differences]) -> Resources:
+    return dataclasses.replace(BASE, **kw)
 
 
 def _cred(cred_id: str, data: bytes) -> CredentialData:

@@ -23,6 +23,7 @@ from pathlib import Path
 import pytest
 
 from tests.golden.scenarios import HAND_WRITTEN, SCENARIOS
+from tests.guest.build import Guest
 from tests.support import children_of
 from vmspawnd.qemu.command import build_qemu_command
 
@@ -88,7 +89,7 @@ def _opt_value(opts: str, key: str) -> str | None:
 class _Launch:
     """Map /GOLDEN placeholders to real files, sockets and helper processes."""
 
-    def __init__(self, root: Path, guest: object) -> None:
+    def __init__(self, root: Path, guest: Guest) -> None:
         self.root = root
         self.guest = guest
         self.helpers: list[subprocess.Popen[bytes]] = []
@@ -116,12 +117,12 @@ class _Launch:
             if prev == "-kernel":
                 p = self.real(arg)
                 p.parent.mkdir(parents=True, exist_ok=True)
-                p.symlink_to(self.guest.kernel)  # type: ignore[attr-defined]
+                p.symlink_to(self.guest.kernel)
             elif prev == "-initrd":
                 p = self.real(arg)
                 p.parent.mkdir(parents=True, exist_ok=True)
                 if not p.exists():
-                    p.symlink_to(self.guest.initrd)  # type: ignore[attr-defined]
+                    p.symlink_to(self.guest.initrd)
             elif prev == "-drive" and "if=pflash" in arg and "readonly=on" not in arg:
                 p = self.real(_opt_value(arg, "file") or "")
                 p.parent.mkdir(parents=True, exist_ok=True)
@@ -244,7 +245,7 @@ UNLAUNCHABLE = {
 @pytest.mark.qemu
 @pytest.mark.skipif(QEMU is None, reason="qemu-system-x86_64 not installed")
 @pytest.mark.parametrize("name", sorted(SCENARIOS))
-def test_golden_launches(name: str, guest: object) -> None:
+def test_golden_launches(name: str, guest: Guest) -> None:
     if name in UNLAUNCHABLE:
         pytest.skip(UNLAUNCHABLE[name])
     spec, res = SCENARIOS[name]
@@ -254,7 +255,8 @@ def test_golden_launches(name: str, guest: object) -> None:
         launch = _Launch(Path(tmp), guest)
         try:
             real_argv, fds, qmp_path = launch.prepare(name, argv, files)
-            real_argv[0] = QEMU  # type: ignore[assignment]
+            assert QEMU is not None  # the skipif above
+            real_argv[0] = QEMU
             qemu = subprocess.Popen(real_argv, pass_fds=fds, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
             try:
                 status = _qmp_status(qmp_path, qemu)

@@ -27,7 +27,9 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from vmspawnctl.varlink import JsonObject
 
+from tests.guest.build import Guest
 from tests.support import MANAGER, Daemon, kill_leftovers, make_runtime_dir, qemu_processes, wait_notify
 
 MIB = 1024 * 1024
@@ -98,7 +100,7 @@ def user_env(user: pwd.struct_passwd, runtime_base: Path) -> dict[str, str]:
             "PYTHONPATH": python_path(), "PYTHONDONTWRITEBYTECODE": "1", "USER": user.pw_name}
 
 
-def calls_as(user: pwd.struct_passwd, address: str, calls: list[tuple[str, dict[str, object], bool]]) -> list[dict[str, object]]:
+def calls_as(user: pwd.struct_passwd, address: str, calls: list[tuple[str, dict[str, object], bool]]) -> list[JsonObject]:
     result = subprocess.run(
         [SYSTEM_PYTHON, "-c", CLIENT, address, json.dumps(calls)], preexec_fn=as_user(user),
         env=user_env(user, Path("/nonexistent")), capture_output=True, text=True, timeout=300,
@@ -107,7 +109,7 @@ def calls_as(user: pwd.struct_passwd, address: str, calls: list[tuple[str, dict[
     return [json.loads(line) for line in result.stdout.splitlines()]
 
 
-def manager_methods(daemon_call: Callable[[str, dict[str, object]], dict[str, object]]) -> list[str]:
+def manager_methods(daemon_call: Callable[[str, dict[str, object]], JsonObject]) -> list[str]:
     """Every method the interface declares, from the daemon's own introspection."""
     idl = str(daemon_call("org.varlink.service.GetInterfaceDescription", {"interface": MANAGER})["description"])
     return re.findall(r"^method (\w+)\(", idl, re.M)
@@ -129,7 +131,7 @@ def every_call(methods: list[str], name: str, kernel: str) -> list[tuple[str, di
     return [(f"{MANAGER}.{m}", special.get(m, {"name": name}), m in STREAMING) for m in methods]
 
 
-def guest_spec(guest, name: str, **extra: object) -> dict[str, object]:  # type: ignore[no-untyped-def]
+def guest_spec(guest: Guest, name: str, **extra: object) -> dict[str, object]:
     return {"name": name, "kvm": False, "ram": 128 * MIB, "linux": str(guest.kernel),
             "initrds": [str(guest.initrd)], "kernelCmdline": ["vmspawnd_test.mode=wait"], **extra}
 
@@ -141,7 +143,7 @@ def mode(path: Path) -> int:
 # --- (a) the system instance refuses other users, on every method -----------------------------
 
 @pytest.mark.vm
-def test_created_user_is_denied_every_method_of_the_system_instance(daemon: Daemon, alice: pwd.struct_passwd, guest) -> None:  # type: ignore[no-untyped-def]
+def test_created_user_is_denied_every_method_of_the_system_instance(daemon: Daemon, alice: pwd.struct_passwd, guest: Guest) -> None:
     with daemon.connect() as conn:
         methods = manager_methods(conn.call)
     assert {"Spawn", "List", "Describe", "PowerOff", "Terminate", "Kill", "Remove", "SubscribeEvents",
@@ -151,15 +153,15 @@ def test_created_user_is_denied_every_method_of_the_system_instance(daemon: Daem
         before = daemon.call("Describe", {"name": "rootvm"})["machine"]
         results = calls_as(alice, daemon.address, every_call(methods, "rootvm", str(guest.kernel)))
         assert len(results) == len(methods)
-        leaked = {m: r for m, r in zip(methods, results) if r != {"error": f"{MANAGER}.PermissionDenied"}}
+        leaked = {m: r for m, r in zip(methods, results, strict=True) if r != {"error": f"{MANAGER}.PermissionDenied"}}
         assert leaked == {}, leaked
         after = daemon.call("Describe", {"name": "rootvm"})["machine"]
-        assert after["state"] == before["state"] and after["state"] in ("running", "ready"), (before, after)  # type: ignore[index]
-        assert after["qemu"]["pid"] == before["qemu"]["pid"] and after["qemu"]["pid"] in qemu_processes()  # type: ignore[index]
-        assert [m["name"] for m in daemon.call("List")["machines"]] == ["rootvm"]  # type: ignore[attr-defined]
+        assert after["state"] == before["state"] and after["state"] in ("running", "ready"), (before, after)
+        assert after["qemu"]["pid"] == before["qemu"]["pid"] and after["qemu"]["pid"] in qemu_processes()
+        assert [m["name"] for m in daemon.call("List")["machines"]] == ["rootvm"]
         # Introspection stays public.
         info = calls_as(alice, daemon.address, [("org.varlink.service.GetInfo", {}, False)])
-        assert info[0]["ok"]["product"] == "vmspawnd"  # type: ignore[index]
+        assert info[0]["ok"]["product"] == "vmspawnd"
     finally:
         daemon.call("Terminate", {"name": "rootvm"})
         daemon.call("Remove", {"name": "rootvm"})
@@ -168,18 +170,18 @@ def test_created_user_is_denied_every_method_of_the_system_instance(daemon: Daem
 # --- (c) private files -------------------------------------------------------------------------
 
 @pytest.mark.vm
-def test_runtime_files_are_private(daemon: Daemon, guest) -> None:  # type: ignore[no-untyped-def]
+def test_runtime_files_are_private(daemon: Daemon, guest: Guest) -> None:
     secret = base64.b64encode(b"hunter2").decode()
     machine = daemon.call("Spawn", {"spec": guest_spec(guest, "private", credentials=[{"id": "password", "data": secret}])})["machine"]
     try:
-        directory = Path(str(machine["runtimeDirectory"]))  # type: ignore[index]
+        directory = Path(str(machine["runtimeDirectory"]))
         assert mode(daemon.runtime_dir / "machines") == 0o700
         assert mode(directory) == 0o700
         assert mode(directory / "payload") == 0o700
         payloads = list((directory / "payload").iterdir())
         assert payloads, "the credential should be an SMBIOS payload file"
         assert {p.name: mode(p) for p in payloads} == {p.name: 0o600 for p in payloads}
-        assert b"hunter2" not in Path(f"/proc/{machine['qemu']['pid']}/cmdline").read_bytes()  # type: ignore[index]
+        assert b"hunter2" not in Path(f"/proc/{machine['qemu']['pid']}/cmdline").read_bytes()
         assert mode(directory / "state.json") & 0o077 == 0
         # Everything else in the VM's directory too: every directory 0700, every socket 0600,
         # and no file that others could read (logs: console history may hold what was typed
@@ -203,12 +205,12 @@ def test_runtime_files_are_private(daemon: Daemon, guest) -> None:  # type: igno
 # --- (d) planted symlinks --------------------------------------------------------------------
 
 @pytest.mark.vm
-def test_symlinked_state_json_is_replaced_not_written_through(daemon: Daemon, guest, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_symlinked_state_json_is_replaced_not_written_through(daemon: Daemon, guest: Guest, tmp_path: Path) -> None:
     target = tmp_path / "target"
     target.write_text("untouched\n")
     machine = daemon.call("Spawn", {"spec": guest_spec(guest, "planted")})["machine"]
     try:
-        state = Path(str(machine["runtimeDirectory"])) / "state.json"  # type: ignore[index]
+        state = Path(str(machine["runtimeDirectory"])) / "state.json"
         state.unlink()
         state.symlink_to(target)
         daemon.call("Terminate", {"name": "planted"})  # a state change: state.json is rewritten
@@ -251,7 +253,7 @@ def test_daemon_refuses_symlinks_planted_in_its_runtime_dir(planted: str, tmp_pa
 # --- (b) a user instance: its owner may, another user may not ------------------------------
 
 @pytest.fixture
-def user_instance(alice: pwd.struct_passwd, guest) -> Iterator[tuple[Daemon, Path, Path]]:  # type: ignore[no-untyped-def]
+def user_instance(alice: pwd.struct_passwd, guest: Guest) -> Iterator[tuple[Daemon, Path, Path]]:
     """vmspawnd run by alice in a runtime dir of hers, with a copy of the guest she can read."""
     base = Path(tempfile.mkdtemp(prefix="vmspawnd-user-", dir="/tmp"))
     base.chmod(0o755)  # like /run/user: the rest of the path is public
@@ -304,7 +306,7 @@ def test_user_instance_serves_its_owner_only(user_instance: tuple[Daemon, Path, 
             "kernelCmdline": ["vmspawnd_test.mode=wait"]}
     [spawned] = calls_as(alice, daemon.address, [(f"{MANAGER}.Spawn", {"spec": spec}, False)])
     assert "ok" in spawned, (spawned, daemon.log()[-3000:])
-    machine = spawned["ok"]["machine"]  # type: ignore[index]
+    machine = spawned["ok"]["machine"]
     pid = machine["qemu"]["pid"]
     try:
         assert os.stat(f"/proc/{pid}").st_uid == alice.pw_uid  # QEMU runs as alice
@@ -314,9 +316,9 @@ def test_user_instance_serves_its_owner_only(user_instance: tuple[Daemon, Path, 
 
         # Bob reaches the socket (the path is public) but every method is refused...
         [idl] = calls_as(bob, daemon.address, [("org.varlink.service.GetInterfaceDescription", {"interface": MANAGER}, False)])
-        methods = re.findall(r"^method (\w+)\(", str(idl["ok"]["description"]), re.M)  # type: ignore[index]
+        methods = re.findall(r"^method (\w+)\(", str(idl["ok"]["description"]), re.M)
         results = calls_as(bob, daemon.address, every_call(methods, "alicevm", str(kernel)))
-        leaked = {m: r for m, r in zip(methods, results) if r != {"error": f"{MANAGER}.PermissionDenied"}}
+        leaked = {m: r for m, r in zip(methods, results, strict=True) if r != {"error": f"{MANAGER}.PermissionDenied"}}
         assert leaked == {}, leaked
         # ...and he cannot look into her runtime directory either.
         listing = subprocess.run([SYSTEM_PYTHON, "-c", f"import os; os.listdir({str(daemon.runtime_dir / 'machines')!r})"],
@@ -324,8 +326,8 @@ def test_user_instance_serves_its_owner_only(user_instance: tuple[Daemon, Path, 
         assert listing.returncode != 0 and "PermissionError" in listing.stderr
         # Alice's VM is untouched, and she sees it.
         [listed] = calls_as(alice, daemon.address, [(f"{MANAGER}.List", {}, False)])
-        assert [m["name"] for m in listed["ok"]["machines"]] == ["alicevm"]  # type: ignore[index]
-        assert listed["ok"]["machines"][0]["state"] in ("running", "ready")  # type: ignore[index]
+        assert [m["name"] for m in listed["ok"]["machines"]] == ["alicevm"]
+        assert listed["ok"]["machines"][0]["state"] in ("running", "ready")
         assert pid in qemu_processes()
         # Root is not alice either: an instance serves its owner, nobody else.
         with pytest.raises(Exception) as info:

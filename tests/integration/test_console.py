@@ -21,7 +21,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from vmspawnctl.varlink import JsonObject
 
+from tests.guest.build import Guest
 from tests.support import BOOT_TIMEOUT, Console, Daemon, open_console
 
 pytestmark = pytest.mark.vm
@@ -32,16 +34,16 @@ ESCAPE3 = b"\x1d\x1d\x1d"
 
 
 @pytest.fixture(scope="module")
-def vm(daemon: Daemon, guest) -> Iterator[dict[str, object]]:  # type: ignore[no-untyped-def]
+def vm(daemon: Daemon, guest: Guest) -> Iterator[JsonObject]:
     daemon.call("Spawn", {"spec": {
         "name": NAME, "kvm": False, "ram": 256 * MIB, "linux": str(guest.kernel),
         "initrds": [str(guest.initrd)], "kernelCmdline": ["vmspawnd_test.mode=wait"],
     }})
     machine = daemon.call("Describe", {"name": NAME})["machine"]
-    with Console(machine) as console:  # type: ignore[arg-type]
+    with Console(machine) as console:
         console.wait_for(r"VMSPAWND-TEST: acpid-running")
         console.wait_for(r"guest# ")
-    yield machine  # type: ignore[misc]
+    yield machine
     daemon.call("Terminate", {"name": NAME})
     daemon.call("Remove", {"name": NAME})
 
@@ -73,7 +75,7 @@ def type_line(daemon: Daemon, line: str) -> None:
         writer.close()
 
 
-def test_stdlib_client_receives_output_produced_after_attach(daemon: Daemon, vm: dict[str, object]) -> None:
+def test_stdlib_client_receives_output_produced_after_attach(daemon: Daemon, vm: JsonObject) -> None:
     watcher = open_console(daemon.address, NAME, "read-only")
     try:
         type_line(daemon, "echo after-attach-$((6*7))")
@@ -82,14 +84,14 @@ def test_stdlib_client_receives_output_produced_after_attach(daemon: Daemon, vm:
         watcher.close()
 
 
-def test_screenshot_of_a_vm_without_display_is_not_supported(daemon: Daemon, vm: dict[str, object]) -> None:
+def test_screenshot_of_a_vm_without_display_is_not_supported(daemon: Daemon, vm: JsonObject) -> None:
     result = daemon.ctl("screenshot", NAME, "unused.png")
     assert result.returncode != 0
     assert "not supported" in result.stderr and "--console=gui" in result.stderr
     assert not Path("unused.png").exists()
 
 
-def test_second_interactive_client_is_refused_then_forced(daemon: Daemon, vm: dict[str, object]) -> None:
+def test_second_interactive_client_is_refused_then_forced(daemon: Daemon, vm: JsonObject) -> None:
     first = open_console(daemon.address, NAME, "interactive")
     try:
         with daemon.connect() as conn:
@@ -169,7 +171,7 @@ def stty(fd: int) -> str:
     return subprocess.run(["stty", "-a"], stdin=fd, capture_output=True, text=True, check=True).stdout
 
 
-def test_terminal_types_detaches_reattaches_and_is_taken_over(daemon: Daemon, vm: dict[str, object]) -> None:
+def test_terminal_types_detaches_reattaches_and_is_taken_over(daemon: Daemon, vm: JsonObject) -> None:
     first = Terminal(daemon, "console", NAME)
     try:
         first.expect(rb"Connected to con")
@@ -181,7 +183,7 @@ def test_terminal_types_detaches_reattaches_and_is_taken_over(daemon: Daemon, vm
         assert b"Detached" in first.output
     finally:
         first.close()
-    assert daemon.call("Describe", {"name": NAME})["machine"]["state"] == "ready"  # type: ignore[index]
+    assert daemon.call("Describe", {"name": NAME})["machine"]["state"] == "ready"
 
     again = Terminal(daemon, "console", NAME)
     try:
@@ -212,7 +214,7 @@ def test_terminal_types_detaches_reattaches_and_is_taken_over(daemon: Daemon, vm
 # kernel (Debian 6.1, virtio_console under TCG) sometimes stops taking console input.
 # That happens with plain QEMU and no vmspawnd at all (docs/architecture.md, "Console"),
 # so nothing is typed after it; the guest's liveness shows in output it makes later.
-def test_flood_rotates_history_and_drops_only_the_slow_reader(daemon: Daemon, vm: dict[str, object]) -> None:
+def test_flood_rotates_history_and_drops_only_the_slow_reader(daemon: Daemon, vm: JsonObject) -> None:
     """A watcher that never reads is dropped; the guest and the other clients run on;
     the history on disk stays under its cap (console.log + console.log.1, 1 MiB each)."""
     log = Path(str(vm["consoleLog"]))

@@ -18,9 +18,11 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TypedDict, Unpack
 
 import pytest
 
+from tests.guest.build import Guest
 from tests.support import (
     BOOT_TIMEOUT,
     MANAGER,
@@ -38,7 +40,7 @@ from tests.support import (
 pytestmark = pytest.mark.vm
 
 
-def run_args(guest, name: str, mode: str, *extra: str) -> list[str]:  # type: ignore[no-untyped-def]
+def run_args(guest: Guest, name: str, mode: str, *extra: str) -> list[str]:
     return [
         sys.executable, "-m", "vmspawnctl.main", "run", "-M", name, "--kvm=no", "--ram=256M",
         f"--linux={guest.kernel}", f"--initrd={guest.initrd}", *extra, f"vmspawnd_test.mode={mode}",
@@ -88,10 +90,21 @@ class Output:
         return process.returncode
 
 
+class PopenOptions(TypedDict, total=False):
+    """What the tests pass on to subprocess.Popen."""
+
+    stdin: int
+    stdout: int
+    stderr: int
+    start_new_session: bool
+
+
 @contextlib.contextmanager
-def spawned(daemon: Daemon, argv: list[str], **kwargs: object) -> Iterator[subprocess.Popen[bytes]]:
-    env = dict(os.environ, VMSPAWN_ADDRESS=daemon.address, **kwargs.pop("env", {}))  # type: ignore[arg-type]
-    process = subprocess.Popen(argv, env=env, **kwargs)  # type: ignore[call-overload]
+def spawned(
+    daemon: Daemon, argv: list[str], env: dict[str, str] | None = None, **kwargs: Unpack[PopenOptions]
+) -> Iterator[subprocess.Popen[bytes]]:
+    env = dict(os.environ, VMSPAWN_ADDRESS=daemon.address, **(env or {}))
+    process = subprocess.Popen(argv, env=env, **kwargs)
     try:
         yield process
     finally:
@@ -101,19 +114,20 @@ def spawned(daemon: Daemon, argv: list[str], **kwargs: object) -> Iterator[subpr
 
 
 def names(daemon: Daemon) -> set[str]:
-    return {m["name"] for m in daemon.call("List")["machines"]}  # type: ignore[index,union-attr]
+    return {m["name"] for m in daemon.call("List")["machines"]}
 
 
-def test_run_in_foreground_returns_0_after_poweroff_and_notifies(daemon: Daemon, guest, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_run_in_foreground_returns_0_after_poweroff_and_notifies(daemon: Daemon, guest: Guest, tmp_path: Path) -> None:
     notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
     notify.bind(str(tmp_path / "notify"))
     with notify, spawned(
         daemon, run_args(guest, "fg", "poweroff"), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
         stderr=subprocess.PIPE, env={"NOTIFY_SOCKET": str(tmp_path / "notify")},
     ) as process:
-        out = Output(process.stdout.fileno())  # type: ignore[union-attr]
+        assert process.stdout is not None and process.stderr is not None  # piped
+        out = Output(process.stdout.fileno())
         code = out.finish(process)
-        stderr = process.stderr.read().decode()  # type: ignore[union-attr]
+        stderr = process.stderr.read().decode()
         status = wait_notify(notify, "STATUS=VM started.", 5)
         assert re.search(r"^X_VMSPAWN_LEADER_PID=\d+$", status, re.M), status
         wait_notify(notify, "READY=1", 5)
@@ -124,7 +138,7 @@ def test_run_in_foreground_returns_0_after_poweroff_and_notifies(daemon: Daemon,
     assert "fg" not in names(daemon)  # like vmspawn, nothing is left behind
 
 
-def test_run_fails_when_qemu_fails(daemon: Daemon, guest) -> None:  # type: ignore[no-untyped-def]
+def test_run_fails_when_qemu_fails(daemon: Daemon, guest: Guest) -> None:
     result = subprocess.run(
         run_args(guest, "broken", "poweroff", "--cpus=99999"), stdin=subprocess.DEVNULL,
         capture_output=True, text=True, timeout=300, env=dict(os.environ, VMSPAWN_ADDRESS=daemon.address),
@@ -134,16 +148,17 @@ def test_run_fails_when_qemu_fails(daemon: Daemon, guest) -> None:  # type: igno
     assert "broken" not in names(daemon)
 
 
-def test_sigterm_powers_the_vm_off(daemon: Daemon, guest) -> None:  # type: ignore[no-untyped-def]
+def test_sigterm_powers_the_vm_off(daemon: Daemon, guest: Guest) -> None:
     with spawned(
         daemon, run_args(guest, "termed", "wait", "--console=read-only"), stdin=subprocess.DEVNULL,
         stdout=subprocess.PIPE, stderr=subprocess.PIPE,
     ) as process:
-        out = Output(process.stdout.fileno())  # type: ignore[union-attr]
+        assert process.stdout is not None and process.stderr is not None  # piped
+        out = Output(process.stdout.fileno())
         out.expect(rb"VMSPAWND-TEST: acpid-running")
         process.send_signal(signal.SIGTERM)
         code = out.finish(process)
-        stderr = process.stderr.read().decode()  # type: ignore[union-attr]
+        stderr = process.stderr.read().decode()
     assert code == 0
     # Like vmspawn, the escape-key hint only for an interactive console: read-only takes no keys.
     assert f"Spawning VM termed on {guest.kernel}.\n" in stderr and "Ctrl-]" not in stderr, stderr
@@ -151,11 +166,12 @@ def test_sigterm_powers_the_vm_off(daemon: Daemon, guest) -> None:  # type: igno
     assert "termed" not in names(daemon)
 
 
-def test_sigkill_of_run_terminates_the_vm(daemon: Daemon, guest) -> None:  # type: ignore[no-untyped-def]
+def test_sigkill_of_run_terminates_the_vm(daemon: Daemon, guest: Guest) -> None:
     with spawned(daemon, run_args(guest, "orphan", "wait"), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE) as process:
-        out = Output(process.stdout.fileno())  # type: ignore[union-attr]
+        assert process.stdout is not None  # piped
+        out = Output(process.stdout.fileno())
         out.expect(rb"VMSPAWND-TEST: acpid-running")
-        pid = daemon.call("Describe", {"name": "orphan"})["machine"]["qemu"]["pid"]  # type: ignore[index]
+        pid = daemon.call("Describe", {"name": "orphan"})["machine"]["qemu"]["pid"]
         process.kill()
         process.wait()
     # No event announces a removal: poll List, bounded.
@@ -166,7 +182,7 @@ def test_sigkill_of_run_terminates_the_vm(daemon: Daemon, guest) -> None:  # typ
     assert pid not in qemu_processes()
 
 
-def test_run_on_a_terminal_escape_kills_vm_and_restores_terminal(daemon: Daemon, guest) -> None:  # type: ignore[no-untyped-def]
+def test_run_on_a_terminal_escape_kills_vm_and_restores_terminal(daemon: Daemon, guest: Guest) -> None:
     master, slave = pty.openpty()
     before = subprocess.run(["stty", "-a"], stdin=slave, capture_output=True, text=True, check=True).stdout
     try:
@@ -188,7 +204,7 @@ def test_run_on_a_terminal_escape_kills_vm_and_restores_terminal(daemon: Daemon,
     assert "tty" not in names(daemon)
 
 
-def test_run_returns_the_guests_exit_status(guest) -> None:  # type: ignore[no-untyped-def]
+def test_run_returns_the_guests_exit_status(guest: Guest) -> None:
     """EXIT_STATUS= over the notify channel becomes `run`'s exit status, as with vmspawn.
 
     No vsock here: this daemon uses the AF_UNIX stand-in, and the test writes what the
@@ -197,9 +213,10 @@ def test_run_returns_the_guests_exit_status(guest) -> None:  # type: ignore[no-u
     daemon = start_daemon(make_runtime_dir(), "--notify-transport=unix")
     try:
         with spawned(daemon, run_args(guest, "exiting", "wait"), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE) as process:
-            out = Output(process.stdout.fileno())  # type: ignore[union-attr]
+            assert process.stdout is not None  # piped
+            out = Output(process.stdout.fileno())
             out.expect(rb"VMSPAWND-TEST: acpid-running")
-            address = str(daemon.call("Describe", {"name": "exiting"})["machine"]["notifyAddress"])  # type: ignore[index]
+            address = str(daemon.call("Describe", {"name": "exiting"})["machine"]["notifyAddress"])
             notify_as_guest(address, b"READY=1\nEXIT_STATUS=42\n")
             daemon.call("PowerOff", {"name": "exiting"})
             code = out.finish(process)
@@ -209,7 +226,7 @@ def test_run_returns_the_guests_exit_status(guest) -> None:  # type: ignore[no-u
         stop_daemon(daemon)
 
 
-def test_native_console_relays_qemus_monitor(daemon: Daemon, guest) -> None:  # type: ignore[no-untyped-def]
+def test_native_console_relays_qemus_monitor(daemon: Daemon, guest: Guest) -> None:
     """--console=native: QEMU's multiplexed console; Ctrl-a c switches to its monitor."""
     daemon.call("Spawn", {"spec": {
         "name": "native", "kvm": False, "ram": 256 << 20, "console": "native", "linux": str(guest.kernel),
@@ -233,7 +250,7 @@ def test_native_console_relays_qemus_monitor(daemon: Daemon, guest) -> None:  # 
 
 
 @pytest.mark.parametrize("frozen", [False, True], ids=["during-the-start", "before-the-daemon-read-the-call"])
-def test_holder_hanging_up_during_the_start_leaves_no_vm(daemon: Daemon, guest, frozen: bool) -> None:  # type: ignore[no-untyped-def]
+def test_holder_hanging_up_during_the_start_leaves_no_vm(daemon: Daemon, guest: Guest, frozen: bool) -> None:
     """SpawnAndHold binds the VM to the call from the start: a caller gone while the VM is
     still starting (run killed right after sending) leaves nothing; the name is free.
 
@@ -253,7 +270,7 @@ def test_holder_hanging_up_during_the_start_leaves_no_vm(daemon: Daemon, guest, 
             if frozen:
                 daemon.process.send_signal(signal.SIGCONT)
         # Hung up before any reply: the start goes on, and then the VM is ended and removed.
-        states = [events.wait_state("early", "running", "failed")["data"]["state"]]  # type: ignore[index]
+        states = [events.wait_state("early", "running", "failed")["data"]["state"]]
         events.wait_event("early", "Removed")
     assert states == ["running"]
     assert "early" not in names(daemon)

@@ -14,8 +14,9 @@ import sys
 import time
 
 import pytest
-from vmspawnctl.varlink import Connection, VarlinkError
+from vmspawnctl.varlink import Connection, JsonObject, VarlinkError
 
+from tests.guest.build import Guest
 from tests.support import MANAGER, Daemon
 
 pytestmark = pytest.mark.vm
@@ -26,13 +27,14 @@ CALLS = 100
 CALL_BOUND = 10.0  # seconds for one List round trip (they take milliseconds when nothing hangs)
 
 
-def spawn(daemon: Daemon, guest, name: str) -> dict[str, object]:  # type: ignore[no-untyped-def]
+def spawn(daemon: Daemon, guest: Guest, name: str) -> JsonObject:
     spec = {"name": name, "kvm": False, "ram": 256 * MIB, "linux": str(guest.kernel),
             "initrds": [str(guest.initrd)], "kernelCmdline": ["vmspawnd_test.mode=wait"]}
-    return daemon.call("Spawn", {"spec": spec})["machine"]  # type: ignore[return-value]
+    machine: JsonObject = daemon.call("Spawn", {"spec": spec})["machine"]
+    return machine
 
 
-def test_terminate_on_the_control_socket_is_answered_and_the_manager_serves_on(daemon: Daemon, guest) -> None:  # type: ignore[no-untyped-def]
+def test_terminate_on_the_control_socket_is_answered_and_the_manager_serves_on(daemon: Daemon, guest: Guest) -> None:
     for round_ in range(ROUNDS):
         name = f"term{round_}"
         machine = spawn(daemon, guest, name)
@@ -51,7 +53,7 @@ def test_terminate_on_the_control_socket_is_answered_and_the_manager_serves_on(d
             # an error reply on stderr (exiting 0), "Connection closed" and exit 1 on EOF
             # without a reply, a traceback on a reset. So `{}` is: exit 0 and no output at all.
             assert (result.returncode, result.stdout, result.stderr) == (0, "", ""), result
-            assert daemon.call("Describe", {"name": name})["machine"]["state"] == "stopped"  # type: ignore[index]
+            assert daemon.call("Describe", {"name": name})["machine"]["state"] == "stopped"
 
             with pytest.raises(VarlinkError) as ended:
                 while True:
@@ -62,7 +64,7 @@ def test_terminate_on_the_control_socket_is_answered_and_the_manager_serves_on(d
             started = time.monotonic()
             for _ in range(CALLS):  # each on a fresh connection: one of them gets the freed fd number
                 with Connection(daemon.address, timeout=CALL_BOUND) as conn:
-                    assert [m["name"] for m in conn.call(f"{MANAGER}.List")["machines"]] == [name]  # type: ignore[union-attr]
+                    assert [m["name"] for m in conn.call(f"{MANAGER}.List")["machines"]] == [name]
             print(f"\n{name}: {CALLS} List calls after Terminate in {time.monotonic() - started:.2f}s")
         finally:  # bounded: before the fix, these hung on the manager socket
             with contextlib.suppress(VarlinkError):  # InvalidState once it has stopped

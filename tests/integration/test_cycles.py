@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.guest.build import Guest
 from tests.support import Daemon, children_of, daemon_fds, make_runtime_dir, no_leaks, start_daemon, stop_daemon
 
 pytestmark = pytest.mark.vm  # real QEMUs on the test guest (the guest need not finish booting)
@@ -51,7 +52,7 @@ def shared_tmp_entries() -> set[str]:
     return {f"{d}/{e}" for d in SHARED_TMP for e in os.listdir(d) if ours(e)}
 
 
-def test_twenty_spawn_terminate_remove_cycles_leak_nothing(tmpdir_daemon: tuple[Daemon, Path], guest) -> None:  # type: ignore[no-untyped-def]
+def test_twenty_spawn_terminate_remove_cycles_leak_nothing(tmpdir_daemon: tuple[Daemon, Path], guest: Guest) -> None:
     daemon, private_tmp = tmpdir_daemon
     spec = {"kvm": False, "ram": 128 * MIB, "linux": str(guest.kernel), "initrds": [str(guest.initrd)],
             "kernelCmdline": ["vmspawnd_test.mode=wait"]}
@@ -66,14 +67,14 @@ def test_twenty_spawn_terminate_remove_cycles_leak_nothing(tmpdir_daemon: tuple[
         for cycle in range(CYCLES):
             name = f"cycle{cycle}"
             machine = daemon.call("Spawn", {"spec": {**spec, "name": name}})["machine"]
-            assert machine["state"] in ("running", "ready"), machine  # type: ignore[index]
-            pid = machine["qemu"]["pid"]  # type: ignore[index]
+            assert machine["state"] in ("running", "ready"), machine
+            pid = machine["qemu"]["pid"]
             assert Path(f"/proc/{pid}").exists()  # QEMU's parent may be a per-VM reaper, not the daemon
             qemu_pids.add(pid)
             ended = daemon.call("Terminate", {"name": name})["machine"]
-            assert ended["state"] == "stopped", ended  # type: ignore[index]
+            assert ended["state"] == "stopped", ended
             daemon.call("Remove", {"name": name})
-            assert not Path(str(machine["runtimeDirectory"])).exists()  # type: ignore[index]
+            assert not Path(str(machine["runtimeDirectory"])).exists()
     assert len(qemu_pids) == CYCLES  # twenty real QEMUs, one after another
     assert [pid for pid in qemu_pids if Path(f"/proc/{pid}").exists()] == []  # gone and reaped, no zombie
     assert daemon.call("List")["machines"] == []

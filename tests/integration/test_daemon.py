@@ -10,16 +10,18 @@ import signal
 import socket
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from vmspawnctl.varlink import Connection
 
+from tests.guest.build import Guest
 from tests.support import Daemon, make_runtime_dir, start_daemon, wait_notify
 
 
 @pytest.fixture
-def runtime() -> Path:
+def runtime() -> Iterator[Path]:
     path = make_runtime_dir()
     yield path
     shutil.rmtree(path.parent, ignore_errors=True)
@@ -46,7 +48,7 @@ def test_sigterm_sends_stopping_and_exits_cleanly(runtime: Path) -> None:
 
 
 @pytest.mark.vm
-def test_socket_activation_with_named_fd(runtime: Path, guest) -> None:  # type: ignore[no-untyped-def]
+def test_socket_activation_with_named_fd(runtime: Path, guest: Guest) -> None:
     """Under the real systemd-socket-activate, with the fd named 'varlink' among others."""
     activate = shutil.which("systemd-socket-activate")
     if activate is None:

@@ -14,11 +14,13 @@ import os
 import select
 import signal
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from vmspawnctl.varlink import VarlinkError
+from vmspawnctl.varlink import JsonObject, VarlinkError
 
+from tests.guest.build import Guest
 from tests.support import Console, Daemon, EventStream, make_runtime_dir, orphans_reaped, start_daemon, stop_daemon
 
 pytestmark = pytest.mark.vm
@@ -28,20 +30,21 @@ RTMIN4 = int(signal.SIGRTMIN) + 4
 END_WITHIN = 5.0  # seconds from the signal to the recorded end (the issue's bound)
 
 
-def spawn(daemon: Daemon, guest, name: str) -> dict[str, object]:  # type: ignore[no-untyped-def]
+def spawn(daemon: Daemon, guest: Guest, name: str) -> JsonObject:
     spec = {"name": name, "kvm": False, "ram": 256 * MIB, "linux": str(guest.kernel),
             "initrds": [str(guest.initrd)], "kernelCmdline": ["vmspawnd_test.mode=wait"]}
-    return daemon.call("Spawn", {"spec": spec})["machine"]  # type: ignore[return-value]
+    machine: JsonObject = daemon.call("Spawn", {"spec": spec})["machine"]
+    return machine
 
 
-def ended_after(daemon: Daemon, name: str, send: object) -> tuple[dict[str, object], float]:
+def ended_after(daemon: Daemon, name: str, send: Callable[[], object]) -> tuple[JsonObject, float]:
     """Call `send()`, wait for the VM's final state; returns its record and the seconds it took."""
     with EventStream(daemon, name) as events:
         started = time.monotonic()
-        send()  # type: ignore[operator]
+        send()
         events.wait_state(name, "stopped", "failed")
         took = time.monotonic() - started
-    return daemon.call("Describe", {"name": name})["machine"], took  # type: ignore[return-value]
+    return daemon.call("Describe", {"name": name})["machine"], took
 
 
 @pytest.mark.parametrize(
@@ -53,10 +56,10 @@ def ended_after(daemon: Daemon, name: str, send: object) -> tuple[dict[str, obje
         (signal.SIGTERM, "stopped", f"QEMU terminated on SIGTERM from pid {os.getpid()}"),
     ],
 )
-def test_qemu_killed_from_outside_ends_with_the_signal_named(daemon: Daemon, guest, signo: int, state: str, reason: str) -> None:  # type: ignore[no-untyped-def]
+def test_qemu_killed_from_outside_ends_with_the_signal_named(daemon: Daemon, guest: Guest, signo: int, state: str, reason: str) -> None:
     name = f"killed-{signo}"
     machine = spawn(daemon, guest, name)
-    qemu = machine["qemu"]["pid"]  # type: ignore[index]
+    qemu = machine["qemu"]["pid"]
     final, took = ended_after(daemon, name, lambda: os.kill(qemu, signo))
     assert final["state"] == state and str(final["reason"]).startswith(reason), final
     assert took < END_WITHIN, f"the VM took {took:.1f}s to be recorded as ended"
@@ -66,7 +69,7 @@ def test_qemu_killed_from_outside_ends_with_the_signal_named(daemon: Daemon, gue
     daemon.call("Remove", {"name": name}, timeout=10)
 
 
-def test_kill_takes_realtime_signal_names(daemon: Daemon, guest) -> None:  # type: ignore[no-untyped-def]
+def test_kill_takes_realtime_signal_names(daemon: Daemon, guest: Guest) -> None:
     spawn(daemon, guest, "rt")
     refused = daemon.ctl("kill", "rt", "--signal=SIGFOO")
     assert refused.returncode != 0 and "--signal" in refused.stderr and "SIGRTMIN+4" in refused.stderr, refused.stderr
@@ -90,17 +93,17 @@ def wait_in_log(console: Console, offset: int, needle: bytes, timeout: float = 1
             console.sock.recv(65536)
 
 
-def test_leader_turns_rtmin4_into_acpi_power_off_and_sigint_into_reset(daemon: Daemon, guest) -> None:  # type: ignore[no-untyped-def]
+def test_leader_turns_rtmin4_into_acpi_power_off_and_sigint_into_reset(daemon: Daemon, guest: Guest) -> None:
     machine = spawn(daemon, guest, "led")
-    leader = machine["reaper"]["pid"]  # type: ignore[index]
-    with Console(machine) as console:  # type: ignore[arg-type]
+    leader = machine["reaper"]["pid"]
+    with Console(machine) as console:
         console.wait_for(r"VMSPAWND-TEST: acpid-running")
         with EventStream(daemon, "led") as events:
             offset = console.log_path.stat().st_size
             os.kill(leader, signal.SIGINT)  # machinectl reboot (systemd < 261)
             events.wait_event("led", "RESET")
         wait_in_log(console, offset, b"VMSPAWND-TEST: acpid-running")  # the guest booted again
-        assert daemon.call("Describe", {"name": "led"})["machine"]["state"] in ("running", "ready")  # type: ignore[index]
+        assert daemon.call("Describe", {"name": "led"})["machine"]["state"] in ("running", "ready")
         offset = console.log_path.stat().st_size
         final, _ = ended_after(daemon, "led", lambda: os.kill(leader, RTMIN4))  # machinectl poweroff
         wait_in_log(console, offset, b"VMSPAWND-TEST: acpi-powerdown")  # through ACPI, not a kill
@@ -108,22 +111,22 @@ def test_leader_turns_rtmin4_into_acpi_power_off_and_sigint_into_reset(daemon: D
     daemon.call("Remove", {"name": "led"})
 
 
-def test_leader_powers_off_while_no_daemon_runs(guest) -> None:  # type: ignore[no-untyped-def]
+def test_leader_powers_off_while_no_daemon_runs(guest: Guest) -> None:
     with orphans_reaped():
         leader_powers_off_without_daemon(guest)
 
 
-def leader_powers_off_without_daemon(guest) -> None:  # type: ignore[no-untyped-def]
+def leader_powers_off_without_daemon(guest: Guest) -> None:
     runtime = make_runtime_dir()
     first = start_daemon(runtime)
     second = None
     try:
         machine = spawn(first, guest, "orphan")
-        with Console(machine) as console:  # type: ignore[arg-type]
+        with Console(machine) as console:
             console.wait_for(r"VMSPAWND-TEST: acpid-running")
         first.process.send_signal(signal.SIGTERM)  # the daemon goes; the VM stays
         first.process.wait(30)
-        reaper = machine["reaper"]["pid"]  # type: ignore[index]
+        reaper = machine["reaper"]["pid"]
         os.kill(reaper, RTMIN4)
         # The leader presses the button over QMP itself; the guest powers off and the
         # reaper exits after recording QEMU's status. Its pidfd says when.

@@ -19,7 +19,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from vmspawnctl.varlink import JsonObject
 
+from tests.guest.build import Guest
 from tests.support import Daemon, EventStream, no_leaks, qemu_processes
 
 pytestmark = pytest.mark.vm
@@ -28,16 +30,17 @@ MIB = 1024 * 1024
 SYS_pidfd_getfd = 438
 
 
-def spawn(daemon: Daemon, guest, name: str) -> dict[str, object]:  # type: ignore[no-untyped-def]
+def spawn(daemon: Daemon, guest: Guest, name: str) -> JsonObject:
     spec = {"name": name, "kvm": False, "ram": 128 * MIB, "tpm": False, "linux": str(guest.kernel),
             "initrds": [str(guest.initrd)], "kernelCmdline": ["vmspawnd_test.mode=wait"]}
-    return daemon.call("Spawn", {"spec": spec})["machine"]  # type: ignore[return-value]
+    machine: JsonObject = daemon.call("Spawn", {"spec": spec})["machine"]
+    return machine
 
 
-def test_terminate_reaches_a_stopped_qemu(daemon: Daemon, guest) -> None:  # type: ignore[no-untyped-def]
+def test_terminate_reaches_a_stopped_qemu(daemon: Daemon, guest: Guest) -> None:
     with no_leaks(daemon):
         machine = spawn(daemon, guest, "frozen")
-        pid = machine["qemu"]["pid"]  # type: ignore[index]
+        pid = machine["qemu"]["pid"]
         os.kill(pid, signal.SIGSTOP)  # QMP gets no answer, SIGTERM stays pending
         final = daemon.call("Terminate", {"name": "frozen"})["machine"]
         assert final["state"] == "stopped"
@@ -56,18 +59,18 @@ def immutable() -> Iterator[list[Path]]:
         subprocess.run(["chattr", "-i", str(path)], check=False)
 
 
-def test_failed_writes_in_the_runtime_directory_do_not_wedge_the_vm(daemon: Daemon, guest, immutable: list[Path]) -> None:  # type: ignore[no-untyped-def]
+def test_failed_writes_in_the_runtime_directory_do_not_wedge_the_vm(daemon: Daemon, guest: Guest, immutable: list[Path]) -> None:
     with no_leaks(daemon):
         machine = spawn(daemon, guest, "readonlydir")
         directory = Path(str(machine["runtimeDirectory"]))
         subprocess.run(["chattr", "+i", str(directory)], check=True)
         immutable.append(directory)
         # state.json cannot be replaced now: calls still work, the failure is logged.
-        assert daemon.call("Pause", {"name": "readonlydir"})["machine"]["paused"] is True  # type: ignore[index]
-        assert daemon.call("Resume", {"name": "readonlydir"})["machine"]["paused"] is False  # type: ignore[index]
+        assert daemon.call("Pause", {"name": "readonlydir"})["machine"]["paused"] is True
+        assert daemon.call("Resume", {"name": "readonlydir"})["machine"]["paused"] is False
         final = daemon.call("Terminate", {"name": "readonlydir"})["machine"]
         assert final["state"] == "stopped"
-        assert machine["qemu"]["pid"] not in qemu_processes()  # type: ignore[index]
+        assert machine["qemu"]["pid"] not in qemu_processes()
         log = daemon.log()
         assert "readonlydir: could not write state.json" in log
         assert "readonlydir: could not remove" in log
@@ -98,7 +101,7 @@ def daemon_qmp_socket(daemon: Daemon, qmp_path: str) -> socket.socket:
     raise AssertionError("the daemon holds no QMP connection")
 
 
-def test_qmp_connection_lost_while_qemu_runs_is_reconnected(daemon: Daemon, guest) -> None:  # type: ignore[no-untyped-def]
+def test_qmp_connection_lost_while_qemu_runs_is_reconnected(daemon: Daemon, guest: Guest) -> None:
     with no_leaks(daemon):
         machine = spawn(daemon, guest, "qmpdrop")
         with EventStream(daemon, "qmpdrop") as events:
@@ -106,9 +109,9 @@ def test_qmp_connection_lost_while_qemu_runs_is_reconnected(daemon: Daemon, gues
                 conn.shutdown(socket.SHUT_RDWR)  # the daemon's QMP connection sees EOF
             events.wait_event("qmpdrop", "QmpDisconnected")
             events.wait_event("qmpdrop", "QmpReconnected")
-            assert daemon.call("Pause", {"name": "qmpdrop"})["machine"]["paused"] is True  # type: ignore[index]
+            assert daemon.call("Pause", {"name": "qmpdrop"})["machine"]["paused"] is True
             events.wait_event("qmpdrop", "STOP")  # events flow on the new session
         assert "QMP connection lost while QEMU runs; reconnecting" in daemon.log()
-        assert daemon.call("Describe", {"name": "qmpdrop"})["machine"]["state"] == "ready"  # type: ignore[index]
+        assert daemon.call("Describe", {"name": "qmpdrop"})["machine"]["state"] == "ready"
         daemon.call("Terminate", {"name": "qmpdrop"})
         daemon.call("Remove", {"name": "qmpdrop"})

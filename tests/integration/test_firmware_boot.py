@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.guest.build import Guest
 from tests.integration.test_options_boot import smbios11_strings
 from tests.support import Daemon, boot_facts
 
@@ -24,7 +25,7 @@ pytestmark = pytest.mark.vm
 STUB = Path("/usr/lib/systemd/boot/efi/linuxx64.efi.stub")
 
 
-def make_uki_disk(guest, tmp_path: Path) -> Path:  # type: ignore[no-untyped-def]
+def make_uki_disk(guest: Guest, tmp_path: Path) -> Path:
     """objcopy the stub + kernel + initrd into a UKI, put it on a FAT image as BOOTX64.EFI."""
     cmdline = tmp_path / "cmdline"
     cmdline.write_text("console=hvc0 vmspawnd_test.mode=wait")
@@ -51,7 +52,7 @@ def make_uki_disk(guest, tmp_path: Path) -> Path:  # type: ignore[no-untyped-def
 
 @pytest.mark.skipif(not STUB.exists() or shutil.which("mcopy") is None or shutil.which("mkfs.vfat") is None,
                     reason="needs systemd-boot-efi, mtools, dosfstools")
-def test_firmware_boot_of_uki_sees_cmdline_smbios(daemon: Daemon, guest, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_firmware_boot_of_uki_sees_cmdline_smbios(daemon: Daemon, guest: Guest, tmp_path: Path) -> None:
     disk = make_uki_disk(guest, tmp_path)
     facts = boot_facts(daemon, "uki", "--kvm=no", "--tpm=no", "--ram=512M", f"--image={disk}", "marker.word=via-smbios")
     assert facts["efi"][0] == "yes"

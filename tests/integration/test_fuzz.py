@@ -25,6 +25,7 @@ import struct
 import pytest
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
+from vmspawnctl.varlink import JsonObject
 
 from tests.support import MANAGER, Daemon, children_of, daemon_fds
 
@@ -233,7 +234,7 @@ class Client:
     def send(self, frame: bytes, nul: bool = True) -> None:
         self.sock.sendall(frame + (b"\0" if nul else b""))
 
-    def receive(self) -> dict[str, object] | None:
+    def receive(self) -> JsonObject | None:
         """The next reply, or None at EOF."""
         while b"\0" not in self.buffer:
             chunk = self.sock.recv(1 << 20)
@@ -255,7 +256,7 @@ class Client:
         self.sock.close()
 
 
-def check_reply(reply: dict[str, object] | None, frame: bytes) -> bool:
+def check_reply(reply: JsonObject | None, frame: bytes) -> bool:
     """A reply is a typed error or a well-formed reply; returns whether more replies follow."""
     assert reply is not None, f"no reply to {frame[:300]!r}"
     if "error" in reply:
@@ -273,7 +274,7 @@ def sentinel(client: Client) -> None:
     client.send(b'{"method":"org.varlink.service.GetInfo"}')
     reply = client.receive()
     assert reply is not None and "error" not in reply, reply
-    assert reply["parameters"]["product"] == "vmspawnd", reply  # type: ignore[index]
+    assert reply["parameters"]["product"] == "vmspawnd", reply
 
 
 def run_session(address: str, items: list[Call | Bad], ending: Ending) -> None:
@@ -323,7 +324,7 @@ def run_session(address: str, items: list[Call | Bad], ending: Ending) -> None:
             client.send(b'{"method":"org.varlink.service.GetInfo"}')
             client.sock.shutdown(socket.SHUT_WR)
             reply = client.receive()
-            assert reply is not None and reply["parameters"]["product"] == "vmspawnd", reply  # type: ignore[index]
+            assert reply is not None and reply["parameters"]["product"] == "vmspawnd", reply
             assert client.receive() is None
             client.close()
     finally:

@@ -21,8 +21,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from vmspawnctl.varlink import Connection, VarlinkError
+from vmspawnctl.varlink import Connection, JsonObject, VarlinkError
 
+from tests.guest.build import Guest
 from tests.support import BOOT_TIMEOUT, Daemon
 
 pytestmark = pytest.mark.vm
@@ -34,12 +35,12 @@ BANDS = [(255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 255)]
 
 
 @pytest.fixture(scope="module")
-def vm(daemon: Daemon, guest) -> Iterator[dict[str, object]]:  # type: ignore[no-untyped-def]
+def vm(daemon: Daemon, guest: Guest) -> Iterator[JsonObject]:
     daemon.call("Spawn", {"spec": {
         "name": NAME, "kvm": False, "ram": 256 << 20, "console": "gui", "linux": str(guest.kernel),
         "initrds": [str(guest.initrd)], "kernelCmdline": ["vmspawnd_test.mode=fbpattern"],
     }})
-    yield daemon.call("Describe", {"name": NAME})["machine"]  # type: ignore[misc]
+    yield daemon.call("Describe", {"name": NAME})["machine"]
     daemon.call("Terminate", {"name": NAME})
     daemon.call("Remove", {"name": NAME})
 
@@ -83,7 +84,7 @@ def wait_for_pattern(daemon: Daemon) -> tuple[int, int, list[float]]:
         time.sleep(0.5)  # no event says "drawn"; see the module docstring
 
 
-def test_display_socket_speaks_vnc(daemon: Daemon, vm: dict[str, object]) -> None:
+def test_display_socket_speaks_vnc(daemon: Daemon, vm: JsonObject) -> None:
     assert vm["consoleAddress"] == ""  # no console device, as vmspawn's gui mode
     display = Path(str(vm["displayAddress"]))
     assert display.parent == Path(str(vm["runtimeDirectory"]))
@@ -93,7 +94,7 @@ def test_display_socket_speaks_vnc(daemon: Daemon, vm: dict[str, object]) -> Non
         assert viewer.recv(12) == b"RFB 003.008\n"
 
 
-def test_screenshot_shows_what_the_guest_drew(daemon: Daemon, vm: dict[str, object], tmp_path: Path) -> None:
+def test_screenshot_shows_what_the_guest_drew(daemon: Daemon, vm: JsonObject, tmp_path: Path) -> None:
     width, height, shares = wait_for_pattern(daemon)
     assert min(shares) > 0.99, f"bands matched {shares}"
     # The CLI saves a PNG of the same size (IHDR: width, height after the signature).
@@ -110,7 +111,7 @@ def test_screenshot_shows_what_the_guest_drew(daemon: Daemon, vm: dict[str, obje
     assert not list(Path(str(vm["runtimeDirectory"])).glob(".screenshot-*"))
 
 
-def test_bad_screenshot_requests(daemon: Daemon, vm: dict[str, object]) -> None:
+def test_bad_screenshot_requests(daemon: Daemon, vm: JsonObject) -> None:
     with Connection(daemon.address, timeout=60) as conn:
         with pytest.raises(VarlinkError) as bad_format:
             conn.call(f"{MANAGER}.Screenshot", {"name": NAME, "format": "gif"})

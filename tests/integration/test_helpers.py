@@ -18,8 +18,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from vmspawnctl.varlink import VarlinkError
+from vmspawnctl.varlink import JsonObject, VarlinkError
 
+from tests.guest.build import Guest
 from tests.support import Console, Daemon, EventStream, children_of, no_leaks
 
 pytestmark = pytest.mark.vm
@@ -50,8 +51,8 @@ def by_first_word(lines: list[str]) -> dict[str, list[str]]:
     return {line.split()[0]: line.split()[1:] for line in lines}
 
 
-def helper_pids(machine: dict[str, object]) -> dict[str, int]:
-    return {name: int(record["pid"]) for name, record in machine["helpers"].items()}  # type: ignore[union-attr,index]
+def helper_pids(machine: JsonObject) -> dict[str, int]:
+    return {name: int(record["pid"]) for name, record in machine["helpers"].items()}
 
 
 def alive(pid: int) -> bool:
@@ -62,7 +63,7 @@ def alive(pid: int) -> bool:
         return False
 
 
-def assert_nothing_remains(machine: dict[str, object], pids: list[int]) -> None:
+def assert_nothing_remains(machine: JsonObject, pids: list[int]) -> None:
     """No helper (nor a virtiofsd worker), no socket, no key, no transient TPM state."""
     assert not [p for p in pids if alive(p)], machine
     runtime = Path(str(machine["runtimeDirectory"]))
@@ -83,7 +84,7 @@ def shares(tmp_path: Path) -> Iterator[dict[str, Path]]:
     yield {"root": root, "rw": rw, "ro": ro}
 
 
-def spec_with_shares(name: str, guest, shares: dict[str, Path], **extra: object) -> dict[str, object]:  # type: ignore[no-untyped-def]
+def spec_with_shares(name: str, guest: Guest, shares: dict[str, Path], **extra: object) -> dict[str, object]:
     return {
         "name": name, "kvm": False, "ram": 256 * MIB, "linux": str(guest.kernel), "initrds": [str(guest.initrd)],
         "kernelCmdline": ["vmspawnd_test.mode=wait"],
@@ -95,7 +96,7 @@ def spec_with_shares(name: str, guest, shares: dict[str, Path], **extra: object)
     }
 
 
-def test_tpm_shares_and_key_reach_guest_and_a_dead_helper_ends_the_vm(daemon: Daemon, guest, shares) -> None:  # type: ignore[no-untyped-def]
+def test_tpm_shares_and_key_reach_guest_and_a_dead_helper_ends_the_vm(daemon: Daemon, guest: Guest, shares: dict[str, Path]) -> None:
     state = shares["root"].parent / "rootdir.tpmstate"
     with no_leaks(daemon), EventStream(daemon) as events:
         spec = spec_with_shares("helpers", guest, shares, directory=str(shares["root"]), tpm=True)
@@ -150,7 +151,7 @@ def test_tpm_shares_and_key_reach_guest_and_a_dead_helper_ends_the_vm(daemon: Da
         daemon.call("Remove", {"name": "helpers"})
 
 
-def test_second_boot_reuses_tpm_state_and_a_dead_virtiofsd_ends_the_vm(daemon: Daemon, guest, shares) -> None:  # type: ignore[no-untyped-def]
+def test_second_boot_reuses_tpm_state_and_a_dead_virtiofsd_ends_the_vm(daemon: Daemon, guest: Guest, shares: dict[str, Path]) -> None:
     state = shares["root"].parent / "rootdir.tpmstate"
     with no_leaks(daemon), EventStream(daemon) as events:
         for round_ in ("first", "second"):
@@ -187,7 +188,7 @@ def test_second_boot_reuses_tpm_state_and_a_dead_virtiofsd_ends_the_vm(daemon: D
         daemon.call("Remove", {"name": "again-second"})
 
 
-def test_two_vms_share_nothing_and_qemu_sigkill_leaves_nothing(daemon: Daemon, guest, shares) -> None:  # type: ignore[no-untyped-def]
+def test_two_vms_share_nothing_and_qemu_sigkill_leaves_nothing(daemon: Daemon, guest: Guest, shares: dict[str, Path]) -> None:
     with no_leaks(daemon), EventStream(daemon) as events:
         machines = {}
         for name in ("twin-a", "twin-b"):
@@ -205,7 +206,7 @@ def test_two_vms_share_nothing_and_qemu_sigkill_leaves_nothing(daemon: Daemon, g
         assert set(helper_pids(a).values()).isdisjoint(helper_pids(b).values())
 
         pids = {name: [*helper_pids(m).values()] for name, m in machines.items()}
-        for name, started in pids.items():
+        for started in pids.values():
             started += [w for p in list(started) for w in children_of(p)]
         os.kill(a["qemu"]["pid"], signal.SIGKILL)
         events.wait_state("twin-a", "failed")
@@ -224,7 +225,7 @@ def test_two_vms_share_nothing_and_qemu_sigkill_leaves_nothing(daemon: Daemon, g
             daemon.call("Remove", {"name": name})
 
 
-def test_failed_start_stops_the_helpers_it_started(daemon: Daemon, guest, shares) -> None:  # type: ignore[no-untyped-def]
+def test_failed_start_stops_the_helpers_it_started(daemon: Daemon, guest: Guest, shares: dict[str, Path]) -> None:
     """QEMU refusing its command line unwinds swtpm, virtiofsd and the keys, leaving nothing."""
     before = {p for p in Path("/proc").iterdir() if p.name.isdigit()}
     with no_leaks(daemon):
@@ -244,7 +245,7 @@ def test_failed_start_stops_the_helpers_it_started(daemon: Daemon, guest, shares
     assert not leftovers
 
 
-def test_unsupported_key_type_and_id_mapping_are_refused_clearly(daemon: Daemon, guest, shares) -> None:  # type: ignore[no-untyped-def]
+def test_unsupported_key_type_and_id_mapping_are_refused_clearly(daemon: Daemon, guest: Guest, shares: dict[str, Path]) -> None:
     with no_leaks(daemon):
         with pytest.raises(Exception) as info:
             daemon.call("Spawn", {"spec": spec_with_shares("badkey", guest, shares, sshKeyType="dsa")})
@@ -258,7 +259,7 @@ def test_unsupported_key_type_and_id_mapping_are_refused_clearly(daemon: Daemon,
             assert "/usr/lib/qemu/virtiofsd" in str(getattr(info.value, "parameters", info.value))
 
 
-def test_bind_user_needs_id_translation_and_says_which_binary_lacks_it(daemon: Daemon, guest, shares) -> None:  # type: ignore[no-untyped-def]
+def test_bind_user_needs_id_translation_and_says_which_binary_lacks_it(daemon: Daemon, guest: Guest, shares: dict[str, Path]) -> None:
     """--bind-user maps the host UID to the VM's; bookworm's C virtiofsd cannot (the Rust one can:
     its records and argv are unit-tested). The refusal names the binary and leaves nothing."""
     if not os.access("/usr/lib/qemu/virtiofsd", os.X_OK) or any(

@@ -21,8 +21,9 @@ from pathlib import Path
 
 import pytest
 import varlink.scanner
-from vmspawnctl.varlink import Connection, VarlinkError
+from vmspawnctl.varlink import Connection, JsonObject, VarlinkError
 
+from tests.guest.build import Guest
 from tests.support import MANAGER, Console, Daemon, EventStream, make_runtime_dir, notify_as_guest, start_daemon, stop_daemon
 
 pytestmark = pytest.mark.vm
@@ -43,25 +44,26 @@ def daemon() -> Iterator[Daemon]:
 
 
 @pytest.fixture(scope="module")
-def vm(daemon: Daemon, guest) -> dict[str, object]:  # type: ignore[no-untyped-def]
+def vm(daemon: Daemon, guest: Guest) -> JsonObject:
     """One booted guest (wait mode: acpid and a shell) shared by the module."""
     spec = {"name": "life", "kvm": False, "ram": 256 * MIB, "linux": str(guest.kernel),
             "initrds": [str(guest.initrd)], "kernelCmdline": ["vmspawnd_test.mode=wait"]}
-    machine = daemon.call("Spawn", {"spec": spec})["machine"]
+    machine: JsonObject = daemon.call("Spawn", {"spec": spec})["machine"]
     with Console(machine) as console:
         console.wait_for(r"VMSPAWND-TEST: acpid-running")
-    return machine  # type: ignore[return-value]
+    return machine
 
 
-def describe(daemon: Daemon, name: str = "life") -> dict[str, object]:
-    return daemon.call("Describe", {"name": name})["machine"]  # type: ignore[return-value]
+def describe(daemon: Daemon, name: str = "life") -> JsonObject:
+    machine: JsonObject = daemon.call("Describe", {"name": name})["machine"]
+    return machine
 
 
-def control(machine: dict[str, object]) -> Connection:
+def control(machine: JsonObject) -> Connection:
     return Connection(str(machine["controlAddress"]), timeout=60)
 
 
-def test_without_ready_the_vm_runs_but_is_not_ready(daemon: Daemon, vm: dict[str, object]) -> None:
+def test_without_ready_the_vm_runs_but_is_not_ready(daemon: Daemon, vm: JsonObject) -> None:
     machine = describe(daemon)
     assert machine["state"] == "running"
     assert machine["ready"] is False
@@ -72,7 +74,7 @@ def test_without_ready_the_vm_runs_but_is_not_ready(daemon: Daemon, vm: dict[str
     assert info.value.name == f"{MANAGER}.Timeout"
 
 
-def test_malformed_and_oversized_messages_change_nothing(daemon: Daemon, vm: dict[str, object]) -> None:
+def test_malformed_and_oversized_messages_change_nothing(daemon: Daemon, vm: JsonObject) -> None:
     address = str(describe(daemon)["notifyAddress"])
     before = describe(daemon)
     with EventStream(daemon, "life") as events:
@@ -89,9 +91,9 @@ def test_malformed_and_oversized_messages_change_nothing(daemon: Daemon, vm: dic
     assert "malformed notify message dropped" in log
 
 
-def test_status_ready_and_exit_status_over_notify(daemon: Daemon, vm: dict[str, object]) -> None:
+def test_status_ready_and_exit_status_over_notify(daemon: Daemon, vm: JsonObject) -> None:
     address = str(describe(daemon)["notifyAddress"])
-    results: dict[str, object] = {}
+    results: dict[str, JsonObject] = {}
 
     def wait_ready() -> None:
         results["machine"] = daemon.call("WaitReady", {"name": "life", "timeout": 120})["machine"]
@@ -104,15 +106,15 @@ def test_status_ready_and_exit_status_over_notify(daemon: Daemon, vm: dict[str, 
         waiter.join(timeout=120)
         notify_as_guest(address, b"EXIT_STATUS=3")
         exit_event = events.wait_event("life", "Notify")
-    assert ready["data"]["ready"] is True  # type: ignore[index]
-    assert results["machine"]["state"] == "ready"  # type: ignore[index]
+    assert ready["data"]["ready"] is True
+    assert results["machine"]["state"] == "ready"
     assert exit_event["data"] == {"EXIT_STATUS": "3"}
     machine = describe(daemon)
     assert machine["statusText"] == "Reached target multi-user.target"
     assert machine["exitStatus"] == 3
 
 
-def test_machine_instance_describe_with_third_party_client(daemon: Daemon, vm: dict[str, object]) -> None:
+def test_machine_instance_describe_with_third_party_client(daemon: Daemon, vm: JsonObject) -> None:
     address = describe(daemon)["controlAddress"]
     result = subprocess.run(
         [sys.executable, "-m", "varlink.cli", "call", f"unix:{address}/io.systemd.MachineInstance.Describe", "{}"],
@@ -140,7 +142,7 @@ def _interface_shape(text: str) -> object:
     return {"name": interface.name, "members": _shape(dict(interface.members))}
 
 
-def test_served_machine_instance_idl_is_systemds(daemon: Daemon, vm: dict[str, object]) -> None:
+def test_served_machine_instance_idl_is_systemds(daemon: Daemon, vm: JsonObject) -> None:
     with control(describe(daemon)) as conn:
         served = conn.call("org.varlink.service.GetInterfaceDescription", {"interface": "io.systemd.MachineInstance"})
     reference = (DOCS / "io.systemd.MachineInstance.varlink").read_text()
@@ -150,7 +152,7 @@ def test_served_machine_instance_idl_is_systemds(daemon: Daemon, vm: dict[str, o
     assert _interface_shape(str(served["description"])) == _interface_shape(reference)
 
 
-def test_pause_resume_reboot_show_in_qmp_and_events(daemon: Daemon, vm: dict[str, object]) -> None:
+def test_pause_resume_reboot_show_in_qmp_and_events(daemon: Daemon, vm: JsonObject) -> None:
     machine = describe(daemon)
     boots = Path(str(machine["consoleLog"])).read_text(errors="replace").count("VMSPAWND-TEST: acpid-running")
     with EventStream(daemon, "life") as events, control(machine) as ctl:
@@ -165,12 +167,12 @@ def test_pause_resume_reboot_show_in_qmp_and_events(daemon: Daemon, vm: dict[str
         events.wait_event("life", "RESET")
     # A reset is not a stop: the same QEMU runs on, and the guest boots again.
     assert describe(daemon)["state"] in ("running", "ready")
-    assert describe(daemon)["qemu"]["pid"] == machine["qemu"]["pid"]  # type: ignore[index]
+    assert describe(daemon)["qemu"]["pid"] == machine["qemu"]["pid"]
     with Console(describe(daemon)) as console:
         console.wait_count("VMSPAWND-TEST: acpid-running", boots + 1)
 
 
-def test_machine_instance_events_stream_qmp_events(daemon: Daemon, vm: dict[str, object]) -> None:
+def test_machine_instance_events_stream_qmp_events(daemon: Daemon, vm: JsonObject) -> None:
     machine = describe(daemon)
     with control(machine) as stream, control(machine) as ctl:
         stream.send("io.systemd.MachineInstance.SubscribeEvents", {"filter": ["STOP", "RESUME"]}, more=True)
@@ -182,12 +184,12 @@ def test_machine_instance_events_stream_qmp_events(daemon: Daemon, vm: dict[str,
     assert (first["event"], second["event"]) == ("STOP", "RESUME")
 
 
-def test_wedged_qemu_times_out_without_slowing_anything_else(daemon: Daemon, vm: dict[str, object], guest) -> None:  # type: ignore[no-untyped-def]
+def test_wedged_qemu_times_out_without_slowing_anything_else(daemon: Daemon, vm: JsonObject, guest: Guest) -> None:
     daemon.call("Spawn", {"spec": {
         "name": "other", "kvm": False, "ram": 128 * MIB, "linux": str(guest.kernel),
         "initrds": [str(guest.initrd)], "kernelCmdline": ["vmspawnd_test.mode=wait"],
     }})
-    pid = describe(daemon)["qemu"]["pid"]  # type: ignore[index]
+    pid = describe(daemon)["qemu"]["pid"]
     os.kill(pid, signal.SIGSTOP)
     try:
         outcome: dict[str, object] = {}
@@ -203,7 +205,7 @@ def test_wedged_qemu_times_out_without_slowing_anything_else(daemon: Daemon, vm:
         wedged = threading.Thread(target=pause_wedged)
         wedged.start()
         # While that call waits on the wedged QEMU, everything else answers.
-        assert {m["name"] for m in daemon.call("List")["machines"]} >= {"life", "other"}  # type: ignore[union-attr]
+        assert {m["name"] for m in daemon.call("List")["machines"]} >= {"life", "other"}
         assert describe(daemon, "other")["state"] in ("running", "ready")
         daemon.call("Pause", {"name": "other"})
         daemon.call("Resume", {"name": "other"})
@@ -227,7 +229,7 @@ def test_wedged_qemu_times_out_without_slowing_anything_else(daemon: Daemon, vm:
     assert describe(daemon)["paused"] is False
 
 
-def test_poweroff_through_machine_instance(daemon: Daemon, vm: dict[str, object]) -> None:
+def test_poweroff_through_machine_instance(daemon: Daemon, vm: JsonObject) -> None:
     machine = describe(daemon)
     with EventStream(daemon, "life") as events, control(machine) as ctl:
         ctl.call("io.systemd.MachineInstance.PowerOff")
@@ -240,7 +242,7 @@ def test_poweroff_through_machine_instance(daemon: Daemon, vm: dict[str, object]
     daemon.call("Remove", {"name": "life"})
 
 
-def test_start_wait_returns_once_the_guest_is_ready_and_shutdown_all(daemon: Daemon, guest) -> None:  # type: ignore[no-untyped-def]
+def test_start_wait_returns_once_the_guest_is_ready_and_shutdown_all(daemon: Daemon, guest: Guest) -> None:
     env = dict(os.environ, VMSPAWN_ADDRESS=daemon.address)
     with EventStream(daemon) as events:
         cli = subprocess.Popen(

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.guest.build import Guest
 from tests.support import Daemon, boot_facts
 from vmspawnd.spec.discovery import ROOT_TYPES
 
@@ -51,7 +52,7 @@ def smbios11_strings(facts: dict[str, list[str]]) -> list[bytes]:
     return out
 
 
-def test_options_reach_the_guest(daemon: Daemon, guest, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_options_reach_the_guest(daemon: Daemon, guest: Guest, tmp_path: Path) -> None:
     root_uuid = uuid.uuid4()
     image = tmp_path / "gpt-disk.raw"
     write_gpt_image(image, root_uuid)
@@ -95,7 +96,7 @@ def test_options_reach_the_guest(daemon: Daemon, guest, tmp_path: Path) -> None:
     assert 0.75 * 300 * MIB < int(facts["memtotal-kb"][0]) * 1024 <= 300 * MIB
 
 
-def test_directory_boots_kernel_found_through_bls(daemon: Daemon, guest, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_directory_boots_kernel_found_through_bls(daemon: Daemon, guest: Guest, tmp_path: Path) -> None:
     """-D without --linux: the kernel and initrd come from a Type #1 entry in DIR/boot."""
     import shutil
 

@@ -17,16 +17,19 @@ import threading
 import time
 from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TypedDict, TypeVar, Unpack
 
 import pytest
 import pytest_asyncio
 
+from tests.guest.build import Guest
 from tests.standins import machined_varlink
 from tests.standins.dbus import PrivateBus, Services, private_system_bus, start_services
 from tests.support import make_runtime_dir, start_daemon, stop_daemon
 from vmspawnd.errors import StartFailed
-from vmspawnd.host.registration import RegistrationInfo, register_machine, unit_object_path
+from vmspawnd.host.machined import RegistrationInfo
+from vmspawnd.host.registration import register_machine
+from vmspawnd.host.scope import unit_object_path
 
 UUID = "0123456789abcdef0123456789abcdef"
 MIB = 1024 * 1024
@@ -70,8 +73,17 @@ def _bus_env(monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest) ->
         monkeypatch.setenv("DBUS_SYSTEM_BUS_ADDRESS", "unix:path=/nonexistent/bus")
 
 
-def info(pid: int, **kwargs: object) -> RegistrationInfo:
-    return RegistrationInfo(name="alpha", uuid=UUID, leader_pid=pid, **kwargs)  # type: ignore[arg-type]
+class InfoFields(TypedDict, total=False):
+    """The RegistrationInfo fields a test sets beyond name, uuid and leader."""
+
+    root_directory: str | None
+    vsock_cid: int | None
+    ssh_private_key_path: str | None
+    control_address: str | None
+
+
+def info(pid: int, **kwargs: Unpack[InfoFields]) -> RegistrationInfo:
+    return RegistrationInfo(name="alpha", uuid=UUID, leader_pid=pid, **kwargs)
 
 
 @pytest.mark.asyncio
@@ -344,7 +356,7 @@ def loop_thread() -> Iterator[LoopThread]:
 
 
 @pytest.mark.vm
-def test_daemon_registers_vm_and_unregisters_at_end(guest, tmp_path: Path, loop_thread: LoopThread) -> None:  # type: ignore[no-untyped-def]
+def test_daemon_registers_vm_and_unregisters_at_end(guest: Guest, tmp_path: Path, loop_thread: LoopThread) -> None:
     """A real VM is registered with the stand-in machined (Varlink), with its reaper as leader
     and its control socket as controlAddress, and unregistered when it ends."""
     address = tmp_path / "io.systemd.Machine"
@@ -376,7 +388,7 @@ def test_daemon_registers_vm_and_unregisters_at_end(guest, tmp_path: Path, loop_
 
 
 @pytest.mark.vm
-def test_daemon_scope_request_stop_terminates_vm(guest, loop_thread: LoopThread) -> None:  # type: ignore[no-untyped-def]
+def test_daemon_scope_request_stop_terminates_vm(guest: Guest, loop_thread: LoopThread) -> None:
     """Where systemd manages the system: the VM gets NAME.scope in the requested slice
     (machined absent: D-Bus registration is tried and skipped), RequestStop ends the VM,
     and the scope is abandoned, killed and unref'd."""

@@ -20,12 +20,13 @@ import signal
 import stat
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from vmspawnctl.varlink import Connection, ConnectionFailed, VarlinkError
+from vmspawnctl.varlink import Connection, ConnectionFailed, JsonObject, VarlinkError
 
+from tests.guest.build import Guest
 from tests.support import (
     Console,
     Daemon,
@@ -85,16 +86,17 @@ def wait_for_file_text(path: Path, text: str, timeout: float = 60.0) -> None:
         time.sleep(0.1)
 
 
-def spec(guest, name: str, mode: str, *extra: str) -> dict[str, object]:  # type: ignore[no-untyped-def]
+def spec(guest: Guest, name: str, mode: str, *extra: str) -> dict[str, object]:
     return {"name": name, "kvm": False, "ram": 192 * MIB, "linux": str(guest.kernel), "initrds": [str(guest.initrd)],
             "kernelCmdline": [f"vmspawnd_test.mode={mode}", *extra]}
 
 
-def describe(daemon: Daemon, name: str) -> dict[str, object]:
-    return daemon.call("Describe", {"name": name})["machine"]  # type: ignore[return-value]
+def describe(daemon: Daemon, name: str) -> JsonObject:
+    machine: JsonObject = daemon.call("Describe", {"name": name})["machine"]
+    return machine
 
 
-def test_sigkill_while_starting_running_paused_and_powering_off(world: dict[str, object], guest) -> None:  # type: ignore[no-untyped-def]
+def test_sigkill_while_starting_running_paused_and_powering_off(world: dict[str, object], guest: Guest) -> None:
     runtime = world["runtime"]
     env = world["env"]
     hold = world["hold"]
@@ -132,12 +134,12 @@ def test_sigkill_while_starting_running_paused_and_powering_off(world: dict[str,
     first.process.wait()
     first.notify.close()
     wait_for_file_text(Path(str(before["run1"]["consoleLog"])), "in-the-gap-21")
-    starting_pid = before["starting1"]["qemu"]["pid"]  # type: ignore[index]
+    starting_pid = before["starting1"]["qemu"]["pid"]
     assert os.path.exists(f"/proc/{starting_pid}")  # held, not started
 
     second = start_daemon(runtime, env=env)
     world["daemon"] = second
-    machines = {m["name"]: m for m in second.call("List")["machines"]}  # type: ignore[union-attr]
+    machines = {m["name"]: m for m in second.call("List")["machines"]}
 
     # Mid-start: gone and cleaned, its held process stopped.
     assert "starting1" not in machines
@@ -148,13 +150,13 @@ def test_sigkill_while_starting_running_paused_and_powering_off(world: dict[str,
         assert machines[name]["state"] == "ready"
         assert machines[name]["qemu"] == before[name]["qemu"]
     assert machines["paused1"]["paused"] is True
-    expected = {before["run1"]["qemu"]["pid"], before["paused1"]["qemu"]["pid"]}  # type: ignore[index]
+    expected = {before["run1"]["qemu"]["pid"], before["paused1"]["qemu"]["pid"]}
     assert expected <= set(qemu_processes())
     # Shutdown in progress: finished (by the new daemon, without a client asking).
     finished = wait_final(second, "stopping1")
     assert finished["state"] == "stopped"
     assert finished["reason"] == "powered off on request"
-    assert before["stopping1"]["qemu"]["pid"] not in qemu_processes()  # type: ignore[index]
+    assert before["stopping1"]["qemu"]["pid"] not in qemu_processes()
 
     # The adopted VMs answer: QMP (Pause shows in query-status, a STOP event arrives),
     # the console has its history and takes input, PowerOff works.
@@ -177,7 +179,7 @@ def test_sigkill_while_starting_running_paused_and_powering_off(world: dict[str,
     assert stopped["exitCode"] == 0  # known although QEMU was no child of this daemon
 
     # A clean restart (SIGTERM) leaves VMs running, and the next daemon adopts them too.
-    pid = describe(second, "paused1")["qemu"]["pid"]  # type: ignore[index]
+    pid = describe(second, "paused1")["qemu"]["pid"]
     second.process.send_signal(signal.SIGTERM)
     assert second.process.wait(timeout=60) == 0
     second.notify.close()
@@ -192,7 +194,7 @@ def test_sigkill_while_starting_running_paused_and_powering_off(world: dict[str,
     assert pid not in qemu_processes()
 
 
-def wait_final(daemon: Daemon, name: str) -> dict[str, object]:
+def wait_final(daemon: Daemon, name: str) -> JsonObject:
     """The VM's record once it has ended (subscribing first, so the end is not missed)."""
     with EventStream(daemon, name) as events:
         machine = describe(daemon, name)
@@ -202,14 +204,14 @@ def wait_final(daemon: Daemon, name: str) -> dict[str, object]:
     return machine
 
 
-def _ignore_errors(function, *args) -> None:  # type: ignore[no-untyped-def]
+def _ignore_errors(function: Callable[..., object], *args: object) -> None:
     try:
         function(*args)
     except (VarlinkError, ConnectionFailed, OSError):
         pass  # the daemon is killed under this call on purpose
 
 
-def test_unusable_state_is_cleaned_and_stop_vms_on_exit(world: dict[str, object], guest) -> None:  # type: ignore[no-untyped-def]
+def test_unusable_state_is_cleaned_and_stop_vms_on_exit(world: dict[str, object], guest: Guest) -> None:
     """Unreadable or other-version state: logged, its (same) processes stopped, files removed;
     and --stop-vms-on-exit powers VMs off when the daemon stops."""
     runtime = world["runtime"]
@@ -239,8 +241,8 @@ def test_unusable_state_is_cleaned_and_stop_vms_on_exit(world: dict[str, object]
     assert "unsupported state format version 99" in log and "unreadable state" in log
     # Their processes were stopped (found from the record, or from the VM directory named on
     # their command lines when the record is garbage) and both directories are gone.
-    assert future["qemu"]["pid"] not in qemu_processes()  # type: ignore[index]
-    assert garbled["qemu"]["pid"] not in qemu_processes()  # type: ignore[index]
+    assert future["qemu"]["pid"] not in qemu_processes()
+    assert garbled["qemu"]["pid"] not in qemu_processes()
     assert not Path(str(future["runtimeDirectory"])).exists()
     assert not Path(str(garbled["runtimeDirectory"])).exists()
 
@@ -251,5 +253,5 @@ def test_unusable_state_is_cleaned_and_stop_vms_on_exit(world: dict[str, object]
     assert second.process.wait(timeout=120) == 0
     second.notify.close()
     world.pop("daemon")
-    assert survivor["qemu"]["pid"] not in qemu_processes()  # type: ignore[index]
+    assert survivor["qemu"]["pid"] not in qemu_processes()
     assert "VMSPAWND-TEST: acpi-powerdown" in Path(str(survivor["consoleLog"])).read_text(errors="replace")

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.guest.build import Guest
 from tests.support import Console, Daemon, EventStream, parent_of, qemu_processes
 
 pytestmark = pytest.mark.vm
@@ -20,7 +21,7 @@ pytestmark = pytest.mark.vm
 MIB = 1024 * 1024
 
 
-def test_start_boots_guest_with_requested_hardware(daemon: Daemon, guest, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_start_boots_guest_with_requested_hardware(daemon: Daemon, guest: Guest, tmp_path: Path) -> None:
     drive = tmp_path / "extra-disk.img"
     drive.write_bytes(b"\0" * (3 * MIB))
     result = daemon.ctl(
@@ -50,7 +51,7 @@ def test_start_boots_guest_with_requested_hardware(daemon: Daemon, guest, tmp_pa
     daemon.call("Remove", {"name": "facts"})
 
 
-def test_third_party_varlink_client_spawns_vm_that_outlives_it(daemon: Daemon, guest) -> None:  # type: ignore[no-untyped-def]
+def test_third_party_varlink_client_spawns_vm_that_outlives_it(daemon: Daemon, guest: Guest) -> None:
     spec = {
         "name": "byvarlink", "kvm": False, "ram": 256 * MIB,
         "linux": str(guest.kernel), "initrds": [str(guest.initrd)],
@@ -85,7 +86,7 @@ def test_third_party_varlink_client_spawns_vm_that_outlives_it(daemon: Daemon, g
     assert daemon.ctl("remove", "byvarlink").returncode == 0
 
 
-def test_guest_ignoring_acpi_is_terminated_after_deadline(daemon: Daemon, guest) -> None:  # type: ignore[no-untyped-def]
+def test_guest_ignoring_acpi_is_terminated_after_deadline(daemon: Daemon, guest: Guest) -> None:
     result = daemon.ctl(
         "start", "-M", "stubborn", "--kvm=no", "--ram=256M",
         f"--linux={guest.kernel}", f"--initrd={guest.initrd}", "vmspawnd_test.mode=ignore-acpi",
@@ -103,7 +104,7 @@ def test_guest_ignoring_acpi_is_terminated_after_deadline(daemon: Daemon, guest)
     daemon.call("Remove", {"name": "stubborn"})
 
 
-def test_guest_poweroff_is_recorded_until_removed(daemon: Daemon, guest) -> None:  # type: ignore[no-untyped-def]
+def test_guest_poweroff_is_recorded_until_removed(daemon: Daemon, guest: Guest) -> None:
     with EventStream(daemon) as events:
         daemon.call("Spawn", {"spec": {
             "name": "shortlived", "kvm": False, "ram": 256 * MIB, "linux": str(guest.kernel),

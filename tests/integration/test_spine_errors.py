@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 from vmspawnctl.varlink import VarlinkError
 
+from tests.guest.build import Guest
 from tests.support import MANAGER, Daemon, EventStream, no_leaks, qemu_processes
 
 MIB = 1024 * 1024
@@ -93,7 +94,7 @@ def test_cli_refuses_bad_ram_without_contacting_the_daemon(daemon: Daemon, tmp_p
 
 
 @pytest.mark.vm
-def test_duplicate_name_is_refused_and_qemu_failure_is_reported(daemon: Daemon, guest) -> None:  # type: ignore[no-untyped-def]
+def test_duplicate_name_is_refused_and_qemu_failure_is_reported(daemon: Daemon, guest: Guest) -> None:
     spec = {"name": "dup", "kvm": False, "ram": 128 * MIB, "linux": str(guest.kernel),
             "initrds": [str(guest.initrd)], "kernelCmdline": ["vmspawnd_test.mode=wait"]}
     daemon.call("Spawn", {"spec": spec})
@@ -148,7 +149,7 @@ def test_oversized_frame_is_closed(daemon: Daemon) -> None:
 
 
 @pytest.mark.vm
-def test_client_hanging_up_mid_spawn_leaves_a_consistent_vm(daemon: Daemon, guest) -> None:  # type: ignore[no-untyped-def]
+def test_client_hanging_up_mid_spawn_leaves_a_consistent_vm(daemon: Daemon, guest: Guest) -> None:
     spec = {"name": "hangup", "kvm": False, "ram": 128 * MIB, "linux": str(guest.kernel),
             "initrds": [str(guest.initrd)], "kernelCmdline": ["vmspawnd_test.mode=wait"]}
     with EventStream(daemon) as events:

@@ -185,7 +185,7 @@ class Services:
     async def close(self) -> None:
         self.bus.disconnect()
         with contextlib.suppress(Exception):
-            await self.bus.wait_for_disconnect()  # type: ignore[no-untyped-call]
+            await self.bus.wait_for_disconnect()
 
 
 async def start_services(

@@ -10,7 +10,9 @@ No `from __future__ import annotations`: asyncvarlink reads real annotations.
 
 import dataclasses
 import inspect
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from asyncvarlink import (
     TypedVarlinkErrorReply,
@@ -59,11 +61,12 @@ _REGISTER_FIELDS: list[tuple[str, object]] = [
 ]
 
 
-def _register_method(with_control_address: bool):  # type: ignore[no-untyped-def]
+def _register_method(with_control_address: bool) -> Callable[..., object]:
     """Build Register with a wire field called `class`, which Python cannot spell."""
     fields = [f for f in _REGISTER_FIELDS if with_control_address or f[0] != "controlAddress"]
 
-    def Register(self, **params):  # type: ignore[no-untyped-def]
+    # Any: the keyword arguments are decoded JSON, checked by asyncvarlink against `fields`.
+    def Register(self: "_MachineBase", **params: Any) -> None:
         params = {("class" if k == "klass" else k): v for k, v in params.items() if v is not None}
         if isinstance(params.get("leaderProcessId"), ProcessId):
             params["leaderProcessId"] = {
@@ -77,6 +80,7 @@ def _register_method(with_control_address: bool):  # type: ignore[no-untyped-def
     parameters = [inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD)]
     for name, annotation in fields:
         parameters.append(inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, annotation=annotation))
+    # inspect.signature (which asyncvarlink reads) honours __signature__; typeshed does not declare it.
     Register.__signature__ = inspect.Signature(parameters, return_annotation=None)  # type: ignore[attr-defined]
     method = varlinkmethod(Register)
     signature = varlinksignature(method)
@@ -90,8 +94,9 @@ def _register_method(with_control_address: bool):  # type: ignore[no-untyped-def
 
 class _MachineBase(VarlinkInterface, name="io.systemd.Machine"):
     def __init__(self) -> None:
-        self.calls: list[tuple[str, dict[str, object]]] = []
-        self.machines: dict[str, dict[str, object]] = {}
+        # Any: the recorded parameters are decoded JSON, in systemd's IDL's shapes.
+        self.calls: list[tuple[str, dict[str, Any]]] = []
+        self.machines: dict[str, dict[str, Any]] = {}
 
     @varlinkmethod
     def Unregister(self, name: str) -> None:

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.guest.build import Guest
 from tests.system import cgroups, hostenv, trees
 from tests.system.container import Bind, Container, boot
 from tests.system.deploy import Installation, install_vmspawnd
@@ -126,7 +127,7 @@ def forky(system_trees: Callable[[str], Path], container_binds: list[Bind]) -> I
 
 
 @pytest.fixture(scope="module")
-def vmspawnd_installed(system_container: Container, guest) -> Installation:  # type: ignore[no-untyped-def]
+def vmspawnd_installed(system_container: Container, guest: Guest) -> Installation:
     """vmspawnd installed in `system_container` by scripts/install, the test guest beside it."""
     installation = install_vmspawnd(system_container, guest.kernel, guest.initrd)
     TIMINGS.append((f"{system_container.suite} scripts/install", installation.seconds))

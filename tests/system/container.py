@@ -1,7 +1,7 @@
 # SPDX-License-Identifier: LGPL-2.1-or-later
 """A Debian tree booted with ``systemd-nspawn -b``: systemd as PID 1, dbus, machined.
 
-How it is started, and why (the project notes in shared/systemd-container.md have the measurements):
+How it is started, and why (docs/reference/systemd-container.md has the measurements):
 
 * The cached tree is never written: the container's root is an overlayfs over it, with the
   upper layer in a temporary directory that goes away with the container.
@@ -40,6 +40,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
 from tests.system import cgroups, hostenv
+from vmspawnd import override
 
 BOOT_TIMEOUT = 120.0  # measured: ~2 s to READY=1 on this machine
 RUN_TIMEOUT = 120.0
@@ -84,6 +85,7 @@ _INTO_CGROUP = 'echo $$ > "$0" && exec "$@"'
 class CommandFailed(subprocess.CalledProcessError):
     """A command inside the container exited non-zero; the message carries its output."""
 
+    @override
     def __str__(self) -> str:
         return f"{super().__str__()}\n{_outputs(self.stdout, self.stderr)}"
 
@@ -91,6 +93,7 @@ class CommandFailed(subprocess.CalledProcessError):
 class CommandTimedOut(subprocess.TimeoutExpired):
     """A command inside the container did not finish in time (it was killed)."""
 
+    @override
     def __str__(self) -> str:
         return f"{super().__str__()}\n{_outputs(self.output, self.stderr)}"
 

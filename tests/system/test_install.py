@@ -12,7 +12,7 @@ import subprocess
 import sys
 
 import pytest
-from vmspawnctl.varlink import Connection
+from vmspawnctl.varlink import Connection, JsonObject
 
 from tests.support import MANAGER, Console
 from tests.system.container import Container
@@ -32,8 +32,9 @@ def main_pid(c: Container, unit: str) -> int:
     return int(c.run(["systemctl", "show", "-P", "MainPID", unit]).stdout)
 
 
-def describe(c: Container, name: str = VM) -> dict[str, object]:
-    return json.loads(c.run(["vmspawnctl", "status", name, "--json"]).stdout)  # type: ignore[no-any-return]
+def describe(c: Container, name: str = VM) -> JsonObject:
+    machine: JsonObject = json.loads(c.run(["vmspawnctl", "status", name, "--json"]).stdout)
+    return machine
 
 
 def wait_console(c: Container, name: str, pattern: str) -> dict[str, list[str]]:
@@ -170,7 +171,7 @@ def test_readme_demo(system_container: Container, vmspawnd_installed: Installati
         assert machine["state"] in ("running", "ready"), machine
         # Up to its ACPI handler, so that stop below is a clean power-off, not an escalation.
         wait_console(c, "demo", r"VMSPAWND-TEST: acpid-running")
-        assert "vmspawnd_test.mode=wait" in c.run(["cat", f"/proc/{machine['qemu']['pid']}/cmdline"]).stdout  # type: ignore[index]
+        assert "vmspawnd_test.mode=wait" in c.run(["cat", f"/proc/{machine['qemu']['pid']}/cmdline"]).stdout
         assert "demo" in c.run(["machinectl", "list", "--no-legend"]).stdout
     finally:
         stopped = c.run(["vmspawnctl", "stop", "demo"], timeout=180, check=False)

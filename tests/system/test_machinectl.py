@@ -64,7 +64,7 @@ def test_list_and_status_show_a_registered_vm(system_container: Container, vmspa
     assert machine_property(c, "listed", "Class") == "vm"
     assert machine_property(c, "listed", "Service") == "vmspawnd"
     # The leader machined signals is the reaper, QEMU's parent, in the VM's scope.
-    assert int(machine_property(c, "listed", "Leader")) == machine["reaper"]["pid"]  # type: ignore[index]
+    assert int(machine_property(c, "listed", "Leader")) == machine["reaper"]["pid"]
     assert machine_property(c, "listed", "Unit") == "listed.scope" == machine["unit"]
     assert machine["registered"] is True
     remote.call("Terminate", {"name": "listed"})
@@ -94,13 +94,13 @@ def test_every_process_of_a_vm_is_in_its_scope(system_container: Container, vmsp
     in_service = [pid for pid, p in processes(c).items() if unit_of(str(p["cgroup"])) == "vmspawnd.service"]
     assert in_service == [daemon], in_service
 
-    qemus = {name: m["qemu"]["pid"] for name, m in census.items()}  # type: ignore[index]
+    qemus = {name: m["qemu"]["pid"] for name, m in census.items()}
     c.run(["systemctl", "kill", "vmspawnd.service"])  # SIGTERM to all of the service: the daemon
     c.run(["systemctl", "restart", "vmspawnd.service"])
     for name, pid in qemus.items():
         # The next call activates the socket; the new daemon adopted the same QEMUs.
         adopted = remote.describe(name)
-        assert adopted["state"] in ("running", "ready") and adopted["qemu"]["pid"] == pid, adopted  # type: ignore[index]
+        assert adopted["state"] in ("running", "ready") and adopted["qemu"]["pid"] == pid, adopted
     journal = c.journal(since_cursor=cursor)
     assert LEFT_OVER not in journal, [line for line in journal.splitlines() if LEFT_OVER in line]
     for name in census:
@@ -118,8 +118,8 @@ def test_poweroff_presses_the_acpi_button(system_container: Container, vmspawnd_
         machinectl(c, "poweroff", "poff")
     wait_in_log(remote, machine, offset, b"VMSPAWND-TEST: acpi-powerdown")  # the guest saw the button
     final = result["machine"]
-    assert (final["state"], final["reason"]) == ("stopped", "powered off on request"), final  # type: ignore[index]
-    assert final["exitCode"] == 0  # type: ignore[index]
+    assert (final["state"], final["reason"]) == ("stopped", "powered off on request"), final
+    assert final["exitCode"] == 0
     assert "poff" not in machinectl(c, "list", "--no-legend")
     remote.call("Remove", {"name": "poff"})
 
@@ -146,7 +146,7 @@ def test_terminate_stops_it_and_every_process_is_gone(system_container: Containe
     with ends(remote, "term") as result:
         machinectl(c, "terminate", "term")
     final = result["machine"]
-    assert final["state"] == "stopped" and final["reason"] == "terminated on request", final  # type: ignore[index]
+    assert final["state"] == "stopped" and final["reason"] == "terminated on request", final
     assert not pids & set(processes(c)), "processes of the terminated VM are left"
     assert c.run(["systemctl", "is-active", "term.scope"], check=False).stdout.strip() != "active"
     remote.call("Remove", {"name": "term"})
@@ -169,9 +169,9 @@ def test_kill_sends_that_signal_and_the_end_names_it(system_container: Container
     with ends(remote, name) as result:
         machinectl(c, "kill", f"--kill-whom={whom}", f"--signal={sig}", name)
     final = result["machine"]
-    assert str(final["reason"]).startswith(reason), final  # type: ignore[index]
+    assert str(final["reason"]).startswith(reason), final
     if whom == "leader":  # machined sent it to the leader, which passed it on
-        assert f"from pid {final['reaper']['pid']} " not in str(final["reason"]), final  # type: ignore[index]
+        assert f"from pid {final['reaper']['pid']} " not in str(final["reason"]), final
     remote.call("Remove", {"name": name})
 
 
@@ -186,10 +186,10 @@ def test_qemu_killed_ends_with_the_right_reason_within_5s(system_container: Cont
     name = f"sig{signo}"
     machine = start_vm(c, vmspawnd_installed, name)
     with ends(remote, name) as result:
-        c.run(["kill", f"-{signo}", str(machine["qemu"]["pid"])])  # type: ignore[index]
+        c.run(["kill", f"-{signo}", str(machine["qemu"]["pid"])])
     final = result["machine"]
-    assert final["state"] == state and str(final["reason"]).startswith(reason), final  # type: ignore[index]
-    assert float(result["seconds"]) < 5.0, result["seconds"]  # type: ignore[arg-type]
+    assert final["state"] == state and str(final["reason"]).startswith(reason), final
+    assert float(result["seconds"]) < 5.0, result["seconds"]
     refused = c.run(["vmspawnctl", "terminate", name], check=False, timeout=30)  # answers, does not hang
     assert refused.returncode != 0 and "while it is" in refused.stderr, refused
     c.run(["vmspawnctl", "remove", name], timeout=30)
@@ -279,7 +279,7 @@ def test_registered_again_after_a_daemon_restart(system_container: Container, vm
     assert "rereg" not in machinectl(c, "list", "--no-legend")
     c.run(["systemctl", "restart", "vmspawnd.service"])
     assert remote.describe("rereg")["qemu"] == machine["qemu"]  # adopted (and the daemon is up)
-    assert int(machine_property(c, "rereg", "Leader")) == machine["reaper"]["pid"]  # type: ignore[index]
+    assert int(machine_property(c, "rereg", "Leader")) == machine["reaper"]["pid"]
     assert machine_property(c, "rereg", "Unit") == "rereg.scope"
     remote.call("Terminate", {"name": "rereg"})
     remote.call("Remove", {"name": "rereg"})

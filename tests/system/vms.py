@@ -14,7 +14,7 @@ import select
 import time
 from collections.abc import Iterator
 
-from vmspawnctl.varlink import Connection, VarlinkError
+from vmspawnctl.varlink import Connection, JsonObject, VarlinkError
 
 from tests.support import MANAGER, Console, EventStream
 from tests.system.container import Container
@@ -34,17 +34,18 @@ class Remote:
     def connect(self, timeout: float = 300.0) -> Connection:
         return Connection(self.address, timeout=timeout)
 
-    def call(self, method: str, params: dict[str, object] | None = None, timeout: float = 300.0) -> dict[str, object]:
+    def call(self, method: str, params: dict[str, object] | None = None, timeout: float = 300.0) -> JsonObject:
         with self.connect(timeout) as conn:
             return conn.call(f"{MANAGER}.{method}", params or {})
 
-    def describe(self, name: str) -> dict[str, object]:
-        return self.call("Describe", {"name": name})["machine"]  # type: ignore[return-value]
+    def describe(self, name: str) -> JsonObject:
+        machine: JsonObject = self.call("Describe", {"name": name})["machine"]
+        return machine
 
     def events(self, name: str | None = None) -> EventStream:
-        return EventStream(self, name)  # type: ignore[arg-type]
+        return EventStream(self, name)
 
-    def console(self, machine: dict[str, object]) -> Console:
+    def console(self, machine: JsonObject) -> Console:
         """The VM's console, read from the host (its paths translated into the container)."""
         c = self.container
         return Console({**machine, "consoleLog": str(c.path(str(machine["consoleLog"]))),
@@ -52,20 +53,21 @@ class Remote:
 
 
 def start_vm(c: Container, inst: Installation, name: str, *options: str, mode: str = "wait",
-             user: str | None = None, env: dict[str, str] | None = None) -> dict[str, object]:
+             user: str | None = None, env: dict[str, str] | None = None) -> JsonObject:
     """`vmspawnctl start` the busybox test guest inside (TCG); returns its record."""
     c.run(["vmspawnctl", "start", "-M", name, "--kvm=no", "--ram=256M", f"--linux={inst.kernel}",
            f"--initrd={inst.initrd}", *options, f"vmspawnd_test.mode={mode}"], timeout=300, user=user, env=env)
-    return json.loads(c.run(["vmspawnctl", "status", name, "--json"], user=user, env=env).stdout)  # type: ignore[no-any-return]
+    machine: JsonObject = json.loads(c.run(["vmspawnctl", "status", name, "--json"], user=user, env=env).stdout)
+    return machine
 
 
-def wait_booted(remote: Remote, machine: dict[str, object]) -> None:
+def wait_booted(remote: Remote, machine: JsonObject) -> None:
     """Until the guest's init handles ACPI (acpid runs): power-off tests rely on it."""
     with remote.console(machine) as console:
         console.wait_for(r"VMSPAWND-TEST: acpid-running", BOOT_TIMEOUT)
 
 
-def wait_in_log(remote: Remote, machine: dict[str, object], offset: int, needle: bytes, timeout: float = BOOT_TIMEOUT) -> None:
+def wait_in_log(remote: Remote, machine: JsonObject, offset: int, needle: bytes, timeout: float = BOOT_TIMEOUT) -> None:
     """Until the VM's console log has `needle` past `offset` (QEMU logs each byte once;
     the console stream only serves as the wake-up). The log outlives the VM."""
     log = remote.container.path(str(machine["consoleLog"]))
@@ -89,12 +91,12 @@ def wait_in_log(remote: Remote, machine: dict[str, object], offset: int, needle:
                 assert logged(), f"{machine['name']}: the console closed without {needle!r}"
 
 
-def log_size(remote: Remote, machine: dict[str, object]) -> int:
+def log_size(remote: Remote, machine: JsonObject) -> int:
     return remote.container.path(str(machine["consoleLog"])).stat().st_size
 
 
 @contextlib.contextmanager
-def ends(remote: Remote, name: str, within: float = 120.0) -> Iterator[dict[str, object]]:
+def ends(remote: Remote, name: str, within: float = 120.0) -> Iterator[JsonObject]:
     """Run the block, then wait for `name` to reach stopped/failed; yields a dict that holds
     the final record (`["machine"]`) and how long it took (`["seconds"]`) afterwards."""
     result: dict[str, object] = {}
@@ -104,7 +106,7 @@ def ends(remote: Remote, name: str, within: float = 120.0) -> Iterator[dict[str,
         deadline = started + within
         while True:
             event = events.next()
-            if event["machine"] == name and event["event"] == "StateChanged" and event["data"]["state"] in ("stopped", "failed"):  # type: ignore[index]
+            if event["machine"] == name and event["event"] == "StateChanged" and event["data"]["state"] in ("stopped", "failed"):
                 break
             assert time.monotonic() < deadline, f"{name} did not end within {within:g}s"
         result["seconds"] = time.monotonic() - started
@@ -147,9 +149,9 @@ def descendants(table: dict[int, dict[str, object]], roots: list[int]) -> list[i
     return found
 
 
-def vm_processes(c: Container, machine: dict[str, object]) -> dict[int, dict[str, object]]:
+def vm_processes(c: Container, machine: JsonObject) -> dict[int, dict[str, object]]:
     """The VM's processes (reaper, QEMU, helpers and all their children) and where they run."""
     table = processes(c)
-    roots = [int(machine["reaper"]["pid"]), int(machine["qemu"]["pid"])]  # type: ignore[index]
-    roots += [int(p["pid"]) for p in machine["helpers"].values()]  # type: ignore[attr-defined]
+    roots = [int(machine["reaper"]["pid"]), int(machine["qemu"]["pid"])]
+    roots += [int(p["pid"]) for p in machine["helpers"].values()]
     return {pid: table[pid] for pid in descendants(table, roots)}

@@ -7,7 +7,7 @@ from asyncvarlink.conversion import DataclassVarlinkType
 
 from vmspawnd.model import MachineRecord, MachineState, ProcessRecord
 from vmspawnd.spec import BindMount, CredentialData, VmSpec
-from vmspawnd.varlink.manager_api import MachineWire
+from vmspawnd.spec.wire import Machine as MachineWire
 
 
 def full_record() -> MachineRecord:

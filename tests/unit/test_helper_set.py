@@ -43,10 +43,10 @@ def test_helper_set_starts_in_order_and_closes_to_nothing(tmp_path: Path) -> Non
             start_stack.pop_all()  # as a successful Machine.start: the machine closes the set
         assert list(helpers.processes) == ["virtiofsd-mnt0", "swtpm"]  # vmspawn's order
         res = helpers.resources
-        assert res["tpm_socket"] == str(vmdir / "tpm.sock")
-        assert [s.tag for s in res["virtiofs"]] == ["mnt0"]  # type: ignore[attr-defined]
-        assert res["kernel_cmdline_extra"] == ('systemd.mount-extra="mnt0:/mnt/s:virtiofs:ro"',)
-        assert [c.id for c in res["credentials"]] == [  # type: ignore[attr-defined]
+        assert res.tpm_socket == str(vmdir / "tpm.sock")
+        assert [s.tag for s in res.virtiofs] == ["mnt0"]
+        assert res.kernel_cmdline_extra == ('systemd.mount-extra="mnt0:/mnt/s:virtiofs:ro"',)
+        assert [c.id for c in res.credentials] == [
             "ssh.ephemeral-authorized_keys-all", "systemd.unit-dropin.sshd-vsock@.service",
         ]
         assert helpers.ssh_private_key_path == str(vmdir / "hs-ed25519")

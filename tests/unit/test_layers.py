@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ast
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -55,8 +56,8 @@ def allowed(name: str, prefixes: tuple[str, ...]) -> bool:
 def test_the_cli_imports_only_the_pure_side_of_the_daemon_package() -> None:
     for path in CLIENT.rglob("*.py"):
         daemon_side = {m for m in imports_of(path) if m == "vmspawnd" or m.startswith("vmspawnd.")}
-        # `from vmspawnd import __version__` names an attribute, not a module.
-        daemon_side.discard("vmspawnd.__version__")
+        # `from vmspawnd import __version__, override` names attributes, not modules.
+        daemon_side -= {"vmspawnd.__version__", "vmspawnd.override"}
         bad = sorted(m for m in daemon_side if not allowed(m, CLIENT_MAY_IMPORT))
         assert not bad, f"{path.relative_to(ROOT)} imports daemon internals: {bad}"
 
@@ -96,3 +97,33 @@ def test_the_cli_loads_no_daemon_internals_at_run_time(argv: list[str]) -> None:
     loaded = json.loads(result.stdout.strip().splitlines()[-1])
     bad = [m for m in loaded if not allowed(m, CLIENT_MAY_IMPORT)]
     assert not bad, f"vmspawnctl {' '.join(argv)} loaded {bad}"
+    if argv == ["list"]:  # the one-shot verbs load nothing of the daemon package but its version
+        assert [m for m in loaded if m.startswith("vmspawnd")] == ["vmspawnd"], loaded
+
+
+def test_the_module_map_in_architecture_md_is_the_tree() -> None:
+    """docs/architecture.md lists every module of the package, and nothing that is gone."""
+    text = (ROOT / "docs" / "architecture.md").read_text()
+    section = text[text.index("## Modules"):]
+    documented = set(re.findall(r"^\| `(vmspawnd/[\w/]+\.py)` \|", section, flags=re.M))
+    present = {str(path.relative_to(ROOT)) for path in PACKAGE.rglob("*.py")}
+    assert documented == present, (
+        f"missing from the map: {sorted(present - documented)}; no longer in the tree: {sorted(documented - present)}"
+    )
+
+
+def test_the_five_files_from_start_to_argv_exist() -> None:
+    text = (ROOT / "docs" / "architecture.md").read_text()
+    section = text[text.index("### From `vmspawnctl start` to the QEMU argv"):]
+    files = re.findall(r"^\d\. `([\w/]+\.py)`", section, flags=re.M)
+    assert 0 < len(files) <= 5
+    assert all((ROOT / f).is_file() for f in files), files
+
+
+def test_the_client_names_the_daemons_interface() -> None:
+    """The CLI keeps its own copy of the interface name (importing errors costs start-up)."""
+    from vmspawnctl.varlink import INTERFACE as CLIENT_INTERFACE
+
+    from vmspawnd.errors import INTERFACE
+
+    assert CLIENT_INTERFACE == INTERFACE

@@ -18,7 +18,8 @@ from hypothesis import strategies as st
 
 from tests.golden.scenarios import BASE, IMG, KERNEL, PAYLOAD, SCENARIOS
 from vmspawnd.errors import InvalidSpec
-from vmspawnd.qemu.command import Credential, build_qemu_command
+from vmspawnd.qemu.command import build_qemu_command
+from vmspawnd.qemu.resources import Credential
 from vmspawnd.spec import CredentialData, VmSpec, check_property
 
 

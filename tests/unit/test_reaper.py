@@ -19,7 +19,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -80,7 +80,7 @@ def reaper(tmp: Path, *options: str) -> Iterator[Reaper]:
 class StandIn:
     """An AF_UNIX server answering each connection with `answer(request_bytes)`; records requests."""
 
-    def __init__(self, path: Path, answer: object) -> None:
+    def __init__(self, path: Path, answer: Callable[[socket.socket], bytes]) -> None:
         self.requests: list[bytes] = []
         self.seen = threading.Semaphore(0)
         self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -96,7 +96,7 @@ class StandIn:
             except OSError:
                 return
             with conn:
-                self.requests.append(self._answer(conn))  # type: ignore[operator]
+                self.requests.append(self._answer(conn))
                 self.seen.release()
 
     def next_request(self, timeout: float = 10) -> bytes:
@@ -119,7 +119,7 @@ def varlink_answer(conn: socket.socket) -> bytes:
 def qmp_answer(conn: socket.socket) -> bytes:
     """Stand-in for QEMU's QMP monitor: greeting, then {"return": {}} per command."""
     conn.sendall(b'{"QMP": {"version": {}, "capabilities": []}}\n')
-    commands = []
+    commands: list[str] = []
     buffer = b""
     while len(commands) < 2:
         chunk = conn.recv(4096)

@@ -3,9 +3,13 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from vmspawnd import settings
+from vmspawnd.host.peer import owner_only
+from vmspawnd.varlink.machine_instance import machine_instance_servers
 
 
 @pytest.mark.parametrize(
@@ -21,10 +25,10 @@ from vmspawnd import settings
 def test_gui_window_only_in_a_graphical_user_session(
     monkeypatch: pytest.MonkeyPatch, euid: int, env: dict[str, str], window: bool
 ) -> None:
-    monkeypatch.setattr(settings.os, "geteuid", lambda: euid)
+    monkeypatch.setattr(os, "geteuid", lambda: euid)
     for var in ("DISPLAY", "WAYLAND_DISPLAY"):
         monkeypatch.delenv(var, raising=False)
     for var, value in env.items():
         monkeypatch.setenv(var, value)
     assert settings.session_has_display() is window
-    assert settings.Settings().gui_window is window
+    assert settings.Settings(serve_control=machine_instance_servers(owner_only)).gui_window is window

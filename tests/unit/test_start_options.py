@@ -7,6 +7,7 @@ reaching it would exit 1 ("is vmspawnd running?"), not 2.
 
 from __future__ import annotations
 
+import argparse
 import base64
 import os
 import socket
@@ -14,9 +15,9 @@ import threading
 from pathlib import Path
 
 import pytest
+from vmspawnctl.main import main
+from vmspawnctl.start_options import parse_start, spec_from_args
 
-from clients.vmspawnctl.main import main
-from clients.vmspawnctl.start_options import parse_start, spec_from_args
 from vmspawnd.spec import BindMount, VmSpec
 
 
@@ -102,10 +103,8 @@ def test_every_option_has_bad_forms() -> None:
     assert not missing, missing
 
 
-def _actions() -> list:  # type: ignore[type-arg]
-    import argparse
-
-    from clients.vmspawnctl.start_options import add_start_options
+def _actions() -> list[argparse.Action]:
+    from vmspawnctl.start_options import add_start_options
 
     parser = argparse.ArgumentParser()
     add_start_options(parser)

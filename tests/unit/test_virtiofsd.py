@@ -34,7 +34,8 @@ RUST_HELP = "Usage: virtiofsd [OPTIONS]\n  --shared-dir <SHARED_DIR>\n  --fd <FD
 def test_probe_recognises_both_dialects() -> None:
     assert parse_help("/x", RUST_HELP) == Virtiofsd("/x", Dialect.RUST, readonly=True)
     assert parse_help("/x", RUST_HELP.replace("--readonly", "")) == Virtiofsd("/x", Dialect.RUST, readonly=False)
-    assert parse_help("/x", "usage: ...\n  -o source=PATH   shared directory tree\n").dialect is Dialect.C
+    c_dialect = parse_help("/x", "usage: ...\n  -o source=PATH   shared directory tree\n")
+    assert c_dialect is not None and c_dialect.dialect is Dialect.C
     assert parse_help("/x", "something else") is None
 
 

@@ -23,17 +23,17 @@ from vmspawnd.helpers import bind_user, journal, sshkeys, swtpm, virtiofsd
 from vmspawnd.helpers.spawn import stop_helper
 from vmspawnd.host.process import ChildProcess, is_same_process
 from vmspawnd.model import ProcessRecord
-from vmspawnd.qemu.command import Credential
+from vmspawnd.qemu.resources import Credential, HelperResources
 from vmspawnd.spec import VmSpec
 from vmspawnd.spec.discovery import native_arch
 
 
 @dataclasses.dataclass
 class HelperSet:
-    """What the helpers contribute: `resources` are keyword overrides for qemu_command.Resources."""
+    """The helpers of one VM: their processes, and what they give QEMU (`resources`)."""
 
     processes: dict[str, ChildProcess] = dataclasses.field(default_factory=dict)
-    resources: dict[str, object] = dataclasses.field(default_factory=dict)
+    resources: HelperResources = HelperResources()
     ssh_private_key_path: str = ""
     _stack: contextlib.AsyncExitStack = dataclasses.field(default_factory=contextlib.AsyncExitStack, repr=False)
 
@@ -64,17 +64,16 @@ async def start_helpers(
     own = helpers._stack
     credentials: list[Credential] = []
     cmdline: list[str] = []
+    tpm_socket: str | None = None
 
     processes, shares, words = await virtiofsd.start_virtiofsd(spec, directory, own)
     helpers.processes.update(processes)
     cmdline += words
-    if shares:
-        helpers.resources["virtiofs"] = shares
 
     tpm = await swtpm.start_swtpm(spec, machine_name, directory, native_arch(), own)
     if tpm is not None:
         helpers.processes["swtpm"], sock = tpm
-        helpers.resources["tpm_socket"] = str(sock)
+        tpm_socket = str(sock)
 
     if spec.forward_journal:
         process, credential = journal.start_journal_remote(spec.forward_journal, vsock_cid, directory, own)
@@ -91,10 +90,9 @@ async def start_helpers(
         helpers.ssh_private_key_path = str(key_path)
         credentials += key_credentials
 
-    if credentials:
-        helpers.resources["credentials"] = tuple(credentials)
-    if cmdline:
-        helpers.resources["kernel_cmdline_extra"] = tuple(cmdline)
+    helpers.resources = HelperResources(
+        tpm_socket=tpm_socket, virtiofs=tuple(shares), credentials=tuple(credentials), kernel_cmdline_extra=tuple(cmdline)
+    )
     return helpers
 
 

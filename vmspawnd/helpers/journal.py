@@ -21,13 +21,17 @@ from pathlib import Path
 from vmspawnd.errors import InvalidSpec, NotSupported
 from vmspawnd.helpers.spawn import start_helper
 from vmspawnd.host.process import ChildProcess
-from vmspawnd.qemu.command import Credential
+from vmspawnd.qemu.resources import Credential
 
 LIBEXEC_CANDIDATES = ("/usr/lib/systemd/systemd-journal-remote", "/lib/systemd/systemd-journal-remote")
 VMADDR_CID_HOST = 2
 # Moves the listener to fd 3 and exports LISTEN_PID=$$ (the pid exec keeps) before exec.
 # bash, not sh: dash only redirects single-digit fds.
-TRAMPOLINE = 'exec 3<&"$LISTEN_SRC_FD" {LISTEN_SRC_FD}<&-; export LISTEN_FDS=1 LISTEN_FDNAMES=journal LISTEN_PID=$$; unset LISTEN_SRC_FD; exec "$@"'
+TRAMPOLINE = (
+    'exec 3<&"$LISTEN_SRC_FD" {LISTEN_SRC_FD}<&-; '
+    "export LISTEN_FDS=1 LISTEN_FDNAMES=journal LISTEN_PID=$$; "
+    'unset LISTEN_SRC_FD; exec "$@"'
+)
 
 
 def find_journal_remote() -> str | None:

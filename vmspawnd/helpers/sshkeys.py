@@ -24,7 +24,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 
 from vmspawnd.errors import InvalidSpec
-from vmspawnd.qemu.command import Credential
+from vmspawnd.qemu.resources import Credential
 from vmspawnd.runtime_dir import write_private_file
 
 KEY_TYPES = ("ed25519", "rsa", "ecdsa")

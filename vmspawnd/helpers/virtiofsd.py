@@ -30,7 +30,7 @@ from vmspawnd.errors import InvalidSpec, NotSupported, StartFailed
 from vmspawnd.helpers import bind_user
 from vmspawnd.helpers.spawn import listen_unix, start_helper
 from vmspawnd.host.process import ChildProcess
-from vmspawnd.qemu.command import VirtiofsShare
+from vmspawnd.qemu.resources import VirtiofsShare
 from vmspawnd.runtime_dir import SOCKET_PATH_MAX
 from vmspawnd.spec import VmSpec
 from vmspawnd.spec.parsers import parse_private_users

@@ -231,7 +231,7 @@ class ReapedProcess:
     after a daemon restart. Signals go straight to QEMU.
     """
 
-    def __init__(self, name: str, qemu: ChildProcess, reaper: ChildProcess | None, status_path: Path) -> None:
+    def __init__(self, name: str, qemu: ChildProcess | _ExitedProcess, reaper: ChildProcess | None, status_path: Path) -> None:
         self.name = name
         self.pid = qemu.pid
         self._qemu = qemu
@@ -279,7 +279,7 @@ class ReapedProcess:
         reaper_child = None
         if reaper is not None and is_same_process(reaper):
             reaper_child = ChildProcess("reaper", reaper.pid, None)
-        return cls(name, loop_child, reaper_child, status_path)  # type: ignore[arg-type]
+        return cls(name, loop_child, reaper_child, status_path)
 
 
 class _ExitedProcess:
@@ -368,3 +368,15 @@ async def _read_report(sock: socket.socket, reaper: ChildProcess) -> tuple[int, 
         await reaper.wait()
         raise OSError("the reaper could not start the process (see the VM's qemu.log)")
     return int(data), connection
+
+
+def processes_mentioning(directory: Path) -> list[int]:
+    """Pids whose command line contains `directory` (a VM's processes all do)."""
+    needle = os.fsencode(f"{directory}/")
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit() and int(entry) != os.getpid():
+            with contextlib.suppress(OSError):
+                if needle in Path(f"/proc/{entry}/cmdline").read_bytes():
+                    found.append(int(entry))
+    return found

@@ -229,8 +229,12 @@ def _parse(argv: list[str]) -> tuple[dict[str, str], str, int, list[str]]:
     return options, status_file, int(pid_fd), command
 
 
-def _exec_qemu(command: list[str], report: int, original_mask: set[int], reaper: int) -> None:
-    """In the child: QEMU dies with its leader, and starts with a clean signal state."""
+def _exec_qemu(command: list[str], report: int, original_mask: set[int], reaper: int, started: int) -> None:
+    """In the child: QEMU dies with its leader, and starts with a clean signal state.
+
+    `started` is the write end of a close-on-exec pipe: it closes when the exec succeeds
+    (or the child exits), which tells the reaper that the parent-death signal is set.
+    """
     try:
         os.close(report)
         libc = ctypes.CDLL(None, use_errno=True)
@@ -259,8 +263,8 @@ def main(argv: list[str]) -> int:
     try:
         options, status_file, report, command = _parse(list(argv))
     except ValueError:
-        print("usage: reaper.py [--control=PATH] [--qmp=PATH] [--deadline=SECONDS] [--machined=PATH] STATUS_FILE REPORT_FD -- ARGV...",
-              file=sys.stderr)
+        print("usage: reaper.py [--control=PATH] [--qmp=PATH] [--deadline=SECONDS] [--machined=PATH] "
+              "STATUS_FILE REPORT_FD -- ARGV...", file=sys.stderr)
         return 2
     try:
         ctypes.CDLL(None).prctl(PR_SET_NAME, NAME, 0, 0, 0)
@@ -272,9 +276,16 @@ def main(argv: list[str]) -> int:
     original_mask = signal.pthread_sigmask(signal.SIG_BLOCK, handled)
     machined = connect_machined(options.get("machined"))
     reaper = os.getpid()
+    started_read, started_write = os.pipe2(os.O_CLOEXEC)
     pid = os.fork()
     if pid == 0:
-        _exec_qemu(command, report, original_mask, reaper)
+        os.close(started_read)
+        _exec_qemu(command, report, original_mask, reaper, started_write)
+    os.close(started_write)
+    # The pid is reported once QEMU runs (or has failed to): from then on it dies with its
+    # leader, so a daemon that kills the leader at once never leaves a QEMU behind.
+    os.read(started_read, 1)
+    os.close(started_read)
     with socket.socket(fileno=report) as channel:
         socket.send_fds(channel, [f"{pid}\n".encode()], [machined.fileno()] if machined else [])
     if machined is not None:

@@ -21,68 +21,11 @@ import os
 
 from vmspawnd.errors import InvalidSpec
 from vmspawnd.qemu.opts import escape_qemu_value
+from vmspawnd.qemu.resources import Resources, VirtiofsShare
 from vmspawnd.qemu.siphash import derive_mac, shorten_tap_name
 from vmspawnd.spec import ConsoleMode, VmSpec
 
 MIB = 1024 * 1024
-
-
-@dataclasses.dataclass(frozen=True)
-class Firmware:
-    """The firmware as resolved for one VM (descriptor chosen, NVRAM copied if needed)."""
-
-    code_path: str
-    code_format: str
-    secure_boot: bool
-    vars_path: str | None  # the VM's private copy of the template (secure-boot firmware only)
-
-
-@dataclasses.dataclass(frozen=True)
-class VirtiofsShare:
-    """A virtiofsd the daemon started: QEMU connects to its socket (chardev), guest sees `tag`."""
-
-    tag: str
-    chardev_id: str
-    socket_path: str
-
-
-@dataclasses.dataclass(frozen=True)
-class Credential:
-    """A credential for the guest (SMBIOS type 11 `io.systemd.credential.binary:ID=base64`)."""
-
-    id: str
-    data: bytes
-
-
-@dataclasses.dataclass(frozen=True)
-class Resources:
-    """Everything the spec needs that only the host can answer (and what helpers provide)."""
-
-    qemu_binary: str
-    kvm: bool
-    qmp_fd: int
-    console_fd: int | None
-    console_log: str
-    firmware: Firmware | None
-    initrd: str | None  # a single initrd, or the merged copy of several
-    arch: str = "x86_64"
-    # Filled by the helper processes (swtpm, virtiofsd, journal, SSH keys) and the notify listener:
-    tpm_socket: str | None = None
-    virtiofs: tuple[VirtiofsShare, ...] = ()  # the root share has tag "root", bind mounts mnt<j>
-    credentials: tuple[Credential, ...] = ()
-    kernel_cmdline_extra: tuple[str, ...] = ()
-    payload_dir: str | None = None  # where SMBIOS payload files are written (0600)
-    vsock_cid: int | None = None
-    vhost_vsock_fd: int | None = None
-    notify_address: str | None = None
-    # --console=gui: where the display goes. None: QEMU's own window in the session the
-    # daemon runs in (vmspawn's behaviour); a path: no window, a VNC server on that socket.
-    display_socket: str | None = None
-    # Host facts resolve.py provides:
-    name: str | None = None  # the machine name the daemon uses (default: spec.machine_name())
-    host_machine_id: bytes | None = None  # /etc/machine-id as 16 bytes, for the TAP MAC
-    vmgenid: str | None = None  # a UUID; None gives QEMU's guid=auto (a random one)
-    block_devices: frozenset[str] = frozenset()  # extra drives that are block devices
 
 
 @dataclasses.dataclass(frozen=True)

@@ -41,7 +41,7 @@ SLOW_MESSAGE = b"\r\n[vmspawnd: this console client was too slow and has been di
 TAKEN_OVER_MESSAGE = b"\r\n[vmspawnd: another client took over this console (--force); detached]\r\n"
 
 
-class ConsoleMode(enum.StrEnum):
+class AttachMode(enum.StrEnum):
     INTERACTIVE = "interactive"
     READ_ONLY = "read-only"
 
@@ -116,7 +116,7 @@ def last_lines(data: bytes, lines: int | None) -> str:
 class ConsoleClient:
     """The daemon's end of one client's socketpair, with its bounded output buffer."""
 
-    def __init__(self, hub: ConsoleHub, sock: socket.socket, mode: ConsoleMode) -> None:
+    def __init__(self, hub: ConsoleHub, sock: socket.socket, mode: AttachMode) -> None:
         self.hub = hub
         self.sock = sock
         self.mode = mode
@@ -174,7 +174,7 @@ class ConsoleClient:
         if not data:
             self.close()
             return
-        if self.mode is ConsoleMode.INTERACTIVE and self.hub.writer is self:
+        if self.mode is AttachMode.INTERACTIVE and self.hub.writer is self:
             self.hub.send_input(data)
         # Input from read-only watchers is read and dropped, so their end never fills up.
 
@@ -234,11 +234,11 @@ class ConsoleHub:
         if self._qemu is not None and not self._qemu.is_closing():
             self._qemu.write(data)
 
-    def open(self, mode: ConsoleMode, force: bool = False, history: int = 0) -> socket.socket:
+    def open(self, mode: AttachMode, force: bool = False, history: int = 0) -> socket.socket:
         """A new client; returns the caller's end of its socketpair (to pass on)."""
         if self._qemu is None or self._eof.is_set():
             raise NotConnected(self.name)
-        if mode is ConsoleMode.INTERACTIVE and self.writer is not None and not self.writer.closed:
+        if mode is AttachMode.INTERACTIVE and self.writer is not None and not self.writer.closed:
             if not force:
                 raise ConsoleBusy(self.name)
             _log.info("%s: interactive console taken over", self.name)
@@ -248,7 +248,7 @@ class ConsoleHub:
         theirs.set_inheritable(False)
         client = ConsoleClient(self, ours, mode)
         self.clients.add(client)
-        if mode is ConsoleMode.INTERACTIVE:
+        if mode is AttachMode.INTERACTIVE:
             self.writer = client
         if history > 0:
             client.deliver(read_history(self.history.path, min(history, CLIENT_BUFFER // 2)))

@@ -108,6 +108,7 @@ class QmpSession:
                 name = str(event["event"])
                 data = event.get("data") or {}
                 try:
+                    # qemu.qmp types a Message's values as object; QMP's `data` is always a JSON object.
                     self._on_event(name, dict(data))  # type: ignore[call-overload]
                 except Exception:
                     _log.exception("%s: event handler failed for %s", self._name, name)

@@ -14,9 +14,12 @@ import stat
 from pathlib import Path
 
 from vmspawnd.errors import InvalidSpec, StartFailed
-from vmspawnd.qemu.command import Firmware
+from vmspawnd.qemu import vsock
+from vmspawnd.qemu.resources import Firmware, HostResources
+from vmspawnd.runtime_dir import VmPaths
 from vmspawnd.spec import VmSpec
 from vmspawnd.spec import firmware as firmware_db
+from vmspawnd.spec.discovery import native_arch
 
 
 def find_qemu_binary(arch: str) -> str:
@@ -197,3 +200,36 @@ def derive_vmgenid(invocation_id: str) -> str:
     digest[6] = (digest[6] & 0x0F) | 0x40
     digest[8] = (digest[8] & 0x3F) | 0x80
     return str(uuid.UUID(bytes=bytes(digest)))
+
+
+def resolve_host(spec: VmSpec, name: str, machine_id: str, paths: VmPaths) -> HostResources:
+    """Everything the host must answer for the VM, checked before anything starts.
+
+    Grows the image and writes the VM's merged initrd and NVRAM copy into its directory.
+    The vhost-vsock device is opened last, so nothing can fail with its fd open: the
+    caller owns the fd from here on.
+    """
+    check_spec_paths(spec)
+    arch = native_arch()
+    if spec.grow_image is not None and spec.image:
+        grow_image(spec.image, spec.grow_image)
+    initrd = merge_initrds(list(spec.initrds), paths.initrd) if spec.initrds else None
+    firmware = load_firmware(arch, spec.firmware, spec.secure_boot, paths.efi_vars)
+    qemu_binary = find_qemu_binary(arch)
+    kvm = decide_kvm(spec.kvm)
+    drives = block_devices(list(spec.extra_drives))
+    machine_id_bytes = host_machine_id()
+    vsock_fd = vsock_cid = None
+    try:
+        vsock_fd = vsock.open_vhost_vsock(spec.vsock)
+        if vsock_fd is not None:
+            vsock_cid = vsock.assign_cid(vsock_fd, name, spec.vsock_cid)
+    except OSError as exc:
+        if vsock_fd is not None:
+            os.close(vsock_fd)
+        raise StartFailed("resolve", f"vsock: {exc.strerror or exc}") from None
+    return HostResources(
+        qemu_binary=qemu_binary, kvm=kvm, arch=arch, firmware=firmware, initrd=initrd,
+        host_machine_id=machine_id_bytes, vmgenid=derive_vmgenid(machine_id), block_devices=drives,
+        vsock_cid=vsock_cid, vhost_vsock_fd=vsock_fd,
+    )

@@ -17,6 +17,7 @@ import enum
 import types
 import typing
 from collections.abc import Mapping
+from typing import Any
 
 from vmspawnd.errors import InvalidSpec, to_camel, to_snake
 from vmspawnd.spec.parsers import hostname_cleanup, is_valid_hostname
@@ -114,7 +115,7 @@ class VmSpec:
         if not isinstance(data, Mapping):
             raise InvalidSpec("spec", "must be an object")
         kwargs = _read_fields(cls, data, prefix="")
-        spec = cls(**kwargs)  # type: ignore[arg-type]
+        spec = cls(**kwargs)
         spec.validate()
         return spec
 
@@ -190,11 +191,11 @@ def _default_of(f: dataclasses.Field[object]) -> object:
     return f.default_factory()
 
 
-def _read_fields(cls: type, data: Mapping[str, object], prefix: str) -> dict[str, object]:
+def _read_fields(cls: type, data: Mapping[str, object], prefix: str) -> dict[str, Any]:
     """camelCase JSON fields → checked snake_case keyword arguments; null means default."""
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
-    kwargs: dict[str, object] = {}
+    kwargs: dict[str, Any] = {}  # each value checked against its field's type (_check_type)
     for key, value in data.items():
         name = to_snake(key)
         if name not in names or to_camel(name) != key:
@@ -230,15 +231,15 @@ def _check_type(field: str, hint: object, value: object) -> object:
         if not isinstance(value, list):
             raise InvalidSpec(field, "must be a list")
         return [_check_type(f"{field}[{i}]", args[0], v) for i, v in enumerate(value)]
-    if dataclasses.is_dataclass(hint):
+    if isinstance(hint, type) and dataclasses.is_dataclass(hint):
         if not isinstance(value, Mapping):
             raise InvalidSpec(field, "must be an object")
-        kwargs = _read_fields(hint, value, prefix=f"{field}.")  # type: ignore[arg-type]
+        kwargs = _read_fields(hint, value, prefix=f"{field}.")
         names = {f.name: f for f in dataclasses.fields(hint)}
         missing = [n for n, f in names.items() if n not in kwargs and f.default is dataclasses.MISSING]
         if missing:
             raise InvalidSpec(f"{field}.{to_camel(missing[0])}", "is required")
-        return hint(**kwargs)  # type: ignore[operator]
+        return hint(**kwargs)
     if hint is bool:
         if not isinstance(value, bool):
             raise InvalidSpec(field, "must be a boolean")

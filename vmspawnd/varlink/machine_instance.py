@@ -11,21 +11,18 @@ missing QMP connection is `NotConnected`.
 
 import collections.abc
 import typing
+from pathlib import Path
 
 from asyncvarlink import TypedVarlinkErrorReply, VarlinkInterface, VarlinkInterfaceRegistry, varlinkmethod, varlinksignature
 from asyncvarlink.conversion import ForeignVarlinkType, ObjectVarlinkType, OptionalVarlinkType, VarlinkType
 from asyncvarlink.serviceinterface import VarlinkServiceInterface
-from asyncvarlink.util import VarlinkUnixServer
 
 from vmspawnd import __version__
+from vmspawnd.control import ControlledMachine, ControlServer, ServeControl
 from vmspawnd.errors import InvalidState, NotConnected
+from vmspawnd.host.peer import PeerPolicy
 from vmspawnd.runtime_dir import bind_listening_socket
-from vmspawnd.varlink.server import PeerPolicy, serve_unix
-
-if typing.TYPE_CHECKING:
-    from pathlib import Path
-
-    from vmspawnd.machine import Machine
+from vmspawnd.varlink.server import HardenedUnixServer, serve_unix
 
 INTERFACE = "io.systemd.MachineInstance"
 
@@ -57,7 +54,7 @@ class MachineInstanceInterface(VarlinkInterface, name=INTERFACE):
 
     errors = (NotConnectedError, NotSupportedError, NoSuchStorage, StorageExists, StorageImmutable, BadConfig, ConfigNotSupported)
 
-    def __init__(self, machine: "Machine") -> None:
+    def __init__(self, machine: ControlledMachine) -> None:
         self._machine = machine
 
     async def _qmp(self, command: str) -> object:
@@ -93,7 +90,7 @@ class MachineInstanceInterface(VarlinkInterface, name=INTERFACE):
         """Resume a paused machine."""
         await self._lifecycle(self._machine.resume())
 
-    async def _lifecycle(self, request: "collections.abc.Awaitable[None]") -> None:
+    async def _lifecycle(self, request: collections.abc.Awaitable[None]) -> None:
         """systemd's interface has no InvalidState: a VM that is not running (or whose
         QEMU cannot be reached) is NotConnected to its caller."""
         try:
@@ -151,11 +148,30 @@ def _make_data_optional() -> None:
 _make_data_optional()
 
 
-async def serve_machine_instance(machine: "Machine", path: "Path", policy: PeerPolicy) -> VarlinkUnixServer:
+class _ControlSocket:
+    """A served control socket, as the VM sees it (vmspawnd.control.ControlServer)."""
+
+    def __init__(self, server: HardenedUnixServer) -> None:
+        self._server = server
+
+    def close(self, drain_timeout: float) -> None:
+        self._server.close_gracefully(drain_timeout)
+
+
+async def serve_machine_instance(machine: ControlledMachine, path: Path, policy: PeerPolicy) -> ControlServer:
     """Serve io.systemd.MachineInstance (and introspection) for `machine` at `path` (0600)."""
     registry = VarlinkInterfaceRegistry()
     registry.register_interface(MachineInstanceInterface(machine))
     registry.register_interface(
         VarlinkServiceInterface("vmspawnd", "vmspawnd", __version__, "https://github.com/vmspawnd/vmspawnd", registry)
     )
-    return await serve_unix(bind_listening_socket(path, 0o600), registry, policy)
+    return _ControlSocket(await serve_unix(bind_listening_socket(path, 0o600), registry, policy))
+
+
+def machine_instance_servers(policy: PeerPolicy) -> ServeControl:
+    """What the daemon puts in `Settings.serve_control`: each VM's socket admits `policy`'s peers."""
+
+    async def serve(machine: ControlledMachine, path: Path) -> ControlServer:
+        return await serve_machine_instance(machine, path, policy)
+
+    return serve

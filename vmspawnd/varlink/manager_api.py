@@ -3,86 +3,45 @@
 
 The Python classes here are the source of truth for the IDL (asyncvarlink renders it);
 interfaces/io.vmspawnd.Manager.varlink is that rendering, committed for readers and
-checked by a test. The wire types are derived from the pure dataclasses (`VmSpec`,
-`MachineRecord`) and the error classes from `errors`, so each field is defined once.
-No `from __future__ import annotations` here: asyncvarlink reads real annotations.
+checked by a test. The types are those of vmspawnd/spec/wire.py, generated from the pure
+dataclasses (`VmSpec`, `MachineRecord`), and the errors are derived from `errors`, so each
+field is defined once. No `from __future__ import annotations` here: asyncvarlink reads
+real annotations.
 """
 
 import asyncio
 import collections.abc
 import contextlib
 import dataclasses
-import logging
-import types
+import socket
 import typing
 
-from asyncvarlink import FileDescriptor, LastResult, TypedVarlinkErrorReply, VarlinkInterface, varlinkmethod, varlinksignature
-from asyncvarlink.conversion import DataclassVarlinkType, ListVarlinkType, VarlinkType
+from asyncvarlink import (
+    FileDescriptor,
+    LastResult,
+    TypedVarlinkErrorReply,
+    VarlinkInterface,
+    VarlinkInterfaceRegistry,
+    varlinkmethod,
+    varlinksignature,
+)
+from asyncvarlink.conversion import DataclassVarlinkType, ListVarlinkType, ObjectVarlinkType, OOBTypeState, VarlinkType
+from asyncvarlink.serviceinterface import VarlinkServiceInterface
+from asyncvarlink.types import JSONValue
 
-from vmspawnd import errors
+from vmspawnd import __version__, errors, override
 from vmspawnd.errors import InvalidSpec, to_camel
+from vmspawnd.host.peer import PeerPolicy
 from vmspawnd.manager import Manager
-from vmspawnd.model import MachineRecord, MachineState, ProcessRecord
-from vmspawnd.qemu.console import ConsoleMode, last_lines, read_history
-from vmspawnd.spec import VmSpec, parsers
-from vmspawnd.varlink.server import current_peer
+from vmspawnd.qemu.console import AttachMode, last_lines, read_history
+from vmspawnd.spec import VmSpec, parsers, wire
+from vmspawnd.varlink.server import HardenedUnixServer, current_peer, serve_unix
 
 INTERFACE = errors.INTERFACE
 
-
-_WIRE_TYPES: dict[type, type] = {}
-
-
-def _wire_hint(hint: object) -> object:
-    """Map nested pure dataclasses inside a hint to their camelCase wire twins."""
-    if dataclasses.is_dataclass(hint):
-        if hint not in _WIRE_TYPES:
-            _WIRE_TYPES[hint] = _wire_dataclass(hint, hint.__name__, optional=False)  # type: ignore[arg-type,index,union-attr]
-        return _WIRE_TYPES[hint]  # type: ignore[index]
-    origin = typing.get_origin(hint)
-    args = typing.get_args(hint)
-    if origin is list:
-        return list[_wire_hint(args[0])]  # type: ignore[misc]
-    if origin is dict:
-        return dict[args[0], _wire_hint(args[1])]  # type: ignore[misc,valid-type]
-    if origin in (typing.Union, types.UnionType):
-        return typing.Union[tuple(_wire_hint(a) for a in args)]  # type: ignore[return-value]
-    return hint
-
-
-def _wire_dataclass(cls: type, name: str, *, optional: bool, overrides: dict[str, object] | None = None) -> type:
-    """A camelCase twin of a dataclass for asyncvarlink to validate and render."""
-    hints = typing.get_type_hints(cls)
-    fields: list[tuple[str, object, object]] = []
-    for f in dataclasses.fields(cls):
-        hint = (overrides or {}).get(f.name, _wire_hint(hints[f.name]))
-        if not optional and f.default is not dataclasses.MISSING:
-            fields.append((to_camel(f.name), hint, dataclasses.field(default=f.default)))
-            continue
-        if optional:
-            fields.append((to_camel(f.name), hint | None, dataclasses.field(default=None)))  # type: ignore[operator]
-        else:
-            fields.append((to_camel(f.name), hint, dataclasses.field()))
-    wire = dataclasses.make_dataclass(name, fields, kw_only=True)  # type: ignore[arg-type]
-    wire.__doc__ = cls.__doc__
-    return wire
-
-
-VmSpecWire = _wire_dataclass(VmSpec, "VmSpec", optional=True)
-ProcessWire = _wire_dataclass(ProcessRecord, "Process", optional=False)
-MachineStateName = typing.Literal[tuple(s.value for s in MachineState)]  # type: ignore[valid-type]
-MachineWire = _wire_dataclass(
-    MachineRecord,
-    "Machine",
-    optional=False,
-    overrides={
-        "spec": VmSpecWire,
-        "qemu": ProcessWire | None,
-        "reaper": ProcessWire | None,
-        "state": MachineStateName,
-        "helpers": dict[str, ProcessWire],  # type: ignore[valid-type]
-    },
-)
+# What a method that replies with a machine returns: the record's own JSON, which is already
+# in the shape of wire.Machine (see _Prevalidated).
+MachineReply = dict[str, object]
 
 
 def _typed_error(cls: type[errors.VmspawnError]) -> type[TypedVarlinkErrorReply]:
@@ -94,38 +53,9 @@ def _typed_error(cls: type[errors.VmspawnError]) -> type[TypedVarlinkErrorReply]
 VARLINK_ERRORS = tuple(_typed_error(cls) for cls in errors.ALL_ERRORS)
 
 
-def to_wire(wire_cls: type, data: typing.Mapping[str, object] | None) -> object:
-    """JSON-shaped dict → instance of a wire dataclass (nested ones included)."""
-    if data is None:
-        return None
-    hints = typing.get_type_hints(wire_cls)
-    return wire_cls(**{f.name: _convert(hints[f.name], data.get(f.name)) for f in dataclasses.fields(wire_cls)})
-
-
-def _convert(hint: object, value: object) -> object:
-    """Build wire dataclasses wherever the hint asks for one (also inside dicts and lists)."""
-    if value is None:
-        return None
-    options = [a for a in typing.get_args(hint) if a is not type(None)] if typing.get_origin(hint) in (typing.Union, types.UnionType) else [hint]
-    for option in options:
-        origin = typing.get_origin(option)
-        if dataclasses.is_dataclass(option) and isinstance(value, dict):
-            return to_wire(option, value)  # type: ignore[arg-type]
-        if origin is dict and isinstance(value, dict):
-            return {k: _convert(typing.get_args(option)[1], v) for k, v in value.items()}
-        if origin is list and isinstance(value, list):
-            return [_convert(typing.get_args(option)[0], v) for v in value]
-    return value
-
-
-def from_wire(obj: object) -> dict[str, object]:
-    """Wire dataclass → JSON-shaped dict, absent (None) fields left out."""
-    return {k: v for k, v in dataclasses.asdict(obj).items() if v is not None}  # type: ignore[call-overload]
-
-
-def machine_to_wire(record: MachineRecord) -> object:
-    """A machine as reply data: its JSON, already in wire form (see _prevalidate_machines)."""
-    return record.to_json()
+def _spec_json(spec: wire.VmSpec) -> dict[str, object]:
+    """A spec as its client sent it: JSON, the fields it left out (None here) left out."""
+    return {k: v for k, v in dataclasses.asdict(spec).items() if v is not None}
 
 
 class _Prevalidated(VarlinkType):
@@ -140,14 +70,43 @@ class _Prevalidated(VarlinkType):
         self.as_varlink = inner.as_varlink
         self.typedefs = inner.typedefs
 
-    def tojson(self, obj: object, oobstate: object = None) -> typing.Any:
-        return obj
+    @override
+    def tojson(self, obj: typing.Any, oobstate: OOBTypeState = None) -> JSONValue:
+        return typing.cast(JSONValue, obj)
 
-    def fromjson(self, obj: typing.Any, oobstate: object = None) -> object:
-        return self._inner.fromjson(obj, oobstate)  # type: ignore[arg-type]
+    @override
+    def fromjson(self, obj: JSONValue, oobstate: OOBTypeState = None) -> typing.Any:
+        return self._inner.fromjson(obj, oobstate)
 
+    @override
     def subtypes(self) -> collections.abc.Iterator[VarlinkType]:
         yield self._inner
+
+
+_Method = typing.TypeVar("_Method", bound=collections.abc.Callable[..., typing.Any])
+
+
+def _replies_record_json(parameter: str, declared: VarlinkType) -> collections.abc.Callable[[_Method], _Method]:
+    """On a varlinkmethod that replies `parameter` (declared as `declared`): send the
+    method's value as it is (_Prevalidated).
+
+    asyncvarlink 0.3.3 derives a method's reply type from annotations only; there is no way
+    to give it a VarlinkType. So the reply type is set on the method's signature (the public
+    `VarlinkMethodSignature.return_type`), once, when the class is built.
+    """
+
+    def set_reply_type(method: _Method) -> _Method:
+        signature = varlinksignature(method)
+        assert signature is not None, "put @varlinkmethod below this decorator"
+        signature.return_type = ObjectVarlinkType({parameter: _Prevalidated(declared)})
+        return method
+
+    return set_reply_type
+
+
+_MACHINE = DataclassVarlinkType(wire.Machine)
+_replies_machine = _replies_record_json("machine", _MACHINE)
+_replies_machines = _replies_record_json("machines", ListVarlinkType(_MACHINE))
 
 
 def _caller() -> tuple[int, int]:
@@ -163,15 +122,6 @@ def _parse_signal(value: int) -> int:
         raise InvalidSpec("signal", str(exc)) from None
 
 
-@dataclasses.dataclass(kw_only=True)
-class Event:
-    """One event: a VM's state change, a QMP event of its QEMU, or a notice to the subscriber."""
-
-    machine: str | None
-    event: str
-    data: dict[str, typing.Any]
-
-
 class ManagerInterface(VarlinkInterface, name=INTERFACE):
     """Supervise virtual machines spawned like systemd-vmspawn does, many per daemon."""
 
@@ -180,37 +130,42 @@ class ManagerInterface(VarlinkInterface, name=INTERFACE):
     def __init__(self, manager: Manager) -> None:
         self._manager = manager
 
-    @varlinkmethod(return_parameter="machine")
-    async def Spawn(self, *, spec: VmSpecWire) -> MachineWire:  # type: ignore[valid-type]
+    @_replies_machine
+    @varlinkmethod(return_parameter="machine", return_type=wire.Machine)
+    async def Spawn(self, *, spec: wire.VmSpec) -> MachineReply:
         """Create and start a VM; returns once QEMU runs it. A failed start leaves nothing behind."""
-        record = await self._manager.spawn(from_wire(spec), *_caller())
-        return machine_to_wire(record)
+        record = await self._manager.spawn(_spec_json(spec), *_caller())
+        return record.to_json()
 
-    @varlinkmethod(return_parameter="machines")
-    def List(self) -> list[MachineWire]:  # type: ignore[valid-type]
+    @_replies_machines
+    @varlinkmethod(return_parameter="machines", return_type=list[wire.Machine])
+    def List(self) -> list[MachineReply]:
         """All VMs this daemon knows, running or ended (until removed); answered from memory."""
-        return [machine_to_wire(r) for r in self._manager.list()]
+        return [r.to_json() for r in self._manager.list()]
 
-    @varlinkmethod(return_parameter="machine")
-    def Describe(self, *, name: str) -> MachineWire:  # type: ignore[valid-type]
+    @_replies_machine
+    @varlinkmethod(return_parameter="machine", return_type=wire.Machine)
+    def Describe(self, *, name: str) -> MachineReply:
         """One VM's record; answered from the daemon's state without asking QEMU."""
-        return machine_to_wire(self._manager.get(name).record)
+        return self._manager.get(name).record.to_json()
 
-    @varlinkmethod(return_parameter="machine")
-    async def PowerOff(self, *, name: str, deadline: float | None = None) -> MachineWire:  # type: ignore[valid-type]
+    @_replies_machine
+    @varlinkmethod(return_parameter="machine", return_type=wire.Machine)
+    async def PowerOff(self, *, name: str, deadline: float | None = None) -> MachineReply:
         """Press the ACPI power button; after `deadline` seconds (default 60) terminate."""
         machine = self._manager.get(name)
         if deadline is not None and not 0 <= deadline <= 86400:
             raise InvalidSpec("deadline", "must be between 0 and 86400 seconds")
         await machine.power_off(60.0 if deadline is None else deadline)
-        return machine_to_wire(machine.record)
+        return machine.record.to_json()
 
-    @varlinkmethod(return_parameter="machine")
-    async def Terminate(self, *, name: str) -> MachineWire:  # type: ignore[valid-type]
+    @_replies_machine
+    @varlinkmethod(return_parameter="machine", return_type=wire.Machine)
+    async def Terminate(self, *, name: str) -> MachineReply:
         """Stop the VM now: QMP quit, then SIGTERM, then SIGKILL."""
         machine = self._manager.get(name)
         await machine.terminate()
-        return machine_to_wire(machine.record)
+        return machine.record.to_json()
 
     @varlinkmethod
     def Kill(self, *, name: str, signal: int | None = None) -> None:
@@ -218,33 +173,37 @@ class ManagerInterface(VarlinkInterface, name=INTERFACE):
         signo = _parse_signal(15 if signal is None else signal)
         self._manager.get(name).kill(signo)
 
-    @varlinkmethod(return_parameter="machine")
-    async def WaitReady(self, *, name: str, timeout: float | None = None) -> MachineWire:  # type: ignore[valid-type]
+    @_replies_machine
+    @varlinkmethod(return_parameter="machine", return_type=wire.Machine)
+    async def WaitReady(self, *, name: str, timeout: float | None = None) -> MachineReply:
         """Wait until the VM is ready (default timeout 60 s); Timeout otherwise."""
         machine = self._manager.get(name)
         await machine.wait_ready(60.0 if timeout is None else timeout)
-        return machine_to_wire(machine.record)
+        return machine.record.to_json()
 
-    @varlinkmethod(return_parameter="machine")
-    async def Pause(self, *, name: str) -> MachineWire:  # type: ignore[valid-type]
+    @_replies_machine
+    @varlinkmethod(return_parameter="machine", return_type=wire.Machine)
+    async def Pause(self, *, name: str) -> MachineReply:
         """Freeze the VM's vCPUs (QMP stop)."""
         machine = self._manager.get(name)
         await machine.pause()
-        return machine_to_wire(machine.record)
+        return machine.record.to_json()
 
-    @varlinkmethod(return_parameter="machine")
-    async def Resume(self, *, name: str) -> MachineWire:  # type: ignore[valid-type]
+    @_replies_machine
+    @varlinkmethod(return_parameter="machine", return_type=wire.Machine)
+    async def Resume(self, *, name: str) -> MachineReply:
         """Let a paused VM run again (QMP cont)."""
         machine = self._manager.get(name)
         await machine.resume()
-        return machine_to_wire(machine.record)
+        return machine.record.to_json()
 
-    @varlinkmethod(return_parameter="machine")
-    async def Reboot(self, *, name: str) -> MachineWire:  # type: ignore[valid-type]
+    @_replies_machine
+    @varlinkmethod(return_parameter="machine", return_type=wire.Machine)
+    async def Reboot(self, *, name: str) -> MachineReply:
         """Reset the VM (QMP system_reset); a reset is not a stop."""
         machine = self._manager.get(name)
         await machine.reboot()
-        return machine_to_wire(machine.record)
+        return machine.record.to_json()
 
     @varlinkmethod
     async def Remove(self, *, name: str) -> None:
@@ -254,7 +213,7 @@ class ManagerInterface(VarlinkInterface, name=INTERFACE):
     @varlinkmethod(return_parameter="event", delay_generator=False, allow_foreign=True)
     async def SubscribeEvents(
         self, *, name: str | None = None, filter: list[str] | None = None
-    ) -> collections.abc.AsyncIterator[Event]:
+    ) -> collections.abc.AsyncIterator[wire.Event]:
         """Stream events (needs `more`). The first reply is `Subscribed`: events after it are
         not missed. `name` limits to one VM, `filter` to event names: StateChanged, QMP event
         names, Notify (the guest's READY/STATUS/EXIT_STATUS), QmpDisconnected/QmpReconnected,
@@ -263,14 +222,14 @@ class ManagerInterface(VarlinkInterface, name=INTERFACE):
         if name is not None:
             self._manager.get(name)
         with self._manager.subscribe() as queue:
-            yield Event(machine=name, event="Subscribed", data={})
+            yield wire.Event(machine=name, event="Subscribed", data={})
             while True:
                 message = await queue.get()
-                if name is not None and message["machine"] not in (name, None):
+                if name is not None and message.get("machine") not in (name, None):
                     continue
                 if filter is not None and message["event"] not in filter and message["event"] != "EventsLost":
                     continue
-                yield Event(**message)  # type: ignore[arg-type]
+                yield wire.Event(machine=message.get("machine"), event=message["event"], data=message["data"])
 
     @varlinkmethod(return_parameter="fd")
     def OpenConsole(
@@ -290,7 +249,7 @@ class ManagerInterface(VarlinkInterface, name=INTERFACE):
             if machine.record.state.is_final:
                 raise errors.InvalidState(name, machine.record.state.value, "open the console")
             raise errors.NotSupported(f"console of a VM with console mode {machine.spec.console}")
-        theirs = hub.open(ConsoleMode(mode or "interactive"), force=bool(force), history=history or 0)
+        theirs = hub.open(AttachMode(mode or "interactive"), force=bool(force), history=history or 0)
         return FileDescriptor(theirs, should_close=True)
 
     @varlinkmethod(return_parameter="fd")
@@ -313,112 +272,52 @@ class ManagerInterface(VarlinkInterface, name=INTERFACE):
         machine = self._manager.get(name)
         if lines is not None and lines < 0:
             raise InvalidSpec("lines", "must not be negative")
-        return last_lines(read_history(machine.console_log_path), lines)
+        return last_lines(read_history(machine.paths.console_log), lines)
 
-    @varlinkmethod(return_parameter="machine", delay_generator=False)
-    async def HoldMachine(self, *, name: str) -> collections.abc.AsyncIterator[MachineWire]:  # type: ignore[valid-type]
+    @_replies_machine
+    @varlinkmethod(return_parameter="machine", return_type=wire.Machine, delay_generator=False)
+    async def HoldMachine(self, *, name: str) -> collections.abc.AsyncIterator[MachineReply]:
         """Bind the VM's life to this call (needs `more`): if the caller hangs up while the VM
         runs, the VM is terminated and removed. Replies once at once and once more, last,
         when the VM has ended.
         """
         machine = self._manager.get(name)
-        async with _bound_to_caller(self._manager, machine):
-            yield machine_to_wire(machine.record)
-            await _until_ended(machine)
+        async with self._manager.held_by_caller(machine):
+            yield machine.record.to_json()
+            await self._manager.until_ended(machine)
         # The last reply must say so (continues=false): with delay_generator=False that is
         # LastResult, a plain final yield would be sent as "more to come".
-        raise LastResult(machine_to_wire(machine.record))
+        raise LastResult(machine.record.to_json())
 
-    @varlinkmethod(return_parameter="machine", delay_generator=False)
-    async def SpawnAndHold(self, *, spec: VmSpecWire) -> collections.abc.AsyncIterator[MachineWire]:  # type: ignore[valid-type]
+    @_replies_machine
+    @varlinkmethod(return_parameter="machine", return_type=wire.Machine, delay_generator=False)
+    async def SpawnAndHold(self, *, spec: wire.VmSpec) -> collections.abc.AsyncIterator[MachineReply]:
         """Spawn, then HoldMachine, in one call (needs `more`); what `vmspawnctl run` uses.
 
         The VM's life is bound to the call from the start: a caller that dies at any point,
         even while the VM is still starting, leaves no VM behind and frees the name.
         """
-        spec_json = from_wire(spec)
+        spec_json = _spec_json(spec)
         name = VmSpec.from_json(spec_json).machine_name()
         try:
             await self._manager.spawn(spec_json, *_caller())
         except asyncio.CancelledError:
             with contextlib.suppress(errors.NoSuchMachine):
-                _end_for_departed_holder(self._manager, self._manager.get(name))
+                self._manager.end_for_departed_holder(self._manager.get(name))
             raise
         machine = self._manager.get(name)
-        async with _bound_to_caller(self._manager, machine):
-            yield machine_to_wire(machine.record)
-            await _until_ended(machine)
-        raise LastResult(machine_to_wire(machine.record))
+        async with self._manager.held_by_caller(machine):
+            yield machine.record.to_json()
+            await self._manager.until_ended(machine)
+        raise LastResult(machine.record.to_json())
 
 
-@contextlib.asynccontextmanager
-async def _bound_to_caller(manager: Manager, machine: typing.Any) -> collections.abc.AsyncIterator[None]:
-    """Around a holding call's replies: if the call ends before its VM did — the caller
-    hung up (CancelledError while waiting) or a reply could not be sent (GeneratorExit at
-    the yield) — the VM is ended and forgotten."""
-    try:
-        yield
-    except BaseException:
-        if not machine.record.state.is_final and not getattr(machine, "detached", False):
-            _end_for_departed_holder(manager, machine)
-        raise
-
-
-async def _until_ended(machine: typing.Any) -> None:
-    rec = machine.record
-    while not rec.state.is_final:
-        with contextlib.suppress(errors.Timeout):
-            await machine.wait_for(lambda: rec.state.is_final, 3600.0, "hold")
-
-
-_HOLD_TASKS: set["asyncio.Task[None]"] = set()
-
-
-def _end_for_departed_holder(manager: Manager, machine: typing.Any) -> None:
-    """Schedule `_end_held` on a task the API owns (the caller's own task is being cancelled)."""
-    _HOLD_TASKS.add(task := asyncio.get_running_loop().create_task(_end_held(manager, machine)))
-    task.add_done_callback(_HOLD_TASKS.discard)
-
-
-def _still_managed(manager: Manager, machine: typing.Any) -> bool:
-    """Not failed to start, nor removed (and its name not reused) meanwhile."""
-    with contextlib.suppress(errors.NoSuchMachine):
-        return manager.get(machine.name) is machine
-    return False
-
-
-async def _end_held(manager: Manager, machine: typing.Any) -> None:
-    """The holder of a HoldMachine/SpawnAndHold call went away (e.g. `vmspawnctl run` was
-    killed): end its VM and forget it, so the name is free again, as after systemd-vmspawn
-    dies. A VM still starting is let finish its start first (a failed start cleans itself)."""
-    try:
-        if machine.starting is not None:
-            await asyncio.wait({machine.starting})  # its outcome is the start's business
-        if machine.record.state.is_final or not _still_managed(manager, machine):
-            return
-        try:
-            await machine.terminate()
-        except errors.VmspawnError:
-            pass
-        await machine.wait_for(lambda: machine.record.state.is_final, 60.0, "end a held VM")
-        if _still_managed(manager, machine):
-            await manager.remove(machine.name)
-    except errors.VmspawnError as exc:
-        logging.getLogger(__name__).warning("%s: could not end the VM of a departed holder: %s", machine.name, exc)
-
-
-def _prevalidate_machines(interface: type[VarlinkInterface]) -> None:
-    """Swap the reply types that carry machines for their _Prevalidated twins."""
-    for name in dir(interface):
-        signature = varlinksignature(getattr(interface, name))
-        if signature is None:
-            continue
-        fields = signature.return_type._typemap  # noqa: SLF001 — asyncvarlink 0.3.3, pinned
-        for key, vtype in list(fields.items()):
-            if isinstance(vtype, DataclassVarlinkType) and vtype.as_type is MachineWire:
-                fields[key] = _Prevalidated(vtype)
-            elif isinstance(vtype, ListVarlinkType) and isinstance(vtype._elttype, DataclassVarlinkType) and vtype._elttype.as_type is MachineWire:  # noqa: SLF001
-                fields[key] = _Prevalidated(vtype)
-
-
-_prevalidate_machines(ManagerInterface)
+async def serve_manager(sock: socket.socket, manager: Manager, policy: PeerPolicy) -> HardenedUnixServer:
+    """Serve io.vmspawnd.Manager (and introspection) for `manager` on a bound or
+    socket-activated listening socket; calls from peers `policy` refuses get PermissionDenied."""
+    registry = VarlinkInterfaceRegistry()
+    registry.register_interface(ManagerInterface(manager))
+    registry.register_interface(
+        VarlinkServiceInterface("vmspawnd", "vmspawnd", __version__, "https://github.com/vmspawnd/vmspawnd", registry)
+    )
+    return await serve_unix(sock, registry, policy)

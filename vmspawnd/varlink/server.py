@@ -1,9 +1,10 @@
 # SPDX-License-Identifier: LGPL-2.1-or-later
 """asyncvarlink's server, hardened for a daemon: the workarounds of docs/reference/libraries.md §1.6.
 
-Kept in one module so they can be dropped one by one as upstream fixes land (they
-touch private attributes, hence the exact pin of asyncvarlink==0.3.3); the numbers are
-those of the list in docs/dependencies.md:
+Kept in one module so they can be dropped one by one as upstream fixes land. They use
+asyncvarlink's public hooks, except in two places where 0.3.3 has none (the connection's
+socket, `_on_message_sent`; docs/dependencies.md says why), hence the exact pin of
+asyncvarlink==0.3.3. The numbers are those of the list in docs/dependencies.md:
 
 1. a client that hangs up while its call is in flight is noticed (MSG_PEEK watch, or
    a reply that cannot be sent because the peer is gone) and the handler is cancelled —
@@ -40,12 +41,10 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
-import dataclasses
 import json
 import logging
 import socket
-import struct
-from collections.abc import Callable
+import typing
 
 from asyncvarlink import (
     FileDescriptorArray,
@@ -60,7 +59,9 @@ from asyncvarlink.serviceerrors import InvalidParameter
 from asyncvarlink.types import JSONObject
 from asyncvarlink.util import VarlinkUnixServer
 
+from vmspawnd import override
 from vmspawnd.errors import PermissionDenied, ProtocolViolation, VmspawnError
+from vmspawnd.host.peer import Peer, PeerPolicy, peer_credentials
 
 _log = logging.getLogger(__name__)
 
@@ -70,22 +71,8 @@ DRAIN_TIMEOUT = 10.0
 PUBLIC_INTERFACES = frozenset({"org.varlink.service"})
 
 
-@dataclasses.dataclass(frozen=True)
-class Peer:
-    pid: int
-    uid: int
-    gid: int
-
-
+# The peer of the call being handled (item 4): set around every call, read by the methods.
 current_peer: contextvars.ContextVar[Peer] = contextvars.ContextVar("current_peer")
-
-PeerPolicy = Callable[[Peer], bool]
-
-
-def peer_credentials(sock: socket.socket) -> Peer:
-    data = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
-    pid, uid, gid = struct.unpack("3i", data)
-    return Peer(pid, uid, gid)
 
 
 _NOT_UTF8 = b"\x01not-utf-8"
@@ -117,7 +104,31 @@ def _screen_frame(frame: bytes) -> bytes:
 
 
 def to_varlink_error(exc: VmspawnError) -> VarlinkErrorReply:
-    return GenericVarlinkErrorReply(exc.varlink_name(), exc.parameters())  # type: ignore[arg-type]
+    # The parameters are the error's dataclass fields: strings (vmspawnd/errors.py).
+    return GenericVarlinkErrorReply(exc.varlink_name(), typing.cast(JSONObject, exc.parameters()))
+
+
+def _quiet_when_cancelled(call_fut: asyncio.Future[None]) -> asyncio.Future[None]:
+    """What asyncvarlink is given for a call in flight: `call_fut`'s outcome, except that a
+    call cancelled because its client is gone (item 1) ends quietly — it has no one to
+    answer. asyncvarlink 0.3.3 would ask the cancelled future for its exception(), which
+    raises CancelledError inside its done callback (an ERROR in the log per hung-up
+    stream) and never releases the connection's back-pressure; returning a future of our
+    own from call_received (its public contract) keeps it from seeing the cancellation.
+    """
+    outcome: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    def settle(done: asyncio.Future[None]) -> None:
+        if outcome.done():
+            return
+        exc = None if done.cancelled() else done.exception()
+        if exc is None:
+            outcome.set_result(None)
+        else:
+            outcome.set_exception(exc)
+
+    call_fut.add_done_callback(settle)
+    return outcome
 
 
 def _clip(text: str, limit: int = 200) -> str:
@@ -138,12 +149,15 @@ class HardenedServerProtocol(VarlinkInterfaceServerProtocol):
         self._watch: socket.socket | None = None  # the hang-up watch's own dup of the socket, while armed
         self._calls: set[asyncio.Future[None]] = set()  # in flight, for _peer_gone
         self._ending = False  # no new calls: close once those in flight are answered
-        # VarlinkProtocol.close() forgets its transport; abort() still needs it.
+        self._partial = b""  # the start of a frame whose NUL has not arrived yet
+        # Ours, from connection_made: VarlinkProtocol.close() forgets its own, abort() still needs it.
         self._connection: VarlinkTransport | None = None
 
+    @override
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
-        self._connection = self._transport
+        assert isinstance(transport, VarlinkTransport)
+        self._connection = transport
         sock = self._socket()
         if sock is not None:
             try:
@@ -153,6 +167,7 @@ class HardenedServerProtocol(VarlinkInterfaceServerProtocol):
         if self._server is not None:
             self._server._connection_made(self)
 
+    @override
     def connection_lost(self, exc: Exception | None) -> None:
         # asyncvarlink calls this before it closes the connection's fd: the watch's dup goes
         # now, or it would keep the connection open for the peer until the call ended.
@@ -162,18 +177,23 @@ class HardenedServerProtocol(VarlinkInterfaceServerProtocol):
         super().connection_lost(exc)
 
     def _socket(self) -> socket.socket | None:
-        sock = getattr(self._transport, "_recvfd", None)  # private: docs/reference/libraries.md §1.6 item 4
+        """The connection's socket, for SO_PEERCRED and the hang-up watch.
+
+        Private in asyncvarlink 0.3.3 (`VarlinkTransport._recvfd`, read only): the server
+        builds each transport with only `peername` as extra info (empty for AF_UNIX
+        clients), and its protocol factory is called without the accepted socket.
+        """
+        sock = getattr(self._connection, "_recvfd", None)
         return sock if isinstance(sock, socket.socket) else None
 
     # --- ending a connection (item 9) ------------------------------------------------------
     def end(self) -> None:
         """Take no new calls; close once the calls in flight have been answered (now if idle)."""
         self._ending = True
-        # Private in asyncvarlink 0.3.3: `_closing` makes VarlinkServerProtocol close the
-        # connection once `_inflight` (calls and the sends of their replies) is empty, as it
-        # does after EOF; `_maybe_close_if_idle` closes now if it already is.
-        self._closing = True
-        self._maybe_close_if_idle()
+        # What asyncvarlink does at the client's EOF is what ending means: no more calls are
+        # read from this connection, and VarlinkServerProtocol closes it once the calls in
+        # flight and the sends of their replies are done (now, if there are none).
+        self.eof_received()
 
     def abort(self) -> None:
         """Cut the connection now and cancel its calls: nobody is left to answer them."""
@@ -191,30 +211,31 @@ class HardenedServerProtocol(VarlinkInterfaceServerProtocol):
         self.end()
 
     # --- framing -------------------------------------------------------------------
+    @override
     def message_received(self, data: bytes, fds: FileDescriptorArray | None) -> None:
-        # asyncvarlink only catches JSONDecodeError; a frame that is not UTF-8 raises
-        # UnicodeDecodeError out of the transport and wedges the connection. Replace such
-        # frames by one that fails JSON parsing, so error_received answers it.
-        frames = data.split(b"\0")
-        if len(frames) > 1:
-            head = self._recv_buffer + frames[0]
-            complete = [head, *frames[1:-1]]
-            for index, frame in enumerate(complete):
-                complete[index] = _screen_frame(frame)
-            self._recv_buffer = b""
-            data = b"\0".join([*complete, frames[-1]])
-        super().message_received(data, fds)
-        if len(self._recv_buffer) > MAX_MESSAGE_SIZE:
+        # The frames are cut here, and asyncvarlink is handed whole frames only (its own
+        # buffer stays empty): so a frame's size is capped, and a frame its parser would
+        # choke on is screened first (asyncvarlink only catches JSONDecodeError; a frame
+        # that is not UTF-8 raised UnicodeDecodeError out of the transport and wedged the
+        # connection). Such frames become one that fails JSON parsing, answered by
+        # error_received.
+        frames = (self._partial + data).split(b"\0")
+        self._partial = frames.pop()
+        if frames:
+            super().message_received(b"\0".join(_screen_frame(frame) for frame in frames) + b"\0", fds)
+        if len(self._partial) > MAX_MESSAGE_SIZE:
             _log.warning("closing connection from %s: frame larger than %d bytes", self._peer, MAX_MESSAGE_SIZE)
-            self._recv_buffer = b""
-            if self._transport is not None:
-                self._transport.abort()
+            self._partial = b""
+            if self._connection is not None:
+                self._connection.abort()
 
+    @override
     def error_received(self, err: Exception, data: bytes, fds: FileDescriptorArray | None) -> None:
         reason = _SCREENED.get(data, "frame is not a JSON object")
         _log.info("protocol violation from %s: %s", self._peer, err)
         self._refuse(to_varlink_error(ProtocolViolation(reason)))
 
+    @override
     def send_error(self, error: VarlinkErrorReply) -> asyncio.Future[None]:
         # asyncvarlink answers a JSON object that is not a call with the made-up interface
         # `invalid.asyncvarlink`, which no client can look up: use our typed error instead.
@@ -226,6 +247,7 @@ class HardenedServerProtocol(VarlinkInterfaceServerProtocol):
         return super().send_error(error)
 
     # --- calls -----------------------------------------------------------------------
+    @override
     def request_received(self, obj: JSONObject, fds: FileDescriptorArray | None) -> asyncio.Future[None] | None:
         # Item 8. asyncvarlink answers a call object that fails parsing only when
         # obj.get("oneway") is falsy: {"oneway": 1.5} or {"oneway": "yes"} got no answer at
@@ -248,8 +270,11 @@ class HardenedServerProtocol(VarlinkInterfaceServerProtocol):
             # The connection closes as soon as what is in flight has been answered.
             self.end()
             return None
-        return super().request_received(obj, fds)
+        # (asyncvarlink's own override decorator leaves its methods untyped for mypy.)
+        handled: asyncio.Future[None] | None = super().request_received(obj, fds)
+        return handled
 
+    @override
     def call_received(
         self, call: VarlinkMethodCall, fds: FileDescriptorArray | None
     ) -> asyncio.Future[None] | None:
@@ -258,25 +283,15 @@ class HardenedServerProtocol(VarlinkInterfaceServerProtocol):
                 raise to_varlink_error(PermissionDenied())
         if self._peer is not None:
             current_peer.set(self._peer)
-        fut = super().call_received(call, fds)
-        if fut is not None and not fut.done():
-            self._calls.add(fut)
-            fut.add_done_callback(self._calls.discard)
-            asyncio.get_running_loop().call_soon(self._watch_hangup, fut)
-        return fut
+        call_fut: asyncio.Future[None] | None = super().call_received(call, fds)
+        if call_fut is None or call_fut.done():
+            return call_fut
+        self._calls.add(call_fut)
+        call_fut.add_done_callback(self._calls.discard)
+        asyncio.get_running_loop().call_soon(self._watch_hangup, call_fut)
+        return _quiet_when_cancelled(call_fut)
 
-    def _on_receiver_completes(
-        self, backpressure_fut: asyncio.Future[None], oneway: bool, call_fut: asyncio.Future[None]
-    ) -> None:
-        # Private in asyncvarlink 0.3.3: it asks a cancelled future for its exception(), which
-        # raises CancelledError inside the callback (an ERROR in the log per hung-up stream)
-        # and never releases the connection's back-pressure future.
-        if call_fut.cancelled():
-            if not backpressure_fut.done():
-                backpressure_fut.set_result(None)
-            return
-        super()._on_receiver_completes(backpressure_fut, oneway, call_fut)  # type: ignore[misc]
-
+    @override
     def send_message(
         self, obj: JSONObject, fds: list[int] | None = None, autoclose: bool = True
     ) -> asyncio.Future[None]:
@@ -303,11 +318,17 @@ class HardenedServerProtocol(VarlinkInterfaceServerProtocol):
         inner.add_done_callback(relay)
         return outer
 
+    @override
     def _on_message_sent(self, fut: asyncio.Future[None]) -> None:
-        # Likewise: a reply whose sending was cancelled with its call is no error.
+        # Private in asyncvarlink 0.3.3, and overridden for want of a public way: a reply
+        # whose sending was cancelled with its call is no error, but asyncvarlink asks the
+        # cancelled future for its exception(), which raises inside the callback. (The
+        # future is the relay above: the call awaiting it cancels it, and nothing public
+        # stands between the call and the future send_reply watches.)
         if not fut.cancelled():
-            super()._on_message_sent(fut)  # type: ignore[misc]
+            super()._on_message_sent(fut)
 
+    @override
     def handle_call_exception(self, exc: BaseException, oneway: bool) -> None:
         if isinstance(exc, VmspawnError):
             raise to_varlink_error(exc)
@@ -341,8 +362,8 @@ class HardenedServerProtocol(VarlinkInterfaceServerProtocol):
         sock = self._socket()
         if fut.done() or sock is None or self._watch is not None:
             return
-        if not getattr(self._transport, "_paused", False):  # private: the transport reads by itself and will see EOF
-            return
+        # The call is in flight, so asyncvarlink has paused reading this connection
+        # (back-pressure until the call is done): nothing else would see an EOF now.
         try:
             watch = sock.dup()
         except OSError:
