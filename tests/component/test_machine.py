@@ -255,6 +255,20 @@ async def test_console_echo_and_history(fake_host: FakeHost) -> None:
     assert Path(machine.record.console_log).read_bytes() == banner + b"typed"
 
 
+@pytest.mark.asyncio
+async def test_screenshot_is_an_open_file_and_leaves_nothing_behind(fake_host: FakeHost) -> None:
+    machine, _events = fake_host.new_machine(fake_host.spec("vm", console="gui"))
+    await machine.start()
+    try:
+        before = sorted(p.name for p in machine.directory.iterdir())
+        fd = await machine.screenshot("ppm")
+        with os.fdopen(fd, "rb") as image:
+            assert image.read() == b"P6\n1 1\n255\n\0\0\0"  # what the fake's screendump draws
+        assert sorted(p.name for p in machine.directory.iterdir()) == before
+    finally:
+        await machine.terminate()
+
+
 # --- a start that fails: each step unwinds what came before it -----------------------------------
 
 
