@@ -25,11 +25,15 @@ VMSPAWND_SYSTEM_PACKAGES=(
     python3-venv
 )
 
-# Only for the tests' system tier (tests/system): it builds Debian trees and boots them with
-# systemd as PID 1 in containers.
+# Only for the tests: the system tier (tests/system) builds Debian trees and boots them with
+# systemd as PID 1 in containers; man-db renders the man pages, bash-completion and zsh run
+# the completion scripts (tests/unit/test_manpages.py, tests/integration/test_cli_conventions.py).
 VMSPAWND_TEST_PACKAGES=(
     debootstrap
     systemd-container
+    man-db
+    bash-completion
+    zsh
 )
 
 # The oldest Python pyproject.toml accepts (requires-python).
@@ -44,6 +48,14 @@ log() {
 die() {
     printf '%s: error: %s\n' "${0##*/}" "$*" >&2
     exit 1
+}
+
+# True when PID exists and is no zombie (PID 1 here may reap orphans late).
+pid_running() {
+    local state
+    # The state follows the ")" that ends the command name (which may contain spaces).
+    state=$(sed 's/.*) //' "/proc/$1/stat" 2>/dev/null | cut -d' ' -f1 || true)
+    [ -n "$state" ] && [ "$state" != Z ] && [ "$state" != X ]
 }
 
 repo_root() {

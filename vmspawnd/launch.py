@@ -21,7 +21,7 @@ from typing import TypeVar
 from vmspawnd.errors import StartFailed
 from vmspawnd.host.machined import machined_address
 from vmspawnd.host.process import ReapedProcess, read_tail
-from vmspawnd.outcome import describe_exit
+from vmspawnd.outcome import describe_exit, qemu_error_line
 from vmspawnd.qemu.console import History
 from vmspawnd.qemu.guest_notify import MessageCallback, NotifyListener, open_unix_listener, open_vsock_listener
 from vmspawnd.runtime_dir import VmPaths, bind_listening_socket, make_private_dir
@@ -114,7 +114,11 @@ async def unless_exits(qemu: ReapedProcess, awaitable: Awaitable[T], step: str, 
         async with asyncio.timeout(EXIT_SETTLE):
             await qemu.wait()
     if qemu.exited:
-        raise StartFailed(step, stop_reason or describe_exit(qemu.returncode), stderr_tail(paths))
+        tail = stderr_tail(paths)
+        message = stop_reason or describe_exit(qemu.returncode)
+        if stop_reason is None and (error := qemu_error_line(tail)):
+            message += f": {error}"  # QEMU refused its arguments or a file: its own words
+        raise StartFailed(step, message, tail)
     exc = work.exception()
     assert exc is not None
     raise exc

@@ -15,6 +15,7 @@ import contextlib
 import logging
 import os
 import secrets
+import shlex
 import shutil
 import signal
 from collections.abc import Awaitable, Callable
@@ -154,6 +155,7 @@ class Machine:
                 stack.callback(shutil.rmtree, self.directory, ignore_errors=True)
                 self.record.runtime_directory = str(self.directory)
                 self._persist()
+                self._notify()  # events show the VM from its first state, "starting"
 
                 step = "resolve"
                 host = resolve_host(self.spec, self.name, self.record.id, self.paths)
@@ -191,6 +193,9 @@ class Machine:
                     write_private_file(Path(path), content)
 
                 step = "qemu"
+                # Secrets travel in payload files (path=), never in the argv: safe to log, and
+                # the first thing to look at when QEMU refuses to start (docs/vmspawnd.md).
+                _log.debug("%s: %s", self.name, shlex.join(command.argv))
                 self._qemu = await spawn_reaped(
                     "qemu", command.argv, pass_fds=command.pass_fds, log_path=self.paths.qemu_log,
                     status_path=self.paths.exit_status, leader_options=launch.leader_options(self.spec, self.paths, DEFAULT_POWEROFF_DEADLINE),

@@ -86,6 +86,20 @@ def describe_status(returncode: int | None) -> str:
     return f"status {returncode}"
 
 
+# QEMU's error_report(): "PROGNAME: [LOCATION: ]MESSAGE", warnings as "PROGNAME: warning: …".
+_QEMU_ERROR = re.compile(r"^(?:\S*/)?qemu[\w.+-]*: (?!warning: |info: )(?!terminating on signal )(.+)$", re.MULTILINE)
+
+
+def qemu_error_line(stderr: str) -> str | None:
+    """QEMU's own last error line ("qemu-system-x86_64: -smp 0,foo=1: Parameter 'smp.foo'
+    is unexpected"): when QEMU refuses to start, this is the message the user needs, and
+    the rest of its output (warnings, the reaper's lines) is context."""
+    found = None
+    for match in _QEMU_ERROR.finditer(stderr):
+        found = match
+    return found[0].strip() if found else None
+
+
 def describe_exit(returncode: int | None) -> str:
     if returncode is None:
         return "QEMU exited (status unknown: not our child)"

@@ -21,6 +21,7 @@ import time
 import tty
 from collections.abc import Callable, Iterator
 
+from .output import paged
 from .varlink import INTERFACE, Connection, VarlinkError
 
 ESCAPE = 0x1D  # Ctrl-]
@@ -205,8 +206,27 @@ def attach(conn: Connection, name: str, read_only: bool, force: bool) -> int:
     return 0
 
 
-def follow_log(conn: Connection, name: str, lines: int | None, follow: bool) -> int:
-    """`vmspawnctl log NAME [-f]`: the history, then (with -f) the live console, read-only."""
+def no_console_reason(machine: dict[str, object]) -> str | None:
+    """Why a VM has no console history to show, if it has none: gui and headless VMs have
+    no console at all (their history would print nothing, and say nothing about why)."""
+    spec = machine.get("spec")
+    mode = spec.get("console") if isinstance(spec, dict) else None
+    name = machine.get("name")
+    if mode == "gui":
+        return f"{name} has no console, so no console history: a --console=gui VM shows its output on its display (vmspawnctl screenshot {name} FILE)"
+    if mode == "headless":
+        return f"{name} has no console, so no console history: it runs with --console=headless"
+    return None
+
+
+def follow_log(conn: Connection, name: str, lines: int | None, follow: bool, pager: bool = True) -> int:
+    """`vmspawnctl log NAME [-f]`: the history, then (with -f) the live console, read-only.
+
+    Without -f the history goes through a pager on a terminal (unless `pager` is false), as
+    journalctl's does; -f never pages, the stream has no end for a pager to wait for."""
+    if reason := no_console_reason(conn.call(f"{INTERFACE}.Describe", {"name": name})["machine"]):
+        print(f"vmspawnctl: {reason}", file=sys.stderr)
+        return 1
     sock = None
     if follow:
         # Attach before reading the history: a line may show twice, but none is lost.
@@ -219,6 +239,10 @@ def follow_log(conn: Connection, name: str, lines: int | None, follow: bool) -> 
     if lines is not None:
         params["lines"] = lines
     text = str(conn.call(f"{INTERFACE}.ReadConsoleLog", params)["text"])
+    if not follow:
+        with paged(pager) as page:
+            page.write(text.encode("utf-8", errors="replace"))
+        return 0
     out = sys.stdout.buffer
     out.write(text.encode("utf-8", errors="replace"))
     out.flush()

@@ -14,13 +14,20 @@ import os
 import sys
 import typing
 
+from .usage import CommandLineParser, UsageError, usage_error
+from . import output
 from .varlink import INTERFACE, Connection, ConnectionFailed, VarlinkError
+from .views import display_state, machine_status, machine_table
 
 if typing.TYPE_CHECKING:  # the shapes of the replies, for the type checker only: free at run time
     from vmspawnd.spec.wire import EventJson, MachineJson
 
 EXIT_FAILURE = 1
 EXIT_USAGE = 2
+DEFAULT_POWEROFF_DEADLINE = 60.0  # the daemon's, for the progress line (docs/vmspawnctl.md: stop)
+# The verbs with --json[=MODE] (only theirs is rewritten: start's words after the first
+# positional are the kernel's).
+JSON_VERBS = ("list", "status", "events")
 
 
 def default_address() -> str:
@@ -52,7 +59,7 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     full = command not in {"list", "status", "stop", "terminate", "remove", "pause", "resume", "reboot",
                            "log", "console", "events", "kill", "shutdown-all", "screenshot"}
 
-    parser = argparse.ArgumentParser(prog="vmspawnctl", description="Control virtual machines supervised by vmspawnd.")
+    parser = CommandLineParser(prog="vmspawnctl", description="Control virtual machines supervised by vmspawnd.")
     parser.add_argument("--address", default=None, help="vmspawnd socket (default: $VMSPAWN_ADDRESS, else the system or user instance)")
     parser.add_argument("--version", action="version", version=f"vmspawnctl {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
@@ -68,10 +75,11 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     shutdown.add_argument("--timeout", type=float, default=120.0, metavar="SECONDS", help="ACPI grace period per VM (default 120)")
 
     lst = sub.add_parser("list", help="list VMs")
-    lst.add_argument("--json", action="store_true", help="print JSON")
+    add_json_option(lst, "print the Machine records as JSON")
+    lst.add_argument("--no-legend", action="store_true", help="no column headers and no footer")
     status = sub.add_parser("status", help="show one VM")
     status.add_argument("name")
-    status.add_argument("--json", action="store_true", help="print JSON")
+    add_json_option(status, "print the Machine record as JSON")
     stop = sub.add_parser("stop", help="power a VM off (ACPI), terminating it after the deadline")
     stop.add_argument("name")
     stop.add_argument("--deadline", type=float, default=None, metavar="SECONDS", help="grace period before termination (default 60)")
@@ -87,6 +95,7 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     log.add_argument("name")
     log.add_argument("-f", "--follow", action="store_true", help="then follow the live console (read-only)")
     log.add_argument("-n", "--lines", type=int, default=None, metavar="N", help="only the last N lines")
+    log.add_argument("--no-pager", action="store_true", help="do not pipe the history into a pager (on a terminal: $SYSTEMD_PAGER, $PAGER, less)")
     console = sub.add_parser(
         "console", help="attach to a VM's console", description="Attach the terminal to a VM's console; Ctrl-] three times within 1s detaches (the VM keeps running).",
     )
@@ -111,11 +120,18 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     shot.add_argument("--format", choices=("png", "ppm"), default=None, help="image format (default: from FILE's extension, else png)")
     events = sub.add_parser("events", help="follow VM events (state changes, QMP events)")
     events.add_argument("name", nargs="?", help="only this VM")
-    events.add_argument("--json", action="store_true", help="one JSON object per line")
+    add_json_option(events, "print each event as JSON (short: one object per line)")
     kill = sub.add_parser("kill", help="send a signal to a VM's QEMU")
     kill.add_argument("name")
     kill.add_argument("-s", "--signal", default="SIGTERM", help="signal name or number: SIGTERM, TERM, SIGRTMIN+4, 15 (default SIGTERM)")
     return parser
+
+
+def add_json_option(parser: argparse.ArgumentParser, what: str) -> None:
+    parser.add_argument(
+        "--json", type=output.json_mode, default="off", metavar="MODE",
+        help=f"{what}: pretty, short or off (default off; --json alone: pretty on a terminal, else short)",
+    )
 
 
 def signal_number(text: str) -> int:
@@ -137,10 +153,15 @@ def format_error(exc: VarlinkError) -> str:
         case "MachineExists":
             return f"a machine named {p.get('name')!r} already exists"
         case "InvalidState":
-            return f"cannot {p.get('operation')} {p.get('name')!r} while it is {p.get('state')}"
+            text = f"cannot {p.get('operation')} {p.get('name')!r} while it is {p.get('state')}"
+            if p.get("operation") == "remove":
+                text += f"; stop it first (vmspawnctl stop {p.get('name')}, or terminate to pull the plug)"
+            return text
         case "StartFailed":
-            tail = str(p.get("stderrTail") or "").strip()
-            return f"failed to start ({p.get('step')}): {p.get('message')}" + (f"\n{tail}" if tail else "")
+            message, tail = str(p.get("message")), str(p.get("stderrTail") or "").strip()
+            # The daemon names QEMU's own error line in the message; the rest of its output
+            # follows only if there is more to it.
+            return f"failed to start ({p.get('step')}): {message}" + (f"\n{tail}" if tail and tail not in message else "")
         case "PermissionDenied":
             return "permission denied: this vmspawnd instance only serves its owner"
         case "Timeout":
@@ -152,60 +173,14 @@ def format_error(exc: VarlinkError) -> str:
     return f"{exc.name}: {json.dumps(p)}" if p else exc.name
 
 
-def display_state(m: MachineJson) -> str:
-    """The state as a user reads it: a frozen VM is "paused", whatever it was before."""
-    state = str(m["state"])
-    return "paused" if m.get("paused") and state in ("running", "ready") else state
-
-
-def print_table(machines: list[MachineJson]) -> None:
-    rows = [("NAME", "STATE", "PID", "ID", "REASON")]
-    for m in machines:
-        qemu = m.get("qemu")
-        pid = str(qemu["pid"]) if qemu and m.get("state") not in ("stopped", "failed") else "-"
-        rows.append((str(m["name"]), display_state(m), pid, str(m["id"]), str(m.get("reason") or "")))
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    bold = sys.stdout.isatty() and "NO_COLOR" not in os.environ
-    for index, row in enumerate(rows):
-        line = "  ".join(cell.ljust(widths[i]) for i, cell in enumerate(row)).rstrip()
-        print(f"\033[1m{line}\033[0m" if bold and index == 0 else line)
-    print(f"\n{len(machines)} machine{'s' if len(machines) != 1 else ''} listed.")
-
-
-def print_status(m: MachineJson) -> None:
-    qemu, reaper = m.get("qemu"), m.get("reaper")
-    qemu_pid = qemu["pid"] if qemu else "-"
-    lines = [
-        f"{m['name']} ({m['id']})",
-        f"     State: {display_state(m)}" + (f" ({m['reason']})" if m.get("reason") else ""),
-        f"    Leader: {reaper['pid']} (vmspawnd-reaper)" if reaper else f"    Leader: {qemu_pid} (qemu)",
-        f"      QEMU: {qemu_pid}",
-        f"      Unit: {m.get('unit') or '-'}" + (" (registered with systemd-machined)" if m.get("registered") else ""),
-        f"       UID: {m['uid']}",
-        f"       QMP: {m.get('qmpAddress') or '-'}",
-        f"   Console: {m.get('consoleAddress') or '-'}",
-        f"       Log: {m.get('consoleLog') or '-'}",
-    ]
-    if m.get("displayAddress"):
-        lines.append(f"   Display: vnc+unix://{m['displayAddress']}")
-    if m.get("exitCode") is not None:
-        lines.append(f"      Exit: status {m['exitCode']}")
-    if m.get("exitSignal") is not None:
-        lines.append(f"      Exit: signal {m['exitSignal']}")
-    print("\n".join(lines))
-    tail = str(m.get("stderrTail") or "").strip()
-    if tail and m.get("state") == "failed":
-        print("\nQEMU said:\n" + tail)
-
-
-def follow_events(conn: Connection, name: str | None, as_json: bool) -> None:
+def follow_events(conn: Connection, name: str | None, json_mode: str) -> None:
     """Print events until interrupted (the stream never ends by itself)."""
     params = {"name": name} if name else {}
     try:
         for reply in conn.call_more(f"{INTERFACE}.SubscribeEvents", params):
             event: EventJson = reply["event"]
-            if as_json:
-                print(json.dumps(event), flush=True)
+            if json_mode != "off":
+                print(output.dumps(event, json_mode), flush=True)
                 continue
             assert isinstance(event, dict)
             if event["event"] == "Subscribed":
@@ -269,6 +244,43 @@ def save_screenshot(conn: Connection, name: str, file: str, image_format: str | 
             shutil.copyfileobj(image, out)
 
 
+def stop_with_progress(conn: Connection, name: str, deadline: float | None) -> MachineJson:
+    """`stop`: the PowerOff call, which returns once the VM is down (up to the deadline and
+    the escalation after it). On a terminal a progress line says what it is waiting for,
+    so the wait is never silent."""
+    import threading
+    import time
+
+    params: dict[str, object] = {"name": name}
+    if deadline is not None:
+        params["deadline"] = deadline
+    if not sys.stderr.isatty():
+        return conn.call(f"{INTERFACE}.PowerOff", params)["machine"]  # type: ignore[no-any-return]
+    limit = DEFAULT_POWEROFF_DEADLINE if deadline is None else deadline
+    done = threading.Event()
+
+    def show_progress() -> None:
+        started = time.monotonic()
+        while True:
+            waited = time.monotonic() - started
+            if waited < limit:
+                text = f"waiting for the guest to power off (ACPI power button)… {waited:.0f}s, terminating it after {limit:g}s"
+            else:
+                text = "the guest did not power off in time: terminating it…"
+            print(f"\r\033[K{name}: {text}", end="", file=sys.stderr, flush=True)
+            if done.wait(1.0):
+                break
+        print("\r\033[K", end="", file=sys.stderr, flush=True)
+
+    progress = threading.Thread(target=show_progress, name="stop-progress", daemon=True)
+    progress.start()
+    try:
+        return conn.call(f"{INTERFACE}.PowerOff", params)["machine"]  # type: ignore[no-any-return]
+    finally:
+        done.set()
+        progress.join()
+
+
 def shutdown_all(address: str, timeout: float) -> int:
     """ACPI power-off of every active VM at once (libvirt-guests' job at host shutdown)."""
     import threading
@@ -276,6 +288,9 @@ def shutdown_all(address: str, timeout: float) -> int:
     with Connection(address) as conn:
         machines: list[MachineJson] = conn.call(f"{INTERFACE}.List")["machines"]
     active = [m["name"] for m in machines if m["state"] in ("starting", "running", "ready", "stopping")]
+    if not active:
+        print("No VM is running: nothing to power off.")
+        return 0
     failures: list[str] = []
 
     def power_off(name: str) -> None:
@@ -320,20 +335,19 @@ def run(args: argparse.Namespace) -> int:
     with Connection(address) as conn:
         if args.command == "list":
             machines: list[MachineJson] = conn.call(method + "List")["machines"]
-            if args.json:
-                print(json.dumps(machines, indent=2))
+            if args.json != "off":
+                print(output.dumps(machines, args.json))
             else:
-                print_table(machines)
+                colour = output.colour_enabled(sys.stdout)
+                print("\n".join(machine_table(machines, legend=not args.no_legend, colour=colour)))
         elif args.command == "status":
             machine: MachineJson = conn.call(method + "Describe", {"name": args.name})["machine"]
-            print(json.dumps(machine, indent=2) if args.json else "", end="\n" if args.json else "")
-            if not args.json:
-                print_status(machine)
+            if args.json != "off":
+                print(output.dumps(machine, args.json))
+            else:
+                print("\n".join(machine_status(machine, colour=output.colour_enabled(sys.stdout))))
         elif args.command == "stop":
-            params: dict[str, object] = {"name": args.name}
-            if args.deadline is not None:
-                params["deadline"] = args.deadline
-            machine = conn.call(method + "PowerOff", params)["machine"]
+            machine = stop_with_progress(conn, args.name, args.deadline)
             print(f"{machine['name']}: {machine['state']} ({machine['reason']})")
         elif args.command in ("pause", "resume", "reboot"):
             machine = conn.call(method + args.command.capitalize(), {"name": args.name})["machine"]
@@ -350,7 +364,7 @@ def run(args: argparse.Namespace) -> int:
         elif args.command == "log":
             from .console import follow_log
 
-            return follow_log(conn, args.name, args.lines, args.follow)
+            return follow_log(conn, args.name, args.lines, args.follow, pager=not args.no_pager)
         elif args.command == "console":
             from .console import attach
 
@@ -361,6 +375,9 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if requested_command(argv) in JSON_VERBS:
+        argv = output.expand_bare_json(argv, sys.stdout.isatty())
     parser = build_parser(argv)
     args = parser.parse_args(argv)
     # Only start and run validate a spec in the client (InvalidSpec before any call). The
@@ -382,6 +399,8 @@ def main(argv: list[str] | None = None) -> None:
     except spec_errors as exc:
         print(f"vmspawnctl {args.command}: {exc}", file=sys.stderr)
         code = EXIT_USAGE
+    except UsageError as exc:  # a start/run command line that cannot mean what it says
+        usage_error(f"vmspawnctl {args.command}", str(exc))
     except BrokenPipeError:
         code = EXIT_FAILURE
     sys.exit(code)

@@ -13,15 +13,17 @@ exits 0 there: upstream #41378).
 from __future__ import annotations
 
 import argparse
-import colorsys
 import contextlib
+import math
 import os
 import signal
 import socket
 import sys
 import threading
 import typing
+from collections.abc import Mapping
 
+from . import output
 from .console import Relay, Terminated, open_console, raw_terminal, signals_raise, write_all
 from .varlink import INTERFACE, Connection, ConnectionFailed, JsonObject, VarlinkError
 
@@ -39,14 +41,39 @@ def add_run_options(parser: argparse.ArgumentParser) -> None:
     add_start_options(parser)
 
 
+def hsv_to_rgb(hue: float, saturation: float, value: float) -> tuple[int, int, int]:
+    """systemd's hsv_to_rgb() (color-util.c): saturation and value in percent, and each
+    channel truncated, not rounded, to 0…255, so the tint is the very one vmspawn sends."""
+    hue = math.fmod(hue, 360)
+    c = (saturation / 100.0) * (value / 100.0)
+    x = c * (1 - abs(math.fmod(hue / 60.0, 2) - 1))
+    m = (value / 100) - c
+    sector = [(c, x, 0.0), (x, c, 0.0), (0.0, c, x), (0.0, x, c), (x, 0.0, c), (c, 0.0, x)][min(int(hue // 60), 5)]
+    red, green, blue = (int((channel + m) * 255) for channel in sector)
+    return red, green, blue
+
+
 def default_tint() -> str:
-    """vmspawn's tint for a dark terminal: hue 130, saturation 75 %, value 20 %.
+    """vmspawn's tint for a dark terminal: systemd's terminal_tint_color(130) with the
+    saturation (75 %) and value (at least 20 %) it picks for a dark background: 48;2;12;51;19.
 
     systemd derives saturation and value from the terminal's actual background (an
-    OSC 11 query); we assume a dark one rather than wait on a terminal reply.
+    OSC 11 query); we assume a black one rather than wait on a terminal reply.
     """
-    red, green, blue = colorsys.hsv_to_rgb(VMSPAWN_HUE / 360, 0.75, 0.20)
-    return f"48;2;{round(red * 255)};{round(green * 255)};{round(blue * 255)}"
+    red, green, blue = hsv_to_rgb(VMSPAWN_HUE, 75, 20)
+    return f"48;2;{red};{green};{blue}"
+
+
+def default_tint_if_wanted(env: Mapping[str, str] | None = None) -> str:
+    """The default tint, unless colour is off ($NO_COLOR, $SYSTEMD_COLORS=0, TERM=dumb: systemd
+    queries no background colour then, so it tints nothing) or $SYSTEMD_TINT_BACKGROUND is
+    false. An explicit --background is the user's own choice and not subject to this."""
+    env = os.environ if env is None else env
+    if not output.colour_enabled(sys.stdout, env):
+        return ""
+    if output.parse_boolean_env(env.get("SYSTEMD_TINT_BACKGROUND")) is False:
+        return ""
+    return default_tint()
 
 
 def sd_notify(message: str) -> None:
@@ -139,7 +166,7 @@ def _foreground(args: argparse.Namespace, address: str, machine: MachineJson, mo
     stdout = sys.stdout.fileno()
     tint = ""
     if attached and mode != "native" and os.isatty(stdout):
-        tint = default_tint() if args.background is None else args.background
+        tint = default_tint_if_wanted() if args.background is None else args.background
     final: dict[str, object] = {}
     signals = _Signals()
     control: list[Connection] = []  # PowerOff calls in flight; their replies are not awaited

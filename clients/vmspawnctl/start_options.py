@@ -37,21 +37,38 @@ from vmspawnd.spec import (
     parsers,
 )
 
+from .usage import UsageError
+
 BOOLEAN_FORMS = "a boolean (1, yes, y, true, t, on or 0, no, n, false, f, off)"
 TRISTATE_FORMS = BOOLEAN_FORMS + " or 'auto'"
 SIZE_FORMS = "a size in bytes with an optional K, M, G, T, P or E suffix (base 1024), e.g. 2G or 1.5G"
 
 
 def _typed(parse: Callable[[str], object], forms: str) -> Callable[[str], object]:
-    """Wrap a parser so argparse reports 'argument --option: invalid value …; expected FORMS'."""
+    """Wrap a parser so argparse reports one sentence: 'argument --option: invalid size '12Q': expected FORMS'.
+
+    The parsers name what they got and the accepted forms themselves (vmspawnd.spec.parsers'
+    convention); `forms` is added only to a message that does not already say what is expected,
+    so the two are never glued together."""
 
     def convert(text: str) -> object:
         try:
             return parse(text)
         except ValueError as exc:
-            raise argparse.ArgumentTypeError(f"invalid value {text!r}: {exc}; expected {forms}") from None
+            raise argparse.ArgumentTypeError(_with_forms(str(exc), text, forms)) from None
 
     return convert
+
+
+def _with_forms(message: str, text: str, forms: str) -> str:
+    """`message` as the tail of argparse's 'argument --option: ' sentence, naming the forms once."""
+    if message[:1].isupper() and message[1:2].islower():
+        message = message[0].lower() + message[1:]  # "Invalid size …" continues a sentence
+    if "expected" in message:
+        return message
+    if repr(text) not in message:
+        message = f"invalid value {text!r}: {message}"
+    return f"{message}; expected {forms}"
 
 
 def _absolute(text: str) -> str:
@@ -72,10 +89,12 @@ def _machine_name(text: str) -> str:
 
 
 def _cpus(text: str) -> str:
-    """Passed verbatim to -smp (so QEMU topology syntax works); only empty or blank is refused."""
-    if not text or any(c.isspace() for c in text):
-        raise argparse.ArgumentTypeError(f"invalid value {text!r}: expected a QEMU -smp value such as 4 or 4,sockets=2 (no blanks)")
-    return text
+    """Passed verbatim to -smp (so QEMU topology syntax works), once QEMU's rules hold:
+    a zero or malformed count is refused here rather than by QEMU (parsers.parse_smp)."""
+    try:
+        return parsers.parse_smp(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"invalid value {text!r}: {exc}") from None
 
 
 def _firmware(text: str) -> str:
@@ -110,7 +129,7 @@ def _grow_image(text: str) -> int | None:
     try:
         size = parsers.parse_size(text)
     except ValueError as exc:
-        raise argparse.ArgumentTypeError(f"invalid value {text!r}: {exc}; expected {SIZE_FORMS}, or empty") from None
+        raise argparse.ArgumentTypeError(_with_forms(str(exc), text, SIZE_FORMS) + ", or empty") from None
     return size
 
 
@@ -203,7 +222,10 @@ def _load_credential(text: str) -> tuple[str, bytes]:
     if parsers.credential_source_kind(source) == "credential":
         directory = os.environ.get("CREDENTIALS_DIRECTORY")
         if not directory:
-            raise ValueError(f"credential {source!r} requested, but $CREDENTIALS_DIRECTORY is not set")
+            raise argparse.ArgumentTypeError(
+                f"credential {source!r} is one of our own credentials, but $CREDENTIALS_DIRECTORY is not set; "
+                "expected ID:PATH with a '/' in PATH, or run with credentials"
+            )
         path = os.path.join(directory, source)
     else:
         path = os.path.join(os.getcwd(), source)
@@ -220,7 +242,10 @@ def _load_credential(text: str) -> tuple[str, bytes]:
         with open(path, "rb") as f:
             return cred_id, f.read()
     except OSError as exc:
-        raise ValueError(f"cannot read {path}: {exc.strerror}") from None
+        # The form was right: say what failed, and what the path has to be.
+        raise argparse.ArgumentTypeError(
+            f"cannot read {path} for credential {cred_id!r}: {exc.strerror}; expected a readable file or AF_UNIX stream socket"
+        ) from None
 
 
 class _Accumulate(argparse.Action):
@@ -282,10 +307,10 @@ def add_start_options(parser: argparse.ArgumentParser) -> None:
     host = parser.add_argument_group("Host configuration")
     host.add_argument("--cpus", "--qemu-smp", dest="cpus", metavar="CPUS", type=_cpus, help="number of CPUs, passed verbatim to -smp (default 1)")
     host.add_argument("--ram", "--qemu-mem", dest="ram", metavar="BYTES", type=_typed(parsers.parse_size, SIZE_FORMS), help="guest memory (default 2G)")
-    host.add_argument("--kvm", "--qemu-kvm", dest="kvm", metavar="BOOL", type=_typed(parsers.parse_tristate, TRISTATE_FORMS), help="use KVM (default auto: if /dev/kvm exists)")
-    host.add_argument("--vsock", "--qemu-vsock", dest="vsock", metavar="BOOL", type=_typed(parsers.parse_tristate, TRISTATE_FORMS), help="add a vhost-vsock device (default auto)")
+    host.add_argument("--kvm", "--qemu-kvm", dest="kvm", metavar="BOOL|auto", type=_typed(parsers.parse_tristate, TRISTATE_FORMS), help="use KVM (default auto: if /dev/kvm exists)")
+    host.add_argument("--vsock", "--qemu-vsock", dest="vsock", metavar="BOOL|auto", type=_typed(parsers.parse_tristate, TRISTATE_FORMS), help="add a vhost-vsock device (default auto)")
     host.add_argument("--vsock-cid", metavar="CID", type=_typed(parsers.parse_vsock_cid, "empty (automatic) or a number 3…4294967294"), help="guest CID (default: derived from the machine name)")
-    host.add_argument("--tpm", metavar="BOOL", type=_typed(parsers.parse_tristate, TRISTATE_FORMS), help="software TPM with swtpm (default auto: if swtpm is installed)")
+    host.add_argument("--tpm", metavar="BOOL|auto", type=_typed(parsers.parse_tristate, TRISTATE_FORMS), help="software TPM with swtpm (default auto: if swtpm is installed)")
     host.add_argument("--tpm-state", metavar="PATH|auto|off", type=_tpm_state, help="where the TPM state is kept (default auto: IMAGE.tpmstate)")
     host.add_argument("--linux", type=_absolute, metavar="PATH", help="kernel for direct kernel boot")
     host.add_argument("--initrd", dest="initrds", action="append", type=_absolute, metavar="PATH", help="initrd (repeatable; concatenated); requires --linux")
@@ -293,7 +318,7 @@ def add_start_options(parser: argparse.ArgumentParser) -> None:
     host.add_argument("--network-user-mode", action=_Network, nargs=0, const="user", help="user-mode (slirp) networking")
     host.add_argument("--firmware", action=_FirmwareList, type=_firmware, metavar="PATH|list", help="firmware descriptor to use; 'list' prints the candidates and exits")
     host.add_argument("--discard-disk", metavar="BOOL", type=_typed(parsers.parse_boolean, BOOLEAN_FORMS), help="pass discard requests to the image (default yes)")
-    host.add_argument("--secure-boot", metavar="BOOL", type=_typed(parsers.parse_tristate, TRISTATE_FORMS), help="require (or refuse) Secure Boot firmware (default auto)")
+    host.add_argument("--secure-boot", metavar="BOOL|auto", type=_typed(parsers.parse_tristate, TRISTATE_FORMS), help="require (or refuse) Secure Boot firmware (default auto)")
     host.add_argument("-G", "--grow-image", metavar="BYTES", type=_grow_image, help="grow the image file to at least this size (rounded up to 4096)")
     host.add_argument("-s", "--smbios11", action=_Accumulate, type=_smbios11, metavar="STRING", default=[], help="SMBIOS type 11 string for the guest (repeatable; empty clears)")
     host.add_argument("--notify-ready", metavar="BOOL", type=_typed(parsers.parse_boolean, BOOLEAN_FORMS), help="wait for the guest's READY=1 (default yes)")
@@ -346,13 +371,47 @@ def add_start_options(parser: argparse.ArgumentParser) -> None:
 def _console_mode(text: str) -> str:
     accepted = [m.value for m in ConsoleMode if m is not ConsoleMode.HEADLESS]
     if text not in accepted:
-        raise ValueError("unknown console mode")
+        raise ValueError(f"invalid console mode {text!r}")
     return text
 
 
+def looks_like_machine_name(word: str) -> bool:
+    """A bare word that can only be a name: a valid hostname without '=', '/' or '.'
+    (kernel arguments are KEY=VALUE, paths, dotted flags like rd.break, or runlevels)."""
+    return (
+        parsers.is_valid_hostname(word)
+        and not any(c in word for c in "=/.")
+        and not word.isdigit()
+    )
+
+
+def check_arguments(args: argparse.Namespace) -> None:
+    """Mistakes vmspawn's own parsing would turn into something else, caught before any
+    discovery runs (whose errors would then point away from them)."""
+    if getattr(args, "initrds", None) and not args.linux:
+        # vmspawn's verify_arguments(); checked before the -D . default, whose boot-entry
+        # search would otherwise fail first with a message about a missing UKI.
+        raise UsageError("--initrd needs --linux")
+    words = list(getattr(args, "kernel_cmdline", None) or [])
+    given = args.name is not None or args.image or args.directory or args.linux
+    if words and not given and looks_like_machine_name(words[0]):
+        # getopt with '+' (vmspawn's parser) ends the options at the first positional word:
+        # `start dwpos --linux=K` would boot -D . with "dwpos --linux=K" as kernel arguments.
+        rest = " ".join(words[1:])
+        raise UsageError(
+            f"{words[0]!r} looks like a machine name: use -M {words[0]}. The first argument that is not an "
+            "option starts the kernel command line" + (f" (here also: {rest})" if rest else "")
+            + "; to pass it to the kernel, give -D, -i or --linux before it"
+        )
+
+
 def spec_from_args(args: argparse.Namespace, env: dict[str, str] | None = None) -> VmSpec:
-    """Build and validate the spec, reading the client's context (env, discovery)."""
+    """Build and validate the spec, reading the client's context (env, discovery).
+
+    UsageError for a command line that cannot mean what it says (check_arguments);
+    notices about defaults the caller may not expect go to stderr unless -q."""
     env = dict(os.environ) if env is None else env
+    check_arguments(args)
     fields: dict[str, Any] = {}  # VmSpec's keyword arguments, each from its option's parser
     for key in (
         "image", "directory", "linux", "cpus", "ram", "kvm", "vsock", "vsock_cid", "tpm", "tpm_state",
@@ -400,14 +459,20 @@ def spec_from_args(args: argparse.Namespace, env: dict[str, str] | None = None) 
     if term := env.get("TERM"):
         fields["term"] = term
 
-    _discover(fields, user=os.geteuid() != 0, env=env)
+    def notice(text: str) -> None:
+        if not getattr(args, "quiet", False):
+            print(f"vmspawnctl: {text}", file=sys.stderr, flush=True)
+
+    _discover(fields, user=os.geteuid() != 0, env=env, notice=notice)
     spec = VmSpec(**fields)
     spec.validate()
     return spec
 
 
-def _discover(fields: dict[str, Any], user: bool, env: dict[str, str]) -> None:
-    """vmspawn's own look-ups (docs/reference/systemd-vmspawn.md §1.1, §3.4), with the caller's rights."""
+def _discover(fields: dict[str, Any], user: bool, env: dict[str, str], notice: Callable[[str], None]) -> None:
+    """vmspawn's own look-ups (docs/reference/systemd-vmspawn.md §1.1, §3.4), with the caller's
+    rights. What is chosen without being asked for is told through `notice`, before a
+    look-up that may fail on it."""
     if not fields.get("image") and not fields.get("directory"):
         if fields.get("name") and not fields.get("linux"):
             try:
@@ -417,6 +482,7 @@ def _discover(fields: dict[str, Any], user: bool, env: dict[str, str]) -> None:
             fields[kind] = path
         elif not fields.get("linux"):
             fields["directory"] = os.getcwd()
+            notice(f"no -i/-D given: booting the current directory as -D . ({fields['directory']})")
     directory = fields.get("directory")
     if directory and not fields.get("linux"):
         try:

@@ -73,6 +73,7 @@ def test_unknown_field_in_raw_call(daemon: Daemon, kernel: Path) -> None:
         ({"name": "noram", "linux": "/k", "ram": 0}, "ram"),
         ({"name": "con", "linux": "/k", "console": "tty"}, "console"),
         ({"name": "initrd", "initrds": ["/i"]}, "initrds"),
+        ({"name": "nocpu", "linux": "/k", "cpus": "0"}, "cpus"),
         ({"name": "nothing"}, "image"),
     ],
 )
@@ -104,7 +105,8 @@ def test_duplicate_name_is_refused_and_qemu_failure_is_reported(daemon: Daemon, 
             assert err.name == f"{MANAGER}.MachineExists"
             assert err.parameters == {"name": "dup"}
             # QEMU refuses an impossible -smp: the failure and QEMU's words reach the client.
-            err = spawn_error(daemon, {**spec, "name": "badsmp", "cpus": "0,maxcpus=-3"})
+            # (A well-formed one: zero and negative counts are refused before QEMU, by the spec.)
+            err = spawn_error(daemon, {**spec, "name": "badsmp", "cpus": "2,maxcpus=1"})
             assert err.name == f"{MANAGER}.StartFailed"
             assert err.parameters["step"] in ("qmp", "cont")
             assert "QEMU exited with status 1" in str(err.parameters["message"])

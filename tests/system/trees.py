@@ -70,6 +70,8 @@ TIER_PACKAGES = (
     "virtiofsd",
     "python3-venv",
     "systemd-journal-remote",
+    "man-db",  # man finds the pages scripts/install installs
+    "bash-completion",  # and bash loads its completion
 )
 
 # Nothing in a test container may fight the host for its consoles, network or clock (the

@@ -71,3 +71,13 @@ def test_homes_are_shared_after_the_binds_with_a_one_id_map() -> None:
     argv = virtiofsd_argv(rust, shares[1], 3)
     assert argv[argv.index("--translate-uid") + 1] == "map:60514:1000:1"
     assert argv[argv.index("--translate-gid") + 1] == "map:60514:1000:1"
+
+
+def test_a_user_without_a_home_is_refused_by_its_own_option() -> None:
+    """nobody's home is /nonexistent: the error names --bind-user and the home, not a share."""
+    bound = bind_user.bind_users(["bob", "alice"], lookup)
+    with pytest.raises(InvalidSpec) as info:
+        bind_user.check_homes(bound, lambda path: path != "/home/alice")
+    assert info.value.field == "bindUsers[1]"
+    assert "--bind-user=alice" in info.value.reason and "/home/alice does not exist" in info.value.reason
+    bind_user.check_homes(bound, lambda path: True)  # homes that exist pass

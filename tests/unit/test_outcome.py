@@ -75,3 +75,23 @@ def test_decide_outcome(facts: ExitFacts, state: MachineState, reason: str) -> N
 def test_describe_exit_never_raises_for_any_status() -> None:
     for code in range(-130, 256):
         assert describe_exit(code)
+
+
+@pytest.mark.parametrize(
+    ("stderr", "line"),
+    [
+        ("qemu-system-x86_64: Parameter 'smp.foo' is unexpected\n", "qemu-system-x86_64: Parameter 'smp.foo' is unexpected"),
+        # Warnings and the reaper's lines are context; the last error is the one that ended QEMU.
+        ("qemu-system-x86_64: warning: Deprecated CPU topology\nvmspawnd-reaper: started\n"
+         "qemu-system-x86_64: -drive file=/x: Could not open '/x': No such file or directory\n",
+         "qemu-system-x86_64: -drive file=/x: Could not open '/x': No such file or directory"),
+        ("/usr/bin/qemu-kvm: -smp 2,maxcpus=1: Invalid CPU topology\n", "/usr/bin/qemu-kvm: -smp 2,maxcpus=1: Invalid CPU topology"),
+        ("qemu-system-x86_64: terminating on signal 15 from pid 1 (systemd)\n", None),
+        ("qemu-system-x86_64: warning: host doesn't support requested feature\n", None),
+        ("", None),
+    ],
+)
+def test_qemu_error_line_is_qemus_last_error(stderr: str, line: str | None) -> None:
+    from vmspawnd.outcome import qemu_error_line
+
+    assert qemu_error_line(stderr) == line

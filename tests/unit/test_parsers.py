@@ -1057,3 +1057,36 @@ def test_oracle_ether_addr(oracle: _Oracle, text: str) -> None:
 )
 def test_oracle_mangle_unit_name(oracle: _Oracle, text: str, suffix: str) -> None:
     assert _ours(mangle_unit_name, text, suffix) == oracle.mangle(text, suffix)
+
+
+# --- --cpus: QEMU's -smp rules -----------------------------------------------------------
+
+
+@pytest.mark.parametrize("text", ["1", "4", "4,sockets=2", "cores=2,threads=1", "2,maxcpus=8", "0x2", "+2", "2,", "8,sockets=2,dies=1,clusters=1,cores=2,threads=2"])
+def test_parse_smp_accepts_what_qemu_accepts(text: str) -> None:
+    from vmspawnd.spec.parsers import parse_smp
+
+    assert parse_smp(text) == text  # passed to -smp verbatim
+
+
+@pytest.mark.parametrize(
+    ("text", "says"),
+    [
+        ("0", "at least 1"),  # QEMU 7.2: "Deprecated CPU topology (considered invalid)"; 9.0+: an error
+        ("2,cores=0", "cores must be at least 1"),
+        ("-1", "whole number"),
+        ("1.5", "whole number"),
+        ("abc", "whole number"),
+        ("2,foo=1", "unknown -smp property 'foo'"),
+        (",2", "''"),
+        ("2,4", "not KEY=NUMBER"),
+        ("", "empty"),
+        ("1 2", "whole number"),
+    ],
+)
+def test_parse_smp_refuses_what_qemu_refuses(text: str, says: str) -> None:
+    from vmspawnd.spec.parsers import parse_smp
+
+    with pytest.raises(ValueError) as info:
+        parse_smp(text)
+    assert says in str(info.value) and "expected a QEMU -smp value" in str(info.value)

@@ -60,3 +60,11 @@ def test_record_round_trip_and_transitions() -> None:
     assert MachineRecord.from_json(record.to_json()) == record
     with pytest.raises(AssertionError):
         record.enter(MachineState.STARTING)
+
+
+@pytest.mark.parametrize("cpus", ["0", "2,cores=0", "2,foo=1", "", "1 2"])
+def test_cpus_follow_qemus_smp_rules_on_the_daemon_side_too(cpus: str) -> None:
+    """A raw Varlink caller gets the CLI's check (parsers.parse_smp) as InvalidSpec{cpus}."""
+    with pytest.raises(InvalidSpec) as info:
+        VmSpec(name="vm", linux="/k", cpus=cpus).validate()
+    assert info.value.field == "cpus" and "expected a QEMU -smp value" in info.value.reason

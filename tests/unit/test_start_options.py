@@ -84,7 +84,7 @@ BAD_FORMS = [
     ("--linux", ["--linux="]),
     ("--initrd", ["--initrd="]),
     ("--smbios11", ["--smbios11=\udcff", "-s\udcfe"]),
-    ("--cpus", ["--cpus=", "--cpus=1 2", "--qemu-smp=\t"]),
+    ("--cpus", ["--cpus=", "--cpus=1 2", "--qemu-smp=\t", "--cpus=0", "--cpus=2,cores=0", "--cpus=2,foo=1", "--cpus=1.5"]),
 ]
 
 

@@ -66,6 +66,19 @@ def bind_users(names: list[str], lookup: UserLookup) -> list[BoundUser]:
     return bound
 
 
+def check_homes(users: list[BoundUser], is_directory: Callable[[str], bool]) -> None:
+    """Binding a user shares its home, so the home must exist. Checked before the shares
+    are planned: otherwise the failure names the share (a /nonexistent "bind"), not the
+    --bind-user that asked for it (system users such as nobody have no home)."""
+    for index, user in enumerate(users):
+        if not is_directory(user.host.home):
+            raise InvalidSpec(
+                f"bindUsers[{index}]",
+                f"--bind-user={user.host.name}: the user's home directory {user.host.home} does not exist, "
+                "and --bind-user shares it with the VM; bind a user that has a home",
+            )
+
+
 def user_record(user: BoundUser, shell: str | None, groups: list[str]) -> dict[str, object]:
     """The minimized record: identity, the VM's UID/GID and home, optionally shell and groups."""
     record: dict[str, object] = {

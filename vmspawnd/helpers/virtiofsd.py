@@ -188,6 +188,7 @@ async def start_virtiofsd(
     """Start one virtiofsd per share; returns processes, QEMU shares and kernel words."""
     shares, words = plan_shares(spec)
     bound = bind_user.bind_users(spec.bind_users, bind_user.lookup_host_user) if spec.bind_users else []
+    bind_user.check_homes(bound, os.path.isdir)
     shares, words = add_bind_user_shares(shares, words, bound)
     if not shares:
         return {}, (), ()

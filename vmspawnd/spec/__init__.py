@@ -20,7 +20,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from vmspawnd.errors import InvalidSpec, to_camel, to_snake
-from vmspawnd.spec.parsers import hostname_cleanup, is_valid_hostname
+from vmspawnd.spec.parsers import hostname_cleanup, is_valid_hostname, parse_smp
 
 DEFAULT_RAM = 2 * 1024**3
 
@@ -131,8 +131,10 @@ class VmSpec:
             _check_absolute(f"extraDrives[{index}]", path)
         if self.initrds and not self.linux:
             raise InvalidSpec("initrds", "--initrd= requires --linux=")
-        if not self.cpus or any(c.isspace() for c in self.cpus):
-            raise InvalidSpec("cpus", "must be a non-empty QEMU -smp value")
+        try:
+            parse_smp(self.cpus)
+        except ValueError as exc:
+            raise InvalidSpec("cpus", str(exc)) from None
         if self.ram <= 0:
             raise InvalidSpec("ram", "must be a positive number of bytes")
         if self.console not in {m.value for m in ConsoleMode}:

@@ -48,6 +48,7 @@ __all__ = [
     "path_simplify",
     "parse_signal",
     "signal_name",
+    "parse_smp",
 ]
 
 # systemd's WHITESPACE (string-util.h) — note: no \v or \f.
@@ -1133,3 +1134,44 @@ def parse_signal(text: str | int) -> int:
                 return base + offset
     raise ValueError(f"{text!r} is not a signal ({accepted})")
 
+
+
+# --------------------------------------------------------------------------------------
+# --cpus (QEMU's -smp)
+# --------------------------------------------------------------------------------------
+
+# The -smp properties QEMU knows; which of them a given machine type accepts is QEMU's to say
+# (dies: 5.0, clusters: 7.0, books and drawers: 8.2, modules: 9.1).
+SMP_KEYS = ("cpus", "maxcpus", "sockets", "dies", "clusters", "modules", "cores", "threads", "books", "drawers")
+_SMP_NUMBER = re.compile(r"\+?(0[xX][0-9a-fA-F]+|[0-9]+)")
+
+
+def parse_smp(text: str) -> str:
+    """``--cpus=`` / ``--qemu-smp=``: a QEMU ``-smp`` value, returned verbatim.
+
+    vmspawn 259 passes the string to ``-smp`` unchecked; QEMU then takes ``N`` (the CPU
+    count) and ``KEY=N`` topology properties, comma-separated, and refuses zero ("CPU
+    topology parameters must be greater than zero": a deprecation warning in QEMU 7.2, an
+    error since 9.0), negative, non-integer and unknown keys. The same rules apply here, so
+    ``--cpus=0`` is refused before a VM is created rather than booted with QEMU's guess.
+    Numbers are decimal or ``0x`` hex, as QEMU's integer parser reads them.
+    """
+    forms = "expected a QEMU -smp value: a CPU count such as 4, optionally with topology such as 4,sockets=2"
+    if not text:
+        raise ValueError(f"empty CPU count; {forms}")
+    parts = text.split(",")
+    if parts[-1] == "" and len(parts) > 1:
+        parts.pop()  # QEMU ignores one trailing comma
+    for index, part in enumerate(parts):
+        key, sep, value = part.partition("=")
+        if not sep:
+            if index:
+                raise ValueError(f"{part!r} in {text!r} is not KEY=NUMBER; {forms}")
+            key, value = "cpus", part
+        if key not in SMP_KEYS:
+            raise ValueError(f"unknown -smp property {key!r} in {text!r} (known: {', '.join(SMP_KEYS)}); {forms}")
+        if not _SMP_NUMBER.fullmatch(value):
+            raise ValueError(f"{key} must be a whole number, not {value!r}; {forms}")
+        if int(value.lstrip("+"), 0 if value.lstrip("+")[:2].lower() == "0x" else 10) == 0:
+            raise ValueError(f"{key} must be at least 1 (QEMU refuses 0); {forms}")
+    return text
