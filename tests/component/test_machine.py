@@ -64,7 +64,7 @@ async def test_start_runs_qemu_under_its_reaper_and_power_off_ends_it(fake_host:
     assert state_of(machine) is MachineState.STOPPED
     assert rec.reason == "powered off on request"
     assert rec.exit_code == 0 and rec.exit_signal is None
-    assert events.states() == ["running", "ready", "stopping", "stopped"]
+    assert events.states() == ["starting", "running", "ready", "stopping", "stopped"]
     assert "POWERDOWN" in events.names()
     assert fake_host.processes() == []
     # What outlives QEMU: the record and the logs, not its sockets.
@@ -323,7 +323,7 @@ async def test_a_failed_start_unwinds_everything(
     assert not machine.directory.exists()
     assert fake_host.processes() == []
     assert open_fds() == fds
-    assert events.states() == []  # it never ran
+    assert events.states() == ["starting"]  # it never ran
 
 
 @pytest.mark.asyncio

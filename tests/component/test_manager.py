@@ -111,7 +111,7 @@ async def test_events_of_every_vm_reach_subscribers(fake_host: FakeHost) -> None
             if message["event"] == "StateChanged":
                 seen.append((message["machine"], message["data"]["state"]))
     for name in ("a", "b"):
-        assert [state for machine, state in seen if machine == name] == ["running", "ready", "stopping", "stopped"]
+        assert [state for machine, state in seen if machine == name] == ["starting", "running", "ready", "stopping", "stopped"]
 
 
 @pytest.mark.asyncio
