@@ -14,8 +14,8 @@ import os
 import sys
 import typing
 
-from .usage import CommandLineParser, UsageError, usage_error
 from . import output
+from .usage import CommandLineParser, UsageError, usage_error
 from .varlink import INTERFACE, Connection, ConnectionFailed, VarlinkError
 from .views import display_state, machine_status, machine_table
 
