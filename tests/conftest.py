@@ -38,7 +38,7 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
         if "guest" in getattr(item, "fixturenames", ()) and not GUEST_MARKERS & {m.name for m in item.iter_markers()}
     ]
     if unmarked:
-        raise pytest.UsageError("tests that use the guest fixture must be marked vm or qemu: " + ", ".join(unmarked))
+        raise pytest.UsageError("tests that use the guest fixture must be marked vm, qemu or system: " + ", ".join(unmarked))
 
 
 @pytest.fixture(scope="module")
