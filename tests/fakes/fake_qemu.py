@@ -160,6 +160,9 @@ def sender_name(pid: int) -> str:
 
 
 class FakeQemu:
+    """One "VM": its run state, its QMP monitor and console chardev, served by one selector
+    loop (and one thread that turns terminating signals into loop events)."""
+
     def __init__(self, options: Options) -> None:
         self.options = options
         self.faults = options.faults
