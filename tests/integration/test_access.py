@@ -142,6 +142,7 @@ def mode(path: Path) -> int:
 
 # --- (a) the system instance refuses other users, on every method -----------------------------
 
+@pytest.mark.vm
 def test_created_user_is_denied_every_method_of_the_system_instance(daemon: Daemon, alice: pwd.struct_passwd, guest: Guest) -> None:
     with daemon.connect() as conn:
         methods = manager_methods(conn.call)
@@ -168,6 +169,7 @@ def test_created_user_is_denied_every_method_of_the_system_instance(daemon: Daem
 
 # --- (c) private files -------------------------------------------------------------------------
 
+@pytest.mark.vm
 def test_runtime_files_are_private(daemon: Daemon, guest: Guest) -> None:
     secret = base64.b64encode(b"hunter2").decode()
     machine = daemon.call("Spawn", {"spec": guest_spec(guest, "private", credentials=[{"id": "password", "data": secret}])})["machine"]
@@ -202,6 +204,7 @@ def test_runtime_files_are_private(daemon: Daemon, guest: Guest) -> None:
 
 # --- (d) planted symlinks --------------------------------------------------------------------
 
+@pytest.mark.vm
 def test_symlinked_state_json_is_replaced_not_written_through(daemon: Daemon, guest: Guest, tmp_path: Path) -> None:
     target = tmp_path / "target"
     target.write_text("untouched\n")
@@ -294,6 +297,7 @@ def user_instance(alice: pwd.struct_passwd, guest: Guest) -> Iterator[tuple[Daem
         shutil.rmtree(base, ignore_errors=True)
 
 
+@pytest.mark.vm
 def test_user_instance_serves_its_owner_only(user_instance: tuple[Daemon, Path, Path], alice: pwd.struct_passwd,
                                              bob: pwd.struct_passwd) -> None:
     daemon, kernel, initrd = user_instance

@@ -21,6 +21,8 @@ import pytest
 from tests.guest.build import Guest
 from tests.support import Daemon, children_of, daemon_fds, make_runtime_dir, no_leaks, start_daemon, stop_daemon
 
+pytestmark = pytest.mark.vm  # real QEMUs on the test guest (the guest need not finish booting)
+
 MIB = 1024 * 1024
 CYCLES = 20
 SHARED_TMP = (Path("/tmp"), Path("/var/tmp"))

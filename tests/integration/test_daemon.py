@@ -47,6 +47,7 @@ def test_sigterm_sends_stopping_and_exits_cleanly(runtime: Path) -> None:
     d.notify.close()
 
 
+@pytest.mark.vm
 def test_socket_activation_with_named_fd(runtime: Path, guest: Guest) -> None:
     """Under the real systemd-socket-activate, with the fd named 'varlink' among others."""
     activate = shutil.which("systemd-socket-activate")

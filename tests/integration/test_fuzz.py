@@ -29,7 +29,8 @@ from vmspawnctl.varlink import JsonObject
 
 from tests.support import MANAGER, Daemon, children_of, daemon_fds
 
-pytestmark = pytest.mark.filterwarnings("ignore")
+# 1000 examples against a real daemon take about 20 s: the slow tier, not the fast one.
+pytestmark = [pytest.mark.filterwarnings("ignore"), pytest.mark.slow]
 
 TYPED_ERROR = re.compile(r"^(org\.varlink\.service|io\.vmspawnd\.Manager)\.[A-Z][A-Za-z]*$")
 MAX_MESSAGE_SIZE = 4 * 1024 * 1024

@@ -94,6 +94,7 @@ def test_cli_refuses_bad_ram_without_contacting_the_daemon(daemon: Daemon, tmp_p
     assert "cannot connect" not in result.stderr
 
 
+@pytest.mark.vm
 def test_duplicate_name_is_refused_and_qemu_failure_is_reported(daemon: Daemon, guest: Guest) -> None:
     spec = {"name": "dup", "kvm": False, "ram": 128 * MIB, "linux": str(guest.kernel),
             "initrds": [str(guest.initrd)], "kernelCmdline": ["vmspawnd_test.mode=wait"]}
@@ -133,6 +134,7 @@ def test_garbage_bytes_get_a_typed_error_and_the_daemon_keeps_serving(daemon: Da
         assert daemon.call("List")["machines"] == []
 
 
+@pytest.mark.slow  # 12.5 MiB through the daemon: 2.5 s on an idle machine, over 10 s on a busy one
 def test_oversized_frame_is_closed(daemon: Daemon) -> None:
     with no_leaks(daemon):
         with socket.socket(socket.AF_UNIX) as sock:
@@ -149,6 +151,7 @@ def test_oversized_frame_is_closed(daemon: Daemon) -> None:
         assert daemon.call("List")["machines"] == []
 
 
+@pytest.mark.vm
 def test_client_hanging_up_mid_spawn_leaves_a_consistent_vm(daemon: Daemon, guest: Guest) -> None:
     spec = {"name": "hangup", "kvm": False, "ram": 128 * MIB, "linux": str(guest.kernel),
             "initrds": [str(guest.initrd)], "kernelCmdline": ["vmspawnd_test.mode=wait"]}

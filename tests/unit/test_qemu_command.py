@@ -1,20 +1,16 @@
 # SPDX-License-Identifier: LGPL-2.1-or-later
-"""The pure builder and its host-side helpers (discovery, resolve, vsock).
+"""The pure builder (discovery, resolve and vsock have their own test modules).
 
 The argv shapes are pinned by tests/golden; here: payload file contents, refusals,
-escaping against an independent QemuOpts splitter, and the pieces with I/O.
+escaping against an independent QemuOpts splitter, the --property subset and the
+machine name of a directory.
 """
 
 from __future__ import annotations
 
 import base64
 import dataclasses
-import errno
 import os
-import struct
-import uuid
-import zlib
-from pathlib import Path
 
 import pytest
 from hypothesis import given
@@ -22,11 +18,9 @@ from hypothesis import strategies as st
 
 from tests.golden.scenarios import BASE, IMG, KERNEL, PAYLOAD, SCENARIOS
 from vmspawnd.errors import InvalidSpec
-from vmspawnd.qemu import resolve, vsock
 from vmspawnd.qemu.command import build_qemu_command
 from vmspawnd.qemu.resources import Credential
-from vmspawnd.qemu.siphash import derive_vsock_cid_candidates
-from vmspawnd.spec import CredentialData, VmSpec, check_property, discovery
+from vmspawnd.spec import CredentialData, VmSpec, check_property
 
 
 def split_qemu_opts(text: str) -> list[tuple[str, str]]:
@@ -145,144 +139,6 @@ def test_values_cannot_inject_options(name: str, tpm: str) -> None:
 def test_memory_rounds_up_to_mib() -> None:
     spec, res = SCENARIOS["ram-rounding"]
     assert args_after(build_qemu_command(spec, res).argv, "-m") == ["301M"]
-
-
-# --- discovery ---------------------------------------------------------------------------
-
-
-def make_gpt(parts: list[tuple[uuid.UUID, uuid.UUID, int]], sector: int = 512) -> bytes:
-    """A minimal GPT disk image: protective MBR, header at LBA 1, 128 entries at LBA 2."""
-    entries = bytearray(128 * 128)
-    for i, (type_guid, unique, attrs) in enumerate(parts):
-        struct.pack_into("<16s16sQQQ", entries, i * 128, type_guid.bytes_le, unique.bytes_le, 34 + i, 34 + i, attrs)
-        entries[i * 128 + 56 : i * 128 + 56 + 8] = "root".encode("utf-16-le")
-    header = bytearray(92)
-    struct.pack_into("<8sIIIIQQQQ16sQIII", header, 0, b"EFI PART", 0x10000, 92, 0, 0, 1, 63, 34, 62,
-                     uuid.uuid4().bytes_le, 2, 128, 128, zlib.crc32(entries))
-    struct.pack_into("<I", header, 16, zlib.crc32(header))
-    disk = bytearray(64 * sector)
-    disk[sector : sector + 92] = header
-    disk[2 * sector : 2 * sector + len(entries)] = entries
-    return bytes(disk)
-
-
-def test_gpt_root_partuuid(tmp_path: Path) -> None:
-    root_id = uuid.uuid4()
-    esp = uuid.UUID("c12a7328-f81f-11d2-ba4b-00a0c93ec93b")
-    image = tmp_path / "disk.raw"
-    image.write_bytes(make_gpt([(esp, uuid.uuid4(), 0), (discovery.ROOT_TYPES["x86_64"], root_id, 0)]))
-    assert discovery.image_root_word(str(image), "x86_64") == f"root=PARTUUID={root_id}"
-
-
-def test_gpt_usr_only_and_no_auto(tmp_path: Path) -> None:
-    usr_id = uuid.uuid4()
-    image = tmp_path / "disk.raw"
-    image.write_bytes(make_gpt([
-        (discovery.ROOT_TYPES["x86_64"], uuid.uuid4(), discovery.GPT_FLAG_NO_AUTO),
-        (discovery.USR_TYPES["x86_64"], usr_id, 0),
-    ]))
-    assert discovery.image_root_word(str(image), "x86_64") == f"mount.usr=PARTUUID={usr_id}"
-
-
-def test_gpt_missing(tmp_path: Path) -> None:
-    image = tmp_path / "plain.raw"
-    image.write_bytes(b"\0" * 8192)
-    with pytest.raises(LookupError, match="no GUID partition table"):
-        discovery.image_root_word(str(image), "x86_64")
-    image.write_bytes(make_gpt([(uuid.uuid4(), uuid.uuid4(), 0)]))
-    with pytest.raises(LookupError, match="root= or mount.usr="):
-        discovery.image_root_word(str(image), "x86_64")
-
-
-def test_gpt_parsed_like_sfdisk(tmp_path: Path) -> None:
-    import shutil
-    import subprocess
-
-    sfdisk = shutil.which("sfdisk") or ("/sbin/sfdisk" if os.path.exists("/sbin/sfdisk") else None)
-    if sfdisk is None:
-        pytest.skip("sfdisk not installed")
-    image = tmp_path / "disk.raw"
-    with open(image, "wb") as f:
-        f.truncate(8 * 1024 * 1024)
-    layout = f"label: gpt\nsize=2MiB, type={discovery.ROOT_TYPES['x86_64']}, name=root\n"
-    subprocess.run([sfdisk, "-q", str(image)], input=layout.encode(), check=True, capture_output=True)
-    out = subprocess.run([sfdisk, "--part-uuid", str(image), "1"], check=True, capture_output=True, text=True).stdout
-    assert discovery.image_root_word(str(image), "x86_64") == f"root=PARTUUID={out.strip().lower()}"
-
-
-def test_bls_default_entry_then_uki_then_conf(tmp_path: Path) -> None:
-    (tmp_path / "boot" / "loader" / "entries").mkdir(parents=True)
-    (tmp_path / "boot" / "loader" / "entries" / "b-6.1.conf").write_text("linux /vmlinuz-6.1\ninitrd /i1 /i2\ninitrd /i3\n")
-    entry = discovery.find_boot_entry(str(tmp_path))
-    assert entry.kernel == f"{tmp_path}/boot/vmlinuz-6.1" and entry.initrds == tuple(f"{tmp_path}/boot/{i}" for i in ("i1", "i2", "i3"))
-    (tmp_path / "efi" / "EFI" / "Linux").mkdir(parents=True)
-    for v in ("6.2", "6.10"):
-        (tmp_path / "efi" / "EFI" / "Linux" / f"linux-{v}.efi").write_bytes(b"")
-    assert discovery.find_boot_entry(str(tmp_path)).kernel.endswith("linux-6.10.efi")
-    (tmp_path / "efi" / "loader").mkdir()
-    (tmp_path / "efi" / "loader" / "loader.conf").write_text("timeout 3\ndefault b-*.conf\n")
-    assert discovery.find_boot_entry(str(tmp_path)).id == "b-6.1.conf"
-
-
-# --- resolve, vsock ------------------------------------------------------------------------
-
-
-def test_grow_image_rounds_and_never_shrinks(tmp_path: Path) -> None:
-    image = tmp_path / "img.raw"
-    image.write_bytes(b"x" * 100)
-    assert resolve.grow_image(str(image), 5000) == 8192 and image.stat().st_size == 8192
-    assert resolve.grow_image(str(image), 10) == 8192 and image.stat().st_size == 8192
-    with pytest.raises(InvalidSpec):
-        resolve.grow_image("/dev/null", 4096)
-
-
-def test_load_firmware_by_path_and_secure_boot_mismatch(tmp_path: Path) -> None:
-    desc = "/usr/share/qemu/firmware/60-edk2-x86_64.json"
-    if not os.path.exists(desc):
-        pytest.skip("no OVMF descriptors")
-    fw = resolve.load_firmware("x86_64", desc, None, tmp_path / "vars")
-    assert fw.secure_boot is False and fw.vars_path is None and os.path.exists(fw.code_path)
-    with pytest.raises(InvalidSpec, match="Secure Boot requested"):
-        resolve.load_firmware("x86_64", desc, True, tmp_path / "vars")
-    sb = resolve.load_firmware("x86_64", None, True, tmp_path / "vars2")
-    assert sb.secure_boot and sb.vars_path and os.stat(sb.vars_path).st_mode & 0o777 == 0o600
-
-
-def test_vmgenid_is_a_v4_uuid_stable_per_id() -> None:
-    a = resolve.derive_vmgenid("0123456789abcdef0123456789abcdef")
-    assert a == resolve.derive_vmgenid("0123456789abcdef0123456789abcdef")
-    assert uuid.UUID(a).version == 4 and a != resolve.derive_vmgenid("0123456789abcdef0123456789abcdee")
-
-
-def test_vsock_absent_device(tmp_path: Path) -> None:
-    missing = str(tmp_path / "vhost-vsock")
-    assert vsock.open_vhost_vsock(None, missing) is None
-    assert vsock.open_vhost_vsock(False, missing) is None
-    with pytest.raises(OSError) as info:
-        vsock.open_vhost_vsock(True, missing)
-    assert info.value.errno == errno.ENOENT
-
-
-def test_vsock_candidates() -> None:
-    assert vsock.cid_candidates("vm", 77) == [77]
-    c = vsock.cid_candidates("vm", None)
-    assert c[:64] == derive_vsock_cid_candidates("vm") and len(c) == 128 and all(3 <= x <= 0xFFFFFFFE for x in c)
-    assert vsock.VHOST_VSOCK_SET_GUEST_CID == 0x4008AF60
-
-
-def test_vsock_collision_moves_on(monkeypatch: pytest.MonkeyPatch) -> None:
-    tried: list[int] = []
-
-    def fake(fd: int, cid: int) -> None:
-        tried.append(cid)
-        if len(tried) < 3:
-            raise OSError(errno.EADDRINUSE, "in use")
-
-    monkeypatch.setattr(vsock, "_set_cid", fake)
-    assert vsock.assign_cid(-1, "vm", None) == derive_vsock_cid_candidates("vm")[2]
-    monkeypatch.setattr(vsock, "_set_cid", lambda fd, cid: (_ for _ in ()).throw(OSError(errno.EADDRINUSE, "x")))
-    with pytest.raises(OSError):
-        vsock.assign_cid(-1, "vm", 99)  # explicit CID: one try, failure fatal
 
 
 @pytest.mark.parametrize("prop", ["MemoryMax=1G", "MemoryHigh=80%", "CPUQuota=150%", "TasksMax=infinity", "CPUWeight=idle",

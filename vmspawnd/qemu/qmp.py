@@ -102,7 +102,8 @@ class QmpSession:
         events = self._client.events
         try:
             async for event in events:
-                events.clear()
+                # Only the history: clear() would also drop the events still queued behind
+                # this one (a STOP and RESUME that arrive together lost the RESUME).
                 events._history.clear()  # noqa: SLF001 — unbounded otherwise (docs/reference/libraries.md §2)
                 name = str(event["event"])
                 data = event.get("data") or {}
