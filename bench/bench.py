@@ -144,7 +144,7 @@ def mann_whitney(a: list[float], b: list[float]) -> float:
         for k in range(i, j + 1):
             ranks[k] = (i + j) / 2 + 1
         t = j - i + 1
-        ties += t ** 3 - t
+        ties += t**3 - t
         i = j + 1
     n1, n2 = len(a), len(b)
     r1 = sum(r for r, (_, g) in zip(ranks, both, strict=True) if g == 0)
@@ -162,8 +162,7 @@ def bootstrap_ratio(a: list[float], b: list[float], rounds: int = 10000) -> tupl
     """95 % bootstrap CI of median(a) / median(b)."""
     rng = random.Random(1)
     ratios = sorted(
-        statistics.median(rng.choices(a, k=len(a))) / statistics.median(rng.choices(b, k=len(b)))
-        for _ in range(rounds)
+        statistics.median(rng.choices(a, k=len(a))) / statistics.median(rng.choices(b, k=len(b))) for _ in range(rounds)
     )
     return ratios[int(0.025 * rounds)], ratios[int(0.975 * rounds)]
 
@@ -171,10 +170,13 @@ def bootstrap_ratio(a: list[float], b: list[float], rounds: int = 10000) -> tupl
 def compare(daemon: list[float], baseline: list[float]) -> Comparison:
     lo, hi = bootstrap_ratio(daemon, baseline)
     return {
-        "daemon": summary(daemon), "baseline": summary(baseline),
+        "daemon": summary(daemon),
+        "baseline": summary(baseline),
         "ratio": statistics.median(daemon) / statistics.median(baseline),
-        "ratio_ci95": [lo, hi], "mann_whitney_p": mann_whitney(daemon, baseline),
-        "samples_daemon": daemon, "samples_baseline": baseline,
+        "ratio_ci95": [lo, hi],
+        "mann_whitney_p": mann_whitney(daemon, baseline),
+        "samples_daemon": daemon,
+        "samples_baseline": baseline,
     }
 
 
@@ -189,8 +191,12 @@ def machine_info() -> dict[str, str]:
     qemu = subprocess.run(["qemu-system-x86_64", "--version"], capture_output=True, text=True, check=True).stdout.splitlines()[0]
     load = Path("/proc/loadavg").read_text().split()[:3]
     return {
-        "nproc": str(os.cpu_count()), "ram": f"{mem / 1024 / 1024:.1f} GiB", "cpu": cpu,
-        "kernel": platform.release(), "qemu": qemu, "python": platform.python_version(),
+        "nproc": str(os.cpu_count()),
+        "ram": f"{mem / 1024 / 1024:.1f} GiB",
+        "cpu": cpu,
+        "kernel": platform.release(),
+        "qemu": qemu,
+        "python": platform.python_version(),
         "loadavg_at_start": " ".join(load),
     }
 
@@ -209,8 +215,15 @@ def call(address: str, method: str, params: dict[str, object] | None = None, tim
 
 def vm_spec(guest: Guest, name: str, ram: int, mode: str = "wait") -> dict[str, object]:
     # tpm off: the by-hand baseline would otherwise need its own swtpm (see docs/performance.md).
-    return {"name": name, "kvm": False, "tpm": False, "ram": ram, "linux": str(guest.kernel),
-            "initrds": [str(guest.initrd)], "kernelCmdline": [f"vmspawnd_test.mode={mode}"]}
+    return {
+        "name": name,
+        "kvm": False,
+        "tpm": False,
+        "ram": ram,
+        "linux": str(guest.kernel),
+        "initrds": [str(guest.initrd)],
+        "kernelCmdline": [f"vmspawnd_test.mode={mode}"],
+    }
 
 
 def remove(address: str, name: str) -> None:
@@ -301,8 +314,14 @@ class ByHand:
         qmp_l, con_l = socks
         argv = self.template.instantiate(workdir, qmp_l.fileno(), con_l.fileno())
         with open(workdir / "qemu.log", "wb") as out:
-            self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=out,
-                                         pass_fds=(qmp_l.fileno(), con_l.fileno()), start_new_session=True)
+            self.proc = subprocess.Popen(
+                argv,
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=out,
+                pass_fds=(qmp_l.fileno(), con_l.fileno()),
+                start_new_session=True,
+            )
         qmp_l.close()
         con_l.close()
         if connect_console:
@@ -352,7 +371,7 @@ def bench_spawn(d: Daemon, guest: Guest, root: Path, runs: int) -> Comparison:
     a: list[float] = []  # the daemon's side
     b: list[float] = []  # the baseline's
     for i in range(runs):
-        for side in ((0, 1) if i % 2 == 0 else (1, 0)):
+        for side in (0, 1) if i % 2 == 0 else (1, 0):
             if side == 0:
                 t = time.perf_counter()
                 call(d.address, "Spawn", {"spec": vm_spec(guest, f"sp{i}", 64 * MIB)})
@@ -374,19 +393,30 @@ def bench_spawn(d: Daemon, guest: Guest, root: Path, runs: int) -> Comparison:
 def bench_marker(d: Daemon, guest: Guest, root: Path, runs: int) -> Comparison:
     log(f"time to guest marker: {runs} alternating pairs")
     env = dict(os.environ, VMSPAWN_ADDRESS=d.address)
-    ctl_args = ["--kvm=no", "--tpm=no", "--ram=256M", f"--linux={guest.kernel}", f"--initrd={guest.initrd}",
-                "vmspawnd_test.mode=wait"]
+    ctl_args = [
+        "--kvm=no",
+        "--tpm=no",
+        "--ram=256M",
+        f"--linux={guest.kernel}",
+        f"--initrd={guest.initrd}",
+        "vmspawnd_test.mode=wait",
+    ]
     template: QemuTemplate | None = None
     a: list[float] = []  # the daemon's side
     b: list[float] = []  # the baseline's
     for i in range(runs):
         # Pair 0 starts with the daemon: its QEMU is the template for the by-hand runs.
-        for side in ((0, 1) if i % 2 == 0 else (1, 0)):
+        for side in (0, 1) if i % 2 == 0 else (1, 0):
             if side == 0:
                 name = f"mk{i}"
                 t = time.perf_counter()
-                subprocess.run([sys.executable, "-m", "vmspawnctl.main", "start", "-M", name, *ctl_args],
-                               env=env, check=True, capture_output=True, timeout=300)
+                subprocess.run(
+                    [sys.executable, "-m", "vmspawnctl.main", "start", "-M", name, *ctl_args],
+                    env=env,
+                    check=True,
+                    capture_output=True,
+                    timeout=300,
+                )
                 machine = call(d.address, "Describe", {"name": name})["machine"]
                 with Console(machine) as console:
                     console.wait_for(re.escape(MARKER), timeout=300)
@@ -414,7 +444,7 @@ def bench_cli(d: Daemon, runs: int) -> Comparison:
     a: list[float] = []  # the daemon's side
     b: list[float] = []  # the baseline's
     for i in range(runs):
-        for side in ((0, 1) if i % 2 == 0 else (1, 0)):
+        for side in (0, 1) if i % 2 == 0 else (1, 0):
             argv = [sys.executable, "-m", "vmspawnctl.main", "list"] if side == 0 else [sys.executable, "-c", "pass"]
             t = time.perf_counter()
             subprocess.run(argv, env=env, check=True, capture_output=True)
@@ -441,9 +471,12 @@ def latency(d: Daemon, names: list[str], calls: int) -> dict[str, dict[str, floa
             finally:
                 if conn is not None:
                     conn.close()
-            out[f"{method} / {mode}"] = {"p50_ms": percentile(samples, 50) * 1e3,
-                                         "p99_ms": percentile(samples, 99) * 1e3,
-                                         "max_ms": max(samples) * 1e3, "n": calls}
+            out[f"{method} / {mode}"] = {
+                "p50_ms": percentile(samples, 50) * 1e3,
+                "p99_ms": percentile(samples, 99) * 1e3,
+                "max_ms": max(samples) * 1e3,
+                "n": calls,
+            }
     return out
 
 
@@ -483,16 +516,26 @@ def bench_scale(d: Daemon, guest: Guest, max_vms: int, levels: list[int], calls:
     ys = [r for _, r in rss[1:]]
     mx, my = statistics.fmean(xs), statistics.fmean(ys)
     slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys, strict=True)) / sum((x - mx) ** 2 for x in xs) if len(xs) > 1 else 0.0
-    return {"rss_kib": rss, "latency": lat, "wedged": wedged, "per_vm_kib": slope,
-            "rss_full_kib": full_rss, "rss_after_remove_kib": after_rss}
+    return {
+        "rss_kib": rss,
+        "latency": lat,
+        "wedged": wedged,
+        "per_vm_kib": slope,
+        "rss_full_kib": full_rss,
+        "rss_after_remove_kib": after_rss,
+    }
 
 
 def bench_leak(d: Daemon, guest: Guest, cycles: int) -> Leak:
     log(f"leak check: {cycles} Spawn/Terminate/Remove cycles")
     call(d.address, "List")
     pid = d.process.pid
-    before: Snapshot = {"fds": daemon_fds(d), "children": sorted(children_of(pid)),
-              "dirs": sorted(p.name for p in (d.runtime_dir / "machines").iterdir()), "rss_kib": rss_kib(pid)}
+    before: Snapshot = {
+        "fds": daemon_fds(d),
+        "children": sorted(children_of(pid)),
+        "dirs": sorted(p.name for p in (d.runtime_dir / "machines").iterdir()),
+        "rss_kib": rss_kib(pid),
+    }
     t = time.perf_counter()
     for i in range(cycles):
         call(d.address, "Spawn", {"spec": vm_spec(guest, f"leak{i}", 64 * MIB)})
@@ -500,11 +543,21 @@ def bench_leak(d: Daemon, guest: Guest, cycles: int) -> Leak:
     elapsed = time.perf_counter() - t
     call(d.address, "List")
     time.sleep(0.5)
-    after: Snapshot = {"fds": daemon_fds(d), "children": sorted(children_of(pid)),
-             "dirs": sorted(p.name for p in (d.runtime_dir / "machines").iterdir()), "rss_kib": rss_kib(pid)}
-    return {"cycles": cycles, "seconds": elapsed, "before": before, "after": after,
-            "fds_same": before["fds"] == after["fds"], "children_same": before["children"] == after["children"],
-            "dirs_same": before["dirs"] == after["dirs"]}
+    after: Snapshot = {
+        "fds": daemon_fds(d),
+        "children": sorted(children_of(pid)),
+        "dirs": sorted(p.name for p in (d.runtime_dir / "machines").iterdir()),
+        "rss_kib": rss_kib(pid),
+    }
+    return {
+        "cycles": cycles,
+        "seconds": elapsed,
+        "before": before,
+        "after": after,
+        "fds_same": before["fds"] == after["fds"],
+        "children_same": before["children"] == after["children"],
+        "dirs_same": before["dirs"] == after["dirs"],
+    }
 
 
 # --- report ------------------------------------------------------------------------------
@@ -513,6 +566,7 @@ def bench_leak(d: Daemon, guest: Guest, cycles: int) -> Leak:
 def fmt_cmp(r: Comparison, unit: float = 1.0, suffix: str = "s", digits: int = 3) -> tuple[str, str, str]:
     def one(s: dict[str, float]) -> str:
         return f"{s['median'] * unit:.{digits}f} {suffix} ({s['min'] * unit:.{digits}f}–{s['max'] * unit:.{digits}f})"
+
     lo, hi = r["ratio_ci95"]
     ratio = f"{r['ratio']:.2f} (95% CI {lo:.2f}–{hi:.2f}, MW p={r['mann_whitney_p']:.3f})"
     return one(r["daemon"]), one(r["baseline"]), ratio
@@ -525,29 +579,37 @@ def verdict(ok: bool) -> str:
 def render(res: Report) -> str:
     info = res["machine"]
     L = [f"### Run of {res['date']}", ""]
-    L.append(f"Machine: {info['nproc']} CPUs ({info['cpu']}), {info['ram']} RAM, kernel {info['kernel']}, "
-             f"{info['qemu']}, Python {info['python']}; load average at start {info['loadavg_at_start']}. "
-             f"KVM not used (`kvm: false`, TCG). Runtime directory {res.get('runtime_dir')}. "
-             f"Command: `{res['command']}`; wall time {res['wall_s']:.0f} s.")
+    L.append(
+        f"Machine: {info['nproc']} CPUs ({info['cpu']}), {info['ram']} RAM, kernel {info['kernel']}, "
+        f"{info['qemu']}, Python {info['python']}; load average at start {info['loadavg_at_start']}. "
+        f"KVM not used (`kvm: false`, TCG). Runtime directory {res.get('runtime_dir')}. "
+        f"Command: `{res['command']}`; wall time {res['wall_s']:.0f} s."
+    )
     L.append("")
     L.append("| measurement | vmspawnd | baseline | ratio | target |")
     L.append("| --- | --- | --- | --- | --- |")
     if "spawn" in res:
         r = res["spawn"]
         a, b, q = fmt_cmp(r)
-        L.append(f"| Spawn → running, {r['daemon']['n']} A/B pairs | {a} | {b} (same argv by hand) | {q} "
-                 f"| ≤ 1.10: {verdict(r['ratio'] <= 1.10)} |")
+        L.append(
+            f"| Spawn → running, {r['daemon']['n']} A/B pairs | {a} | {b} (same argv by hand) | {q} "
+            f"| ≤ 1.10: {verdict(r['ratio'] <= 1.10)} |"
+        )
     if "marker" in res:
         r = res["marker"]
         a, b, q = fmt_cmp(r, digits=2)
         sig = "significant" if r["mann_whitney_p"] < 0.05 else "not significant"
-        L.append(f"| `vmspawnctl start` → `facts-done`, {r['daemon']['n']} A/B pairs | {a} | {b} (same argv by hand) "
-                 f"| {q}; {sig} at 5 % | ≤ 1.05: {verdict(r['ratio'] <= 1.05)} |")
+        L.append(
+            f"| `vmspawnctl start` → `facts-done`, {r['daemon']['n']} A/B pairs | {a} | {b} (same argv by hand) "
+            f"| {q}; {sig} at 5 % | ≤ 1.05: {verdict(r['ratio'] <= 1.05)} |"
+        )
     if "cli" in res:
         r = res["cli"]
         a, b, q = fmt_cmp(r, 1e3, "ms", 1)
-        L.append(f"| `vmspawnctl list`, {r['daemon']['n']} A/B pairs | {a} | {b} (`python3 -c pass`) | {q} "
-                 f"| ≤ 3×: {verdict(r['ratio'] <= 3)} |")
+        L.append(
+            f"| `vmspawnctl list`, {r['daemon']['n']} A/B pairs | {a} | {b} (`python3 -c pass`) | {q} "
+            f"| ≤ 3×: {verdict(r['ratio'] <= 3)} |"
+        )
     if "idle_rss_kib" in res:
         idle = res["idle_rss_kib"] / 1024
         L.append(f"| daemon RSS idle | {idle:.1f} MiB | | | ≤ 40 MiB: {verdict(idle <= 40)} |")
@@ -556,13 +618,17 @@ def render(res: Report) -> str:
         per = s["per_vm_kib"] / 1024
         n = s["rss_kib"][-1][0]
         L.append(f"| daemon RSS per VM (least squares, 1–{n} VMs) | {per:.2f} MiB | | | ≤ 1 MiB: {verdict(per <= 1)} |")
-        L.append(f"| daemon RSS with {n} VMs / after removing them "
-                 f"| {s['rss_full_kib'] / 1024:.1f} / {s['rss_after_remove_kib'] / 1024:.1f} MiB | | | |")
+        L.append(
+            f"| daemon RSS with {n} VMs / after removing them "
+            f"| {s['rss_full_kib'] / 1024:.1f} / {s['rss_after_remove_kib'] / 1024:.1f} MiB | | | |"
+        )
     L.append("")
     if "scale" in res:
         s = res["scale"]
-        L.append(f"API latency in ms, p50 / p99 (max) over {next(iter(next(iter(s['latency'].values())).values()))['n']} calls each; "
-                 "VMs are 64M TCG guests paused right after Spawn; Describe cycles through all VMs.")
+        L.append(
+            f"API latency in ms, p50 / p99 (max) over {next(iter(next(iter(s['latency'].values())).values()))['n']} calls each; "
+            "VMs are 64M TCG guests paused right after Spawn; Describe cycles through all VMs."
+        )
         L.append("")
         levels = list(s["latency"])
         cols = [f"{n} VM{'s' if int(n) > 1 else ''}" for n in levels] + [f"{levels[-1]} VMs, 1 wedged (SIGSTOP)"]
@@ -570,21 +636,27 @@ def render(res: Report) -> str:
         L.append("| --- |" + " --- |" * len(cols))
         for key in s["wedged"]:
             cells = [s["latency"][n][key] for n in levels] + [s["wedged"][key]]
-            L.append(f"| {key} | " + " | ".join(f"{c['p50_ms']:.2f} / {c['p99_ms']:.2f} ({c['max_ms']:.1f})" for c in cells) + " |")
+            L.append(
+                f"| {key} | " + " | ".join(f"{c['p50_ms']:.2f} / {c['p99_ms']:.2f} ({c['max_ms']:.1f})" for c in cells) + " |"
+            )
         worst = max(c["p99_ms"] for c in list(s["latency"][levels[-1]].values()) + list(s["wedged"].values()))
         L.append("")
-        L.append(f"Target p99 ≤ 5 ms at {levels[-1]} VMs, unchanged by the wedged one: "
-                 f"worst p99 {worst:.2f} ms, {verdict(worst <= 5)}.")
+        L.append(
+            f"Target p99 ≤ 5 ms at {levels[-1]} VMs, unchanged by the wedged one: "
+            f"worst p99 {worst:.2f} ms, {verdict(worst <= 5)}."
+        )
         L.append("")
     if "leak" in res:
         k = res["leak"]
         before, after = k["before"], k["after"]
-        L.append(f"Leak check, {k['cycles']} × Spawn → Terminate → Remove ({k['seconds']:.0f} s): "
-                 f"fds {len(before['fds'])} → {len(after['fds'])} ({'same set' if k['fds_same'] else 'DIFFERENT'}), "
-                 f"children {len(before['children'])} → {len(after['children'])} "
-                 f"({'same' if k['children_same'] else 'DIFFERENT'}), "
-                 f"machines/ dirs {len(before['dirs'])} → {len(after['dirs'])} ({'same' if k['dirs_same'] else 'DIFFERENT'}), "
-                 f"RSS {before['rss_kib'] / 1024:.1f} → {after['rss_kib'] / 1024:.1f} MiB.")
+        L.append(
+            f"Leak check, {k['cycles']} × Spawn → Terminate → Remove ({k['seconds']:.0f} s): "
+            f"fds {len(before['fds'])} → {len(after['fds'])} ({'same set' if k['fds_same'] else 'DIFFERENT'}), "
+            f"children {len(before['children'])} → {len(after['children'])} "
+            f"({'same' if k['children_same'] else 'DIFFERENT'}), "
+            f"machines/ dirs {len(before['dirs'])} → {len(after['dirs'])} ({'same' if k['dirs_same'] else 'DIFFERENT'}), "
+            f"RSS {before['rss_kib'] / 1024:.1f} → {after['rss_kib'] / 1024:.1f} MiB."
+        )
         L.append("")
     return "\n".join(L)
 
@@ -620,7 +692,8 @@ def main() -> None:
     guest = ensure_guest()
     res: Report = {
         "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
-        "machine": machine_info(), "command": args.command,
+        "machine": machine_info(),
+        "command": args.command,
     }
     runtime = make_runtime_dir("vmspawnd-bench-")
     if args.runtime_base:  # e.g. /dev/shm: tmpfs like a real /run (here /tmp and /run are ext4)

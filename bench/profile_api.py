@@ -91,8 +91,24 @@ def main() -> None:
 
         t = threading.Thread(target=load)
         t.start()
-        subprocess.run([args.py_spy, "record", "--format", "raw", "--rate", "250", "--duration", str(args.seconds),
-                        "--output", str(args.out), "--pid", str(d.process.pid)], check=True, capture_output=True)
+        subprocess.run(
+            [
+                args.py_spy,
+                "record",
+                "--format",
+                "raw",
+                "--rate",
+                "250",
+                "--duration",
+                str(args.seconds),
+                "--output",
+                str(args.out),
+                "--pid",
+                str(d.process.pid),
+            ],
+            check=True,
+            capture_output=True,
+        )
         stop.set()
         t.join()
         print(f"{args.method} with {args.vms} VMs: {count[0] / args.seconds:.0f} calls/s under the profiler")
@@ -100,6 +116,7 @@ def main() -> None:
     finally:
         stop_daemon(d)
         import shutil
+
         shutil.rmtree(runtime.parent, ignore_errors=True)
 
 

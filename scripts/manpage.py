@@ -151,7 +151,7 @@ class Renderer:
         """The body of a .TP or .IP item: paragraphs after the first continue the indent."""
         for index, child in enumerate(children):
             if index and child["type"] in ("paragraph", "block_text"):
-                self.emit(".IP \"\" 4" if child["type"] == "paragraph" else ".br", inline(child["children"]))
+                self.emit('.IP "" 4' if child["type"] == "paragraph" else ".br", inline(child["children"]))
             elif child["type"] == "paragraph":
                 self.emit(inline(child["children"]))
             else:

@@ -69,7 +69,11 @@ class Daemon:
         env = dict(os.environ, VMSPAWN_ADDRESS=self.address)
         return subprocess.run(
             [sys.executable, "-m", "vmspawnctl.main", *args],
-            env=env, capture_output=True, text=True, check=check, timeout=timeout,
+            env=env,
+            capture_output=True,
+            text=True,
+            check=check,
+            timeout=timeout,
         )
 
     def alive(self) -> bool:
@@ -91,7 +95,9 @@ def start_daemon(runtime_dir: Path, *extra: str, env: dict[str, str] | None = No
     with open(log_path, "ab") as log:
         process = subprocess.Popen(
             [sys.executable, "-m", "vmspawnd.daemon", f"--runtime-dir={runtime_dir}", "--log-level=debug", *extra],
-            stdout=log, stderr=log, env=environment,
+            stdout=log,
+            stderr=log,
+            env=environment,
         )
     daemon = Daemon(process, runtime_dir, socket_path, log_path, notify)
     try:
@@ -166,7 +172,7 @@ def notify_as_guest(address: str, payload: bytes) -> None:
     """
     assert address.startswith("unix:"), address
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-        sock.connect(address[len("unix:"):])
+        sock.connect(address[len("unix:") :])
         sock.sendall(payload)
 
 
@@ -246,7 +252,7 @@ class Console:
         for line in self.text().splitlines():
             line = line.strip("\r")
             if line.startswith(TAG):
-                key, _, value = line[len(TAG):].strip().partition(" ")
+                key, _, value = line[len(TAG) :].strip().partition(" ")
                 out.setdefault(key, []).append(value)
         return out
 
@@ -262,7 +268,7 @@ def children_of(pid: int) -> list[int]:
             continue
         with contextlib.suppress(OSError):
             stat = Path(f"/proc/{entry}/stat").read_bytes()
-            fields = stat[stat.rindex(b")") + 2:].split()
+            fields = stat[stat.rindex(b")") + 2 :].split()
             if int(fields[1]) == pid:
                 kids.append(int(entry))
     return kids
@@ -270,12 +276,12 @@ def children_of(pid: int) -> list[int]:
 
 def process_state(pid: int) -> str:
     stat = Path(f"/proc/{pid}/stat").read_bytes()
-    return stat[stat.rindex(b")") + 2:].split()[0].decode()
+    return stat[stat.rindex(b")") + 2 :].split()[0].decode()
 
 
 def parent_of(pid: int) -> int:
     stat = Path(f"/proc/{pid}/stat").read_bytes()
-    return int(stat[stat.rindex(b")") + 2:].split()[1])
+    return int(stat[stat.rindex(b")") + 2 :].split()[1])
 
 
 def zombies(parents: set[int] | None = None) -> list[int]:
@@ -446,4 +452,3 @@ def orphans_reaped() -> Iterator[None]:
     finally:
         reap_orphans()
         set_subreaper(False)
-

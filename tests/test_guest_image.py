@@ -66,7 +66,9 @@ class Boot:
         return bool(self.facts(key))
 
 
-def _qemu_argv(guest_kernel: pathlib.Path, guest_initrd: pathlib.Path, tmp: pathlib.Path, marker: str, machine_uuid: str) -> list[str]:
+def _qemu_argv(
+    guest_kernel: pathlib.Path, guest_initrd: pathlib.Path, tmp: pathlib.Path, marker: str, machine_uuid: str
+) -> list[str]:
     """Plain QEMU boot in poweroff mode, console on virtio to a file."""
     disk = tmp / "disk.img"
     with open(disk, "wb") as f:

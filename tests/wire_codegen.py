@@ -126,12 +126,14 @@ def wire_types() -> tuple[WireType, ...]:
         mirror(BindMount, doc="--bind / --bind-ro (vmspawnd.spec.BindMount)."),
         mirror(CredentialData, doc="--set-credential / --load-credential, data in base64 (vmspawnd.spec.CredentialData)."),
         mirror(
-            VmSpec, all_optional=True,
+            VmSpec,
+            all_optional=True,
             doc="A VM request (vmspawnd.spec.VmSpec); an absent or null field means vmspawn's default.",
         ),
         mirror(ProcessRecord, doc="A process, found again by pid, start time and boot (vmspawnd.model.ProcessRecord)."),
         mirror(
-            MachineRecord, shapes={"spec": Ref("VmSpec")},
+            MachineRecord,
+            shapes={"spec": Ref("VmSpec")},
             doc="One VM as Describe reports it (vmspawnd.model.MachineRecord.to_json()).",
         ),
         WireType(

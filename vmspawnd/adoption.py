@@ -77,6 +77,7 @@ async def adopt(machine: Machine) -> bool:
     _log.info("%s: adopted (QEMU pid %d)", machine.name, machine._qemu.pid)
     return True
 
+
 async def _renew_registration(machine: Machine) -> None:
     """After a restart: register the VM with machined again if it was (machined drops a
     machine whose unit stopped, e.g. the caller's unit of a --keep-unit VM, and forgets
@@ -87,8 +88,10 @@ async def _renew_registration(machine: Machine) -> None:
         return
     try:
         machine._registration = await register_machine(
-            info_for(rec, machine.spec, machine._leader_pid()), register=machine.spec.register if rec.registered else False,
-            keep_unit=machine.spec.keep_unit, adopting=True,
+            info_for(rec, machine.spec, machine._leader_pid()),
+            register=machine.spec.register if rec.registered else False,
+            keep_unit=machine.spec.keep_unit,
+            adopting=True,
         )
     except (StartFailed, OSError) as exc:
         _log.warning("%s: could not register the adopted VM again: %s", machine.name, exc)
@@ -96,6 +99,7 @@ async def _renew_registration(machine: Machine) -> None:
     if rec.unit == scope_unit_name(machine.name) and not machine.spec.keep_unit:
         machine._registration.scope_unit = rec.unit
     rec.registered = machine._registration.registered
+
 
 async def _reconnect(machine: Machine) -> None:
     """QMP (bounded), control socket, notify listener and console, as before the restart."""
@@ -119,4 +123,3 @@ async def _reconnect(machine: Machine) -> None:
         except (OSError, TimeoutError, VmspawnError) as exc:
             _log.error("%s: console did not come back after the restart: %s", machine.name, exc)
     machine._persist()
-

@@ -38,11 +38,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         prog="vmspawnd",
         description="Supervise virtual machines spawned like systemd-vmspawn, over Varlink.",
     )
-    parser.add_argument("--runtime-dir", type=Path, help="state and sockets (default: /run/vmspawnd as root, $XDG_RUNTIME_DIR/vmspawnd otherwise)")
-    parser.add_argument("--listen", type=Path, help="manager socket path when not socket-activated (default: RUNTIME_DIR/io.vmspawnd.Manager)")
-    parser.add_argument("--stop-vms-on-exit", action="store_true", help="power off all VMs when the daemon stops (default: leave them running)")
     parser.add_argument(
-        "--notify-transport", choices=["vsock", "unix"], default="vsock",
+        "--runtime-dir", type=Path, help="state and sockets (default: /run/vmspawnd as root, $XDG_RUNTIME_DIR/vmspawnd otherwise)"
+    )
+    parser.add_argument(
+        "--listen", type=Path, help="manager socket path when not socket-activated (default: RUNTIME_DIR/io.vmspawnd.Manager)"
+    )
+    parser.add_argument(
+        "--stop-vms-on-exit", action="store_true", help="power off all VMs when the daemon stops (default: leave them running)"
+    )
+    parser.add_argument(
+        "--notify-transport",
+        choices=["vsock", "unix"],
+        default="vsock",
         help="where guests report readiness: vsock (what guests can reach), or unix: an AF_UNIX "
         "socket per VM at machines/ID/notify, for hosts without vsock (tests, development)",
     )
@@ -109,7 +117,9 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     logging.basicConfig(
         level=args.log_level.upper(),
-        format="%(levelname)s %(name)s: %(message)s" if os.environ.get("JOURNAL_STREAM") else "%(asctime)s %(levelname)s %(name)s: %(message)s",
+        format="%(levelname)s %(name)s: %(message)s"
+        if os.environ.get("JOURNAL_STREAM")
+        else "%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     # asyncvarlink logs every cancelled in-flight call (docs/reference/libraries.md §1.6 item 6).
     logging.getLogger("asyncvarlink").setLevel(logging.CRITICAL if args.log_level != "debug" else logging.DEBUG)

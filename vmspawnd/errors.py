@@ -159,7 +159,6 @@ class ConsoleBusy(VmspawnError):
     name: str
 
 
-
 @dataclasses.dataclass
 class _InternalError(VmspawnError):
     """A call the daemon makes to another service failed; the caller catches and translates
@@ -198,6 +197,7 @@ class DBusCallError(_InternalError):
     @override
     def __str__(self) -> str:
         return f"{self.name}: {self.text}" if self.text else self.name
+
 
 ALL_ERRORS: tuple[type[VmspawnError], ...] = (
     InvalidSpec,

@@ -66,9 +66,7 @@ def _describe_failure(exc: Exception) -> str:
 class Machine:
     """A VM and everything the daemon holds for it."""
 
-    def __init__(
-        self, record: MachineRecord, spec: VmSpec, directory: Path, on_event: EventCallback, settings: Settings
-    ) -> None:
+    def __init__(self, record: MachineRecord, spec: VmSpec, directory: Path, on_event: EventCallback, settings: Settings) -> None:
         self.settings = settings
         self.record = record
         self.spec = spec
@@ -95,8 +93,13 @@ class Machine:
         self._control: ControlServer | None = None
         self._tasks = TaskOwner(f"machine {record.name}")
         self.monitor = QemuMonitor(
-            record.name, self.paths.qmp, self._on_qmp_event, self._on_monitor_notice, self._wait_exit,
-            lambda: self._qemu is not None and not self._qemu.exited and self.record.state.is_active, self._tasks,
+            record.name,
+            self.paths.qmp,
+            self._on_qmp_event,
+            self._on_monitor_notice,
+            self._wait_exit,
+            lambda: self._qemu is not None and not self._qemu.exited and self.record.state.is_active,
+            self._tasks,
         )
         # Raw QMP events for io.systemd.MachineInstance.SubscribeEvents; a slow reader loses events.
         self.qmp_events: FanOut[QmpEvent] = FanOut(maxsize=1024)
@@ -197,8 +200,12 @@ class Machine:
                 # the first thing to look at when QEMU refuses to start (docs/vmspawnd.md).
                 _log.debug("%s: %s", self.name, shlex.join(command.argv))
                 self._qemu = await spawn_reaped(
-                    "qemu", command.argv, pass_fds=command.pass_fds, log_path=self.paths.qemu_log,
-                    status_path=self.paths.exit_status, leader_options=launch.leader_options(self.spec, self.paths, DEFAULT_POWEROFF_DEADLINE),
+                    "qemu",
+                    command.argv,
+                    pass_fds=command.pass_fds,
+                    log_path=self.paths.qemu_log,
+                    status_path=self.paths.exit_status,
+                    leader_options=launch.leader_options(self.spec, self.paths, DEFAULT_POWEROFF_DEADLINE),
                 )
                 stack.push_async_callback(self._kill_qemu)
                 for sock in sockets.values():
@@ -238,10 +245,14 @@ class Machine:
                 step = "register"
                 self._registration = await register_machine(
                     info_for(self.record, self.spec, self._leader_pid(), vsock_cid=host.vsock_cid),
-                    register=self.spec.register, keep_unit=self.spec.keep_unit, caller_unit=self.caller_unit,
-                    slice_name=self.spec.slice, properties=self.spec.properties,
+                    register=self.spec.register,
+                    keep_unit=self.spec.keep_unit,
+                    caller_unit=self.caller_unit,
+                    slice_name=self.spec.slice,
+                    properties=self.spec.properties,
                     pids=process_tree([*self._reaper_pids(), self._qemu.pid, *(p.pid for p in self._helpers.values())]),
-                    on_request_stop=self.terminate, machined_connection=self._qemu.machined_connection,
+                    on_request_stop=self.terminate,
+                    machined_connection=self._qemu.machined_connection,
                 )
                 self._qemu.machined_connection = None  # registration closed it
                 stack.push_async_callback(self._registration.close)
@@ -413,14 +424,16 @@ class Machine:
             rec.exit_code = returncode
         elif returncode is not None:
             rec.exit_signal = -returncode
-        outcome = decide_outcome(ExitFacts(
-            returncode=returncode,
-            stop_reason=self._stop_reason,
-            helper_failed=self._helper_failed,
-            requested_signal=self._requested_signal,
-            host_signal=parse_host_signal(rec.stderr_tail, rec.reaper.pid if rec.reaper is not None else None),
-            shutdown_cause=self._shutdown_cause,
-        ))
+        outcome = decide_outcome(
+            ExitFacts(
+                returncode=returncode,
+                stop_reason=self._stop_reason,
+                helper_failed=self._helper_failed,
+                requested_signal=self._requested_signal,
+                host_signal=parse_host_signal(rec.stderr_tail, rec.reaper.pid if rec.reaper is not None else None),
+                shutdown_cause=self._shutdown_cause,
+            )
+        )
         rec.reason = outcome.reason
         for step, release in self._release_steps():
             try:
@@ -583,11 +596,14 @@ class Machine:
         """
         self._require("take a screenshot of", MachineState.RUNNING, MachineState.READY)
         if self.spec.console != ConsoleMode.GUI:
-            raise NotSupported(f"screenshots of a VM without a display (its console mode is {self.spec.console}; use --console=gui)")
+            raise NotSupported(
+                f"screenshots of a VM without a display (its console mode is {self.spec.console}; use --console=gui)"
+            )
         path = self.directory / f".screenshot-{secrets.token_hex(4)}.{image_format}"
         try:
-            await self.monitor.request("take a screenshot", self.record.state.value, "screendump",
-                                       {"filename": str(path), "format": image_format})
+            await self.monitor.request(
+                "take a screenshot", self.record.state.value, "screendump", {"filename": str(path), "format": image_format}
+            )
             return os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
         finally:
             path.unlink(missing_ok=True)

@@ -157,7 +157,9 @@ class Manager:
             try:
                 data = read_json(entry / "state.json")
                 if not isinstance(data, dict) or data.get("version") != STATE_FORMAT_VERSION:
-                    raise ValueError(f"unsupported state format version {data.get('version') if isinstance(data, dict) else data!r}")
+                    raise ValueError(
+                        f"unsupported state format version {data.get('version') if isinstance(data, dict) else data!r}"
+                    )
                 record = MachineRecord.from_json(data["machine"])
                 spec = VmSpec.from_json(record.spec)
             except (OSError, ValueError, KeyError, TypeError, VmspawnError) as exc:
@@ -238,8 +240,6 @@ class Manager:
         await self._held.wait()  # a VM whose holder left is ended, as the holder would have wanted
         machines = list(self._machines.values())
         if stop_vms:
-            await asyncio.gather(
-                *(m.power_off() for m in machines if m.record.state.is_active), return_exceptions=True
-            )
+            await asyncio.gather(*(m.power_off() for m in machines if m.record.state.is_active), return_exceptions=True)
         for machine in machines:
             await machine.detach()

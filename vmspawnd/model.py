@@ -38,15 +38,9 @@ class MachineState(enum.StrEnum):
 
 # Which transitions the state machine allows; anything else is a bug, not a client error.
 TRANSITIONS: dict[MachineState, frozenset[MachineState]] = {
-    MachineState.STARTING: frozenset(
-        {MachineState.RUNNING, MachineState.STOPPING, MachineState.FAILED}
-    ),
-    MachineState.RUNNING: frozenset(
-        {MachineState.READY, MachineState.STOPPING, MachineState.STOPPED, MachineState.FAILED}
-    ),
-    MachineState.READY: frozenset(
-        {MachineState.STOPPING, MachineState.STOPPED, MachineState.FAILED}
-    ),
+    MachineState.STARTING: frozenset({MachineState.RUNNING, MachineState.STOPPING, MachineState.FAILED}),
+    MachineState.RUNNING: frozenset({MachineState.READY, MachineState.STOPPING, MachineState.STOPPED, MachineState.FAILED}),
+    MachineState.READY: frozenset({MachineState.STOPPING, MachineState.STOPPED, MachineState.FAILED}),
     MachineState.STOPPING: frozenset({MachineState.STOPPED, MachineState.FAILED}),
     MachineState.STOPPED: frozenset(),
     MachineState.FAILED: frozenset(),

@@ -163,7 +163,7 @@ def values_and_names(option: str, values: Sequence[str], kind: str) -> dict[str,
     filenames)."""
     name = f"_vmspawnctl_values_or_{kind}s_{option.lstrip('-').replace('-', '_')}"
     words = " ".join(values)
-    bash = f"{name}() {{\n  compgen -W '{words}' -- \"$1\"\n  {FUNCTIONS[kind]['bash']} \"$1\"\n}}\n"
+    bash = f'{name}() {{\n  compgen -W \'{words}\' -- "$1"\n  {FUNCTIONS[kind]["bash"]} "$1"\n}}\n'
     zsh = f"{name}() {{\n  compadd -- {words}\n  {FUNCTIONS[kind]['zsh']}\n}}\n"
     return {"bash": name, "zsh": name, "preamble": {"bash": bash, "zsh": zsh}}
 
@@ -201,15 +201,19 @@ def generate(shell: str) -> str:
     if shell == "bash":
         script = shtab.complete(parser, "bash", preamble=BASH_PREAMBLE)
         # Register the '='-aware wrapper instead of shtab's function.
-        return script.replace("complete -o bashdefault -F _shtab_vmspawnctl vmspawnctl",
-                              "complete -o bashdefault -F _vmspawnctl_completion vmspawnctl")
+        return script.replace(
+            "complete -o bashdefault -F _shtab_vmspawnctl vmspawnctl",
+            "complete -o bashdefault -F _vmspawnctl_completion vmspawnctl",
+        )
     if shell == "zsh":
         return accept_equals(str(shtab.complete(parser, "zsh", preamble=ZSH_PREAMBLE)), parser)
     raise ValueError(f"no completion for shell {shell!r}; expected bash or zsh")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m vmspawnctl.completion", description="Print vmspawnctl's shell completion script.")
+    parser = argparse.ArgumentParser(
+        prog="python -m vmspawnctl.completion", description="Print vmspawnctl's shell completion script."
+    )
     parser.add_argument("shell", choices=("bash", "zsh"))
     args = parser.parse_args(argv)
     sys.stdout.write(generate(args.shell))

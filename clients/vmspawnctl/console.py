@@ -213,7 +213,10 @@ def no_console_reason(machine: dict[str, object]) -> str | None:
     mode = spec.get("console") if isinstance(spec, dict) else None
     name = machine.get("name")
     if mode == "gui":
-        return f"{name} has no console, so no console history: a --console=gui VM shows its output on its display (vmspawnctl screenshot {name} FILE)"
+        return (
+            f"{name} has no console, so no console history: a --console=gui VM shows its output on its display "
+            f"(vmspawnctl screenshot {name} FILE)"
+        )
     if mode == "headless":
         return f"{name} has no console, so no console history: it runs with --console=headless"
     return None

@@ -56,23 +56,45 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     from vmspawnd import __version__
 
     command = requested_command(sys.argv[1:] if argv is None else argv)
-    full = command not in {"list", "status", "stop", "terminate", "remove", "pause", "resume", "reboot",
-                           "log", "console", "events", "kill", "shutdown-all", "screenshot"}
+    full = command not in {
+        "list",
+        "status",
+        "stop",
+        "terminate",
+        "remove",
+        "pause",
+        "resume",
+        "reboot",
+        "log",
+        "console",
+        "events",
+        "kill",
+        "shutdown-all",
+        "screenshot",
+    }
 
     parser = CommandLineParser(prog="vmspawnctl", description="Control virtual machines supervised by vmspawnd.")
-    parser.add_argument("--address", default=None, help="vmspawnd socket (default: $VMSPAWN_ADDRESS, else the system or user instance)")
+    parser.add_argument(
+        "--address", default=None, help="vmspawnd socket (default: $VMSPAWN_ADDRESS, else the system or user instance)"
+    )
     parser.add_argument("--version", action="version", version=f"vmspawnctl {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
-    start = sub.add_parser("start", help="spawn a VM (systemd-vmspawn options)", description="Spawn a VM; takes systemd-vmspawn's options.")
+    start = sub.add_parser(
+        "start", help="spawn a VM (systemd-vmspawn options)", description="Spawn a VM; takes systemd-vmspawn's options."
+    )
     if full:
         from .start_options import add_start_options
 
         add_start_options(start)
     start.add_argument("--wait", action="store_true", help="return only once the VM is ready (vmspawnctl extension)")
-    start.add_argument("--timeout", type=float, default=300.0, metavar="SECONDS", help="with --wait: give up after this long (default 300)")
+    start.add_argument(
+        "--timeout", type=float, default=300.0, metavar="SECONDS", help="with --wait: give up after this long (default 300)"
+    )
     shutdown = sub.add_parser("shutdown-all", help="power off every running VM (host shutdown), terminating after the timeout")
-    shutdown.add_argument("--timeout", type=float, default=120.0, metavar="SECONDS", help="ACPI grace period per VM (default 120)")
+    shutdown.add_argument(
+        "--timeout", type=float, default=120.0, metavar="SECONDS", help="ACPI grace period per VM (default 120)"
+    )
 
     lst = sub.add_parser("list", help="list VMs")
     add_json_option(lst, "print the Machine records as JSON")
@@ -82,7 +104,9 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     add_json_option(status, "print the Machine record as JSON")
     stop = sub.add_parser("stop", help="power a VM off (ACPI), terminating it after the deadline")
     stop.add_argument("name")
-    stop.add_argument("--deadline", type=float, default=None, metavar="SECONDS", help="grace period before termination (default 60)")
+    stop.add_argument(
+        "--deadline", type=float, default=None, metavar="SECONDS", help="grace period before termination (default 60)"
+    )
     for verb, text in (
         ("terminate", "stop a VM immediately"),
         ("remove", "forget a stopped VM"),
@@ -95,15 +119,22 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     log.add_argument("name")
     log.add_argument("-f", "--follow", action="store_true", help="then follow the live console (read-only)")
     log.add_argument("-n", "--lines", type=int, default=None, metavar="N", help="only the last N lines")
-    log.add_argument("--no-pager", action="store_true", help="do not pipe the history into a pager (on a terminal: $SYSTEMD_PAGER, $PAGER, less)")
+    log.add_argument(
+        "--no-pager",
+        action="store_true",
+        help="do not pipe the history into a pager (on a terminal: $SYSTEMD_PAGER, $PAGER, less)",
+    )
     console = sub.add_parser(
-        "console", help="attach to a VM's console", description="Attach the terminal to a VM's console; Ctrl-] three times within 1s detaches (the VM keeps running).",
+        "console",
+        help="attach to a VM's console",
+        description="Attach the terminal to a VM's console; Ctrl-] three times within 1s detaches (the VM keeps running).",
     )
     console.add_argument("name")
     console.add_argument("--read-only", action="store_true", help="watch only; any number of watchers may attach")
     console.add_argument("--force", action="store_true", help="take the console over from its current interactive client")
     run_parser = sub.add_parser(
-        "run", help="run a VM in the foreground, like systemd-vmspawn",
+        "run",
+        help="run a VM in the foreground, like systemd-vmspawn",
         description="Drop-in for systemd-vmspawn: start the VM, attach its console, wait for it to end. "
         "Ctrl-] three times within 1s kills the VM; SIGINT/SIGTERM power it off; if this process dies, the VM is terminated.",
     )
@@ -112,24 +143,32 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
 
         add_run_options(run_parser)
     shot = sub.add_parser(
-        "screenshot", help="save the display of a --console=gui VM as an image",
+        "screenshot",
+        help="save the display of a --console=gui VM as an image",
         description="Save the guest's display (QEMU's screendump) to FILE, or to stdout for '-'.",
     )
     shot.add_argument("name")
     shot.add_argument("file", help="where to write the image ('-': stdout)")
-    shot.add_argument("--format", choices=("png", "ppm"), default=None, help="image format (default: from FILE's extension, else png)")
+    shot.add_argument(
+        "--format", choices=("png", "ppm"), default=None, help="image format (default: from FILE's extension, else png)"
+    )
     events = sub.add_parser("events", help="follow VM events (state changes, QMP events)")
     events.add_argument("name", nargs="?", help="only this VM")
     add_json_option(events, "print each event as JSON (short: one object per line)")
     kill = sub.add_parser("kill", help="send a signal to a VM's QEMU")
     kill.add_argument("name")
-    kill.add_argument("-s", "--signal", default="SIGTERM", help="signal name or number: SIGTERM, TERM, SIGRTMIN+4, 15 (default SIGTERM)")
+    kill.add_argument(
+        "-s", "--signal", default="SIGTERM", help="signal name or number: SIGTERM, TERM, SIGRTMIN+4, 15 (default SIGTERM)"
+    )
     return parser
 
 
 def add_json_option(parser: argparse.ArgumentParser, what: str) -> None:
     parser.add_argument(
-        "--json", type=output.json_mode, default="off", metavar="MODE",
+        "--json",
+        type=output.json_mode,
+        default="off",
+        metavar="MODE",
         help=f"{what}: pretty, short or off (default off; --json alone: pretty on a terminal, else short)",
     )
 
@@ -169,7 +208,10 @@ def format_error(exc: VarlinkError) -> str:
         case "NotSupported":
             return f"not supported: {p.get('feature')}"
         case "ConsoleBusy":
-            return f"the console of {p.get('name')!r} is in use by another interactive client (use --force to take it over, or --read-only)"
+            return (
+                f"the console of {p.get('name')!r} is in use by another interactive client "
+                "(use --force to take it over, or --read-only)"
+            )
     return f"{exc.name}: {json.dumps(p)}" if p else exc.name
 
 

@@ -104,8 +104,15 @@ def paint(text: str, sgr: str, enabled: bool) -> str:
 
 def state_style(state: str) -> str:
     """The colour systemctl gives the matching unit states: good green, failed red, in between yellow."""
-    return {"ready": GREEN, "running": GREEN, "failed": RED, "starting": YELLOW, "stopping": YELLOW,
-            "paused": YELLOW, "stopped": GREY}.get(state, "")
+    return {
+        "ready": GREEN,
+        "running": GREEN,
+        "failed": RED,
+        "starting": YELLOW,
+        "stopping": YELLOW,
+        "paused": YELLOW,
+        "stopped": GREY,
+    }.get(state, "")
 
 
 def pager_command(env: Mapping[str, str] | None = None) -> list[str] | None:

@@ -188,7 +188,12 @@ def _foreground(args: argparse.Namespace, address: str, machine: MachineJson, mo
             final.update(parameters.get("machine") or {})
         return True
 
-    relay = Relay(sock, interactive=mode != "read-only", stdin=stdin if (attached and (mode != "read-only" or os.isatty(stdin))) else None, stdout=stdout)
+    relay = Relay(
+        sock,
+        interactive=mode != "read-only",
+        stdin=stdin if (attached and (mode != "read-only" or os.isatty(stdin))) else None,
+        stdout=stdout,
+    )
     relay.extra = {signals.read_fd: on_signal, hold.fileno(): on_hold}
     try:
         if tint:

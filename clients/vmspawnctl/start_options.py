@@ -252,7 +252,9 @@ class _Accumulate(argparse.Action):
     """Append a converted value; an empty argument clears the list (vmspawn's rule for -s)."""
 
     @override
-    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: object, option_string: str | None = None) -> None:
+    def __call__(
+        self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: object, option_string: str | None = None
+    ) -> None:
         items = list(getattr(namespace, self.dest, None) or [])
         if values == "" and self.metavar == "STRING":
             items = []
@@ -265,7 +267,9 @@ class _Ordered(argparse.Action):
     """Record (kind, value) in one list so credentials keep the command line's order."""
 
     @override
-    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: object, option_string: str | None = None) -> None:
+    def __call__(
+        self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: object, option_string: str | None = None
+    ) -> None:
         items = list(getattr(namespace, self.dest, None) or [])
         items.append(values)
         setattr(namespace, self.dest, items)
@@ -275,7 +279,9 @@ class _FirmwareList(argparse.Action):
     """`--firmware=list` prints the descriptor search result and exits 0, before anything else."""
 
     @override
-    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: object, option_string: str | None = None) -> None:
+    def __call__(
+        self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: object, option_string: str | None = None
+    ) -> None:
         if values == "list":
             from vmspawnd.spec.firmware import find_descriptor_paths
 
@@ -290,7 +296,9 @@ class _Network(argparse.Action):
     """-n and --network-user-mode pick one network stack; the last one given wins."""
 
     @override
-    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: object, option_string: str | None = None) -> None:
+    def __call__(
+        self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: object, option_string: str | None = None
+    ) -> None:
         namespace.network = self.const
 
 
@@ -305,64 +313,241 @@ def add_start_options(parser: argparse.ArgumentParser) -> None:
     img.add_argument("-i", "--image", type=_absolute, metavar="PATH", help="root disk image (raw file or block device)")
 
     host = parser.add_argument_group("Host configuration")
-    host.add_argument("--cpus", "--qemu-smp", dest="cpus", metavar="CPUS", type=_cpus, help="number of CPUs, passed verbatim to -smp (default 1)")
-    host.add_argument("--ram", "--qemu-mem", dest="ram", metavar="BYTES", type=_typed(parsers.parse_size, SIZE_FORMS), help="guest memory (default 2G)")
-    host.add_argument("--kvm", "--qemu-kvm", dest="kvm", metavar="BOOL|auto", type=_typed(parsers.parse_tristate, TRISTATE_FORMS), help="use KVM (default auto: if /dev/kvm exists)")
-    host.add_argument("--vsock", "--qemu-vsock", dest="vsock", metavar="BOOL|auto", type=_typed(parsers.parse_tristate, TRISTATE_FORMS), help="add a vhost-vsock device (default auto)")
-    host.add_argument("--vsock-cid", metavar="CID", type=_typed(parsers.parse_vsock_cid, "empty (automatic) or a number 3…4294967294"), help="guest CID (default: derived from the machine name)")
-    host.add_argument("--tpm", metavar="BOOL|auto", type=_typed(parsers.parse_tristate, TRISTATE_FORMS), help="software TPM with swtpm (default auto: if swtpm is installed)")
-    host.add_argument("--tpm-state", metavar="PATH|auto|off", type=_tpm_state, help="where the TPM state is kept (default auto: IMAGE.tpmstate)")
+    host.add_argument(
+        "--cpus",
+        "--qemu-smp",
+        dest="cpus",
+        metavar="CPUS",
+        type=_cpus,
+        help="number of CPUs, passed verbatim to -smp (default 1)",
+    )
+    host.add_argument(
+        "--ram",
+        "--qemu-mem",
+        dest="ram",
+        metavar="BYTES",
+        type=_typed(parsers.parse_size, SIZE_FORMS),
+        help="guest memory (default 2G)",
+    )
+    host.add_argument(
+        "--kvm",
+        "--qemu-kvm",
+        dest="kvm",
+        metavar="BOOL|auto",
+        type=_typed(parsers.parse_tristate, TRISTATE_FORMS),
+        help="use KVM (default auto: if /dev/kvm exists)",
+    )
+    host.add_argument(
+        "--vsock",
+        "--qemu-vsock",
+        dest="vsock",
+        metavar="BOOL|auto",
+        type=_typed(parsers.parse_tristate, TRISTATE_FORMS),
+        help="add a vhost-vsock device (default auto)",
+    )
+    host.add_argument(
+        "--vsock-cid",
+        metavar="CID",
+        type=_typed(parsers.parse_vsock_cid, "empty (automatic) or a number 3…4294967294"),
+        help="guest CID (default: derived from the machine name)",
+    )
+    host.add_argument(
+        "--tpm",
+        metavar="BOOL|auto",
+        type=_typed(parsers.parse_tristate, TRISTATE_FORMS),
+        help="software TPM with swtpm (default auto: if swtpm is installed)",
+    )
+    host.add_argument(
+        "--tpm-state", metavar="PATH|auto|off", type=_tpm_state, help="where the TPM state is kept (default auto: IMAGE.tpmstate)"
+    )
     host.add_argument("--linux", type=_absolute, metavar="PATH", help="kernel for direct kernel boot")
-    host.add_argument("--initrd", dest="initrds", action="append", type=_absolute, metavar="PATH", help="initrd (repeatable; concatenated); requires --linux")
+    host.add_argument(
+        "--initrd",
+        dest="initrds",
+        action="append",
+        type=_absolute,
+        metavar="PATH",
+        help="initrd (repeatable; concatenated); requires --linux",
+    )
     host.add_argument("-n", "--network-tap", action=_Network, nargs=0, const="tap", help="TAP networking (vt-NAME)")
     host.add_argument("--network-user-mode", action=_Network, nargs=0, const="user", help="user-mode (slirp) networking")
-    host.add_argument("--firmware", action=_FirmwareList, type=_firmware, metavar="PATH|list", help="firmware descriptor to use; 'list' prints the candidates and exits")
-    host.add_argument("--discard-disk", metavar="BOOL", type=_typed(parsers.parse_boolean, BOOLEAN_FORMS), help="pass discard requests to the image (default yes)")
-    host.add_argument("--secure-boot", metavar="BOOL|auto", type=_typed(parsers.parse_tristate, TRISTATE_FORMS), help="require (or refuse) Secure Boot firmware (default auto)")
-    host.add_argument("-G", "--grow-image", metavar="BYTES", type=_grow_image, help="grow the image file to at least this size (rounded up to 4096)")
-    host.add_argument("-s", "--smbios11", action=_Accumulate, type=_smbios11, metavar="STRING", default=[], help="SMBIOS type 11 string for the guest (repeatable; empty clears)")
-    host.add_argument("--notify-ready", metavar="BOOL", type=_typed(parsers.parse_boolean, BOOLEAN_FORMS), help="wait for the guest's READY=1 (default yes)")
+    host.add_argument(
+        "--firmware",
+        action=_FirmwareList,
+        type=_firmware,
+        metavar="PATH|list",
+        help="firmware descriptor to use; 'list' prints the candidates and exits",
+    )
+    host.add_argument(
+        "--discard-disk",
+        metavar="BOOL",
+        type=_typed(parsers.parse_boolean, BOOLEAN_FORMS),
+        help="pass discard requests to the image (default yes)",
+    )
+    host.add_argument(
+        "--secure-boot",
+        metavar="BOOL|auto",
+        type=_typed(parsers.parse_tristate, TRISTATE_FORMS),
+        help="require (or refuse) Secure Boot firmware (default auto)",
+    )
+    host.add_argument(
+        "-G",
+        "--grow-image",
+        metavar="BYTES",
+        type=_grow_image,
+        help="grow the image file to at least this size (rounded up to 4096)",
+    )
+    host.add_argument(
+        "-s",
+        "--smbios11",
+        action=_Accumulate,
+        type=_smbios11,
+        metavar="STRING",
+        default=[],
+        help="SMBIOS type 11 string for the guest (repeatable; empty clears)",
+    )
+    host.add_argument(
+        "--notify-ready",
+        metavar="BOOL",
+        type=_typed(parsers.parse_boolean, BOOLEAN_FORMS),
+        help="wait for the guest's READY=1 (default yes)",
+    )
 
     sys_ = parser.add_argument_group("System identity options")
-    sys_.add_argument("-M", "--machine", dest="name", type=_machine_name, metavar="NAME", help="machine name (default: from the image or directory)")
-    sys_.add_argument("--uuid", type=_typed(parsers.parse_uuid, "32 hex digits or a UUID, not all zero"), help="SMBIOS system UUID")
+    sys_.add_argument(
+        "-M",
+        "--machine",
+        dest="name",
+        type=_machine_name,
+        metavar="NAME",
+        help="machine name (default: from the image or directory)",
+    )
+    sys_.add_argument(
+        "--uuid", type=_typed(parsers.parse_uuid, "32 hex digits or a UUID, not all zero"), help="SMBIOS system UUID"
+    )
 
     prop = parser.add_argument_group("Property options")
     prop.add_argument("-S", "--slice", type=_slice, metavar="SLICE", help="slice for the VM's scope")
-    prop.add_argument("--property", dest="properties", action="append", type=_property, metavar="NAME=VALUE", help="scope property, one of: " + ", ".join(sorted(SCOPE_PROPERTIES)))
     prop.add_argument(
-        "--register", metavar="BOOL|auto", type=_typed(parsers.parse_tristate, TRISTATE_FORMS),
-        help="register with systemd-machined: yes (fail if impossible), no, or auto (default: if machined runs; v261's tri-state)",
+        "--property",
+        dest="properties",
+        action="append",
+        type=_property,
+        metavar="NAME=VALUE",
+        help="scope property, one of: " + ", ".join(sorted(SCOPE_PROPERTIES)),
+    )
+    prop.add_argument(
+        "--register",
+        metavar="BOOL|auto",
+        type=_typed(parsers.parse_tristate, TRISTATE_FORMS),
+        help=(
+            "register with systemd-machined: yes (fail if impossible), no, or auto (default: if machined runs; v261's tri-state)"
+        ),
     )
     prop.add_argument("--keep-unit", action="store_true", help="run in the daemon's unit instead of a scope")
 
     user = parser.add_argument_group("User namespacing options")
-    user.add_argument("--private-users", metavar="UIDBASE[:NUIDS]", type=_typed(_private_users, "UIDBASE[:NUIDS], e.g. 100000:65536"), help="UID range for the root directory's virtiofsd")
+    user.add_argument(
+        "--private-users",
+        metavar="UIDBASE[:NUIDS]",
+        type=_typed(_private_users, "UIDBASE[:NUIDS], e.g. 100000:65536"),
+        help="UID range for the root directory's virtiofsd",
+    )
 
     mounts = parser.add_argument_group("Mount options")
-    mounts.add_argument("--bind", dest="binds", action=_Ordered, type=_bind(False), metavar="SOURCE[:TARGET]", help="share a host directory read-write")
-    mounts.add_argument("--bind-ro", dest="binds", action=_Ordered, type=_bind(True), metavar="SOURCE[:TARGET]", help="share a host directory read-only")
-    mounts.add_argument("--extra-drive", dest="extra_drives", action="append", type=_absolute, metavar="PATH", help="additional disk (repeatable)")
-    mounts.add_argument("--bind-user", dest="bind_users", action="append", type=_user_name, metavar="NAME", help="bind a host user's home and account into the guest")
-    mounts.add_argument("--bind-user-shell", metavar="BOOL|PATH", type=_bind_user_shell, help="shell of bound users (requires --bind-user)")
-    mounts.add_argument("--bind-user-group", dest="bind_user_groups", action="append", type=_user_name, metavar="GROUP", help="extra group for bound users (requires --bind-user)")
+    mounts.add_argument(
+        "--bind",
+        dest="binds",
+        action=_Ordered,
+        type=_bind(False),
+        metavar="SOURCE[:TARGET]",
+        help="share a host directory read-write",
+    )
+    mounts.add_argument(
+        "--bind-ro",
+        dest="binds",
+        action=_Ordered,
+        type=_bind(True),
+        metavar="SOURCE[:TARGET]",
+        help="share a host directory read-only",
+    )
+    mounts.add_argument(
+        "--extra-drive", dest="extra_drives", action="append", type=_absolute, metavar="PATH", help="additional disk (repeatable)"
+    )
+    mounts.add_argument(
+        "--bind-user",
+        dest="bind_users",
+        action="append",
+        type=_user_name,
+        metavar="NAME",
+        help="bind a host user's home and account into the guest",
+    )
+    mounts.add_argument(
+        "--bind-user-shell", metavar="BOOL|PATH", type=_bind_user_shell, help="shell of bound users (requires --bind-user)"
+    )
+    mounts.add_argument(
+        "--bind-user-group",
+        dest="bind_user_groups",
+        action="append",
+        type=_user_name,
+        metavar="GROUP",
+        help="extra group for bound users (requires --bind-user)",
+    )
 
     integ = parser.add_argument_group("Integration options")
-    integ.add_argument("--forward-journal", metavar="FILE|DIR", type=_forward_journal, help="forward the guest's journal to this file or directory")
-    integ.add_argument("--pass-ssh-key", metavar="BOOL", type=_typed(parsers.parse_boolean, BOOLEAN_FORMS), help="generate an SSH key and pass it to the guest (default yes)")
-    integ.add_argument("--ssh-key-type", metavar="TYPE", type=_ssh_key_type, help="type of that key: " + ", ".join(SSH_KEY_TYPES) + " (default ed25519)")
+    integ.add_argument(
+        "--forward-journal",
+        metavar="FILE|DIR",
+        type=_forward_journal,
+        help="forward the guest's journal to this file or directory",
+    )
+    integ.add_argument(
+        "--pass-ssh-key",
+        metavar="BOOL",
+        type=_typed(parsers.parse_boolean, BOOLEAN_FORMS),
+        help="generate an SSH key and pass it to the guest (default yes)",
+    )
+    integ.add_argument(
+        "--ssh-key-type",
+        metavar="TYPE",
+        type=_ssh_key_type,
+        help="type of that key: " + ", ".join(SSH_KEY_TYPES) + " (default ed25519)",
+    )
 
     con = parser.add_argument_group("Input/output options")
     con.add_argument(
-        "--console", metavar="MODE", type=_typed(_console_mode, "interactive, read-only, native or gui"),
+        "--console",
+        metavar="MODE",
+        type=_typed(_console_mode, "interactive, read-only, native or gui"),
         help="interactive, read-only, native or gui (default interactive)",
     )
-    con.add_argument("--qemu-gui", dest="console", action="store_const", const=ConsoleMode.GUI.value, help="same as --console=gui")
-    con.add_argument("--background", metavar="COLOR", type=_typed(parsers.parse_background, "an ANSI SGR color such as 41 or 48;2;R;G;B, or empty"), help="console background tint (validated; see docs/deviations.md)")
+    con.add_argument(
+        "--qemu-gui", dest="console", action="store_const", const=ConsoleMode.GUI.value, help="same as --console=gui"
+    )
+    con.add_argument(
+        "--background",
+        metavar="COLOR",
+        type=_typed(parsers.parse_background, "an ANSI SGR color such as 41 or 48;2;R;G;B, or empty"),
+        help="console background tint (validated; see docs/deviations.md)",
+    )
 
     cred = parser.add_argument_group("Credentials")
-    cred.add_argument("--load-credential", dest="credentials", action=_Ordered, type=_typed(_load_credential, "ID:PATH or ID:CREDENTIAL"), metavar="ID:PATH", help="pass a file's content (or one of our credentials) as credential ID")
-    cred.add_argument("--set-credential", dest="credentials", action=_Ordered, type=_typed(_set_credential, "ID:VALUE (C escapes allowed in VALUE)"), metavar="ID:VALUE", help="pass VALUE as credential ID")
+    cred.add_argument(
+        "--load-credential",
+        dest="credentials",
+        action=_Ordered,
+        type=_typed(_load_credential, "ID:PATH or ID:CREDENTIAL"),
+        metavar="ID:PATH",
+        help="pass a file's content (or one of our credentials) as credential ID",
+    )
+    cred.add_argument(
+        "--set-credential",
+        dest="credentials",
+        action=_Ordered,
+        type=_typed(_set_credential, "ID:VALUE (C escapes allowed in VALUE)"),
+        metavar="ID:VALUE",
+        help="pass VALUE as credential ID",
+    )
 
     parser.add_argument("kernel_cmdline", nargs=argparse.REMAINDER, metavar="ARGS", help="kernel command line words")
     parser.set_defaults(network=None)
@@ -378,11 +563,7 @@ def _console_mode(text: str) -> str:
 def looks_like_machine_name(word: str) -> bool:
     """A bare word that can only be a name: a valid hostname without '=', '/' or '.'
     (kernel arguments are KEY=VALUE, paths, dotted flags like rd.break, or runlevels)."""
-    return (
-        parsers.is_valid_hostname(word)
-        and not any(c in word for c in "=/.")
-        and not word.isdigit()
-    )
+    return parsers.is_valid_hostname(word) and not any(c in word for c in "=/.") and not word.isdigit()
 
 
 def check_arguments(args: argparse.Namespace) -> None:
@@ -400,7 +581,8 @@ def check_arguments(args: argparse.Namespace) -> None:
         rest = " ".join(words[1:])
         raise UsageError(
             f"{words[0]!r} looks like a machine name: use -M {words[0]}. The first argument that is not an "
-            "option starts the kernel command line" + (f" (here also: {rest})" if rest else "")
+            "option starts the kernel command line"
+            + (f" (here also: {rest})" if rest else "")
             + "; to pass it to the kernel, give -D, -i or --linux before it"
         )
 
@@ -414,9 +596,29 @@ def spec_from_args(args: argparse.Namespace, env: dict[str, str] | None = None) 
     check_arguments(args)
     fields: dict[str, Any] = {}  # VmSpec's keyword arguments, each from its option's parser
     for key in (
-        "image", "directory", "linux", "cpus", "ram", "kvm", "vsock", "vsock_cid", "tpm", "tpm_state",
-        "secure_boot", "discard_disk", "grow_image", "notify_ready", "uuid", "slice", "register",
-        "private_users", "bind_user_shell", "forward_journal", "pass_ssh_key", "ssh_key_type", "console",
+        "image",
+        "directory",
+        "linux",
+        "cpus",
+        "ram",
+        "kvm",
+        "vsock",
+        "vsock_cid",
+        "tpm",
+        "tpm_state",
+        "secure_boot",
+        "discard_disk",
+        "grow_image",
+        "notify_ready",
+        "uuid",
+        "slice",
+        "register",
+        "private_users",
+        "bind_user_shell",
+        "forward_journal",
+        "pass_ssh_key",
+        "ssh_key_type",
+        "console",
     ):
         value = getattr(args, key, None)
         if value is not None:

@@ -88,8 +88,10 @@ def unknown_arguments_message(extras: Sequence[str], parser: argparse.ArgumentPa
         return f"unexpected argument {first!r}"
     option = first.split("=", 1)[0]
     if option in CMDLINE_OPTIONS:
-        return (f"unknown option {option}: kernel command line words go after the options, "
-                "without an option name (vmspawnctl start --linux=KERNEL quiet loglevel=3)")
+        return (
+            f"unknown option {option}: kernel command line words go after the options, "
+            "without an option name (vmspawnctl start --linux=KERNEL quiet loglevel=3)"
+        )
     known = [o for action in parser._actions for o in action.option_strings]
     hint = closest(option, known, OPTION_SYNONYMS)
     return f"unknown option {option}" + (f" (did you mean {hint}?)" if hint else "")

@@ -31,8 +31,17 @@ def _qemu_pid(m: Record) -> str:
 def machine_table(machines: Sequence[Record], *, legend: bool = True, colour: bool = False) -> list[str]:
     """`vmspawnctl list`: a header, one row per VM, and "N machines listed." (machinectl's
     layout); without the legend only the rows, for scripts and completion."""
-    rows = [(str(m["name"]), display_state(m), _qemu_pid(m), str(m["id"]),
-             "yes" if m.get("registered") else "no", str(m.get("reason") or "")) for m in machines]
+    rows = [
+        (
+            str(m["name"]),
+            display_state(m),
+            _qemu_pid(m),
+            str(m["id"]),
+            "yes" if m.get("registered") else "no",
+            str(m.get("reason") or ""),
+        )
+        for m in machines
+    ]
     shown = [LIST_COLUMNS, *rows] if legend else rows
     widths = [max((len(r[i]) for r in shown), default=0) for i in range(len(LIST_COLUMNS))]
     lines = []

@@ -32,9 +32,14 @@ implementations = pytest.mark.parametrize(
     "program",
     [
         pytest.param(None, id="fake"),
-        pytest.param(REAL_PROGRAM, id="real", marks=[
-            pytest.mark.qemu, pytest.mark.skipif(REAL_QEMU is None, reason="qemu-system-x86_64 not installed"),
-        ]),
+        pytest.param(
+            REAL_PROGRAM,
+            id="real",
+            marks=[
+                pytest.mark.qemu,
+                pytest.mark.skipif(REAL_QEMU is None, reason="qemu-system-x86_64 not installed"),
+            ],
+        ),
     ],
 )
 

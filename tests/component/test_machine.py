@@ -226,7 +226,8 @@ async def test_readiness_and_status_come_from_the_guest(fake_host: FakeHost) -> 
         assert state_of(machine) is MachineState.READY
         assert (machine.record.status_text, machine.record.exit_status) == ("up", 3)
         assert [data for name, data in events.seen if name == "Notify"] == [
-            {"STATUS": "booting"}, {"READY": "1", "STATUS": "up", "EXIT_STATUS": "3"},
+            {"STATUS": "booting"},
+            {"READY": "1", "STATUS": "up", "EXIT_STATUS": "3"},
         ]
     finally:
         await machine.terminate()
@@ -274,9 +275,11 @@ async def test_screenshot_is_an_open_file_and_leaves_nothing_behind(fake_host: F
 
 def plant_file(name: str) -> Callable[[Path], None]:
     """Something that is not a socket where the daemon binds one: the bind fails."""
+
     def plant(directory: Path) -> None:
         directory.mkdir(mode=0o700)
         (directory / name).write_text("planted\n")
+
     return plant
 
 
@@ -284,6 +287,7 @@ def plant_directory(name: str) -> Callable[[Path], None]:
     def plant(directory: Path) -> None:
         directory.mkdir(mode=0o700)
         (directory / name).mkdir()
+
     return plant
 
 
@@ -310,8 +314,13 @@ START_FAILURES = [
 @pytest.mark.asyncio
 @pytest.mark.parametrize(("step", "faults", "fields", "settings", "plant", "message"), START_FAILURES)
 async def test_a_failed_start_unwinds_everything(
-    fake_host: FakeHost, step: str, faults: list[str], fields: dict[str, object], settings: Settings | None,
-    plant: Callable[[Path], None], message: str,
+    fake_host: FakeHost,
+    step: str,
+    faults: list[str],
+    fields: dict[str, object],
+    settings: Settings | None,
+    plant: Callable[[Path], None],
+    message: str,
 ) -> None:
     machine, events = fake_host.new_machine(fake_host.spec("vm", *faults, **fields), *([settings] if settings else []))
     plant(machine.directory)
@@ -390,4 +399,3 @@ async def test_a_qemu_that_does_not_answer_cont_fails_at_cont(fake_host: FakeHos
         await machine.start()
     assert failed.value.step == "cont" and "timed out" in failed.value.message
     assert fake_host.processes() == [] and not machine.directory.exists()
-

@@ -121,7 +121,8 @@ async def test_shutdown_stopping_vms_powers_each_off(fake_host: FakeHost) -> Non
     await manager.spawn(fake_host.spec("b"), UID)
     await manager.shutdown(stop_vms=True)
     assert [(r.name, r.state, r.reason) for r in manager.list()] == [
-        ("a", MachineState.STOPPED, "powered off on request"), ("b", MachineState.STOPPED, "powered off on request"),
+        ("a", MachineState.STOPPED, "powered off on request"),
+        ("b", MachineState.STOPPED, "powered off on request"),
     ]
     assert fake_host.processes() == []
 

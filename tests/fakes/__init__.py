@@ -44,18 +44,22 @@ def write_firmware_descriptor(directory: Path) -> Path:
     code = directory / "FAKE_CODE.fd"
     code.write_bytes(b"")
     descriptor = directory / "fake-firmware.json"
-    descriptor.write_text(json.dumps({
-        "description": "fake UEFI firmware for fake-QEMU tests",
-        "interface-types": ["uefi"],
-        "mapping": {
-            "device": "flash",
-            "executable": {"filename": str(code), "format": "raw"},
-            "nvram-template": {"filename": str(directory / "FAKE_VARS.fd"), "format": "raw"},
-        },
-        "targets": [{"architecture": native_arch(), "machines": ["*"]}],
-        "features": [],
-        "tags": [],
-    }))
+    descriptor.write_text(
+        json.dumps(
+            {
+                "description": "fake UEFI firmware for fake-QEMU tests",
+                "interface-types": ["uefi"],
+                "mapping": {
+                    "device": "flash",
+                    "executable": {"filename": str(code), "format": "raw"},
+                    "nvram-template": {"filename": str(directory / "FAKE_VARS.fd"), "format": "raw"},
+                },
+                "targets": [{"architecture": native_arch(), "machines": ["*"]}],
+                "features": [],
+                "tags": [],
+            }
+        )
+    )
     return descriptor
 
 
@@ -104,18 +108,28 @@ class FakeQemuProcess:
         self.stderr_path = root / "qemu.log"
         listeners = [self._listen(self.qmp_path)]
         program = program or [sys.executable, "-I", "-S", str(FAKE_QEMU)]
-        argv = [*program, *(["-S"] if prelaunch else []),
-                "-chardev", f"socket,id=vmspawn-qmp,fd={listeners[0].fileno()},server=on,wait=off",
-                "-mon", "chardev=vmspawn-qmp,mode=control"]
+        argv = [
+            *program,
+            *(["-S"] if prelaunch else []),
+            "-chardev",
+            f"socket,id=vmspawn-qmp,fd={listeners[0].fileno()},server=on,wait=off",
+            "-mon",
+            "chardev=vmspawn-qmp,mode=control",
+        ]
         if console:
             listeners.append(self._listen(self.console_path))
-            argv += ["-chardev", f"socket,id=console,fd={listeners[1].fileno()},server=on,wait=off,"
-                     f"logfile={self.console_log},logappend=on", "-device", "virtconsole,chardev=console"]
+            argv += [
+                "-chardev",
+                f"socket,id=console,fd={listeners[1].fileno()},server=on,wait=off,logfile={self.console_log},logappend=on",
+                "-device",
+                "virtconsole,chardev=console",
+            ]
         if faults:
             argv += ["-append", " ".join(f"fakeqemu.{fault}" for fault in faults)]
         with open(self.stderr_path, "ab") as stderr:
-            self.process = subprocess.Popen(argv, pass_fds=[s.fileno() for s in listeners], stdin=subprocess.DEVNULL,
-                                            stdout=stderr, stderr=stderr)
+            self.process = subprocess.Popen(
+                argv, pass_fds=[s.fileno() for s in listeners], stdin=subprocess.DEVNULL, stdout=stderr, stderr=stderr
+            )
         for listener in listeners:
             listener.close()  # the fake holds them now, as QEMU does
 

@@ -88,9 +88,7 @@ SCENARIOS: dict[str, tuple[VmSpec, Resources]] = {
     "discard-off": (VmSpec(image=IMG, discard_disk=False), BASE),
     "extra-drive": (VmSpec(name="direct", linux=KERNEL, extra_drives=[f"{G}/images/data.raw"]), BASE),
     "extra-drives-two": (VmSpec(image=IMG, extra_drives=[f"{G}/images/a.raw", f"{G}/images/b.img"]), BASE),
-    "extra-drive-block-device": (
-        VmSpec(image=IMG, extra_drives=["/dev/loop7"]), _r(block_devices=frozenset({"/dev/loop7"}))
-    ),
+    "extra-drive-block-device": (VmSpec(image=IMG, extra_drives=["/dev/loop7"]), _r(block_devices=frozenset({"/dev/loop7"}))),
     "firmware-cmdline-smbios": (VmSpec(image=IMG, kernel_cmdline=["systemd.log_level=debug"]), BASE),
     "firmware-secure-boot": (VmSpec(image=IMG, secure_boot=True), _r(firmware=OVMF_SB)),
     "no-firmware": (VmSpec(name="direct", linux=KERNEL), _r(firmware=None)),
@@ -116,11 +114,19 @@ SCENARIOS: dict[str, tuple[VmSpec, Resources]] = {
         VmSpec(image=IMG, binds=[BindMount(f"{G}/src", "/mnt/src"), BindMount(f"{G}/ro", "/mnt/ro", True)]),
         _r(
             virtiofs=(MNT0, MNT1),
-            kernel_cmdline_extra=('systemd.mount-extra="mnt0:/mnt/src:virtiofs:rw"', 'systemd.mount-extra="mnt1:/mnt/ro:virtiofs:ro"'),
+            kernel_cmdline_extra=(
+                'systemd.mount-extra="mnt0:/mnt/src:virtiofs:rw"',
+                'systemd.mount-extra="mnt1:/mnt/ro:virtiofs:ro"',
+            ),
         ),
     ),
     "directory-bind-extra": (
-        VmSpec(directory=f"{G}/trees/root", linux=KERNEL, binds=[BindMount(f"{G}/src", "/srv")], extra_drives=[f"{G}/images/data.raw"]),
+        VmSpec(
+            directory=f"{G}/trees/root",
+            linux=KERNEL,
+            binds=[BindMount(f"{G}/src", "/srv")],
+            extra_drives=[f"{G}/images/data.raw"],
+        ),
         _r(virtiofs=(ROOT_SHARE, MNT0), kernel_cmdline_extra=DIR_WORDS + ('systemd.mount-extra="mnt0:/srv:virtiofs:rw"',)),
     ),
     "vsock": (VmSpec(image=IMG, vsock=True), _r(vsock_cid=1234567, vhost_vsock_fd=5)),
@@ -132,14 +138,24 @@ SCENARIOS: dict[str, tuple[VmSpec, Resources]] = {
     "qemu-extra": (VmSpec(image=IMG, qemu_extra=["-device", "virtio-tablet-pci", "-no-reboot"]), BASE),
     "escape-image-path": (VmSpec(image=f"{G}/images/a,b=c.raw"), BASE),
     "linux-image-partuuid": (
-        VmSpec(image=IMG, linux=KERNEL, kernel_cmdline=["root=PARTUUID=8c8f8b6e-7e9c-4bd1-a0a8-0d7b1a6c9e11"]), BASE
+        VmSpec(image=IMG, linux=KERNEL, kernel_cmdline=["root=PARTUUID=8c8f8b6e-7e9c-4bd1-a0a8-0d7b1a6c9e11"]),
+        BASE,
     ),
     "gui-firmware-cmdline": (VmSpec(image=IMG, console="gui", kernel_cmdline=["splash"]), _r(console_fd=None)),
     "no-argv-effect": (
         VmSpec(
-            image=IMG, slice="vms.slice", properties=["MemoryMax=1G"], register=False, keep_unit=True,
-            private_users="100000:65536", pass_ssh_key=False, ssh_key_type="rsa", term="xterm-256color",
-            notify_ready=False, tpm_state="off", forward_journal=None,
+            image=IMG,
+            slice="vms.slice",
+            properties=["MemoryMax=1G"],
+            register=False,
+            keep_unit=True,
+            private_users="100000:65536",
+            pass_ssh_key=False,
+            ssh_key_type="rsa",
+            term="xterm-256color",
+            notify_ready=False,
+            tpm_state="off",
+            forward_journal=None,
         ),
         BASE,
     ),
@@ -150,14 +166,29 @@ SCENARIOS: dict[str, tuple[VmSpec, Resources]] = {
     "vmgenid-auto": (VmSpec(image=IMG), _r(vmgenid=None)),
     "kitchen-sink": (
         VmSpec(
-            name="sink", image=IMG, linux=KERNEL, initrds=[INITRD], cpus="2", ram=512 * 1024**2, uuid="11111111-2222-4333-8444-555555555555",
-            network_user_mode=True, discard_disk=False, extra_drives=[f"{G}/images/data.raw"], smbios11=["foo=bar"],
-            credentials=[_cred("c1", b"v1")], binds=[BindMount(f"{G}/src", "/srv")], qemu_extra=["-no-reboot"],
+            name="sink",
+            image=IMG,
+            linux=KERNEL,
+            initrds=[INITRD],
+            cpus="2",
+            ram=512 * 1024**2,
+            uuid="11111111-2222-4333-8444-555555555555",
+            network_user_mode=True,
+            discard_disk=False,
+            extra_drives=[f"{G}/images/data.raw"],
+            smbios11=["foo=bar"],
+            credentials=[_cred("c1", b"v1")],
+            binds=[BindMount(f"{G}/src", "/srv")],
+            qemu_extra=["-no-reboot"],
             kernel_cmdline=["root=/dev/vda1"],
         ),
         _r(
-            initrd=INITRD, firmware=OVMF_SB, tpm_socket=f"{G}/run/tpm.sock", virtiofs=(MNT0,),
-            kernel_cmdline_extra=('systemd.mount-extra="mnt0:/srv:virtiofs:rw"',), notify_address="vsock-stream:2:999",
+            initrd=INITRD,
+            firmware=OVMF_SB,
+            tpm_socket=f"{G}/run/tpm.sock",
+            virtiofs=(MNT0,),
+            kernel_cmdline_extra=('systemd.mount-extra="mnt0:/srv:virtiofs:rw"',),
+            notify_address="vsock-stream:2:999",
             credentials=(Credential("ssh.ephemeral-authorized_keys-all", b"ssh-ed25519 K"),),
         ),
     ),
@@ -166,7 +197,18 @@ SCENARIOS: dict[str, tuple[VmSpec, Resources]] = {
 # Written by hand from docs/reference/systemd-vmspawn.md §3 (quotes) and docs/deviations.md; see HANDWRITTEN.md.
 HAND_WRITTEN = frozenset(
     {
-        "image-minimal", "linux-direct", "linux-initrd", "uuid", "network-user", "discard-off", "extra-drive",
-        "firmware-cmdline-smbios", "firmware-secure-boot", "smbios11", "credentials-set", "tpm", "directory",
+        "image-minimal",
+        "linux-direct",
+        "linux-initrd",
+        "uuid",
+        "network-user",
+        "discard-off",
+        "extra-drive",
+        "firmware-cmdline-smbios",
+        "firmware-secure-boot",
+        "smbios11",
+        "credentials-set",
+        "tpm",
+        "directory",
     }
 )

@@ -257,7 +257,9 @@ def test_golden_launches(name: str, guest: Guest) -> None:
             real_argv, fds, qmp_path = launch.prepare(name, argv, files)
             assert QEMU is not None  # the skipif above
             real_argv[0] = QEMU
-            qemu = subprocess.Popen(real_argv, pass_fds=fds, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+            qemu = subprocess.Popen(
+                real_argv, pass_fds=fds, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+            )
             try:
                 status = _qmp_status(qmp_path, qemu)
             finally:

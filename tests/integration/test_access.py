@@ -67,8 +67,9 @@ def python_path() -> str:
 @contextlib.contextmanager
 def system_user(tag: str) -> Iterator[pwd.struct_passwd]:
     name = f"vmspawnd-test-{tag}{os.getpid() % 100000}"
-    subprocess.run(["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin", name],
-                   check=True, capture_output=True)
+    subprocess.run(
+        ["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin", name], check=True, capture_output=True
+    )
     try:
         yield pwd.getpwnam(name)
     finally:
@@ -92,18 +93,29 @@ def as_user(user: pwd.struct_passwd) -> Callable[[], None]:
         os.setgroups([])
         os.setgid(user.pw_gid)
         os.setuid(user.pw_uid)
+
     return drop
 
 
 def user_env(user: pwd.struct_passwd, runtime_base: Path) -> dict[str, str]:
-    return {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "HOME": str(runtime_base), "XDG_RUNTIME_DIR": str(runtime_base),
-            "PYTHONPATH": python_path(), "PYTHONDONTWRITEBYTECODE": "1", "USER": user.pw_name}
+    return {
+        "PATH": "/usr/sbin:/usr/bin:/sbin:/bin",
+        "HOME": str(runtime_base),
+        "XDG_RUNTIME_DIR": str(runtime_base),
+        "PYTHONPATH": python_path(),
+        "PYTHONDONTWRITEBYTECODE": "1",
+        "USER": user.pw_name,
+    }
 
 
 def calls_as(user: pwd.struct_passwd, address: str, calls: list[tuple[str, dict[str, object], bool]]) -> list[JsonObject]:
     result = subprocess.run(
-        [SYSTEM_PYTHON, "-c", CLIENT, address, json.dumps(calls)], preexec_fn=as_user(user),
-        env=user_env(user, Path("/nonexistent")), capture_output=True, text=True, timeout=300,
+        [SYSTEM_PYTHON, "-c", CLIENT, address, json.dumps(calls)],
+        preexec_fn=as_user(user),
+        env=user_env(user, Path("/nonexistent")),
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert result.returncode == 0, result.stderr
     return [json.loads(line) for line in result.stdout.splitlines()]
@@ -132,8 +144,15 @@ def every_call(methods: list[str], name: str, kernel: str) -> list[tuple[str, di
 
 
 def guest_spec(guest: Guest, name: str, **extra: object) -> dict[str, object]:
-    return {"name": name, "kvm": False, "ram": 128 * MIB, "linux": str(guest.kernel),
-            "initrds": [str(guest.initrd)], "kernelCmdline": ["vmspawnd_test.mode=wait"], **extra}
+    return {
+        "name": name,
+        "kvm": False,
+        "ram": 128 * MIB,
+        "linux": str(guest.kernel),
+        "initrds": [str(guest.initrd)],
+        "kernelCmdline": ["vmspawnd_test.mode=wait"],
+        **extra,
+    }
 
 
 def mode(path: Path) -> int:
@@ -142,12 +161,25 @@ def mode(path: Path) -> int:
 
 # --- (a) the system instance refuses other users, on every method -----------------------------
 
+
 @pytest.mark.vm
-def test_created_user_is_denied_every_method_of_the_system_instance(daemon: Daemon, alice: pwd.struct_passwd, guest: Guest) -> None:
+def test_created_user_is_denied_every_method_of_the_system_instance(
+    daemon: Daemon, alice: pwd.struct_passwd, guest: Guest
+) -> None:
     with daemon.connect() as conn:
         methods = manager_methods(conn.call)
-    assert {"Spawn", "List", "Describe", "PowerOff", "Terminate", "Kill", "Remove", "SubscribeEvents",
-            "OpenConsole", "HoldMachine"} <= set(methods), methods
+    assert {
+        "Spawn",
+        "List",
+        "Describe",
+        "PowerOff",
+        "Terminate",
+        "Kill",
+        "Remove",
+        "SubscribeEvents",
+        "OpenConsole",
+        "HoldMachine",
+    } <= set(methods), methods
     daemon.call("Spawn", {"spec": guest_spec(guest, "rootvm")})
     try:
         before = daemon.call("Describe", {"name": "rootvm"})["machine"]
@@ -169,10 +201,13 @@ def test_created_user_is_denied_every_method_of_the_system_instance(daemon: Daem
 
 # --- (c) private files -------------------------------------------------------------------------
 
+
 @pytest.mark.vm
 def test_runtime_files_are_private(daemon: Daemon, guest: Guest) -> None:
     secret = base64.b64encode(b"hunter2").decode()
-    machine = daemon.call("Spawn", {"spec": guest_spec(guest, "private", credentials=[{"id": "password", "data": secret}])})["machine"]
+    machine = daemon.call("Spawn", {"spec": guest_spec(guest, "private", credentials=[{"id": "password", "data": secret}])})[
+        "machine"
+    ]
     try:
         directory = Path(str(machine["runtimeDirectory"]))
         assert mode(daemon.runtime_dir / "machines") == 0o700
@@ -204,6 +239,7 @@ def test_runtime_files_are_private(daemon: Daemon, guest: Guest) -> None:
 
 # --- (d) planted symlinks --------------------------------------------------------------------
 
+
 @pytest.mark.vm
 def test_symlinked_state_json_is_replaced_not_written_through(daemon: Daemon, guest: Guest, tmp_path: Path) -> None:
     target = tmp_path / "target"
@@ -234,11 +270,15 @@ def test_daemon_refuses_symlinks_planted_in_its_runtime_dir(planted: str, tmp_pa
         (runtime / planted).symlink_to(target)
         log = runtime.parent / "run.log"
         with open(log, "wb") as out:
-            result = subprocess.run([sys.executable, "-m", "vmspawnd.daemon", f"--runtime-dir={runtime}"],
-                                    stdout=out, stderr=out, timeout=60)
+            result = subprocess.run(
+                [sys.executable, "-m", "vmspawnd.daemon", f"--runtime-dir={runtime}"], stdout=out, stderr=out, timeout=60
+            )
         assert result.returncode != 0, log.read_text()
-        why = {"machines": "is not a directory", "lock": "Too many levels of symbolic links",
-               "io.vmspawnd.Manager": "refusing to bind over something that is not a socket"}[planted]
+        why = {
+            "machines": "is not a directory",
+            "lock": "Too many levels of symbolic links",
+            "io.vmspawnd.Manager": "refusing to bind over something that is not a socket",
+        }[planted]
         assert why in log.read_text(), log.read_text()
         assert (runtime / planted).is_symlink()
         if planted == "machines":
@@ -251,6 +291,7 @@ def test_daemon_refuses_symlinks_planted_in_its_runtime_dir(planted: str, tmp_pa
 
 
 # --- (b) a user instance: its owner may, another user may not ------------------------------
+
 
 @pytest.fixture
 def user_instance(alice: pwd.struct_passwd, guest: Guest) -> Iterator[tuple[Daemon, Path, Path]]:
@@ -275,8 +316,14 @@ def user_instance(alice: pwd.struct_passwd, guest: Guest) -> Iterator[tuple[Daem
     log_path = base / "daemon.log"
     with open(log_path, "wb") as log:
         env = dict(user_env(alice, home), NOTIFY_SOCKET=str(notify_path))
-        process = subprocess.Popen([SYSTEM_PYTHON, "-m", "vmspawnd.daemon", "--log-level=debug", "--stop-vms-on-exit"],
-                                   stdout=log, stderr=log, env=env, preexec_fn=as_user(alice), cwd="/")
+        process = subprocess.Popen(
+            [SYSTEM_PYTHON, "-m", "vmspawnd.daemon", "--log-level=debug", "--stop-vms-on-exit"],
+            stdout=log,
+            stderr=log,
+            env=env,
+            preexec_fn=as_user(alice),
+            cwd="/",
+        )
     daemon = Daemon(process, runtime, runtime / "io.vmspawnd.Manager", log_path, notify)
     try:
         try:
@@ -298,12 +345,19 @@ def user_instance(alice: pwd.struct_passwd, guest: Guest) -> Iterator[tuple[Daem
 
 
 @pytest.mark.vm
-def test_user_instance_serves_its_owner_only(user_instance: tuple[Daemon, Path, Path], alice: pwd.struct_passwd,
-                                             bob: pwd.struct_passwd) -> None:
+def test_user_instance_serves_its_owner_only(
+    user_instance: tuple[Daemon, Path, Path], alice: pwd.struct_passwd, bob: pwd.struct_passwd
+) -> None:
     daemon, kernel, initrd = user_instance
     assert daemon.runtime_dir == Path(user_env(alice, daemon.runtime_dir.parent)["XDG_RUNTIME_DIR"]) / "vmspawnd"
-    spec = {"name": "alicevm", "kvm": False, "ram": 128 * MIB, "linux": str(kernel), "initrds": [str(initrd)],
-            "kernelCmdline": ["vmspawnd_test.mode=wait"]}
+    spec = {
+        "name": "alicevm",
+        "kvm": False,
+        "ram": 128 * MIB,
+        "linux": str(kernel),
+        "initrds": [str(initrd)],
+        "kernelCmdline": ["vmspawnd_test.mode=wait"],
+    }
     [spawned] = calls_as(alice, daemon.address, [(f"{MANAGER}.Spawn", {"spec": spec}, False)])
     assert "ok" in spawned, (spawned, daemon.log()[-3000:])
     machine = spawned["ok"]["machine"]
@@ -321,8 +375,13 @@ def test_user_instance_serves_its_owner_only(user_instance: tuple[Daemon, Path, 
         leaked = {m: r for m, r in zip(methods, results, strict=True) if r != {"error": f"{MANAGER}.PermissionDenied"}}
         assert leaked == {}, leaked
         # ...and he cannot look into her runtime directory either.
-        listing = subprocess.run([SYSTEM_PYTHON, "-c", f"import os; os.listdir({str(daemon.runtime_dir / 'machines')!r})"],
-                                 preexec_fn=as_user(bob), env=user_env(bob, Path("/nonexistent")), capture_output=True, text=True)
+        listing = subprocess.run(
+            [SYSTEM_PYTHON, "-c", f"import os; os.listdir({str(daemon.runtime_dir / 'machines')!r})"],
+            preexec_fn=as_user(bob),
+            env=user_env(bob, Path("/nonexistent")),
+            capture_output=True,
+            text=True,
+        )
         assert listing.returncode != 0 and "PermissionError" in listing.stderr
         # Alice's VM is untouched, and she sees it.
         [listed] = calls_as(alice, daemon.address, [(f"{MANAGER}.List", {}, False)])
@@ -334,7 +393,10 @@ def test_user_instance_serves_its_owner_only(user_instance: tuple[Daemon, Path, 
             daemon.call("List", timeout=30)
         assert getattr(info.value, "name", None) == f"{MANAGER}.PermissionDenied"
     finally:
-        done = calls_as(alice, daemon.address, [(f"{MANAGER}.Terminate", {"name": "alicevm"}, False),
-                                                (f"{MANAGER}.Remove", {"name": "alicevm"}, False)])
+        done = calls_as(
+            alice,
+            daemon.address,
+            [(f"{MANAGER}.Terminate", {"name": "alicevm"}, False), (f"{MANAGER}.Remove", {"name": "alicevm"}, False)],
+        )
         assert all("ok" in r for r in done), done
     assert pid not in qemu_processes()

@@ -37,10 +37,19 @@ BIN = str(Path(sys.executable).parent)  # the venv's vmspawnctl, as completion r
 
 @pytest.fixture(scope="module")
 def vm(daemon: Daemon, guest) -> Iterator[dict[str, object]]:  # type: ignore[no-untyped-def]
-    daemon.call("Spawn", {"spec": {
-        "name": NAME, "kvm": False, "ram": 256 * MIB, "linux": str(guest.kernel),
-        "initrds": [str(guest.initrd)], "kernelCmdline": ["vmspawnd_test.mode=wait"],
-    }})
+    daemon.call(
+        "Spawn",
+        {
+            "spec": {
+                "name": NAME,
+                "kvm": False,
+                "ram": 256 * MIB,
+                "linux": str(guest.kernel),
+                "initrds": [str(guest.initrd)],
+                "kernelCmdline": ["vmspawnd_test.mode=wait"],
+            }
+        },
+    )
     machine = daemon.call("Describe", {"name": NAME})["machine"]
     with Console(machine) as console:
         console.wait_for(r"VMSPAWND-TEST: acpid-running")
@@ -57,8 +66,14 @@ def ctl_env(daemon: Daemon, **extra: str) -> dict[str, str]:
 def on_terminal(daemon: Daemon, *args: str, timeout: float = 60.0, **env: str) -> bytes:
     """Run vmspawnctl with stdin/stdout/stderr on a fresh pty; everything it wrote."""
     master, slave = pty.openpty()
-    process = subprocess.Popen([sys.executable, "-m", "vmspawnctl.main", *args], stdin=slave, stdout=slave, stderr=slave,
-                               env=ctl_env(daemon, **env), start_new_session=True)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "vmspawnctl.main", *args],
+        stdin=slave,
+        stdout=slave,
+        stderr=slave,
+        env=ctl_env(daemon, **env),
+        start_new_session=True,
+    )
     os.close(slave)
     output = b""
     deadline = time.monotonic() + timeout
@@ -84,8 +99,9 @@ def on_terminal(daemon: Daemon, *args: str, timeout: float = 60.0, **env: str) -
 
 
 def piped(daemon: Daemon, *args: str, **env: str) -> str:
-    result = subprocess.run([sys.executable, "-m", "vmspawnctl.main", *args], env=ctl_env(daemon, **env),
-                            capture_output=True, text=True, timeout=60)
+    result = subprocess.run(
+        [sys.executable, "-m", "vmspawnctl.main", *args], env=ctl_env(daemon, **env), capture_output=True, text=True, timeout=60
+    )
     assert result.returncode == 0, result.stderr
     return result.stdout
 
@@ -206,7 +222,9 @@ def read_until(fd: int, marker: bytes, timeout: float = 60.0) -> bytes:
 def completion(tmp_path_factory: pytest.TempPathFactory) -> Path:
     directory = tmp_path_factory.mktemp("completion")
     for shell, name in (("bash", "vmspawnctl.bash"), ("zsh", "_vmspawnctl")):
-        script = subprocess.run([sys.executable, "-m", "vmspawnctl.completion", shell], capture_output=True, text=True, check=True).stdout
+        script = subprocess.run(
+            [sys.executable, "-m", "vmspawnctl.completion", shell], capture_output=True, text=True, check=True
+        ).stdout
         (directory / name).write_text(script)
     (directory / "driver.bash").write_text(BASH_DRIVER)
     (directory / "init.zsh").write_text(ZSH_INIT)
@@ -215,8 +233,13 @@ def completion(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def bash_complete(completion: Path, env: dict[str, str], *words: str) -> list[str]:
     """What bash offers for the last of `words` (as bash splits a line: '=' is a word of its own)."""
-    result = subprocess.run(["bash", "--norc", str(completion / "driver.bash"), str(completion / "vmspawnctl.bash"), "vmspawnctl", *words],
-                            env=env, capture_output=True, text=True, timeout=60)
+    result = subprocess.run(
+        ["bash", "--norc", str(completion / "driver.bash"), str(completion / "vmspawnctl.bash"), "vmspawnctl", *words],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert result.returncode == 0, result.stderr
     return [line for line in result.stdout.splitlines() if line]
 
@@ -226,8 +249,14 @@ def zsh_complete(completion: Path, env: dict[str, str], line: str) -> list[str]:
     if not shutil.which("zsh"):
         pytest.fail("zsh is not installed: scripts/test installs it (VMSPAWND_TEST_PACKAGES)")
     master, slave = pty.openpty()
-    shell = subprocess.Popen(["zsh", "-f", "-i"], stdin=slave, stdout=slave, stderr=slave, start_new_session=True,
-                             env=env | {"COMPDIR": str(completion)})
+    shell = subprocess.Popen(
+        ["zsh", "-f", "-i"],
+        stdin=slave,
+        stdout=slave,
+        stderr=slave,
+        start_new_session=True,
+        env=env | {"COMPDIR": str(completion)},
+    )
     os.close(slave)
     try:
         os.write(master, f"source {completion / 'init.zsh'}\n".encode())
@@ -263,10 +292,18 @@ def test_bash_completes_verbs_values_and_machine_names(daemon: Daemon, vm: dict[
 def test_zsh_completes_verbs_values_and_machine_names(daemon: Daemon, vm: dict[str, object], completion: Path) -> None:
     env = ctl_env(daemon)
     assert zsh_complete(completion, env, "vmspawnctl st") == ["start", "status", "stop"]
-    assert zsh_complete(completion, env, "vmspawnctl start --ssh-key-type=") == ["ed25519", "rsa", "ecdsa", "ecdsa-sk", "ed25519-sk"]
+    assert zsh_complete(completion, env, "vmspawnctl start --ssh-key-type=") == [
+        "ed25519",
+        "rsa",
+        "ecdsa",
+        "ecdsa-sk",
+        "ed25519-sk",
+    ]
     assert zsh_complete(completion, env, "vmspawnctl start --notify-ready ") == ["yes", "no"]
     assert zsh_complete(completion, env, "vmspawnctl status ") == [NAME]
-    assert zsh_complete(completion, env | {"VMSPAWN_ADDRESS": "/nonexistent"}, f"vmspawnctl --address={daemon.address} log ") == [NAME]
+    assert zsh_complete(completion, env | {"VMSPAWN_ADDRESS": "/nonexistent"}, f"vmspawnctl --address={daemon.address} log ") == [
+        NAME
+    ]
 
 
 def test_completing_a_machine_name_is_fast(daemon: Daemon, vm: dict[str, object], completion: Path) -> None:

@@ -35,10 +35,19 @@ ESCAPE3 = b"\x1d\x1d\x1d"
 
 @pytest.fixture(scope="module")
 def vm(daemon: Daemon, guest: Guest) -> Iterator[JsonObject]:
-    daemon.call("Spawn", {"spec": {
-        "name": NAME, "kvm": False, "ram": 256 * MIB, "linux": str(guest.kernel),
-        "initrds": [str(guest.initrd)], "kernelCmdline": ["vmspawnd_test.mode=wait"],
-    }})
+    daemon.call(
+        "Spawn",
+        {
+            "spec": {
+                "name": NAME,
+                "kvm": False,
+                "ram": 256 * MIB,
+                "linux": str(guest.kernel),
+                "initrds": [str(guest.initrd)],
+                "kernelCmdline": ["vmspawnd_test.mode=wait"],
+            }
+        },
+    )
     machine = daemon.call("Describe", {"name": NAME})["machine"]
     with Console(machine) as console:
         console.wait_for(r"VMSPAWND-TEST: acpid-running")
@@ -123,7 +132,11 @@ class Terminal:
         env = dict(os.environ, VMSPAWN_ADDRESS=daemon.address)
         self.process = subprocess.Popen(
             [sys.executable, "-m", "vmspawnctl.main", *args],
-            stdin=self.slave, stdout=self.slave, stderr=self.slave, env=env, start_new_session=True,
+            stdin=self.slave,
+            stdout=self.slave,
+            stderr=self.slave,
+            env=env,
+            start_new_session=True,
         )
         self.output = b""
 
@@ -224,8 +237,7 @@ def test_flood_rotates_history_and_drops_only_the_slow_reader(daemon: Daemon, vm
     try:
         # ~1.3 MB of output: far beyond the slow client's buffers and the daemon's cap,
         # and past the history's cap; then the guest keeps printing, once a second.
-        type_line(daemon, "seq 1 200000; echo flood-done-$((2*21)); "
-                          "for i in 1 2 3; do sleep 1; echo tick-$((i*11)); done")
+        type_line(daemon, "seq 1 200000; echo flood-done-$((2*21)); for i in 1 2 3; do sleep 1; echo tick-$((i*11)); done")
         # A hang detector, not a speed test: 1.3 MB through a TCG guest's console takes ~60 s
         # on an idle 2-core machine and over 120 s when other VMs share the cores.
         seen = read_until(fast, rb"flood-done-42", timeout=3 * BOOT_TIMEOUT)

@@ -42,8 +42,18 @@ pytestmark = pytest.mark.vm
 
 def run_args(guest: Guest, name: str, mode: str, *extra: str) -> list[str]:
     return [
-        sys.executable, "-m", "vmspawnctl.main", "run", "-M", name, "--kvm=no", "--ram=256M",
-        f"--linux={guest.kernel}", f"--initrd={guest.initrd}", *extra, f"vmspawnd_test.mode={mode}",
+        sys.executable,
+        "-m",
+        "vmspawnctl.main",
+        "run",
+        "-M",
+        name,
+        "--kvm=no",
+        "--ram=256M",
+        f"--linux={guest.kernel}",
+        f"--initrd={guest.initrd}",
+        *extra,
+        f"vmspawnd_test.mode={mode}",
     ]
 
 
@@ -120,10 +130,17 @@ def names(daemon: Daemon) -> set[str]:
 def test_run_in_foreground_returns_0_after_poweroff_and_notifies(daemon: Daemon, guest: Guest, tmp_path: Path) -> None:
     notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
     notify.bind(str(tmp_path / "notify"))
-    with notify, spawned(
-        daemon, run_args(guest, "fg", "poweroff"), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE, env={"NOTIFY_SOCKET": str(tmp_path / "notify")},
-    ) as process:
+    with (
+        notify,
+        spawned(
+            daemon,
+            run_args(guest, "fg", "poweroff"),
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            env={"NOTIFY_SOCKET": str(tmp_path / "notify")},
+        ) as process,
+    ):
         assert process.stdout is not None and process.stderr is not None  # piped
         out = Output(process.stdout.fileno())
         code = out.finish(process)
@@ -140,8 +157,12 @@ def test_run_in_foreground_returns_0_after_poweroff_and_notifies(daemon: Daemon,
 
 def test_run_fails_when_qemu_fails(daemon: Daemon, guest: Guest) -> None:
     result = subprocess.run(
-        run_args(guest, "broken", "poweroff", "--cpus=99999"), stdin=subprocess.DEVNULL,
-        capture_output=True, text=True, timeout=300, env=dict(os.environ, VMSPAWN_ADDRESS=daemon.address),
+        run_args(guest, "broken", "poweroff", "--cpus=99999"),
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=dict(os.environ, VMSPAWN_ADDRESS=daemon.address),
     )
     assert result.returncode != 0
     assert "failed to start" in result.stderr and "99999" in result.stderr, result.stderr
@@ -150,8 +171,11 @@ def test_run_fails_when_qemu_fails(daemon: Daemon, guest: Guest) -> None:
 
 def test_sigterm_powers_the_vm_off(daemon: Daemon, guest: Guest) -> None:
     with spawned(
-        daemon, run_args(guest, "termed", "wait", "--console=read-only"), stdin=subprocess.DEVNULL,
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        daemon,
+        run_args(guest, "termed", "wait", "--console=read-only"),
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
     ) as process:
         assert process.stdout is not None and process.stderr is not None  # piped
         out = Output(process.stdout.fileno())
@@ -186,7 +210,9 @@ def test_run_on_a_terminal_escape_kills_vm_and_restores_terminal(daemon: Daemon,
     master, slave = pty.openpty()
     before = subprocess.run(["stty", "-a"], stdin=slave, capture_output=True, text=True, check=True).stdout
     try:
-        with spawned(daemon, run_args(guest, "tty", "wait"), stdin=slave, stdout=slave, stderr=slave, start_new_session=True) as process:
+        with spawned(
+            daemon, run_args(guest, "tty", "wait"), stdin=slave, stdout=slave, stderr=slave, start_new_session=True
+        ) as process:
             out = Output(master)
             out.expect(rb"guest# ")
             assert b"\x1b[48;2;" in out.data  # vmspawn's default tint
@@ -228,10 +254,20 @@ def test_run_returns_the_guests_exit_status(guest: Guest) -> None:
 
 def test_native_console_relays_qemus_monitor(daemon: Daemon, guest: Guest) -> None:
     """--console=native: QEMU's multiplexed console; Ctrl-a c switches to its monitor."""
-    daemon.call("Spawn", {"spec": {
-        "name": "native", "kvm": False, "ram": 256 << 20, "console": "native", "linux": str(guest.kernel),
-        "initrds": [str(guest.initrd)], "kernelCmdline": ["vmspawnd_test.mode=wait"],
-    }})
+    daemon.call(
+        "Spawn",
+        {
+            "spec": {
+                "name": "native",
+                "kvm": False,
+                "ram": 256 << 20,
+                "console": "native",
+                "linux": str(guest.kernel),
+                "initrds": [str(guest.initrd)],
+                "kernelCmdline": ["vmspawnd_test.mode=wait"],
+            }
+        },
+    )
     try:
         console = open_console(daemon.address, "native", "interactive", history=65536)
         with console:
@@ -257,8 +293,14 @@ def test_holder_hanging_up_during_the_start_leaves_no_vm(daemon: Daemon, guest: 
     `frozen`: the daemon is SIGSTOPped while the caller connects, sends and closes, so it
     reads the call and the hang-up together (its hang-up watch is not armed yet; only the
     failed first reply tells it the caller is gone)."""
-    spec = {"name": "early", "kvm": False, "ram": 256 << 20, "linux": str(guest.kernel),
-            "initrds": [str(guest.initrd)], "kernelCmdline": ["vmspawnd_test.mode=wait"]}
+    spec = {
+        "name": "early",
+        "kvm": False,
+        "ram": 256 << 20,
+        "linux": str(guest.kernel),
+        "initrds": [str(guest.initrd)],
+        "kernelCmdline": ["vmspawnd_test.mode=wait"],
+    }
     before = set(qemu_processes())
     with EventStream(daemon) as events:
         if frozen:

@@ -28,8 +28,14 @@ CALL_BOUND = 10.0  # seconds for one List round trip (they take milliseconds whe
 
 
 def spawn(daemon: Daemon, guest: Guest, name: str) -> JsonObject:
-    spec = {"name": name, "kvm": False, "ram": 256 * MIB, "linux": str(guest.kernel),
-            "initrds": [str(guest.initrd)], "kernelCmdline": ["vmspawnd_test.mode=wait"]}
+    spec = {
+        "name": name,
+        "kvm": False,
+        "ram": 256 * MIB,
+        "linux": str(guest.kernel),
+        "initrds": [str(guest.initrd)],
+        "kernelCmdline": ["vmspawnd_test.mode=wait"],
+    }
     machine: JsonObject = daemon.call("Spawn", {"spec": spec})["machine"]
     return machine
 
@@ -47,7 +53,9 @@ def test_terminate_on_the_control_socket_is_answered_and_the_manager_serves_on(d
 
             result = subprocess.run(
                 [sys.executable, "-m", "varlink.cli", "call", f"unix:{control}/io.systemd.MachineInstance.Terminate", "{}"],
-                capture_output=True, text=True, timeout=120,
+                capture_output=True,
+                text=True,
+                timeout=120,
             )
             # varlink.cli prints a reply's parameters unless they are empty (`if message:`),
             # an error reply on stderr (exiting 0), "Connection closed" and exit 1 on EOF

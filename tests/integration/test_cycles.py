@@ -54,8 +54,13 @@ def shared_tmp_entries() -> set[str]:
 
 def test_twenty_spawn_terminate_remove_cycles_leak_nothing(tmpdir_daemon: tuple[Daemon, Path], guest: Guest) -> None:
     daemon, private_tmp = tmpdir_daemon
-    spec = {"kvm": False, "ram": 128 * MIB, "linux": str(guest.kernel), "initrds": [str(guest.initrd)],
-            "kernelCmdline": ["vmspawnd_test.mode=wait"]}
+    spec = {
+        "kvm": False,
+        "ram": 128 * MIB,
+        "linux": str(guest.kernel),
+        "initrds": [str(guest.initrd)],
+        "kernelCmdline": ["vmspawnd_test.mode=wait"],
+    }
     daemon.call("List")
     fds_before = daemon_fds(daemon)
     kids_before = children_of(daemon.process.pid)
@@ -85,5 +90,7 @@ def test_twenty_spawn_terminate_remove_cycles_leak_nothing(tmpdir_daemon: tuple[
     assert sorted(os.listdir(daemon.runtime_dir)) == runtime_before
     assert os.listdir(private_tmp) == []
     assert shared_tmp_entries() - tmp_before == set()
-    print(f"\ncycles: {CYCLES}; daemon fds {len(fds_before)} before, {len(fds_after)} after; "
-          f"children {len(kids_before)} before and after; machines/ entries {len(machines_before)} before and after")
+    print(
+        f"\ncycles: {CYCLES}; daemon fds {len(fds_before)} before, {len(fds_after)} after; "
+        f"children {len(kids_before)} before and after; machines/ entries {len(machines_before)} before and after"
+    )

@@ -29,9 +29,16 @@ def runtime() -> Iterator[Path]:
 
 def test_second_daemon_on_same_runtime_dir_fails_clearly(daemon: Daemon) -> None:
     result = subprocess.run(
-        [sys.executable, "-m", "vmspawnd.daemon", f"--runtime-dir={daemon.runtime_dir}",
-         f"--listen={daemon.runtime_dir.parent}/other.sock"],
-        capture_output=True, text=True, timeout=60,
+        [
+            sys.executable,
+            "-m",
+            "vmspawnd.daemon",
+            f"--runtime-dir={daemon.runtime_dir}",
+            f"--listen={daemon.runtime_dir.parent}/other.sock",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert result.returncode == 1
     assert f"already uses runtime directory {daemon.runtime_dir}" in result.stderr
@@ -59,22 +66,44 @@ def test_socket_activation_with_named_fd(runtime: Path, guest: Guest) -> None:
     notify.bind(str(runtime / "notify"))
     env = dict(os.environ, NOTIFY_SOCKET=str(runtime / "notify"))
     process = subprocess.Popen(
-        [activate, "-l", str(other), "-l", str(path), "--fdname=other:varlink", "-E", "NOTIFY_SOCKET",
-         sys.executable, "-m", "vmspawnd.daemon", f"--runtime-dir={runtime}"],
-        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        [
+            activate,
+            "-l",
+            str(other),
+            "-l",
+            str(path),
+            "--fdname=other:varlink",
+            "-E",
+            "NOTIFY_SOCKET",
+            sys.executable,
+            "-m",
+            "vmspawnd.daemon",
+            f"--runtime-dir={runtime}",
+        ],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
     )
     try:
         # systemd-socket-activate starts the service on the first connection.
         client = subprocess.run(
             [sys.executable, "-m", "varlink.cli", "call", f"unix:{path}/io.vmspawnd.Manager.List", "{}"],
-            capture_output=True, text=True, timeout=60,
+            capture_output=True,
+            text=True,
+            timeout=60,
         )
         assert json.loads(client.stdout) == {"machines": []}, client.stdout + client.stderr
         wait_notify(notify, "READY=1", 30)
         assert not (runtime / "io.vmspawnd.Manager").exists()  # it did not bind its own socket
         # LISTEN_* must not leak into QEMU, which would think it was socket-activated.
-        spec = {"name": "activated", "kvm": False, "ram": 128 << 20, "linux": str(guest.kernel),
-                "initrds": [str(guest.initrd)], "kernelCmdline": ["vmspawnd_test.mode=wait"]}
+        spec = {
+            "name": "activated",
+            "kvm": False,
+            "ram": 128 << 20,
+            "linux": str(guest.kernel),
+            "initrds": [str(guest.initrd)],
+            "kernelCmdline": ["vmspawnd_test.mode=wait"],
+        }
         with Connection(str(path), timeout=120) as conn:
             machine = conn.call("io.vmspawnd.Manager.Spawn", {"spec": spec})["machine"]
             environ = Path(f"/proc/{machine['qemu']['pid']}/environ").read_bytes().split(b"\0")

@@ -31,8 +31,14 @@ END_WITHIN = 5.0  # seconds from the signal to the recorded end (the issue's bou
 
 
 def spawn(daemon: Daemon, guest: Guest, name: str) -> JsonObject:
-    spec = {"name": name, "kvm": False, "ram": 256 * MIB, "linux": str(guest.kernel),
-            "initrds": [str(guest.initrd)], "kernelCmdline": ["vmspawnd_test.mode=wait"]}
+    spec = {
+        "name": name,
+        "kvm": False,
+        "ram": 256 * MIB,
+        "linux": str(guest.kernel),
+        "initrds": [str(guest.initrd)],
+        "kernelCmdline": ["vmspawnd_test.mode=wait"],
+    }
     machine: JsonObject = daemon.call("Spawn", {"spec": spec})["machine"]
     return machine
 
@@ -56,7 +62,9 @@ def ended_after(daemon: Daemon, name: str, send: Callable[[], object]) -> tuple[
         (signal.SIGTERM, "stopped", f"QEMU terminated on SIGTERM from pid {os.getpid()}"),
     ],
 )
-def test_qemu_killed_from_outside_ends_with_the_signal_named(daemon: Daemon, guest: Guest, signo: int, state: str, reason: str) -> None:
+def test_qemu_killed_from_outside_ends_with_the_signal_named(
+    daemon: Daemon, guest: Guest, signo: int, state: str, reason: str
+) -> None:
     name = f"killed-{signo}"
     machine = spawn(daemon, guest, name)
     qemu = machine["qemu"]["pid"]

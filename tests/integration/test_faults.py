@@ -31,8 +31,15 @@ SYS_pidfd_getfd = 438
 
 
 def spawn(daemon: Daemon, guest: Guest, name: str) -> JsonObject:
-    spec = {"name": name, "kvm": False, "ram": 128 * MIB, "tpm": False, "linux": str(guest.kernel),
-            "initrds": [str(guest.initrd)], "kernelCmdline": ["vmspawnd_test.mode=wait"]}
+    spec = {
+        "name": name,
+        "kvm": False,
+        "ram": 128 * MIB,
+        "tpm": False,
+        "linux": str(guest.kernel),
+        "initrds": [str(guest.initrd)],
+        "kernelCmdline": ["vmspawnd_test.mode=wait"],
+    }
     machine: JsonObject = daemon.call("Spawn", {"spec": spec})["machine"]
     return machine
 

@@ -33,13 +33,29 @@ def make_uki_disk(guest: Guest, tmp_path: Path) -> Path:
     osrel.write_text("ID=vmspawnd-test\n")
     uki = tmp_path / "uki.efi"
     subprocess.run(
-        ["objcopy",
-         "--add-section", f".osrel={osrel}", "--change-section-vma", ".osrel=0x20000",
-         "--add-section", f".cmdline={cmdline}", "--change-section-vma", ".cmdline=0x30000",
-         "--add-section", f".linux={guest.kernel}", "--change-section-vma", ".linux=0x2000000",
-         "--add-section", f".initrd={guest.initrd}", "--change-section-vma", ".initrd=0x3000000",
-         str(STUB), str(uki)],
-        check=True, capture_output=True,
+        [
+            "objcopy",
+            "--add-section",
+            f".osrel={osrel}",
+            "--change-section-vma",
+            ".osrel=0x20000",
+            "--add-section",
+            f".cmdline={cmdline}",
+            "--change-section-vma",
+            ".cmdline=0x30000",
+            "--add-section",
+            f".linux={guest.kernel}",
+            "--change-section-vma",
+            ".linux=0x2000000",
+            "--add-section",
+            f".initrd={guest.initrd}",
+            "--change-section-vma",
+            ".initrd=0x3000000",
+            str(STUB),
+            str(uki),
+        ],
+        check=True,
+        capture_output=True,
     )
     disk = tmp_path / "esp.raw"
     size_kib = (uki.stat().st_size // 1024) + 8 * 1024
@@ -50,8 +66,10 @@ def make_uki_disk(guest: Guest, tmp_path: Path) -> Path:
     return disk
 
 
-@pytest.mark.skipif(not STUB.exists() or shutil.which("mcopy") is None or shutil.which("mkfs.vfat") is None,
-                    reason="needs systemd-boot-efi, mtools, dosfstools")
+@pytest.mark.skipif(
+    not STUB.exists() or shutil.which("mcopy") is None or shutil.which("mkfs.vfat") is None,
+    reason="needs systemd-boot-efi, mtools, dosfstools",
+)
 def test_firmware_boot_of_uki_sees_cmdline_smbios(daemon: Daemon, guest: Guest, tmp_path: Path) -> None:
     disk = make_uki_disk(guest, tmp_path)
     facts = boot_facts(daemon, "uki", "--kvm=no", "--tpm=no", "--ram=512M", f"--image={disk}", "marker.word=via-smbios")

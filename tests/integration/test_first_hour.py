@@ -28,8 +28,9 @@ pytestmark = pytest.mark.vm
 def ctl(daemon: Daemon, *args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
     """The real vmspawnctl entry point against this daemon, from `cwd`."""
     env = dict(os.environ, VMSPAWN_ADDRESS=daemon.address)
-    return subprocess.run([sys.executable, "-m", "vmspawnctl.main", *args], env=env, cwd=cwd,
-                          capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "vmspawnctl.main", *args], env=env, cwd=cwd, capture_output=True, text=True, timeout=300
+    )
 
 
 def names(daemon: Daemon) -> set[str]:
@@ -149,13 +150,21 @@ def test_running_vm_remove_stop_and_the_starting_event(daemon: Daemon, guest: Gu
 
         terminal = Pty()
         env = dict(os.environ, VMSPAWN_ADDRESS=daemon.address)
-        stop = subprocess.Popen([sys.executable, "-m", "vmspawnctl.main", "stop", name, "--deadline=3"], env=env,
-                                stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=terminal.slave, text=True)
+        stop = subprocess.Popen(
+            [sys.executable, "-m", "vmspawnctl.main", "stop", name, "--deadline=3"],
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=terminal.slave,
+            text=True,
+        )
         terminal.read_until_exit(stop, BOOT_TIMEOUT)
         assert stop.returncode == 0, terminal.data
         assert stop.stdout is not None and stop.stdout.read().startswith(f"{name}: stopped"), terminal.data
         progress = terminal.data.decode()
-        assert f"{name}: waiting for the guest to power off (ACPI power button)… 0s, terminating it after 3s" in progress, progress
+        assert f"{name}: waiting for the guest to power off (ACPI power button)… 0s, terminating it after 3s" in progress, (
+            progress
+        )
         assert "1s, terminating it after 3s" in progress, progress  # it counts
         assert progress.endswith("\r\x1b[K"), progress  # and clears its line at the end
     finally:
@@ -173,8 +182,10 @@ def test_log_of_a_gui_vm_says_why_it_is_empty(daemon: Daemon, guest: Guest) -> N
             result = ctl(daemon, "log", name, *follow)
             assert result.returncode == 1, result
             assert result.stdout == ""
-            assert result.stderr == (f"vmspawnctl: {name} has no console, so no console history: a --console=gui VM "
-                                     f"shows its output on its display (vmspawnctl screenshot {name} FILE)\n"), result.stderr
+            assert result.stderr == (
+                f"vmspawnctl: {name} has no console, so no console history: a --console=gui VM "
+                f"shows its output on its display (vmspawnctl screenshot {name} FILE)\n"
+            ), result.stderr
     finally:
         ctl(daemon, "terminate", name)
         ctl(daemon, "remove", name)

@@ -35,10 +35,26 @@ pytestmark = [pytest.mark.filterwarnings("ignore"), pytest.mark.slow]
 TYPED_ERROR = re.compile(r"^(org\.varlink\.service|io\.vmspawnd\.Manager)\.[A-Z][A-Za-z]*$")
 MAX_MESSAGE_SIZE = 4 * 1024 * 1024
 METHODS = [
-    *(f"{MANAGER}.{m}" for m in (
-        "Spawn", "List", "Describe", "PowerOff", "Terminate", "Kill", "WaitReady", "Pause", "Resume",
-        "Reboot", "Remove", "SubscribeEvents", "OpenConsole", "ReadConsoleLog", "HoldMachine",
-    )),
+    *(
+        f"{MANAGER}.{m}"
+        for m in (
+            "Spawn",
+            "List",
+            "Describe",
+            "PowerOff",
+            "Terminate",
+            "Kill",
+            "WaitReady",
+            "Pause",
+            "Resume",
+            "Reboot",
+            "Remove",
+            "SubscribeEvents",
+            "OpenConsole",
+            "ReadConsoleLog",
+            "HoldMachine",
+        )
+    ),
     "org.varlink.service.GetInfo",
     "org.varlink.service.GetInterfaceDescription",
 ]
@@ -60,6 +76,7 @@ TALLY = Tally()
 
 
 # --- what to send -------------------------------------------------------------------------
+
 
 @dataclasses.dataclass(frozen=True)
 class Call:
@@ -117,8 +134,12 @@ def _no_nul(data: bytes) -> bytes:
 
 
 json_leaf = st.one_of(
-    st.none(), st.booleans(), st.integers(), st.integers(min_value=-(10**4000), max_value=10**4000),
-    st.floats(allow_nan=True, allow_infinity=True), st.text(max_size=40),
+    st.none(),
+    st.booleans(),
+    st.integers(),
+    st.integers(min_value=-(10**4000), max_value=10**4000),
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.text(max_size=40),
 )
 json_value = st.recursive(
     json_leaf,
@@ -143,13 +164,15 @@ def calls(draw: st.DrawFn) -> Call:
     # (Hypothesis favours small integers: the common case is the small one.)
     if draw(st.integers(0, 9)) < 9:
         obj["method"] = method
-    params = draw(st.one_of(
-        st.dictionaries(st.text(max_size=12), json_value, max_size=5),
-        st.fixed_dictionaries({"name": json_value}),
-        st.fixed_dictionaries({"spec": json_value}),
-        st.fixed_dictionaries({"name": st.text(max_size=20), "signal": json_value}),
-        json_value,
-    ))
+    params = draw(
+        st.one_of(
+            st.dictionaries(st.text(max_size=12), json_value, max_size=5),
+            st.fixed_dictionaries({"name": json_value}),
+            st.fixed_dictionaries({"spec": json_value}),
+            st.fixed_dictionaries({"name": st.text(max_size=20), "signal": json_value}),
+            json_value,
+        )
+    )
     if draw(st.integers(0, 7)) < 7:
         obj["parameters"] = params
     if draw(st.integers(0, 3)) == 3:  # any combination, wrong types included
@@ -190,7 +213,9 @@ def bad_frames(draw: st.DrawFn) -> Bad:
         data = draw(st.binary(max_size=200)) + draw(st.sampled_from([b"\xff", b"\x80", b"\xc3", b"\xed\xa0\x80"]))
         data += draw(st.binary(max_size=50))
     elif kind == "latin1":  # a call, but encoded in Latin-1 with a non-ASCII name
-        data = json.dumps({"method": f"{MANAGER}.Describe", "parameters": {"name": "caf\xe9"}}, ensure_ascii=False).encode("latin-1")
+        data = json.dumps({"method": f"{MANAGER}.Describe", "parameters": {"name": "caf\xe9"}}, ensure_ascii=False).encode(
+            "latin-1"
+        )
     elif kind == "text":
         data = draw(st.text(min_size=1, max_size=100).filter(_not_json)).encode("utf-8", "surrogatepass")
     elif kind == "truncated":
@@ -220,6 +245,7 @@ endings = st.one_of(
 
 
 # --- the client side ------------------------------------------------------------------------
+
 
 class Client:
     """One raw connection: frames out, NUL-terminated replies in."""
@@ -333,6 +359,7 @@ def run_session(address: str, items: list[Call | Bad], ending: Ending) -> None:
 
 # --- the tests ------------------------------------------------------------------------------
 
+
 def wait_for_fds(daemon: Daemon, baseline: list[str]) -> list[str]:
     """The daemon closes a hung-up connection when its loop gets to it: every round trip
     gives it that chance, so compare after each (bounded), never after a sleep."""
@@ -352,8 +379,13 @@ def baseline(daemon: Daemon) -> list[str]:
 
 
 # No shrinking: a hang shrinks for minutes; the failing example is printed as generated.
-@settings(max_examples=1000, deadline=None, suppress_health_check=list(HealthCheck), database=None,
-          phases=[Phase.explicit, Phase.generate])
+@settings(
+    max_examples=1000,
+    deadline=None,
+    suppress_health_check=list(HealthCheck),
+    database=None,
+    phases=[Phase.explicit, Phase.generate],
+)
 @given(
     items=st.lists(st.one_of(calls(), bad_frames()), min_size=1, max_size=4),
     ending=endings,
@@ -398,7 +430,7 @@ def test_daemon_survived_with_its_fds(daemon: Daemon, baseline: list[str]) -> No
     # (asyncvarlink logs a failed send to a reset peer at debug level, traceback included.)
     lines = log.splitlines()
     problems = [i for i, line in enumerate(lines) if " ERROR " in line or " CRITICAL " in line or "unhandled exception" in line]
-    assert not problems, "\n".join(lines[problems[0]:problems[0] + 40] if problems else [])
+    assert not problems, "\n".join(lines[problems[0] : problems[0] + 40] if problems else [])
     assert children_of(daemon.process.pid) == []
     assert wait_for_fds(daemon, baseline) == baseline
     print(

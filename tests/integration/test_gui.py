@@ -36,10 +36,20 @@ BANDS = [(255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 255)]
 
 @pytest.fixture(scope="module")
 def vm(daemon: Daemon, guest: Guest) -> Iterator[JsonObject]:
-    daemon.call("Spawn", {"spec": {
-        "name": NAME, "kvm": False, "ram": 256 << 20, "console": "gui", "linux": str(guest.kernel),
-        "initrds": [str(guest.initrd)], "kernelCmdline": ["vmspawnd_test.mode=fbpattern"],
-    }})
+    daemon.call(
+        "Spawn",
+        {
+            "spec": {
+                "name": NAME,
+                "kvm": False,
+                "ram": 256 << 20,
+                "console": "gui",
+                "linux": str(guest.kernel),
+                "initrds": [str(guest.initrd)],
+                "kernelCmdline": ["vmspawnd_test.mode=fbpattern"],
+            }
+        },
+    )
     yield daemon.call("Describe", {"name": NAME})["machine"]
     daemon.call("Terminate", {"name": NAME})
     daemon.call("Remove", {"name": NAME})
@@ -67,9 +77,9 @@ def band_match(width: int, height: int, pixels: bytes) -> list[float]:
     shares = []
     rows = height // len(BANDS)
     for index, colour in enumerate(BANDS):
-        band = pixels[index * rows * width * 3:(index + 1) * rows * width * 3]
+        band = pixels[index * rows * width * 3 : (index + 1) * rows * width * 3]
         want = bytes(colour)
-        hits = sum(1 for i in range(0, len(band), 3 * 7) if band[i:i + 3] == want)  # every 7th pixel
+        hits = sum(1 for i in range(0, len(band), 3 * 7) if band[i : i + 3] == want)  # every 7th pixel
         shares.append(hits / (len(band) // (3 * 7)))
     return shares
 
@@ -101,7 +111,9 @@ def test_screenshot_shows_what_the_guest_drew(daemon: Daemon, vm: JsonObject, tm
     out = tmp_path / "screen.png"
     result = subprocess.run(
         [sys.executable, "-m", "vmspawnctl.main", "--address", daemon.address, "screenshot", NAME, str(out)],
-        capture_output=True, text=True, timeout=60,
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert result.returncode == 0, result.stderr
     png = out.read_bytes()
@@ -122,6 +134,8 @@ def test_bad_screenshot_requests(daemon: Daemon, vm: JsonObject) -> None:
         assert unknown.value.short_name == "NoSuchMachine"
     result = subprocess.run(
         [sys.executable, "-m", "vmspawnctl.main", "--address", daemon.address, "screenshot", NAME, "x.gif", "--format", "gif"],
-        capture_output=True, text=True, timeout=60,
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert result.returncode == 2 and "--format" in result.stderr

@@ -37,7 +37,7 @@ def smbios_credentials(facts: dict[str, list[str]]) -> dict[str, bytes]:
         raw = bytes.fromhex(line.split()[1])
         for text in raw[5:].split(b"\0"):
             if text.startswith(CREDENTIAL_PREFIX):
-                name, _, data = text[len(CREDENTIAL_PREFIX):].partition(b"=")
+                name, _, data = text[len(CREDENTIAL_PREFIX) :].partition(b"=")
                 found[name.decode()] = base64.b64decode(data)
     return found
 
@@ -86,7 +86,11 @@ def shares(tmp_path: Path) -> Iterator[dict[str, Path]]:
 
 def spec_with_shares(name: str, guest: Guest, shares: dict[str, Path], **extra: object) -> dict[str, object]:
     return {
-        "name": name, "kvm": False, "ram": 256 * MIB, "linux": str(guest.kernel), "initrds": [str(guest.initrd)],
+        "name": name,
+        "kvm": False,
+        "ram": 256 * MIB,
+        "linux": str(guest.kernel),
+        "initrds": [str(guest.initrd)],
         "kernelCmdline": ["vmspawnd_test.mode=wait"],
         "binds": [
             {"source": str(shares["rw"]), "target": "/mnt/rw", "readOnly": False},
@@ -96,7 +100,9 @@ def spec_with_shares(name: str, guest: Guest, shares: dict[str, Path], **extra: 
     }
 
 
-def test_tpm_shares_and_key_reach_guest_and_a_dead_helper_ends_the_vm(daemon: Daemon, guest: Guest, shares: dict[str, Path]) -> None:
+def test_tpm_shares_and_key_reach_guest_and_a_dead_helper_ends_the_vm(
+    daemon: Daemon, guest: Guest, shares: dict[str, Path]
+) -> None:
     state = shares["root"].parent / "rootdir.tpmstate"
     with no_leaks(daemon), EventStream(daemon) as events:
         spec = spec_with_shares("helpers", guest, shares, directory=str(shares["root"]), tpm=True)
@@ -136,9 +142,7 @@ def test_tpm_shares_and_key_reach_guest_and_a_dead_helper_ends_the_vm(daemon: Da
         # The public key reached the guest as vmspawn's credential, with the sshd drop-in.
         credentials = smbios_credentials(facts)
         assert credentials["ssh.ephemeral-authorized_keys-all"] == public.read_bytes()
-        assert b"ImportCredential=ssh.ephemeral-authorized_keys-all" in credentials[
-            "systemd.unit-dropin.sshd-vsock@.service"
-        ]
+        assert b"ImportCredential=ssh.ephemeral-authorized_keys-all" in credentials["systemd.unit-dropin.sshd-vsock@.service"]
 
         # swtpm dies: the VM ends as failed, naming it; nothing of the VM remains.
         os.kill(pids["swtpm"], signal.SIGKILL)
@@ -151,7 +155,9 @@ def test_tpm_shares_and_key_reach_guest_and_a_dead_helper_ends_the_vm(daemon: Da
         daemon.call("Remove", {"name": "helpers"})
 
 
-def test_second_boot_reuses_tpm_state_and_a_dead_virtiofsd_ends_the_vm(daemon: Daemon, guest: Guest, shares: dict[str, Path]) -> None:
+def test_second_boot_reuses_tpm_state_and_a_dead_virtiofsd_ends_the_vm(
+    daemon: Daemon, guest: Guest, shares: dict[str, Path]
+) -> None:
     state = shares["root"].parent / "rootdir.tpmstate"
     with no_leaks(daemon), EventStream(daemon) as events:
         for round_ in ("first", "second"):
@@ -259,7 +265,9 @@ def test_unsupported_key_type_and_id_mapping_are_refused_clearly(daemon: Daemon,
             assert "/usr/lib/qemu/virtiofsd" in str(getattr(info.value, "parameters", info.value))
 
 
-def test_bind_user_needs_id_translation_and_says_which_binary_lacks_it(daemon: Daemon, guest: Guest, shares: dict[str, Path]) -> None:
+def test_bind_user_needs_id_translation_and_says_which_binary_lacks_it(
+    daemon: Daemon, guest: Guest, shares: dict[str, Path]
+) -> None:
     """--bind-user maps the host UID to the VM's; bookworm's C virtiofsd cannot (the Rust one can:
     its records and argv are unit-tested). The refusal names the binary and leaves nothing."""
     if not os.access("/usr/lib/qemu/virtiofsd", os.X_OK) or any(

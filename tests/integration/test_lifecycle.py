@@ -46,8 +46,14 @@ def daemon() -> Iterator[Daemon]:
 @pytest.fixture(scope="module")
 def vm(daemon: Daemon, guest: Guest) -> JsonObject:
     """One booted guest (wait mode: acpid and a shell) shared by the module."""
-    spec = {"name": "life", "kvm": False, "ram": 256 * MIB, "linux": str(guest.kernel),
-            "initrds": [str(guest.initrd)], "kernelCmdline": ["vmspawnd_test.mode=wait"]}
+    spec = {
+        "name": "life",
+        "kvm": False,
+        "ram": 256 * MIB,
+        "linux": str(guest.kernel),
+        "initrds": [str(guest.initrd)],
+        "kernelCmdline": ["vmspawnd_test.mode=wait"],
+    }
     machine: JsonObject = daemon.call("Spawn", {"spec": spec})["machine"]
     with Console(machine) as console:
         console.wait_for(r"VMSPAWND-TEST: acpid-running")
@@ -118,7 +124,9 @@ def test_machine_instance_describe_with_third_party_client(daemon: Daemon, vm: J
     address = describe(daemon)["controlAddress"]
     result = subprocess.run(
         [sys.executable, "-m", "varlink.cli", "call", f"unix:{address}/io.systemd.MachineInstance.Describe", "{}"],
-        capture_output=True, text=True, timeout=60,
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert json.loads(result.stdout) == {"running": True, "status": "running"}, result.stdout + result.stderr
 
@@ -185,10 +193,19 @@ def test_machine_instance_events_stream_qmp_events(daemon: Daemon, vm: JsonObjec
 
 
 def test_wedged_qemu_times_out_without_slowing_anything_else(daemon: Daemon, vm: JsonObject, guest: Guest) -> None:
-    daemon.call("Spawn", {"spec": {
-        "name": "other", "kvm": False, "ram": 128 * MIB, "linux": str(guest.kernel),
-        "initrds": [str(guest.initrd)], "kernelCmdline": ["vmspawnd_test.mode=wait"],
-    }})
+    daemon.call(
+        "Spawn",
+        {
+            "spec": {
+                "name": "other",
+                "kvm": False,
+                "ram": 128 * MIB,
+                "linux": str(guest.kernel),
+                "initrds": [str(guest.initrd)],
+                "kernelCmdline": ["vmspawnd_test.mode=wait"],
+            }
+        },
+    )
     pid = describe(daemon)["qemu"]["pid"]
     os.kill(pid, signal.SIGSTOP)
     try:
@@ -246,9 +263,25 @@ def test_start_wait_returns_once_the_guest_is_ready_and_shutdown_all(daemon: Dae
     env = dict(os.environ, VMSPAWN_ADDRESS=daemon.address)
     with EventStream(daemon) as events:
         cli = subprocess.Popen(
-            [sys.executable, "-m", "vmspawnctl.main", "start", "--wait", "--timeout=300", "-M", "waiter", "--kvm=no",
-             "--ram=256M", f"--linux={guest.kernel}", f"--initrd={guest.initrd}", "vmspawnd_test.mode=wait"],
-            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            [
+                sys.executable,
+                "-m",
+                "vmspawnctl.main",
+                "start",
+                "--wait",
+                "--timeout=300",
+                "-M",
+                "waiter",
+                "--kvm=no",
+                "--ram=256M",
+                f"--linux={guest.kernel}",
+                f"--initrd={guest.initrd}",
+                "vmspawnd_test.mode=wait",
+            ],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
         )
         events.wait_state("waiter", "running")
         assert cli.poll() is None  # still waiting: running is not ready yet

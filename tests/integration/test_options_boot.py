@@ -32,8 +32,25 @@ def write_gpt_image(path: Path, root_uuid: uuid.UUID) -> None:
     entries = bytearray(128 * 128)
     struct.pack_into("<16s16sQQQ", entries, 0, ROOT_TYPES["x86_64"].bytes_le, root_uuid.bytes_le, 2048, 8158, 0)
     header = bytearray(92)
-    struct.pack_into("<8sIIIIQQQQ16sQIII", header, 0, b"EFI PART", 0x10000, 92, 0, 0, 1, 8191, 34, 8158,
-                     uuid.uuid4().bytes_le, 2, 128, 128, zlib.crc32(entries))
+    struct.pack_into(
+        "<8sIIIIQQQQ16sQIII",
+        header,
+        0,
+        b"EFI PART",
+        0x10000,
+        92,
+        0,
+        0,
+        1,
+        8191,
+        34,
+        8158,
+        uuid.uuid4().bytes_le,
+        2,
+        128,
+        128,
+        zlib.crc32(entries),
+    )
     struct.pack_into("<I", header, 16, zlib.crc32(header))
     with open(path, "wb") as f:
         f.truncate(4 * MIB)
@@ -48,7 +65,7 @@ def smbios11_strings(facts: dict[str, list[str]]) -> list[bytes]:
     out: list[bytes] = []
     for line in facts.get("smbios11", []):
         raw = bytes.fromhex(line.split()[1])
-        out += [s for s in raw[raw[1]:].split(b"\0") if s]
+        out += [s for s in raw[raw[1] :].split(b"\0") if s]
     return out
 
 
@@ -62,12 +79,25 @@ def test_options_reach_the_guest(daemon: Daemon, guest: Guest, tmp_path: Path) -
     cred_file.write_bytes(b"\x00\x01loaded\xff\n")
     machine_uuid = str(uuid.uuid4())
     facts = boot_facts(
-        daemon, "opts", "--kvm=no", "--tpm=no", "--cpus=2", "--ram=300M", f"--image={image}",
-        f"--linux={guest.kernel}", f"--initrd={guest.initrd}", f"--extra-drive={extra}",
-        "--network-user-mode", f"--uuid={machine_uuid}",
-        "--set-credential=set.cred:a\\x00b\\nc", f"--load-credential=load.cred:{cred_file}",
-        "-s", "io.test.first=one, with comma", "--smbios11=io.test.second=two",
-        "vmspawnd_test.mode=wait", "marker.word=from-args",
+        daemon,
+        "opts",
+        "--kvm=no",
+        "--tpm=no",
+        "--cpus=2",
+        "--ram=300M",
+        f"--image={image}",
+        f"--linux={guest.kernel}",
+        f"--initrd={guest.initrd}",
+        f"--extra-drive={extra}",
+        "--network-user-mode",
+        f"--uuid={machine_uuid}",
+        "--set-credential=set.cred:a\\x00b\\nc",
+        f"--load-credential=load.cred:{cred_file}",
+        "-s",
+        "io.test.first=one, with comma",
+        "--smbios11=io.test.second=two",
+        "vmspawnd_test.mode=wait",
+        "marker.word=from-args",
     )
 
     cmdline = facts["cmdline"][0].split()

@@ -32,13 +32,14 @@ pytestmark = pytest.mark.vm
 
 ROOT = Path(__file__).resolve().parents[2]
 BIN = str(Path(sys.executable).parent)
+VARLINK_CLIENTS_TEST = "tests/system/test_install.py::test_varlink_clients_list_the_vm"
 RUN_ELSEWHERE = {
     "scripts/install --demo": "tests/system/test_install.py::test_readme_demo",
     "scripts/test": ".ci/run",
-    "varlinkctl call /run/vmspawnd/io.vmspawnd.Manager io.vmspawnd.Manager.List '{}'":
-        "tests/system/test_install.py::test_varlink_clients_list_the_vm",
-    "/opt/vmspawnd/bin/python -m varlink.cli call unix:/run/vmspawnd/io.vmspawnd.Manager/io.vmspawnd.Manager.List '{}'":
-        "tests/system/test_install.py::test_varlink_clients_list_the_vm",
+    "varlinkctl call /run/vmspawnd/io.vmspawnd.Manager io.vmspawnd.Manager.List '{}'": VARLINK_CLIENTS_TEST,
+    (
+        "/opt/vmspawnd/bin/python -m varlink.cli call unix:/run/vmspawnd/io.vmspawnd.Manager/io.vmspawnd.Manager.List '{}'"
+    ): VARLINK_CLIENTS_TEST,
 }
 
 
@@ -73,7 +74,9 @@ def words(command: str, guest) -> list[str]:  # type: ignore[no-untyped-def]
     return shlex.split(command)
 
 
-def on_terminal(argv: list[str], env: dict[str, str], *, then_type: bytes = b"", after: bytes = b"", timeout: float = 300.0) -> tuple[int, bytes]:
+def on_terminal(
+    argv: list[str], env: dict[str, str], *, then_type: bytes = b"", after: bytes = b"", timeout: float = 300.0
+) -> tuple[int, bytes]:
     """Run argv on a pty as a user would; once `after` has shown, type `then_type`."""
     master, slave = pty.openpty()
     process = subprocess.Popen(argv, stdin=slave, stdout=slave, stderr=slave, env=env, start_new_session=True)
@@ -110,8 +113,22 @@ def demo(daemon: Daemon, guest) -> Iterator[dict[str, str]]:  # type: ignore[no-
     env |= {"VMSPAWN_ADDRESS": daemon.address, "PATH": f"{BIN}:{os.environ['PATH']}", "TERM": "xterm", "SYSTEMD_PAGER": "cat"}
     install = (ROOT / "scripts/install").read_text()
     assert "start -M demo --kvm=no --ram=256M" in install and "vmspawnd_test.mode=wait" in install
-    subprocess.run(["vmspawnctl", "start", "-M", "demo", "--kvm=no", "--ram=256M", f"--linux={guest.kernel}",
-                    f"--initrd={guest.initrd}", "vmspawnd_test.mode=wait"], env=env, check=True, timeout=300)
+    subprocess.run(
+        [
+            "vmspawnctl",
+            "start",
+            "-M",
+            "demo",
+            "--kvm=no",
+            "--ram=256M",
+            f"--linux={guest.kernel}",
+            f"--initrd={guest.initrd}",
+            "vmspawnd_test.mode=wait",
+        ],
+        env=env,
+        check=True,
+        timeout=300,
+    )
     with Console(daemon.call("Describe", {"name": "demo"})["machine"]) as console:
         console.wait_for(r"VMSPAWND-TEST: acpid-running")
     yield env
@@ -129,8 +146,9 @@ def test_readme_use_commands_as_written(demo: dict[str, str], guest) -> None:  #
         if verb in ("console", "run"):
             # Interactive: on a terminal. console is left with Ctrl-] three times once the
             # history has shown; run returns when the guest (powering off by default) ends.
-            code, output = on_terminal(argv, demo, then_type=b"\x1d\x1d\x1d" if verb == "console" else b"",
-                                       after=b"VMSPAWND-TEST")
+            code, output = on_terminal(
+                argv, demo, then_type=b"\x1d\x1d\x1d" if verb == "console" else b"", after=b"VMSPAWND-TEST"
+            )
             text = output.decode(errors="replace")
             assert code == 0, f"{command}: exit {code}\n{text[-3000:]}"
             assert "VMSPAWND-TEST:" in text, f"{command}: no console output\n{text[-3000:]}"
@@ -138,9 +156,14 @@ def test_readme_use_commands_as_written(demo: dict[str, str], guest) -> None:  #
         result = subprocess.run(argv, env=demo, capture_output=True, text=True, timeout=300)
         assert result.returncode == 0, f"{command}: exit {result.returncode}\n{result.stdout}{result.stderr}"
         expected = {
-            "list": r"^demo\s", "status": r"State: (running|ready)", "log": r"VMSPAWND-TEST: acpid-running",
-            "pause": r"^demo: paused$", "resume": r"^demo: (running|ready)$", "stop": r"^demo: stopped",
-            "start": r"^Spawned VM vm1 ", "terminate": r"^vm1: stopped",
+            "list": r"^demo\s",
+            "status": r"State: (running|ready)",
+            "log": r"VMSPAWND-TEST: acpid-running",
+            "pause": r"^demo: paused$",
+            "resume": r"^demo: (running|ready)$",
+            "stop": r"^demo: stopped",
+            "start": r"^Spawned VM vm1 ",
+            "terminate": r"^vm1: stopped",
         }.get(verb)
         if expected:
             assert re.search(expected, result.stdout, re.M), f"{command}: {result.stdout}"

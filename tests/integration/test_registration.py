@@ -92,7 +92,10 @@ async def test_varlink_register_261_with_control_address(tmp_path: Path, sleeper
     try:
         reg = await register_machine(
             info(sleeper.pid, vsock_cid=42, ssh_private_key_path="/k", control_address="/run/x/control"),
-            register=None, is_root=True, systemd_booted=False, environ=env_for(None, tmp_path / "machine"),
+            register=None,
+            is_root=True,
+            systemd_booted=False,
+            environ=env_for(None, tmp_path / "machine"),
         )
         assert reg.varlink_address == str(tmp_path / "machine")
         [(member, params)] = iface.calls
@@ -100,8 +103,13 @@ async def test_varlink_register_261_with_control_address(tmp_path: Path, sleeper
         leader = params.pop("leaderProcessId")
         assert leader["pid"] == sleeper.pid
         assert params == {
-            "name": "alpha", "id": UUID, "service": "vmspawnd", "class": "vm",
-            "vSockCid": 42, "sshAddress": "vsock/42", "sshPrivateKeyPath": "/k",
+            "name": "alpha",
+            "id": UUID,
+            "service": "vmspawnd",
+            "class": "vm",
+            "vSockCid": 42,
+            "sshAddress": "vsock/42",
+            "sshPrivateKeyPath": "/k",
             "controlAddress": "/run/x/control",
         }
         await reg.close()
@@ -112,12 +120,17 @@ async def test_varlink_register_261_with_control_address(tmp_path: Path, sleeper
 
 
 @pytest.mark.asyncio
-async def test_varlink_register_before_261_retries_without_control_address(tmp_path: Path, sleeper: subprocess.Popen[bytes]) -> None:
+async def test_varlink_register_before_261_retries_without_control_address(
+    tmp_path: Path, sleeper: subprocess.Popen[bytes]
+) -> None:
     iface, server = await machined_varlink.serve(tmp_path / "machine", legacy=True)
     try:
         reg = await register_machine(
             info(sleeper.pid, control_address="/run/x/control"),
-            register=True, is_root=False, systemd_booted=False, environ=env_for(None, tmp_path / "machine"),
+            register=True,
+            is_root=False,
+            systemd_booted=False,
+            environ=env_for(None, tmp_path / "machine"),
         )
         assert [c[0] for c in iface.calls] == ["Register"]  # the refused call never reached the method
         assert "controlAddress" not in iface.calls[0][1]
@@ -163,7 +176,10 @@ async def test_absent_machined_auto_is_quiet_and_yes_fails() -> None:
 @pytest.mark.asyncio
 async def test_dbus_fallback_register_machine(bus: PrivateBus, services: Services, sleeper: subprocess.Popen[bytes]) -> None:
     reg = await register_machine(
-        info(sleeper.pid, root_directory="/srv/tree"), register=True, is_root=True, systemd_booted=False,
+        info(sleeper.pid, root_directory="/srv/tree"),
+        register=True,
+        is_root=True,
+        systemd_booted=False,
         environ=env_for(bus, None),
     )
     assert reg.dbus_registered
@@ -179,8 +195,13 @@ async def test_scope_with_properties_and_teardown(bus: PrivateBus, services: Ser
     helper = subprocess.Popen(["sleep", "600"])  # noqa: ASYNC220 - a stand-in helper, started at once
     try:
         reg = await register_machine(
-            info(sleeper.pid), register=False, is_root=True, systemd_booted=True, environ=env_for(bus, None),
-            slice_name="vms", properties=["MemoryMax=1G", "CPUQuota=50%", "DeviceAllow=/dev/kvm rw"],
+            info(sleeper.pid),
+            register=False,
+            is_root=True,
+            systemd_booted=True,
+            environ=env_for(bus, None),
+            slice_name="vms",
+            properties=["MemoryMax=1G", "CPUQuota=50%", "DeviceAllow=/dev/kvm rw"],
             pids=[sleeper.pid, helper.pid],
         )
         assert reg.scope_unit == "alpha.scope"
@@ -218,7 +239,9 @@ async def test_scope_with_properties_and_teardown(bus: PrivateBus, services: Ser
 async def test_scope_with_pidfds_accepted(bus: PrivateBus, sleeper: subprocess.Popen[bytes]) -> None:
     services = await start_services(bus.address, accept_pidfds=True)
     try:
-        reg = await register_machine(info(sleeper.pid), register=False, is_root=True, systemd_booted=True, environ=env_for(bus, None))
+        reg = await register_machine(
+            info(sleeper.pid), register=False, is_root=True, systemd_booted=True, environ=env_for(bus, None)
+        )
         [start] = [c for c in services.calls if c.member == "StartTransientUnit"]
         props = {p[0]: p[1] for p in start.args[2]}
         assert props["PIDFDs"][0] == "ah" and "PIDs" not in props
@@ -232,7 +255,9 @@ async def test_failed_scope_job_fails_start(bus: PrivateBus, sleeper: subprocess
     services = await start_services(bus.address, job_result="failed")
     try:
         with pytest.raises(StartFailed) as failure:
-            await register_machine(info(sleeper.pid), register=False, is_root=True, systemd_booted=True, environ=env_for(bus, None))
+            await register_machine(
+                info(sleeper.pid), register=False, is_root=True, systemd_booted=True, environ=env_for(bus, None)
+            )
         assert failure.value.step == "scope" and "failed" in failure.value.message
         assert services.members()[-3:] == ["AbandonScope", "KillUnit", "UnrefUnit"]  # undone
     finally:
@@ -247,7 +272,12 @@ async def test_request_stop_calls_back(bus: PrivateBus, services: Services, slee
         stopped.set()
 
     reg = await register_machine(
-        info(sleeper.pid), register=False, is_root=True, systemd_booted=True, environ=env_for(bus, None), on_request_stop=on_stop,
+        info(sleeper.pid),
+        register=False,
+        is_root=True,
+        systemd_booted=True,
+        environ=env_for(bus, None),
+        on_request_stop=on_stop,
     )
     assert services.systemd1 is not None
     services.systemd1.request_stop("alpha.scope", unit_object_path("alpha.scope"))
@@ -265,7 +295,11 @@ async def test_root_varlink_registration_creates_our_scope_first(
     iface, server = await machined_varlink.serve(tmp_path / "machine")
     try:
         reg = await register_machine(
-            info(sleeper.pid), register=None, is_root=True, systemd_booted=True, environ=env_for(bus, tmp_path / "machine"),
+            info(sleeper.pid),
+            register=None,
+            is_root=True,
+            systemd_booted=True,
+            environ=env_for(bus, tmp_path / "machine"),
             pids=[sleeper.pid, os.getpid()],
         )
         assert "allocateUnit" not in iface.calls[0][1]
@@ -285,8 +319,14 @@ async def test_keep_unit_joins_the_callers_unit_and_registers(
     iface, server = await machined_varlink.serve(tmp_path / "machine")
     try:
         reg = await register_machine(
-            info(sleeper.pid), register=None, keep_unit=True, caller_unit="client.service", is_root=True,
-            systemd_booted=True, environ=env_for(bus, tmp_path / "machine"), pids=[sleeper.pid],
+            info(sleeper.pid),
+            register=None,
+            keep_unit=True,
+            caller_unit="client.service",
+            is_root=True,
+            systemd_booted=True,
+            environ=env_for(bus, tmp_path / "machine"),
+            pids=[sleeper.pid],
         )
         assert "allocateUnit" not in iface.calls[0][1]
         assert "StartTransientUnit" not in services.members()
@@ -303,14 +343,21 @@ async def test_keep_unit_joins_the_callers_unit_and_registers(
 async def test_keep_unit_without_a_caller_unit_fails_the_start(bus: PrivateBus, sleeper: subprocess.Popen[bytes]) -> None:
     with pytest.raises(StartFailed) as failed:
         await register_machine(
-            info(sleeper.pid), register=None, keep_unit=True, caller_unit=None, is_root=True, systemd_booted=True,
+            info(sleeper.pid),
+            register=None,
+            keep_unit=True,
+            caller_unit=None,
+            is_root=True,
+            systemd_booted=True,
             environ=env_for(bus, None),
         )
     assert failed.value.step == "keep-unit"
 
 
 @pytest.mark.asyncio
-async def test_dbus_fallback_creates_scope_then_registers(bus: PrivateBus, services: Services, sleeper: subprocess.Popen[bytes]) -> None:
+async def test_dbus_fallback_creates_scope_then_registers(
+    bus: PrivateBus, services: Services, sleeper: subprocess.Popen[bytes]
+) -> None:
     """Without machined's Varlink socket machined cannot allocate: our scope first, then RegisterMachine."""
     reg = await register_machine(info(sleeper.pid), register=None, is_root=True, systemd_booted=True, environ=env_for(bus, None))
     assert services.members() == ["StartTransientUnit", "StartTransientUnit", "RegisterMachine"]
@@ -365,10 +412,19 @@ def test_daemon_registers_vm_and_unregisters_at_end(guest: Guest, tmp_path: Path
     env = dict(os.environ, VMSPAWND_MACHINED_ADDRESS=str(address), VMSPAWND_SYSTEMD_BOOTED="0")
     daemon = start_daemon(runtime, env=env)
     try:
-        daemon.call("Spawn", {"spec": {
-            "name": "registered", "kvm": False, "ram": 256 * MIB, "linux": str(guest.kernel),
-            "initrds": [str(guest.initrd)], "uuid": "01234567-89ab-cdef-0123-456789abcdef",
-        }})
+        daemon.call(
+            "Spawn",
+            {
+                "spec": {
+                    "name": "registered",
+                    "kvm": False,
+                    "ram": 256 * MIB,
+                    "linux": str(guest.kernel),
+                    "initrds": [str(guest.initrd)],
+                    "uuid": "01234567-89ab-cdef-0123-456789abcdef",
+                }
+            },
+        )
         machine = daemon.call("Describe", {"name": "registered"})["machine"]
         wait_until(lambda: len(iface.calls) >= 1, 30, "Register")
         member, params = iface.calls[0]
@@ -396,15 +452,27 @@ def test_daemon_scope_request_stop_terminates_vm(guest: Guest, loop_thread: Loop
         services = loop_thread.run(start_services(bus.address, machine1=False))
         runtime = make_runtime_dir()
         env = dict(
-            os.environ, DBUS_SYSTEM_BUS_ADDRESS=bus.address, VMSPAWND_SYSTEMD_BOOTED="1",
+            os.environ,
+            DBUS_SYSTEM_BUS_ADDRESS=bus.address,
+            VMSPAWND_SYSTEMD_BOOTED="1",
             VMSPAWND_MACHINED_ADDRESS=str(runtime.parent / "absent"),
         )
         daemon = start_daemon(runtime, env=env)
         try:
-            daemon.call("Spawn", {"spec": {
-                "name": "scoped", "kvm": False, "ram": 256 * MIB, "linux": str(guest.kernel),
-                "initrds": [str(guest.initrd)], "slice": "vms.slice", "properties": ["TasksMax=200"],
-            }})
+            daemon.call(
+                "Spawn",
+                {
+                    "spec": {
+                        "name": "scoped",
+                        "kvm": False,
+                        "ram": 256 * MIB,
+                        "linux": str(guest.kernel),
+                        "initrds": [str(guest.initrd)],
+                        "slice": "vms.slice",
+                        "properties": ["TasksMax=200"],
+                    }
+                },
+            )
             machine = daemon.call("Describe", {"name": "scoped"})["machine"]
             starts = [c for c in services.calls if c.member == "StartTransientUnit"]
             assert starts and starts[-1].args[0] == "scoped.scope"
@@ -417,7 +485,8 @@ def test_daemon_scope_request_stop_terminates_vm(guest: Guest, loop_thread: Loop
             loop_thread.loop.call_soon_threadsafe(systemd1.request_stop, "scoped.scope", unit_object_path("scoped.scope"))
             wait_until(
                 lambda: daemon.call("Describe", {"name": "scoped"})["machine"]["state"] in ("stopped", "failed"),
-                60, "the VM to stop after RequestStop",
+                60,
+                "the VM to stop after RequestStop",
             )
             machine = daemon.call("Describe", {"name": "scoped"})["machine"]
             assert machine["state"] == "stopped" and "terminated" in machine["reason"], machine

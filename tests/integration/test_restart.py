@@ -87,8 +87,14 @@ def wait_for_file_text(path: Path, text: str, timeout: float = 60.0) -> None:
 
 
 def spec(guest: Guest, name: str, mode: str, *extra: str) -> dict[str, object]:
-    return {"name": name, "kvm": False, "ram": 192 * MIB, "linux": str(guest.kernel), "initrds": [str(guest.initrd)],
-            "kernelCmdline": [f"vmspawnd_test.mode={mode}", *extra]}
+    return {
+        "name": name,
+        "kvm": False,
+        "ram": 192 * MIB,
+        "linux": str(guest.kernel),
+        "initrds": [str(guest.initrd)],
+        "kernelCmdline": [f"vmspawnd_test.mode={mode}", *extra],
+    }
 
 
 def describe(daemon: Daemon, name: str) -> JsonObject:
@@ -119,7 +125,9 @@ def test_sigkill_while_starting_running_paused_and_powering_off(world: dict[str,
         ).start()
         events.wait_state("stopping1", "stopping")
         threading.Thread(
-            target=lambda: _ignore_errors(first.call, "Spawn", {"spec": spec(guest, "starting1", "wait", "vmspawnd_test.hold=1")}),
+            target=lambda: _ignore_errors(
+                first.call, "Spawn", {"spec": spec(guest, "starting1", "wait", "vmspawnd_test.hold=1")}
+            ),
             daemon=True,
         ).start()
         with open(hold / "held") as held:  # returns once the wrapper holds the start

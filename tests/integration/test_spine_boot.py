@@ -25,9 +25,17 @@ def test_start_boots_guest_with_requested_hardware(daemon: Daemon, guest: Guest,
     drive = tmp_path / "extra-disk.img"
     drive.write_bytes(b"\0" * (3 * MIB))
     result = daemon.ctl(
-        "start", "-M", "facts", "--kvm=no", "--cpus=2", "--ram=300M",
-        f"--linux={guest.kernel}", f"--initrd={guest.initrd}", f"--extra-drive={drive}",
-        "vmspawnd_test.mode=wait", "marker.word=hello-from-args",
+        "start",
+        "-M",
+        "facts",
+        "--kvm=no",
+        "--cpus=2",
+        "--ram=300M",
+        f"--linux={guest.kernel}",
+        f"--initrd={guest.initrd}",
+        f"--extra-drive={drive}",
+        "vmspawnd_test.mode=wait",
+        "marker.word=hello-from-args",
     )
     assert result.returncode == 0, result.stderr
     machine = daemon.call("Describe", {"name": "facts"})["machine"]
@@ -53,14 +61,25 @@ def test_start_boots_guest_with_requested_hardware(daemon: Daemon, guest: Guest,
 
 def test_third_party_varlink_client_spawns_vm_that_outlives_it(daemon: Daemon, guest: Guest) -> None:
     spec = {
-        "name": "byvarlink", "kvm": False, "ram": 256 * MIB,
-        "linux": str(guest.kernel), "initrds": [str(guest.initrd)],
+        "name": "byvarlink",
+        "kvm": False,
+        "ram": 256 * MIB,
+        "linux": str(guest.kernel),
+        "initrds": [str(guest.initrd)],
         "kernelCmdline": ["vmspawnd_test.mode=wait"],
     }
     client = subprocess.run(
-        [sys.executable, "-m", "varlink.cli", "call",
-         f"unix:{daemon.address}/io.vmspawnd.Manager.Spawn", json.dumps({"spec": spec})],
-        capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            "-m",
+            "varlink.cli",
+            "call",
+            f"unix:{daemon.address}/io.vmspawnd.Manager.Spawn",
+            json.dumps({"spec": spec}),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert client.returncode == 0 and "error" not in client.stdout.lower(), client.stdout + client.stderr
     reply = json.loads(client.stdout)
@@ -88,8 +107,14 @@ def test_third_party_varlink_client_spawns_vm_that_outlives_it(daemon: Daemon, g
 
 def test_guest_ignoring_acpi_is_terminated_after_deadline(daemon: Daemon, guest: Guest) -> None:
     result = daemon.ctl(
-        "start", "-M", "stubborn", "--kvm=no", "--ram=256M",
-        f"--linux={guest.kernel}", f"--initrd={guest.initrd}", "vmspawnd_test.mode=ignore-acpi",
+        "start",
+        "-M",
+        "stubborn",
+        "--kvm=no",
+        "--ram=256M",
+        f"--linux={guest.kernel}",
+        f"--initrd={guest.initrd}",
+        "vmspawnd_test.mode=ignore-acpi",
     )
     assert result.returncode == 0, result.stderr
     machine = daemon.call("Describe", {"name": "stubborn"})["machine"]
@@ -106,10 +131,19 @@ def test_guest_ignoring_acpi_is_terminated_after_deadline(daemon: Daemon, guest:
 
 def test_guest_poweroff_is_recorded_until_removed(daemon: Daemon, guest: Guest) -> None:
     with EventStream(daemon) as events:
-        daemon.call("Spawn", {"spec": {
-            "name": "shortlived", "kvm": False, "ram": 256 * MIB, "linux": str(guest.kernel),
-            "initrds": [str(guest.initrd)], "kernelCmdline": ["vmspawnd_test.mode=poweroff"],
-        }})
+        daemon.call(
+            "Spawn",
+            {
+                "spec": {
+                    "name": "shortlived",
+                    "kvm": False,
+                    "ram": 256 * MIB,
+                    "linux": str(guest.kernel),
+                    "initrds": [str(guest.initrd)],
+                    "kernelCmdline": ["vmspawnd_test.mode=poweroff"],
+                }
+            },
+        )
         # The guest powers itself off; the record stays, with its reason and exit code.
         events.wait_state("shortlived", "stopped", "failed")
     machine = daemon.call("Describe", {"name": "shortlived"})["machine"]

@@ -87,7 +87,9 @@ def test_cli_refuses_bad_ram_without_contacting_the_daemon(daemon: Daemon, tmp_p
     env = dict(os.environ, VMSPAWN_ADDRESS=str(tmp_path / "no-daemon-here"))
     result = subprocess.run(
         [sys.executable, "-m", "vmspawnctl.main", "start", "--ram=12Q", "--linux=/k"],
-        env=env, capture_output=True, text=True,
+        env=env,
+        capture_output=True,
+        text=True,
     )
     assert result.returncode == 2
     assert "--ram" in result.stderr and "12Q" in result.stderr and "K, M, G" in result.stderr
@@ -96,8 +98,14 @@ def test_cli_refuses_bad_ram_without_contacting_the_daemon(daemon: Daemon, tmp_p
 
 @pytest.mark.vm
 def test_duplicate_name_is_refused_and_qemu_failure_is_reported(daemon: Daemon, guest: Guest) -> None:
-    spec = {"name": "dup", "kvm": False, "ram": 128 * MIB, "linux": str(guest.kernel),
-            "initrds": [str(guest.initrd)], "kernelCmdline": ["vmspawnd_test.mode=wait"]}
+    spec = {
+        "name": "dup",
+        "kvm": False,
+        "ram": 128 * MIB,
+        "linux": str(guest.kernel),
+        "initrds": [str(guest.initrd)],
+        "kernelCmdline": ["vmspawnd_test.mode=wait"],
+    }
     daemon.call("Spawn", {"spec": spec})
     try:
         with no_leaks(daemon):
@@ -153,8 +161,14 @@ def test_oversized_frame_is_closed(daemon: Daemon) -> None:
 
 @pytest.mark.vm
 def test_client_hanging_up_mid_spawn_leaves_a_consistent_vm(daemon: Daemon, guest: Guest) -> None:
-    spec = {"name": "hangup", "kvm": False, "ram": 128 * MIB, "linux": str(guest.kernel),
-            "initrds": [str(guest.initrd)], "kernelCmdline": ["vmspawnd_test.mode=wait"]}
+    spec = {
+        "name": "hangup",
+        "kvm": False,
+        "ram": 128 * MIB,
+        "linux": str(guest.kernel),
+        "initrds": [str(guest.initrd)],
+        "kernelCmdline": ["vmspawnd_test.mode=wait"],
+    }
     with EventStream(daemon) as events:
         with daemon.connect() as conn:
             conn.send(f"{MANAGER}.Spawn", {"spec": spec})
@@ -182,8 +196,14 @@ def test_unprivileged_peer_gets_permission_denied(daemon: Daemon) -> None:
     assert result.stdout.strip() == f"{MANAGER}.PermissionDenied", result.stderr
     # Introspection stays public, as on systemd's sockets.
     info = subprocess.run(
-        [sys.executable, "-c", "import os; from vmspawnctl.varlink import Connection; os.setgid(65534); os.setuid(65534);"
-         f"print(Connection({daemon.address!r}).call('org.varlink.service.GetInfo')['product'])"],
-        capture_output=True, text=True, timeout=60,
+        [
+            sys.executable,
+            "-c",
+            "import os; from vmspawnctl.varlink import Connection; os.setgid(65534); os.setuid(65534);"
+            f"print(Connection({daemon.address!r}).call('org.varlink.service.GetInfo')['product'])",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert info.stdout.strip() == "vmspawnd", info.stderr

@@ -70,14 +70,32 @@ def write_table(path: Path, disk_size: int, parts: list[Partition], disk_uuid: u
     entries = bytearray(ENTRY_SIZE * ENTRIES)
     for i, p in enumerate(parts):
         name = p.name.encode("utf-16-le")[:72]
-        struct.pack_into("<16s16sQQQ72s", entries, i * ENTRY_SIZE, p.type.bytes_le, p.uuid.bytes_le,
-                         p.start, p.start + p.sectors - 1, 0, name)
+        struct.pack_into(
+            "<16s16sQQQ72s", entries, i * ENTRY_SIZE, p.type.bytes_le, p.uuid.bytes_le, p.start, p.start + p.sectors - 1, 0, name
+        )
     entries_crc = zlib.crc32(entries)
 
     def header(current: int, backup: int, entries_lba: int) -> bytes:
         h = bytearray(92)
-        struct.pack_into("<8sIIIIQQQQ16sQIII", h, 0, b"EFI PART", 0x10000, 92, 0, 0, current, backup,
-                         FIRST_USABLE, last_usable, disk_uuid.bytes_le, entries_lba, ENTRIES, ENTRY_SIZE, entries_crc)
+        struct.pack_into(
+            "<8sIIIIQQQQ16sQIII",
+            h,
+            0,
+            b"EFI PART",
+            0x10000,
+            92,
+            0,
+            0,
+            current,
+            backup,
+            FIRST_USABLE,
+            last_usable,
+            disk_uuid.bytes_le,
+            entries_lba,
+            ENTRIES,
+            ENTRY_SIZE,
+            entries_crc,
+        )
         struct.pack_into("<I", h, 16, zlib.crc32(h))
         return bytes(h)
 

@@ -137,8 +137,9 @@ def recipe() -> dict[str, object]:
         "initrd_modules": list(INITRD_MODULES),
         "masked": list(MASKED_UNITS),
         "report_unit": REPORT_UNIT,
-        "files": {p.name: hashlib.sha256(p.read_bytes()).hexdigest()
-                  for p in (Path(__file__).resolve(), REPORT_SCRIPT, HERE / "gpt.py")},
+        "files": {
+            p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in (Path(__file__).resolve(), REPORT_SCRIPT, HERE / "gpt.py")
+        },
     }
 
 
@@ -151,8 +152,7 @@ def _load(directory: Path) -> RealGuest | None:
     if not info.is_file():
         return None
     data = json.loads(info.read_text())
-    return RealGuest(directory, data["kernel_version"], data["systemd_version"], data["root_partuuid"],
-                     data["build_seconds"])
+    return RealGuest(directory, data["kernel_version"], data["systemd_version"], data["root_partuuid"], data["build_seconds"])
 
 
 def ensure_real_guest() -> RealGuest:
@@ -214,8 +214,22 @@ def _build(spec: dict[str, object], work: Path, log: IO[str]) -> None:
     tree = work / "tree"
     mirror = hostenv.debian_mirror()
     step(f"debootstrap {SUITE} from {mirror}")
-    _run(["unshare", "-m", "--propagation", "private", "debootstrap", "--variant=minbase",
-          f"--include={','.join(INCLUDE)}", SUITE, str(tree), mirror], log, what="debootstrap")
+    _run(
+        [
+            "unshare",
+            "-m",
+            "--propagation",
+            "private",
+            "debootstrap",
+            "--variant=minbase",
+            f"--include={','.join(INCLUDE)}",
+            SUITE,
+            str(tree),
+            mirror,
+        ],
+        log,
+        what="debootstrap",
+    )
     _write(tree / POLICY_RC_D, "#!/bin/sh\nexit 101\n", mode=0o755)
     _write(tree / UNSAFE_IO, "force-unsafe-io\n")
     shutil.copy(Path("/etc/resolv.conf").resolve(), tree / "etc/resolv.conf")
@@ -248,9 +262,11 @@ def _build(spec: dict[str, object], work: Path, log: IO[str]) -> None:
     kernel_version = _kernel_version(tree)
     systemd_version = _systemd_version(tree, log)
     boot = tree / "boot"
-    _write(boot / "loader/entries/debian.conf",
-           f"title Debian GNU/Linux {SUITE}\nversion {kernel_version}\n"
-           f"linux /vmlinuz-{kernel_version}\ninitrd /initrd.img-{kernel_version}\n")
+    _write(
+        boot / "loader/entries/debian.conf",
+        f"title Debian GNU/Linux {SUITE}\nversion {kernel_version}\n"
+        f"linux /vmlinuz-{kernel_version}\ninitrd /initrd.img-{kernel_version}\n",
+    )
     shutil.copyfile(boot / f"vmlinuz-{kernel_version}", work / "vmlinuz")
     shutil.copyfile(boot / f"initrd.img-{kernel_version}", work / "initrd.img")
 
@@ -258,9 +274,20 @@ def _build(spec: dict[str, object], work: Path, log: IO[str]) -> None:
     step("UKI (ukify)")
     # The UKI names its root: initramfs-tools does not discover partitions. The console and the
     # rest of vmspawn's command line arrive through SMBIOS (io.systemd.stub.kernel-cmdline-extra).
-    in_tree(tree, ["ukify", "build", f"--linux=/boot/vmlinuz-{kernel_version}",
-                   f"--initrd=/boot/initrd.img-{kernel_version}", f"--cmdline=root=PARTUUID={root_partuuid} rw",
-                   f"--uname={kernel_version}", "--os-release=@/etc/os-release", "--output=/tmp/uki.efi"], log)
+    in_tree(
+        tree,
+        [
+            "ukify",
+            "build",
+            f"--linux=/boot/vmlinuz-{kernel_version}",
+            f"--initrd=/boot/initrd.img-{kernel_version}",
+            f"--cmdline=root=PARTUUID={root_partuuid} rw",
+            f"--uname={kernel_version}",
+            "--os-release=@/etc/os-release",
+            "--output=/tmp/uki.efi",
+        ],
+        log,
+    )
     shutil.move(tree / "tmp/uki.efi", work / "uki.efi")
 
     step("clean up the tree")
@@ -283,8 +310,12 @@ def _build(spec: dict[str, object], work: Path, log: IO[str]) -> None:
     _make_disk(work, tree, root_partuuid, log)
 
     step("done")
-    info = {"kernel_version": kernel_version, "systemd_version": systemd_version,
-            "root_partuuid": str(root_partuuid), "build_seconds": round(time.monotonic() - started, 1)}
+    info = {
+        "kernel_version": kernel_version,
+        "systemd_version": systemd_version,
+        "root_partuuid": str(root_partuuid),
+        "build_seconds": round(time.monotonic() - started, 1),
+    }
     (work / "info.json").write_text(json.dumps(info, indent=2) + "\n")
 
 
@@ -306,16 +337,17 @@ def _systemd_version(tree: Path, log: IO[str]) -> int:
 def _make_disk(work: Path, tree: Path, root_partuuid: uuid.UUID, log: IO[str]) -> None:
     """disk.raw: an ESP with systemd-boot and the UKI, and the tree as the root partition."""
     used = int(subprocess.run(["du", "-sb", str(tree)], capture_output=True, text=True, check=True).stdout.split()[0])
-    parts, disk_size = gpt.layout([
-        (gpt.ESP, uuid.uuid4(), "esp", ESP_SIZE),
-        (gpt.ROOT_X86_64, root_partuuid, "root-x86-64", used * 5 // 4 + ROOT_SLACK),
-    ])
+    parts, disk_size = gpt.layout(
+        [
+            (gpt.ESP, uuid.uuid4(), "esp", ESP_SIZE),
+            (gpt.ROOT_X86_64, root_partuuid, "root-x86-64", used * 5 // 4 + ROOT_SLACK),
+        ]
+    )
     esp, root = parts
     disk = work / "disk.raw"
     gpt.write_table(disk, disk_size, parts, uuid.uuid4())
 
-    _run(["mkfs.vfat", "-F", "16", "-n", "ESP", f"--offset={esp.start}", str(disk), str(esp.size // 1024)], log,
-         what="mkfs.vfat")
+    _run(["mkfs.vfat", "-F", "16", "-n", "ESP", f"--offset={esp.start}", str(disk), str(esp.size // 1024)], log, what="mkfs.vfat")
     image = f"{disk}@@{esp.offset}"
     for directory in ("::/EFI", "::/EFI/BOOT", "::/EFI/Linux", "::/loader"):
         _run(["mmd", "-i", image, directory], log, what="mmd")
@@ -333,8 +365,23 @@ def _make_disk(work: Path, tree: Path, root_partuuid: uuid.UUID, log: IO[str]) -
     tree_fstab = fstab.read_bytes() if fstab.exists() else None
     _write(fstab, f"PARTUUID={root_partuuid} / ext4 rw,errors=remount-ro 0 0\n")
     try:
-        _run(["mkfs.ext4", "-F", "-q", "-L", "root", "-E", f"offset={root.offset}", "-d", str(tree), str(disk),
-              f"{root.size // 1024}k"], log, what="mkfs.ext4")
+        _run(
+            [
+                "mkfs.ext4",
+                "-F",
+                "-q",
+                "-L",
+                "root",
+                "-E",
+                f"offset={root.offset}",
+                "-d",
+                str(tree),
+                str(disk),
+                f"{root.size // 1024}k",
+            ],
+            log,
+            what="mkfs.ext4",
+        )
     finally:
         if tree_fstab is None:
             fstab.unlink()

@@ -92,7 +92,7 @@ class Report:
         out = []
         for b64 in self.all("smbios11"):
             raw = base64.b64decode(b64)
-            out += [s.decode() for s in raw[raw[1]:].split(b"\0") if s]
+            out += [s.decode() for s in raw[raw[1] :].split(b"\0") if s]
         return out
 
     def mounts(self) -> dict[str, tuple[str, list[str]]]:
@@ -165,6 +165,7 @@ class Boot:
     def watch(self, daemon: Daemon) -> None:
         """Note when the guest reports `running`, in a thread of its own: a VM started ahead
         gets there before its test looks."""
+
         def run() -> None:
             try:
                 with Console(daemon.call("Describe", {"name": self.name})["machine"]) as console:
@@ -192,14 +193,23 @@ def copy_disk(guest: RealGuest, directory: Path) -> Path:
     return disk
 
 
-BOOTS = {boot.key: boot for boot in (
-    Boot("directory", "-D TREE (virtiofs root, BLS entry)", directory_args),
-    Boot("linux", "-i IMAGE --linux --initrd (root=PARTUUID=)",
-         lambda g, d: ["-i", str(copy_disk(g, d)), f"--linux={g.kernel}", f"--initrd={g.initrd}"]),
-    Boot("uki-default", "-i IMAGE (firmware, systemd-boot, UKI)", lambda g, d: ["-i", str(copy_disk(g, d))]),
-    Boot("uki-no", "-i IMAGE --secure-boot=no (firmware, systemd-boot, UKI)",
-         lambda g, d: ["-i", str(copy_disk(g, d)), "--secure-boot=no"]),
-)}
+BOOTS = {
+    boot.key: boot
+    for boot in (
+        Boot("directory", "-D TREE (virtiofs root, BLS entry)", directory_args),
+        Boot(
+            "linux",
+            "-i IMAGE --linux --initrd (root=PARTUUID=)",
+            lambda g, d: ["-i", str(copy_disk(g, d)), f"--linux={g.kernel}", f"--initrd={g.initrd}"],
+        ),
+        Boot("uki-default", "-i IMAGE (firmware, systemd-boot, UKI)", lambda g, d: ["-i", str(copy_disk(g, d))]),
+        Boot(
+            "uki-no",
+            "-i IMAGE --secure-boot=no (firmware, systemd-boot, UKI)",
+            lambda g, d: ["-i", str(copy_disk(g, d)), "--secure-boot=no"],
+        ),
+    )
+}
 
 
 class Fleet:
@@ -234,7 +244,7 @@ class Fleet:
         """`key`'s boot, started now if it was not yet; then the next one in order starts."""
         if key not in self.started:
             self._start(key)
-        later = self.order[self.order.index(key) + 1:] if key in self.order else []
+        later = self.order[self.order.index(key) + 1 :] if key in self.order else []
         following = [k for k in later if k not in self.started]
         if following and len(self.running) < 2:
             self._start(following[0])
@@ -258,11 +268,11 @@ def boot_key(item: pytest.Item) -> str | None:
 
 
 @pytest.fixture(scope="module")
-def fleet(request: pytest.FixtureRequest, daemon: Daemon, real_guest: RealGuest,
-          tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
+def fleet(
+    request: pytest.FixtureRequest, daemon: Daemon, real_guest: RealGuest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Fleet]:
     """The selected tests' boots in their run order (so `-k` starts only what runs)."""
-    order = [key for item in request.session.items
-             if item.path == request.path and (key := boot_key(item)) is not None]
+    order = [key for item in request.session.items if item.path == request.path and (key := boot_key(item)) is not None]
     f = Fleet(daemon, real_guest, tmp_path_factory.mktemp("realguest"), order)
     yield f
     for key in list(f.running):  # started ahead for a test that then did not run (-x)
@@ -416,8 +426,6 @@ def test_image_through_firmware_systemd_boot_and_uki(daemon: Daemon, fleet: Flee
     assert report.efivar("SecureBoot") in (None, b"\0"), "no keys are enrolled: Secure Boot is off either way"
 
 
-
-
 @pytest.mark.parametrize("boot", ["directory"])
 def test_directory_over_virtiofs_kernel_from_bls_entry(daemon: Daemon, fleet: Fleet, real_guest: RealGuest, boot: str) -> None:
     """-D: the tree is the root (virtiofs); no --linux: the BLS entry in TREE/boot names both."""
@@ -425,7 +433,7 @@ def test_directory_over_virtiofs_kernel_from_bls_entry(daemon: Daemon, fleet: Fl
     tree = BOOTS[boot].directory / "realguest"
     assert f"linux /vmlinuz-{real_guest.kernel_version}" in (tree / "boot/loader/entries/debian.conf").read_text()
     words = cmdline.split()
-    assert words[words.index("root=root"):][:3] == ["root=root", "rootfstype=virtiofs", "rw"], cmdline
+    assert words[words.index("root=root") :][:3] == ["root=root", "rootfstype=virtiofs", "rw"], cmdline
     assert report.one("root").split()[:2] == ["virtiofs", "root"]  # switched to the tree's systemd
     assert report.one("kernel") == real_guest.kernel_version
     assert argv[argv.index("-kernel") + 1] == str(tree / f"boot/vmlinuz-{real_guest.kernel_version}")
@@ -444,9 +452,20 @@ def test_bind_user(daemon: Daemon, real_guest: RealGuest, tmp_path: Path) -> Non
     user = users[0].pw_name
     disk = copy_disk(real_guest, tmp_path)
     inputs = Inputs(tmp_path)
-    result = daemon.ctl("start", "-M", "rg-user", "--kvm=no", f"--ram={RAM}", *inputs.args(), "-i", str(disk),
-                        f"--linux={real_guest.kernel}", f"--initrd={real_guest.initrd}", f"--bind-user={user}",
-                        f"vmspawnd_real.user={user}")
+    result = daemon.ctl(
+        "start",
+        "-M",
+        "rg-user",
+        "--kvm=no",
+        f"--ram={RAM}",
+        *inputs.args(),
+        "-i",
+        str(disk),
+        f"--linux={real_guest.kernel}",
+        f"--initrd={real_guest.initrd}",
+        f"--bind-user={user}",
+        f"vmspawnd_real.user={user}",
+    )
     if result.returncode != 0:
         assert "cannot translate IDs" in result.stderr, result.stderr
         pytest.skip(f"vmspawnd refuses --bind-user on this host: {result.stderr.strip()}")

@@ -12,7 +12,6 @@ arrive as indices, so the stand-in only records that they came and can refuse th
 like a manager without pidfd support.
 """
 
-
 import asyncio
 import contextlib
 import dataclasses
@@ -142,10 +141,15 @@ class Systemd1Manager(ServiceInterface):
         return path
 
     def _job_removed(self, job_id: int, path: str, unit: str) -> None:
-        self.bus.send(Message.new_signal(
-            "/org/freedesktop/systemd1", "org.freedesktop.systemd1.Manager", "JobRemoved", "uoss",
-            [job_id, path, unit, self.job_result],
-        ))
+        self.bus.send(
+            Message.new_signal(
+                "/org/freedesktop/systemd1",
+                "org.freedesktop.systemd1.Manager",
+                "JobRemoved",
+                "uoss",
+                [job_id, path, unit, self.job_result],
+            )
+        )
 
     @method()
     def KillUnit(self, name: "s", whom: "s", signal: "i") -> "":  # noqa: F821 - dbus-fast signature strings

@@ -69,9 +69,7 @@ def _register_method(with_control_address: bool) -> Callable[..., object]:
     def Register(self: "_MachineBase", **params: Any) -> None:
         params = {("class" if k == "klass" else k): v for k, v in params.items() if v is not None}
         if isinstance(params.get("leaderProcessId"), ProcessId):
-            params["leaderProcessId"] = {
-                k: v for k, v in dataclasses.asdict(params["leaderProcessId"]).items() if v is not None
-            }
+            params["leaderProcessId"] = {k: v for k, v in dataclasses.asdict(params["leaderProcessId"]).items() if v is not None}
         self.calls.append(("Register", params))
         if params["name"] in self.machines:
             raise MachineExists()

@@ -47,8 +47,10 @@ def system_tier() -> hostenv.CgroupLayout:
         pytest.skip("the system tier needs root (debootstrap, mounts, cgroups, systemd-nspawn)")
     missing = hostenv.missing_tools()
     if missing:
-        pytest.fail(f"the system tier needs {', '.join(missing)} on the host (scripts/test installs "
-                    "debootstrap and systemd-container)", pytrace=False)
+        pytest.fail(
+            f"the system tier needs {', '.join(missing)} on the host (scripts/test installs debootstrap and systemd-container)",
+            pytrace=False,
+        )
     layout = hostenv.cgroup_layout()
     # What a killed earlier run left: its processes, cgroups and overlay directories.
     cgroups.reap_stale(layout)
@@ -89,8 +91,7 @@ def container_binds(tmp_path_factory: pytest.TempPathFactory, system_tier: hoste
     conf.write_text(pip.conf)
     cache = trees.trees_root() / "pip-cache"
     cache.mkdir(parents=True, exist_ok=True)
-    return [Bind(conf, "/etc/pip.conf"), *(Bind(p) for p in pip.paths),
-            Bind(cache, "/root/.cache/pip", read_only=False)]
+    return [Bind(conf, "/etc/pip.conf"), *(Bind(p) for p in pip.paths), Bind(cache, "/root/.cache/pip", read_only=False)]
 
 
 @contextlib.contextmanager
@@ -106,8 +107,9 @@ def booted(suite: str, tree: Path, binds: list[Bind]) -> Iterator[Container]:
 
 
 @pytest.fixture(scope="module", params=SUITES)
-def system_container(request: pytest.FixtureRequest, system_trees: Callable[[str], Path],
-                     container_binds: list[Bind]) -> Iterator[Container]:
+def system_container(
+    request: pytest.FixtureRequest, system_trees: Callable[[str], Path], container_binds: list[Bind]
+) -> Iterator[Container]:
     """A booted container per module and suite. pytest runs a module's tests for one suite,
     powers that container off, then boots the next: never two at a time."""
     with booted(request.param, system_trees(request.param), container_binds) as container:

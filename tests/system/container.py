@@ -131,8 +131,17 @@ class Container:
 
     _units = itertools.count(1)
 
-    def __init__(self, name: str, suite: str, tree: Path, workdir: Path, process: subprocess.Popen[bytes],
-                 cgroup: Path, cgroup_v1: Path | None, watchdog: subprocess.Popen[bytes]) -> None:
+    def __init__(
+        self,
+        name: str,
+        suite: str,
+        tree: Path,
+        workdir: Path,
+        process: subprocess.Popen[bytes],
+        cgroup: Path,
+        cgroup_v1: Path | None,
+        watchdog: subprocess.Popen[bytes],
+    ) -> None:
         self.name = name
         self.suite = suite
         self.tree = tree
@@ -165,12 +174,32 @@ class Container:
         if user is not None and user != "root":
             # runuser sets HOME, USER, LOGNAME and SHELL for the target user.
             command += ["runuser", "-u", user, "--"]
-        return ["sh", "-c", _INTO_CGROUP, str(self.cgroup / "exec" / "cgroup.procs"),
-                "nsenter", "-t", str(self.leader), "-a", "-r", "-w", *command, *argv]
+        return [
+            "sh",
+            "-c",
+            _INTO_CGROUP,
+            str(self.cgroup / "exec" / "cgroup.procs"),
+            "nsenter",
+            "-t",
+            str(self.leader),
+            "-a",
+            "-r",
+            "-w",
+            *command,
+            *argv,
+        ]
 
-    def run(self, cmd: str | Sequence[str], *, check: bool = True, timeout: float = RUN_TIMEOUT,
-            input: str | bytes | None = None, user: str | None = None, cwd: str | None = None,
-            env: Mapping[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    def run(
+        self,
+        cmd: str | Sequence[str],
+        *,
+        check: bool = True,
+        timeout: float = RUN_TIMEOUT,
+        input: str | bytes | None = None,
+        user: str | None = None,
+        cwd: str | None = None,
+        env: Mapping[str, str] | None = None,
+    ) -> subprocess.CompletedProcess[str]:
         """Run a command inside with nsenter: an argv, or a string for `bash -c`.
 
         The command runs with a clean environment (PATH, HOME, LANG, plus `env`) as root, or
@@ -181,9 +210,18 @@ class Container:
         argv = ["bash", "-c", cmd] if isinstance(cmd, str) else list(cmd)
         return _communicate(self._enter(argv, user, cwd, env), argv, check=check, timeout=timeout, input=input)
 
-    def unit_run(self, cmd: str | Sequence[str], *, check: bool = True, timeout: float = RUN_TIMEOUT,
-                 input: str | bytes | None = None, user: str = "root", cwd: str | None = None,
-                 env: Mapping[str, str] | None = None, properties: Iterable[str] = ()) -> subprocess.CompletedProcess[str]:
+    def unit_run(
+        self,
+        cmd: str | Sequence[str],
+        *,
+        check: bool = True,
+        timeout: float = RUN_TIMEOUT,
+        input: str | bytes | None = None,
+        user: str = "root",
+        cwd: str | None = None,
+        env: Mapping[str, str] | None = None,
+        properties: Iterable[str] = (),
+    ) -> subprocess.CompletedProcess[str]:
         """Run a command as a transient service inside (`systemd-run --wait --pipe --collect`):
         in its own cgroup, with a service's environment, the way an administrator's command
         or a unit would run. A string goes through `bash -c` (systemd-run does not resolve a
@@ -200,8 +238,9 @@ class Container:
         for prop in properties:
             run += ["-p", prop]
         try:
-            return _communicate(self._enter([*run, "--", *argv], None, None, None), argv, check=check,
-                                timeout=timeout, input=input)
+            return _communicate(
+                self._enter([*run, "--", *argv], None, None, None), argv, check=check, timeout=timeout, input=input
+            )
         except CommandTimedOut:
             self.run(["systemctl", "stop", unit], check=False, timeout=60)
             raise
@@ -315,12 +354,18 @@ def _end(process: subprocess.Popen[bytes], cgroup: Path, cgroup_v1: Path | None)
         cgroups.remove(cgroup_v1)
 
 
-def _communicate(argv: list[str], shown: Sequence[str], *, check: bool, timeout: float,
-                 input: str | bytes | None) -> subprocess.CompletedProcess[str]:
+def _communicate(
+    argv: list[str], shown: Sequence[str], *, check: bool, timeout: float, input: str | bytes | None
+) -> subprocess.CompletedProcess[str]:
     """Run argv in a session of its own, so a timeout kills nsenter and what it forked."""
     data = input.encode() if isinstance(input, str) else input
-    process = subprocess.Popen(argv, stdin=subprocess.PIPE if data is not None else subprocess.DEVNULL,
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+    process = subprocess.Popen(
+        argv,
+        stdin=subprocess.PIPE if data is not None else subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        start_new_session=True,
+    )
     try:
         out, err = process.communicate(data, timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -355,24 +400,49 @@ def boot(tree: Path, name: str, *, suite: str = "", binds: Iterable[Bind] = (), 
     notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
     notify.bind(str(workdir / "notify"))
     resolv = Bind(Path("/etc/resolv.conf").resolve(), "/etc/resolv.conf")
-    nspawn = ["-D", str(workdir / "root"), "-b", "-M", name, "--register=no", "--keep-unit",
-              "--console=passive", "--resolv-conf=off", "--link-journal=no", "--notify-ready=yes",
-              *(b.option() for b in (resolv, *binds))]
+    nspawn = [
+        "-D",
+        str(workdir / "root"),
+        "-b",
+        "-M",
+        name,
+        "--register=no",
+        "--keep-unit",
+        "--console=passive",
+        "--resolv-conf=off",
+        "--link-journal=no",
+        "--notify-ready=yes",
+        *(b.option() for b in (resolv, *binds)),
+    ]
     env = {
-        "PATH": PATH, "LANG": "C.UTF-8", "NOTIFY_SOCKET": str(workdir / "notify"),
-        "TREE": str(tree), "WORK": str(workdir),
-        "CG_NSPAWN": str(cgroup / "nspawn"), "CG_V1": str(cgroup_v1 or ""),
+        "PATH": PATH,
+        "LANG": "C.UTF-8",
+        "NOTIFY_SOCKET": str(workdir / "notify"),
+        "TREE": str(tree),
+        "WORK": str(workdir),
+        "CG_NSPAWN": str(cgroup / "nspawn"),
+        "CG_V1": str(cgroup_v1 or ""),
         "CG2_OVER_SYS_FS_CGROUP": str(layout.unified) if layout.hybrid else "",
     }
     # Outside the container's cgroup (it kills that), in a session of its own (a Ctrl-C to the
     # terminal's process group must leave it to the teardown).
-    watchdog = subprocess.Popen(["sh", "-c", _WATCHDOG, str(cgroup), str(cgroup_v1 or ""), str(workdir)], stdin=subprocess.PIPE,
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    watchdog = subprocess.Popen(
+        ["sh", "-c", _WATCHDOG, str(cgroup), str(cgroup_v1 or ""), str(workdir)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     try:
         with open(workdir / "nspawn.log", "wb") as log:
-            process = subprocess.Popen(["unshare", "-m", "--propagation", "private", "sh", "-c", _LAUNCHER, "launcher",
-                                        *nspawn], stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                                       env=env, start_new_session=True)
+            process = subprocess.Popen(
+                ["unshare", "-m", "--propagation", "private", "sh", "-c", _LAUNCHER, "launcher", *nspawn],
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=env,
+                start_new_session=True,
+            )
     except BaseException:
         notify.close()
         assert watchdog.stdin is not None
@@ -386,14 +456,17 @@ def boot(tree: Path, name: str, *, suite: str = "", binds: Iterable[Bind] = (), 
     container = Container(name, suite, tree, workdir, process, cgroup, cgroup_v1, watchdog)
     try:
         container.leader = _wait_ready(process, notify, timeout, container)
-        state = container.run(["systemctl", "is-system-running", "--wait"], check=False,
-                              timeout=max(10.0, timeout - (time.monotonic() - started))).stdout.strip()
+        state = container.run(
+            ["systemctl", "is-system-running", "--wait"], check=False, timeout=max(10.0, timeout - (time.monotonic() - started))
+        ).stdout.strip()
         container.state = state
         if state == "degraded":
             warnings.warn(f"container {name} booted degraded; failed units: {container.failed_units()}", stacklevel=2)
         elif state != "running":
-            raise BootFailed(f"container {name}: systemctl is-system-running says {state!r}; failed units: "
-                             f"{container.failed_units()}\n{container.console_log()}")
+            raise BootFailed(
+                f"container {name}: systemctl is-system-running says {state!r}; failed units: "
+                f"{container.failed_units()}\n{container.console_log()}"
+            )
     except BaseException:
         container.poweroff(timeout=30)
         raise
@@ -413,12 +486,14 @@ def _wait_ready(process: subprocess.Popen[bytes], notify: socket.socket, timeout
         while True:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
-                raise BootFailed(f"container {container.name}: no READY=1 from nspawn within {timeout:g}s\n"
-                                 f"{container.console_log()}")
+                raise BootFailed(
+                    f"container {container.name}: no READY=1 from nspawn within {timeout:g}s\n{container.console_log()}"
+                )
             readable, _, _ = select.select([notify.fileno(), pidfd], [], [], remaining)
             if pidfd in readable and notify.fileno() not in readable:
-                raise BootFailed(f"container {container.name}: systemd-nspawn exited with status {process.wait()}\n"
-                                 f"{container.console_log()}")
+                raise BootFailed(
+                    f"container {container.name}: systemd-nspawn exited with status {process.wait()}\n{container.console_log()}"
+                )
             if notify.fileno() in readable:
                 fields = dict(line.partition("=")[::2] for line in notify.recv(4096).decode().splitlines())
                 if "X_NSPAWN_LEADER_PID" in fields:

@@ -37,8 +37,12 @@ def checkout_files(repo: Path = REPO_ROOT) -> list[str]:
     """The checkout under test, relative to `repo`: tracked files and untracked ones that are
     not ignored, as they are in the working tree (uncommitted changes included)."""
     try:
-        out = subprocess.run(["git", "-C", str(repo), "ls-files", "-z", "-c", "-o", "--exclude-standard"],
-                             capture_output=True, check=True, timeout=60).stdout
+        out = subprocess.run(
+            ["git", "-C", str(repo), "ls-files", "-z", "-c", "-o", "--exclude-standard"],
+            capture_output=True,
+            check=True,
+            timeout=60,
+        ).stdout
         names = sorted({n for n in out.decode().split("\0") if n})
     except (OSError, subprocess.CalledProcessError):
         names = []
@@ -62,8 +66,9 @@ def copy_guest(container: Container, kernel: Path, initrd: Path, dest: str = GUE
     return inside
 
 
-def install_vmspawnd(container: Container, kernel: Path, initrd: Path, *, args: Sequence[str] = (),
-                     repo: Path = REPO_ROOT) -> Installation:
+def install_vmspawnd(
+    container: Container, kernel: Path, initrd: Path, *, args: Sequence[str] = (), repo: Path = REPO_ROOT
+) -> Installation:
     """Copy the checkout in and run `scripts/install ARGS` from it as root — as a transient
     service, so it runs as an administrator's root shell would: a clean environment, systemd
     as PID 1 — then copy the test guest in. Raises CommandFailed with the script's output if
@@ -73,5 +78,6 @@ def install_vmspawnd(container: Container, kernel: Path, initrd: Path, *, args: 
     result = container.unit_run(" ".join(["scripts/install", *args]), cwd=CHECKOUT_DIR, timeout=INSTALL_TIMEOUT)
     seconds = time.monotonic() - started
     guest_kernel, guest_initrd = copy_guest(container, kernel, initrd)
-    return Installation(checkout=CHECKOUT_DIR, kernel=guest_kernel, initrd=guest_initrd,
-                        output=result.stdout + result.stderr, seconds=seconds)
+    return Installation(
+        checkout=CHECKOUT_DIR, kernel=guest_kernel, initrd=guest_initrd, output=result.stdout + result.stderr, seconds=seconds
+    )

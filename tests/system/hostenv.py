@@ -83,7 +83,11 @@ def pip_setup(python: str = sys.executable) -> PipSetup:
     """Read `pip config list` (files and PIP_* variables alike) and turn it into a pip.conf
     for a container, so pip inside resolves the way it does here."""
     listing = subprocess.run(
-        [python, "-m", "pip", "config", "list"], capture_output=True, text=True, check=True, timeout=60,
+        [python, "-m", "pip", "config", "list"],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=60,
         env=dict(os.environ, PIP_DISABLE_PIP_VERSION_CHECK="1"),
     ).stdout
     values: dict[str, str] = {}

@@ -61,8 +61,9 @@ def test_user_instance(system_container: Container, vmspawnd_installed: Installa
     c.run(["vmspawnctl", "remove", "uvm"], user=USER, env=env)
 
 
-def test_host_shutdown_powers_the_guests_off_through_acpi(system_container: Container, vmspawnd_installed: Installation,
-                                                          remote: Remote) -> None:
+def test_host_shutdown_powers_the_guests_off_through_acpi(
+    system_container: Container, vmspawnd_installed: Installation, remote: Remote
+) -> None:
     c, inst = system_container, vmspawnd_installed
     machines = [start_vm(c, inst, name) for name in ("guest1", "guest2")]
     for machine in machines:

@@ -41,8 +41,11 @@ def wait_console(c: Container, name: str, pattern: str) -> dict[str, list[str]]:
     """Wait for `pattern` on the VM's console, read from the host through the daemon's socket
     and the console log inside; returns the guest's facts so far."""
     machine = describe(c, name)
-    host_view = {**machine, "consoleLog": str(c.path(str(machine["consoleLog"]))),
-                 "runtimeDirectory": str(c.path(str(machine["runtimeDirectory"])))}
+    host_view = {
+        **machine,
+        "consoleLog": str(c.path(str(machine["consoleLog"]))),
+        "runtimeDirectory": str(c.path(str(machine["runtimeDirectory"]))),
+    }
     with Console(host_view) as console:
         console.wait_for(pattern)
         return console.facts()
@@ -67,7 +70,10 @@ def test_man_pages_and_completion_are_found(system_container: Container, vmspawn
     aliases of vmspawnd(8)), and bash-completion loads vmspawnctl's completion on first use."""
     c = system_container
     assert "/usr/local/share/man" in c.run(["manpath"]).stdout.strip().split(":")
-    for page, link in (("vmspawnctl", "/usr/local/share/man/man1/vmspawnctl.1"), ("vmspawnd", "/usr/local/share/man/man8/vmspawnd.8")):
+    for page, link in (
+        ("vmspawnctl", "/usr/local/share/man/man1/vmspawnctl.1"),
+        ("vmspawnd", "/usr/local/share/man/man8/vmspawnd.8"),
+    ):
         # man -w names the file behind the link, in the installation's share/man.
         assert c.run(["man", "-w", page]).stdout.strip() == c.run(["readlink", "-e", link]).stdout.strip() != ""
     for page, title in (("vmspawnctl", "VMSPAWNCTL(1)"), ("vmspawnd", "VMSPAWND(8)"), ("vmspawnd.service", "VMSPAWND(8)")):
@@ -105,16 +111,31 @@ def test_socket_activation(system_container: Container, vmspawnd_installed: Inst
     # The listening socket PID 1 holds at that path is the daemon's too: the same socket. (The
     # network namespace is the host's, so ss may also list a host's vmspawnd socket at the same
     # path, with no holders visible from the container's pid namespace.)
-    listening = [line for line in c.run(["ss", "-x", "-l", "-p", "-n"]).stdout.splitlines()
-                 if f" {SOCKET} " in line and "pid=1," in line]
+    listening = [
+        line for line in c.run(["ss", "-x", "-l", "-p", "-n"]).stdout.splitlines() if f" {SOCKET} " in line and "pid=1," in line
+    ]
     assert len(listening) == 1, listening
     assert f"pid={daemon}," in listening[0], listening[0]
 
 
 def test_start_vm(system_container: Container, vmspawnd_installed: Installation) -> None:
     c, inst = system_container, vmspawnd_installed
-    result = c.run(["vmspawnctl", "start", "-M", VM, "--kvm=no", "--ram=256M", f"--linux={inst.kernel}",
-                    f"--initrd={inst.initrd}", "--wait", "--timeout=240", "vmspawnd_test.mode=wait"], timeout=300)
+    result = c.run(
+        [
+            "vmspawnctl",
+            "start",
+            "-M",
+            VM,
+            "--kvm=no",
+            "--ram=256M",
+            f"--linux={inst.kernel}",
+            f"--initrd={inst.initrd}",
+            "--wait",
+            "--timeout=240",
+            "vmspawnd_test.mode=wait",
+        ],
+        timeout=300,
+    )
     assert f"VM {VM} is ready." in result.stdout, result
     machine = describe(c)
     assert machine["state"] in ("running", "ready"), machine
@@ -149,21 +170,31 @@ def test_varlink_clients_list_the_vm(system_container: Container, vmspawnd_insta
     reply = json.loads(c.run(["varlinkctl", "call", SOCKET, f"{MANAGER}.List", "{}"]).stdout)
     assert [m["name"] for m in reply["machines"]] == [VM], reply
     # An independent client from the host.
-    host = subprocess.run([sys.executable, "-m", "varlink.cli", "call", f"unix:{c.path(SOCKET)}/{MANAGER}.List", "{}"],
-                          capture_output=True, text=True, timeout=60, check=True)
+    host = subprocess.run(
+        [sys.executable, "-m", "varlink.cli", "call", f"unix:{c.path(SOCKET)}/{MANAGER}.List", "{}"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
     assert [m["name"] for m in json.loads(host.stdout)["machines"]] == [VM], host.stdout
     # README's Varlink examples, as written, inside (python-varlink's CLI exits 0 on a Varlink
     # error: the output is what counts).
-    examples = [line for line in (REPO_ROOT / "README.md").read_text().splitlines()
-                if line.startswith(("varlinkctl call ", "/opt/vmspawnd/bin/python -m varlink.cli call "))]
+    examples = [
+        line
+        for line in (REPO_ROOT / "README.md").read_text().splitlines()
+        if line.startswith(("varlinkctl call ", "/opt/vmspawnd/bin/python -m varlink.cli call "))
+    ]
     assert len(examples) == 2, examples
     for example in examples:
         out = c.run(example).stdout
         assert [m["name"] for m in json.loads(out)["machines"]] == [VM], (example, out)
     # Tab after "vmspawnctl status " offers the running VM, through the installed completion.
-    offered = c.run(". /usr/share/bash-completion/bash_completion; _completion_loader vmspawnctl; "
-                    "COMP_WORDS=(vmspawnctl status ''); COMP_CWORD=2; _vmspawnctl_completion vmspawnctl '' status; "
-                    "printf '%s\\n' \"${COMPREPLY[@]}\"").stdout.split()
+    offered = c.run(
+        ". /usr/share/bash-completion/bash_completion; _completion_loader vmspawnctl; "
+        "COMP_WORDS=(vmspawnctl status ''); COMP_CWORD=2; _vmspawnctl_completion vmspawnctl '' status; "
+        "printf '%s\\n' \"${COMPREPLY[@]}\""
+    ).stdout.split()
     assert offered == [VM], offered
 
 
@@ -214,8 +245,22 @@ def test_upgrade_keeps_a_running_vm(system_container: Container, vmspawnd_instal
     and restarts the daemon on it; the VM keeps running (its QEMU is the same process) and the
     new daemon adopts it: it lists it and can stop it."""
     c, inst = system_container, vmspawnd_installed
-    c.run(["vmspawnctl", "start", "-M", "up", "--kvm=no", "--ram=256M", f"--linux={inst.kernel}",
-           f"--initrd={inst.initrd}", "--wait", "--timeout=240", "vmspawnd_test.mode=wait"], timeout=300)
+    c.run(
+        [
+            "vmspawnctl",
+            "start",
+            "-M",
+            "up",
+            "--kvm=no",
+            "--ram=256M",
+            f"--linux={inst.kernel}",
+            f"--initrd={inst.initrd}",
+            "--wait",
+            "--timeout=240",
+            "vmspawnd_test.mode=wait",
+        ],
+        timeout=300,
+    )
     try:
         wait_console(c, "up", r"VMSPAWND-TEST: acpid-running")  # so that stop below is an ACPI power-off
         qemu_pid = describe(c, "up")["qemu"]["pid"]
@@ -238,9 +283,17 @@ def test_upgrade_keeps_a_running_vm(system_container: Container, vmspawnd_instal
         c.run(["vmspawnctl", "remove", "up"], check=False)
 
 
-INSTALLED = ["/etc/systemd/system/vmspawnd.socket", "/etc/systemd/system/vmspawnd.service",
-             "/etc/systemd/system/vmspawnd-guests.service", "/etc/systemd/user/vmspawnd.socket",
-             "/etc/systemd/user/vmspawnd.service", "/opt/vmspawnd", "/usr/local/bin/vmspawnctl", SOCKET, "/run/vmspawnd"]
+INSTALLED = [
+    "/etc/systemd/system/vmspawnd.socket",
+    "/etc/systemd/system/vmspawnd.service",
+    "/etc/systemd/system/vmspawnd-guests.service",
+    "/etc/systemd/user/vmspawnd.socket",
+    "/etc/systemd/user/vmspawnd.service",
+    "/opt/vmspawnd",
+    "/usr/local/bin/vmspawnctl",
+    SOCKET,
+    "/run/vmspawnd",
+]
 
 
 def exists(c: Container, path: str) -> bool:
@@ -252,8 +305,22 @@ def test_uninstall(system_container: Container, vmspawnd_installed: Installation
     vmspawnctl is left, no process of it runs, and the TPM state the VM made stays."""
     c, inst = system_container, vmspawnd_installed
     assert all(exists(c, path) for path in INSTALLED if path != "/run/vmspawnd"), "not installed to begin with"
-    c.run(["vmspawnctl", "start", "-M", "keep", "--kvm=no", "--ram=256M", "--tpm=yes", "--tpm-state=/root/keep.tpmstate",
-           f"--linux={inst.kernel}", f"--initrd={inst.initrd}", "vmspawnd_test.mode=wait"], timeout=300)
+    c.run(
+        [
+            "vmspawnctl",
+            "start",
+            "-M",
+            "keep",
+            "--kvm=no",
+            "--ram=256M",
+            "--tpm=yes",
+            "--tpm-state=/root/keep.tpmstate",
+            f"--linux={inst.kernel}",
+            f"--initrd={inst.initrd}",
+            "vmspawnd_test.mode=wait",
+        ],
+        timeout=300,
+    )
     try:
         refused = c.unit_run("scripts/install --uninstall", cwd=inst.checkout, check=False, timeout=120)
         assert refused.returncode != 0, refused

@@ -54,7 +54,9 @@ def remote(system_container: Container, vmspawnd_installed: Installation) -> Rem
     return Remote(system_container)
 
 
-def test_list_and_status_show_a_registered_vm(system_container: Container, vmspawnd_installed: Installation, remote: Remote) -> None:
+def test_list_and_status_show_a_registered_vm(
+    system_container: Container, vmspawnd_installed: Installation, remote: Remote
+) -> None:
     c = system_container
     machine = start_vm(c, vmspawnd_installed, "listed")
     rows = [line.split() for line in machinectl(c, "list", "--no-legend").splitlines()]
@@ -71,7 +73,9 @@ def test_list_and_status_show_a_registered_vm(system_container: Container, vmspa
     remote.call("Remove", {"name": "listed"})
 
 
-def test_every_process_of_a_vm_is_in_its_scope(system_container: Container, vmspawnd_installed: Installation, remote: Remote) -> None:
+def test_every_process_of_a_vm_is_in_its_scope(
+    system_container: Container, vmspawnd_installed: Installation, remote: Remote
+) -> None:
     """Registered or not, with swtpm and virtiofsd (root and a bind): all in NAME.scope, none
     in vmspawnd.service; killing or restarting the service leaves the VMs running, and PID 1
     finds no left-over process."""
@@ -86,7 +90,9 @@ def test_every_process_of_a_vm_is_in_its_scope(system_container: Container, vmsp
         found = vm_processes(c, machine)
         comms = sorted(str(p["comm"]) for p in found.values())
         assert "vmspawnd-reaper" in comms and "swtpm" in comms and any(x.startswith("qemu-system") for x in comms), comms
-        assert sum(1 for x in comms if x.startswith("virtiofsd")) >= (3 if name == "census" else 2), comms  # with sandbox children
+        assert sum(1 for x in comms if x.startswith("virtiofsd")) >= (3 if name == "census" else 2), (
+            comms
+        )  # with sandbox children
         wrong = {pid: p for pid, p in found.items() if unit_of(str(p["cgroup"])) != f"{name}.scope"}
         assert not wrong, f"{name}: processes outside {name}.scope: {wrong}"
         assert c.run(["systemctl", "is-active", f"{name}.scope"]).stdout.strip() == "active"
@@ -139,7 +145,9 @@ def test_reboot_resets_and_the_vm_runs_on(system_container: Container, vmspawnd_
     remote.call("Remove", {"name": "rbt"})
 
 
-def test_terminate_stops_it_and_every_process_is_gone(system_container: Container, vmspawnd_installed: Installation, remote: Remote) -> None:
+def test_terminate_stops_it_and_every_process_is_gone(
+    system_container: Container, vmspawnd_installed: Installation, remote: Remote
+) -> None:
     c = system_container
     machine = start_vm(c, vmspawnd_installed, "term", "--tpm=yes")
     pids = set(vm_processes(c, machine))
@@ -161,8 +169,9 @@ def test_terminate_stops_it_and_every_process_is_gone(system_container: Containe
         ("leader", "SIGTERM", "QEMU terminated on SIGTERM from pid "),
     ],
 )
-def test_kill_sends_that_signal_and_the_end_names_it(system_container: Container, vmspawnd_installed: Installation,
-                                                     remote: Remote, whom: str, sig: str, reason: str) -> None:
+def test_kill_sends_that_signal_and_the_end_names_it(
+    system_container: Container, vmspawnd_installed: Installation, remote: Remote, whom: str, sig: str, reason: str
+) -> None:
     c = system_container
     name = f"kill-{whom}-{sig.lower()}"
     start_vm(c, vmspawnd_installed, name)
@@ -175,13 +184,17 @@ def test_kill_sends_that_signal_and_the_end_names_it(system_container: Container
     remote.call("Remove", {"name": name})
 
 
-@pytest.mark.parametrize(("signo", "state", "reason"), [
-    (RTMIN4, "failed", "QEMU was killed by SIGRTMIN+4"),
-    (signal.SIGTERM, "stopped", "QEMU terminated on SIGTERM from pid"),
-    (signal.SIGKILL, "failed", "QEMU was killed by SIGKILL"),
-])
-def test_qemu_killed_ends_with_the_right_reason_within_5s(system_container: Container, vmspawnd_installed: Installation,
-                                                          remote: Remote, signo: int, state: str, reason: str) -> None:
+@pytest.mark.parametrize(
+    ("signo", "state", "reason"),
+    [
+        (RTMIN4, "failed", "QEMU was killed by SIGRTMIN+4"),
+        (signal.SIGTERM, "stopped", "QEMU terminated on SIGTERM from pid"),
+        (signal.SIGKILL, "failed", "QEMU was killed by SIGKILL"),
+    ],
+)
+def test_qemu_killed_ends_with_the_right_reason_within_5s(
+    system_container: Container, vmspawnd_installed: Installation, remote: Remote, signo: int, state: str, reason: str
+) -> None:
     c = system_container
     name = f"sig{signo}"
     machine = start_vm(c, vmspawnd_installed, name)
@@ -221,8 +234,9 @@ def test_machine_instance_terminate_is_answered_and_the_manager_keeps_serving(
     c = system_container
     for index in range(10):
         machine = start_vm(c, vmspawnd_installed, f"vi{index}", "--tpm=no")
-        reply = c.run(["varlinkctl", "call", str(machine["controlAddress"]), "io.systemd.MachineInstance.Terminate", "{}"],
-                      timeout=60)
+        reply = c.run(
+            ["varlinkctl", "call", str(machine["controlAddress"]), "io.systemd.MachineInstance.Terminate", "{}"], timeout=60
+        )
         # Answered: exit 0 is varlinkctl's "got a reply"; it prints an empty reply as nothing
         # (257) or {} — a reset or a hang would fail or time out the call.
         assert reply.returncode == 0 and reply.stdout.strip() in ("", "{}"), reply
@@ -230,7 +244,7 @@ def test_machine_instance_terminate_is_answered_and_the_manager_keeps_serving(
         c.run(["vmspawnctl", "remove", f"vi{index}"], timeout=30)
     calls = c.run(
         f"for i in $(seq 100); do timeout 10 varlinkctl call {SOCKET} io.vmspawnd.Manager.List '{{}}' >/dev/null"
-        " || { echo \"call $i did not answer\"; exit 1; }; done; echo all-answered",
+        ' || { echo "call $i did not answer"; exit 1; }; done; echo all-answered',
         timeout=600,
     )
     assert calls.stdout.strip().endswith("all-answered"), calls
@@ -241,10 +255,26 @@ def test_keep_unit_joins_the_callers_unit(system_container: Container, vmspawnd_
     processes are in the service, machined registers that unit, stopping it stops the VM."""
     c, inst = system_container, vmspawnd_installed
     with remote.events() as events:  # all machines: "kept" does not exist yet
-        c.run(["systemd-run", "--unit=keeper.service", "--service-type=exec", "--property=Delegate=yes", "--",
-               "vmspawnctl", "run", "-M", "kept",
-               "--keep-unit", "--kvm=no", "--ram=256M", "--tpm=yes", f"--linux={inst.kernel}", f"--initrd={inst.initrd}",
-               "vmspawnd_test.mode=wait"])
+        c.run(
+            [
+                "systemd-run",
+                "--unit=keeper.service",
+                "--service-type=exec",
+                "--property=Delegate=yes",
+                "--",
+                "vmspawnctl",
+                "run",
+                "-M",
+                "kept",
+                "--keep-unit",
+                "--kvm=no",
+                "--ram=256M",
+                "--tpm=yes",
+                f"--linux={inst.kernel}",
+                f"--initrd={inst.initrd}",
+                "vmspawnd_test.mode=wait",
+            ]
+        )
         try:
             events.wait_state("kept", "running", "ready")
         except Exception as exc:
@@ -269,13 +299,14 @@ def test_keep_unit_joins_the_callers_unit(system_container: Container, vmspawnd_
     assert "nounit" not in c.run(["vmspawnctl", "list"]).stdout
 
 
-def test_registered_again_after_a_daemon_restart(system_container: Container, vmspawnd_installed: Installation, remote: Remote) -> None:
+def test_registered_again_after_a_daemon_restart(
+    system_container: Container, vmspawnd_installed: Installation, remote: Remote
+) -> None:
     """machined forgot the VM (its registration removed behind the daemon's back, as when
     machined restarts empty); the restarted daemon adopts the VM and registers it again."""
     c = system_container
     machine = start_vm(c, vmspawnd_installed, "rereg")
-    c.run(["varlinkctl", "call", "/run/systemd/machine/io.systemd.Machine", "io.systemd.Machine.Unregister",
-           '{"name": "rereg"}'])
+    c.run(["varlinkctl", "call", "/run/systemd/machine/io.systemd.Machine", "io.systemd.Machine.Unregister", '{"name": "rereg"}'])
     assert "rereg" not in machinectl(c, "list", "--no-legend")
     c.run(["systemctl", "restart", "vmspawnd.service"])
     assert remote.describe("rereg")["qemu"] == machine["qemu"]  # adopted (and the daemon is up)

@@ -106,7 +106,10 @@ def lib_sh_packages(suite: str) -> list[str]:
     """scripts/lib.sh's package list for `suite`, as scripts/install computes it there."""
     out = subprocess.run(
         ["bash", "-c", '. "$1" && vmspawnd_system_packages "$2"', "bash", str(LIB_SH), suite],
-        capture_output=True, text=True, check=True, timeout=30,
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=30,
     ).stdout
     return out.split()
 
@@ -204,8 +207,7 @@ def _build(suite: Suite, spec: dict[str, object], tree: Path, log: IO[str]) -> N
 
     mirror = hostenv.debian_mirror()
     step(f"debootstrap {suite.name} from {mirror}")
-    debootstrap = ["debootstrap", "--variant=minbase", "--include=systemd,systemd-sysv,dbus",
-                   suite.name, str(tree), mirror]
+    debootstrap = ["debootstrap", "--variant=minbase", "--include=systemd,systemd-sysv,dbus", suite.name, str(tree), mirror]
     if suite.debootstrap_script:
         debootstrap.append(suite.debootstrap_script)
     # debootstrap mounts /proc and /sys in the target itself: in a namespace of its own those
@@ -249,11 +251,17 @@ def _build(suite: Suite, spec: dict[str, object], tree: Path, log: IO[str]) -> N
 def in_tree(tree: Path, argv: Sequence[str], log: IO[str], timeout: float = BUILD_TIMEOUT) -> None:
     """Run `argv` chrooted into `tree` with /proc, /sys and /dev mounted, in a private mount
     namespace (the mounts vanish with it) and a clean environment."""
-    script = ('set -e; t=$1; shift; mount -t proc proc "$t/proc"; mount --rbind /sys "$t/sys"; '
-              'mount --rbind /dev "$t/dev"; exec chroot "$t" "$@"')
+    script = (
+        'set -e; t=$1; shift; mount -t proc proc "$t/proc"; mount --rbind /sys "$t/sys"; '
+        'mount --rbind /dev "$t/dev"; exec chroot "$t" "$@"'
+    )
     env = [f"{k}={v}" for k, v in CHROOT_ENV.items()]
-    _run(["unshare", "-m", "--propagation", "private", "sh", "-c", script, "sh", str(tree),
-          "env", "-i", *env, *argv], log, timeout, what=argv[0])
+    _run(
+        ["unshare", "-m", "--propagation", "private", "sh", "-c", script, "sh", str(tree), "env", "-i", *env, *argv],
+        log,
+        timeout,
+        what=argv[0],
+    )
 
 
 def _run(argv: Sequence[str], log: IO[str], timeout: float = BUILD_TIMEOUT, what: str = "") -> None:

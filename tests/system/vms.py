@@ -48,15 +48,42 @@ class Remote:
     def console(self, machine: JsonObject) -> Console:
         """The VM's console, read from the host (its paths translated into the container)."""
         c = self.container
-        return Console({**machine, "consoleLog": str(c.path(str(machine["consoleLog"]))),
-                        "runtimeDirectory": str(c.path(str(machine["runtimeDirectory"])))})
+        return Console(
+            {
+                **machine,
+                "consoleLog": str(c.path(str(machine["consoleLog"]))),
+                "runtimeDirectory": str(c.path(str(machine["runtimeDirectory"]))),
+            }
+        )
 
 
-def start_vm(c: Container, inst: Installation, name: str, *options: str, mode: str = "wait",
-             user: str | None = None, env: dict[str, str] | None = None) -> JsonObject:
+def start_vm(
+    c: Container,
+    inst: Installation,
+    name: str,
+    *options: str,
+    mode: str = "wait",
+    user: str | None = None,
+    env: dict[str, str] | None = None,
+) -> JsonObject:
     """`vmspawnctl start` the busybox test guest inside (TCG); returns its record."""
-    c.run(["vmspawnctl", "start", "-M", name, "--kvm=no", "--ram=256M", f"--linux={inst.kernel}",
-           f"--initrd={inst.initrd}", *options, f"vmspawnd_test.mode={mode}"], timeout=300, user=user, env=env)
+    c.run(
+        [
+            "vmspawnctl",
+            "start",
+            "-M",
+            name,
+            "--kvm=no",
+            "--ram=256M",
+            f"--linux={inst.kernel}",
+            f"--initrd={inst.initrd}",
+            *options,
+            f"vmspawnd_test.mode={mode}",
+        ],
+        timeout=300,
+        user=user,
+        env=env,
+    )
     machine: JsonObject = json.loads(c.run(["vmspawnctl", "status", name, "--json"], user=user, env=env).stdout)
     return machine
 

@@ -12,8 +12,13 @@ from vmspawnd.spec.wire import Machine as MachineWire
 
 def full_record() -> MachineRecord:
     spec = VmSpec(
-        name="full", linux="/k", initrds=["/i"], binds=[BindMount("/a", "/b", True)],
-        credentials=[CredentialData("x", "YQ==")], tpm=True, kernel_cmdline=["a=b"],
+        name="full",
+        linux="/k",
+        initrds=["/i"],
+        binds=[BindMount("/a", "/b", True)],
+        credentials=[CredentialData("x", "YQ==")],
+        tpm=True,
+        kernel_cmdline=["a=b"],
     )
     record = MachineRecord(name="full", id="0011aabb", uid=0, spec=spec.to_json())
     record.enter(MachineState.STARTING)

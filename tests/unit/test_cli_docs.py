@@ -54,7 +54,7 @@ def terms(lines: list[str]) -> list[tuple[str, str]]:
     for index, line in enumerate(lines[:-1]):
         if lines[index + 1].startswith(": ") and line.strip():
             description = [lines[index + 1][2:]]
-            for follow in lines[index + 2:]:
+            for follow in lines[index + 2 :]:
                 if not follow.startswith("  ") or not follow.strip():
                     break
                 description.append(follow.strip())
@@ -70,7 +70,7 @@ def synopsis_options(lines: list[str], verb: str) -> set[str]:
     found: set[str] = set()
     for line in lines:
         if line.startswith(f"    vmspawnctl {verb} "):
-            found |= set(OPTION.findall(line[len(f"    vmspawnctl {verb} "):]))
+            found |= set(OPTION.findall(line[len(f"    vmspawnctl {verb} ") :]))
     return found
 
 
@@ -86,7 +86,9 @@ def documented() -> dict[str, set[str]]:
         lines = page[verb]
         commands.setdefault(verb, set()).update(options_in(" ".join(t for t, _ in terms(lines))) | synopsis_options(lines, verb))
     # run takes start's options (its section says so), not start's own extensions.
-    extensions = options_in(next(t for t, _ in terms(page["Commands other than start, console, log and run"]) if t.startswith("`start")))
+    extensions = options_in(
+        next(t for t, _ in terms(page["Commands other than start, console, log and run"]) if t.startswith("`start"))
+    )
     commands["run"] |= {o for o in options_in(" ".join(t for t, _ in terms(page["start"])))} - extensions
     return commands
 
@@ -151,8 +153,14 @@ def test_documented_values_are_accepted(verb: str, option: str, value: str) -> N
 def test_the_options_documented_for_each_value_list_exist() -> None:
     """The value test above only means something if it finds the documented lists."""
     found = {(verb, option) for verb, option, _ in documented_values()}
-    for expected in [("start", "--console"), ("start", "--ssh-key-type"), ("kill", "--signal"), ("start", "--tpm-state"),
-                     ("screenshot", "--format"), ("start", "--kvm")]:
+    for expected in [
+        ("start", "--console"),
+        ("start", "--ssh-key-type"),
+        ("kill", "--signal"),
+        ("start", "--tpm-state"),
+        ("screenshot", "--format"),
+        ("start", "--kvm"),
+    ]:
         assert expected in found, expected
 
 

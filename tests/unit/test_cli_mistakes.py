@@ -60,7 +60,9 @@ def test_a_usage_error_is_one_line_and_a_pointer_to_help(capsys: pytest.CaptureF
         (["stauts", "x"], "unknown command 'stauts' (did you mean status?)"),
     ],
 )
-def test_an_unknown_option_or_command_gets_the_closest_known_one(capsys: pytest.CaptureFixture[str], argv: list[str], hint: str) -> None:
+def test_an_unknown_option_or_command_gets_the_closest_known_one(
+    capsys: pytest.CaptureFixture[str], argv: list[str], hint: str
+) -> None:
     lines = usage_error(capsys, *argv)
     assert hint in lines[0], lines
     assert lines[1].startswith("See 'vmspawnctl")
@@ -98,8 +100,19 @@ def test_kernel_arguments_after_the_boot_options_are_kept(work: Path, argv: list
     assert spec_from_args(parse_start(argv), env={}).kernel_cmdline[-1] == argv[-1]
 
 
-@pytest.mark.parametrize(("word", "name"), [("dwpos", True), ("my-vm", True), ("root=/dev/vda", False), ("rd.break", False),
-                                             ("3", False), ("systemd.unit=rescue.target", False), ("/init", False), ("-x", False)])
+@pytest.mark.parametrize(
+    ("word", "name"),
+    [
+        ("dwpos", True),
+        ("my-vm", True),
+        ("root=/dev/vda", False),
+        ("rd.break", False),
+        ("3", False),
+        ("systemd.unit=rescue.target", False),
+        ("/init", False),
+        ("-x", False),
+    ],
+)
 def test_what_looks_like_a_machine_name(word: str, name: bool) -> None:
     assert looks_like_machine_name(word) is name
 

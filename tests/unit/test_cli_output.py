@@ -24,10 +24,22 @@ ANSI = re.compile(r"\033\[[0-9;]*m")
 
 def record(name: str, state: str = "ready", **extra: object) -> dict[str, object]:
     base: dict[str, object] = {
-        "name": name, "id": "0123abcd", "uid": 0, "state": state, "paused": False, "ready": state == "ready",
-        "qemu": {"pid": 4242, "startTime": 1, "bootId": "b"}, "reaper": {"pid": 4241, "startTime": 1, "bootId": "b"},
-        "reason": "", "registered": False, "unit": "", "readiness": "", "controlAddress": "",
-        "qmpAddress": "/run/x/qmp", "consoleAddress": "/run/x/console", "consoleLog": "/run/x/console.log",
+        "name": name,
+        "id": "0123abcd",
+        "uid": 0,
+        "state": state,
+        "paused": False,
+        "ready": state == "ready",
+        "qemu": {"pid": 4242, "startTime": 1, "bootId": "b"},
+        "reaper": {"pid": 4241, "startTime": 1, "bootId": "b"},
+        "reason": "",
+        "registered": False,
+        "unit": "",
+        "readiness": "",
+        "controlAddress": "",
+        "qmpAddress": "/run/x/qmp",
+        "consoleAddress": "/run/x/console",
+        "consoleLog": "/run/x/console.log",
     }
     return base | extra
 
@@ -68,7 +80,11 @@ def test_json_modes_and_a_bad_mode(capsys: pytest.CaptureFixture[str]) -> None:
 
 
 def test_list_shows_paused_and_registration_and_the_legend() -> None:
-    machines = [record("web", registered=True, unit="web.scope"), record("db", paused=True), record("old", state="stopped", reason="powered off")]
+    machines = [
+        record("web", registered=True, unit="web.scope"),
+        record("db", paused=True),
+        record("old", state="stopped", reason="powered off"),
+    ]
     lines = machine_table(machines)
     assert lines[0].split() == ["NAME", "STATE", "PID", "ID", "REGISTERED", "REASON"]
     rows = {line.split()[0]: line.split() for line in lines[1:4]}
@@ -94,8 +110,14 @@ def test_colour_only_when_asked_and_columns_stay_aligned() -> None:
 
 
 def test_status_shows_unit_registration_readiness_and_control() -> None:
-    m = record("web", registered=True, unit="web.scope", readiness="guest (READY=1 over the notify socket)",
-               controlAddress="/run/vmspawnd/machines/0123abcd/control", statusText="Booting…")
+    m = record(
+        "web",
+        registered=True,
+        unit="web.scope",
+        readiness="guest (READY=1 over the notify socket)",
+        controlAddress="/run/vmspawnd/machines/0123abcd/control",
+        statusText="Booting…",
+    )
     fields = dict(line.strip().split(": ", 1) for line in machine_status(m)[1:])
     assert fields["Unit"] == "web.scope"
     assert fields["Registered"] == "yes (systemd-machined)"
@@ -103,7 +125,12 @@ def test_status_shows_unit_registration_readiness_and_control() -> None:
     assert fields["Control"] == "/run/vmspawnd/machines/0123abcd/control (io.systemd.MachineInstance)"
     assert fields["Status"] == '"Booting…"'
     assert fields["State"] == "ready"
-    starting = dict(line.strip().split(": ", 1) for line in machine_status(record("s", state="running", readiness="running (no vsock: the guest cannot report readiness)"))[1:])
+    starting = dict(
+        line.strip().split(": ", 1)
+        for line in machine_status(
+            record("s", state="running", readiness="running (no vsock: the guest cannot report readiness)")
+        )[1:]
+    )
     assert starting["Readiness"].endswith("; not yet") and starting["Registered"] == "no" and starting["Unit"] == "-"
     paused = machine_status(record("p", paused=True))
     assert "State: paused" in "\n".join(paused)
@@ -141,9 +168,20 @@ def test_pager_choice() -> None:
     assert output.pager_command({"PATH": "/nonexistent"}) is None
 
 
-GLUED_BEFORE = ["--ram=12Q", "--ram=256MB", "--kvm=maybe", "--uuid=00", "--private-users=x", "--background=zz",
-                "--vsock-cid=2", "--grow-image=1Q", "--notify-ready=2", "--set-credential=foo", "--console=foo",
-                "--load-credential=id:/nonexistent/file"]
+GLUED_BEFORE = [
+    "--ram=12Q",
+    "--ram=256MB",
+    "--kvm=maybe",
+    "--uuid=00",
+    "--private-users=x",
+    "--background=zz",
+    "--vsock-cid=2",
+    "--grow-image=1Q",
+    "--notify-ready=2",
+    "--set-credential=foo",
+    "--console=foo",
+    "--load-credential=id:/nonexistent/file",
+]
 
 
 @pytest.mark.parametrize("form", GLUED_BEFORE)

@@ -24,8 +24,25 @@ def make_gpt(parts: list[tuple[uuid.UUID, uuid.UUID, int]], sector: int = 512) -
         struct.pack_into("<16s16sQQQ", entries, i * 128, type_guid.bytes_le, unique.bytes_le, 34 + i, 34 + i, attrs)
         entries[i * 128 + 56 : i * 128 + 56 + 8] = "root".encode("utf-16-le")
     header = bytearray(92)
-    struct.pack_into("<8sIIIIQQQQ16sQIII", header, 0, b"EFI PART", 0x10000, 92, 0, 0, 1, 63, 34, 62,
-                     uuid.uuid4().bytes_le, 2, 128, 128, zlib.crc32(entries))
+    struct.pack_into(
+        "<8sIIIIQQQQ16sQIII",
+        header,
+        0,
+        b"EFI PART",
+        0x10000,
+        92,
+        0,
+        0,
+        1,
+        63,
+        34,
+        62,
+        uuid.uuid4().bytes_le,
+        2,
+        128,
+        128,
+        zlib.crc32(entries),
+    )
     struct.pack_into("<I", header, 16, zlib.crc32(header))
     disk = bytearray(64 * sector)
     disk[sector : sector + 92] = header
@@ -44,10 +61,14 @@ def test_gpt_root_partuuid(tmp_path: Path) -> None:
 def test_gpt_usr_only_and_no_auto(tmp_path: Path) -> None:
     usr_id = uuid.uuid4()
     image = tmp_path / "disk.raw"
-    image.write_bytes(make_gpt([
-        (discovery.ROOT_TYPES["x86_64"], uuid.uuid4(), discovery.GPT_FLAG_NO_AUTO),
-        (discovery.USR_TYPES["x86_64"], usr_id, 0),
-    ]))
+    image.write_bytes(
+        make_gpt(
+            [
+                (discovery.ROOT_TYPES["x86_64"], uuid.uuid4(), discovery.GPT_FLAG_NO_AUTO),
+                (discovery.USR_TYPES["x86_64"], usr_id, 0),
+            ]
+        )
+    )
     assert discovery.image_root_word(str(image), "x86_64") == f"mount.usr=PARTUUID={usr_id}"
 
 
@@ -81,7 +102,9 @@ def test_bls_default_entry_then_uki_then_conf(tmp_path: Path) -> None:
     (tmp_path / "boot" / "loader" / "entries").mkdir(parents=True)
     (tmp_path / "boot" / "loader" / "entries" / "b-6.1.conf").write_text("linux /vmlinuz-6.1\ninitrd /i1 /i2\ninitrd /i3\n")
     entry = discovery.find_boot_entry(str(tmp_path))
-    assert entry.kernel == f"{tmp_path}/boot/vmlinuz-6.1" and entry.initrds == tuple(f"{tmp_path}/boot/{i}" for i in ("i1", "i2", "i3"))
+    assert entry.kernel == f"{tmp_path}/boot/vmlinuz-6.1" and entry.initrds == tuple(
+        f"{tmp_path}/boot/{i}" for i in ("i1", "i2", "i3")
+    )
     (tmp_path / "efi" / "EFI" / "Linux").mkdir(parents=True)
     for v in ("6.2", "6.10"):
         (tmp_path / "efi" / "EFI" / "Linux" / f"linux-{v}.efi").write_bytes(b"")

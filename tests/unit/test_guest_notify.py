@@ -56,8 +56,18 @@ def test_malformed_messages_are_refused_whole(data: bytes, reason: str) -> None:
 
 @pytest.mark.parametrize(
     ("value", "status"),
-    [("0", 0), ("3", 3), ("255", 255), ("007", 7),
-     ("256", None), ("-1", None), ("", None), (" 1", None), ("1.0", None), ("x", None)],
+    [
+        ("0", 0),
+        ("3", 3),
+        ("255", 255),
+        ("007", 7),
+        ("256", None),
+        ("-1", None),
+        ("", None),
+        (" 1", None),
+        ("1.0", None),
+        ("x", None),
+    ],
 )
 def test_exit_status_is_a_uint8(value: str, status: int | None) -> None:
     assert parse_exit_status(value) == status

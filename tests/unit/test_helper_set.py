@@ -47,7 +47,8 @@ def test_helper_set_starts_in_order_and_closes_to_nothing(tmp_path: Path) -> Non
         assert [s.tag for s in res.virtiofs] == ["mnt0"]
         assert res.kernel_cmdline_extra == ('systemd.mount-extra="mnt0:/mnt/s:virtiofs:ro"',)
         assert [c.id for c in res.credentials] == [
-            "ssh.ephemeral-authorized_keys-all", "systemd.unit-dropin.sshd-vsock@.service",
+            "ssh.ephemeral-authorized_keys-all",
+            "systemd.unit-dropin.sshd-vsock@.service",
         ]
         assert helpers.ssh_private_key_path == str(vmdir / "hs-ed25519")
         pids = [p.pid for p in helpers.processes.values()]
@@ -66,8 +67,9 @@ def test_a_failing_step_unwinds_what_started(tmp_path: Path) -> None:
     share = tmp_path / "share"
     share.mkdir()
     # virtiofsd and swtpm start, then journal forwarding fails (relative output path).
-    spec = VmSpec(name="hs", linux="/k", tpm=True, tpm_state="off", binds=[BindMount(str(share), "/m")],
-                  forward_journal="relative.journal")
+    spec = VmSpec(
+        name="hs", linux="/k", tpm=True, tpm_state="off", binds=[BindMount(str(share), "/m")], forward_journal="relative.journal"
+    )
 
     async def run() -> None:
         async with contextlib.AsyncExitStack() as start_stack:

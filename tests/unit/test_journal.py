@@ -22,7 +22,11 @@ from vmspawnd.helpers.journal import (
 
 def test_argv_and_split_mode() -> None:
     assert journal_remote_argv("/lib/systemd/systemd-journal-remote", "/var/log/vm.journal") == [
-        "/lib/systemd/systemd-journal-remote", "--output", "/var/log/vm.journal", "--split-mode", "none",
+        "/lib/systemd/systemd-journal-remote",
+        "--output",
+        "/var/log/vm.journal",
+        "--split-mode",
+        "none",
     ]
     assert journal_remote_argv("jr", "/var/log/vms")[-2:] == ["--split-mode", "host"]
 

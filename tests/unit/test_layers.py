@@ -67,7 +67,8 @@ def test_the_spec_package_is_pure() -> None:
     for path in (PACKAGE / "spec").rglob("*.py"):
         imported = imports_of(path)
         bad = sorted(
-            m for m in imported
+            m
+            for m in imported
             if m.split(".")[0] in {"asyncio", "asyncvarlink", "qemu", "dbus_fast"}
             or (m.startswith("vmspawnd.") and not allowed(m, ("vmspawnd.errors", "vmspawnd.spec")))
         )
@@ -78,8 +79,7 @@ def test_only_the_varlink_package_imports_asyncvarlink() -> None:
     outside = sorted(
         str(path.relative_to(ROOT))
         for path in PACKAGE.rglob("*.py")
-        if not path.is_relative_to(PACKAGE / "varlink")
-        and any(m.split(".")[0] == "asyncvarlink" for m in imports_of(path))
+        if not path.is_relative_to(PACKAGE / "varlink") and any(m.split(".")[0] == "asyncvarlink" for m in imports_of(path))
     )
     assert not outside, f"asyncvarlink imported outside vmspawnd/varlink: {outside}"
 
@@ -104,7 +104,7 @@ def test_the_cli_loads_no_daemon_internals_at_run_time(argv: list[str]) -> None:
 def test_the_module_map_in_architecture_md_is_the_tree() -> None:
     """docs/architecture.md lists every module of the package, and nothing that is gone."""
     text = (ROOT / "docs" / "architecture.md").read_text()
-    section = text[text.index("## Modules"):]
+    section = text[text.index("## Modules") :]
     documented = set(re.findall(r"^\| `(vmspawnd/[\w/]+\.py)` \|", section, flags=re.M))
     present = {str(path.relative_to(ROOT)) for path in PACKAGE.rglob("*.py")}
     assert documented == present, (
@@ -114,7 +114,7 @@ def test_the_module_map_in_architecture_md_is_the_tree() -> None:
 
 def test_the_five_files_from_start_to_argv_exist() -> None:
     text = (ROOT / "docs" / "architecture.md").read_text()
-    section = text[text.index("### From `vmspawnctl start` to the QEMU argv"):]
+    section = text[text.index("### From `vmspawnctl start` to the QEMU argv") :]
     files = re.findall(r"^\d\. `([\w/]+\.py)`", section, flags=re.M)
     assert 0 < len(files) <= 5
     assert all((ROOT / f).is_file() for f in files), files

@@ -23,13 +23,25 @@ UUID = "01234567-89ab-cdef-0123-456789abcdef"
 
 def test_varlink_parameters_full() -> None:
     info = machined.RegistrationInfo(
-        name="vm1", uuid=UUID, leader_pid=123, leader_pidfd_id=77, root_directory="/srv/t", vsock_cid=4711,
-        ssh_private_key_path="/run/k", control_address="/run/vmspawnd/machines/x/control",
+        name="vm1",
+        uuid=UUID,
+        leader_pid=123,
+        leader_pidfd_id=77,
+        root_directory="/srv/t",
+        vsock_cid=4711,
+        ssh_private_key_path="/run/k",
+        control_address="/run/vmspawnd/machines/x/control",
     )
     assert machined.varlink_register_parameters(info) == {
-        "name": "vm1", "id": "0123456789abcdef0123456789abcdef", "service": "vmspawnd", "class": "vm",
-        "leaderProcessId": {"pid": 123, "pidfdId": 77}, "rootDirectory": "/srv/t", "vSockCid": 4711,
-        "sshAddress": "vsock/4711", "sshPrivateKeyPath": "/run/k",
+        "name": "vm1",
+        "id": "0123456789abcdef0123456789abcdef",
+        "service": "vmspawnd",
+        "class": "vm",
+        "leaderProcessId": {"pid": 123, "pidfdId": 77},
+        "rootDirectory": "/srv/t",
+        "vSockCid": 4711,
+        "sshAddress": "vsock/4711",
+        "sshPrivateKeyPath": "/run/k",
         "controlAddress": "/run/vmspawnd/machines/x/control",
     }
     assert "controlAddress" not in machined.varlink_register_parameters(info, with_control_address=False)
@@ -38,7 +50,10 @@ def test_varlink_parameters_full() -> None:
 def test_varlink_parameters_minimal_leave_unknown_fields_out() -> None:
     info = machined.RegistrationInfo(name="vm1", leader_pid=5)
     assert machined.varlink_register_parameters(info) == {
-        "name": "vm1", "service": "vmspawnd", "class": "vm", "leaderProcessId": {"pid": 5},
+        "name": "vm1",
+        "service": "vmspawnd",
+        "class": "vm",
+        "leaderProcessId": {"pid": 5},
     }
 
 
@@ -51,8 +66,11 @@ def test_varlink_frame() -> None:
 def test_register_machine_message() -> None:
     msg = machined.register_machine_message(machined.RegistrationInfo(name="vm1", uuid=UUID, leader_pid=9))
     assert (msg.destination, msg.path, msg.interface, msg.member, msg.signature) == (
-        "org.freedesktop.machine1", "/org/freedesktop/machine1", "org.freedesktop.machine1.Manager",
-        "RegisterMachine", "sayssus",
+        "org.freedesktop.machine1",
+        "/org/freedesktop/machine1",
+        "org.freedesktop.machine1.Manager",
+        "RegisterMachine",
+        "sayssus",
     )
     assert msg.body == ["vm1", bytes.fromhex(UUID.replace("-", "")), "vmspawnd", "vm", 9, ""]
     assert machined.register_machine_message(machined.RegistrationInfo(name="x")).body[1] == b""
@@ -62,7 +80,10 @@ def test_register_machine_message() -> None:
 
 def test_machined_address() -> None:
     assert machined.machined_address({}, True) == "/run/systemd/machine/io.systemd.Machine"
-    assert machined.machined_address({"XDG_RUNTIME_DIR": "/run/user/1000"}, False) == "/run/user/1000/systemd/machine/io.systemd.Machine"
+    assert (
+        machined.machined_address({"XDG_RUNTIME_DIR": "/run/user/1000"}, False)
+        == "/run/user/1000/systemd/machine/io.systemd.Machine"
+    )
     assert machined.machined_address({"VMSPAWND_MACHINED_ADDRESS": "/tmp/m"}, True) == "/tmp/m"
 
 
@@ -72,7 +93,12 @@ def test_info_for_reads_optional_record_fields() -> None:
     record = MachineRecord(name="vm1", id="a1", uid=0, spec={}, ssh_private_key_path="/k", control_address="/c")
     info = machined.info_for(record, VmSpec(uuid=UUID), 42, vsock_cid=99)
     assert info == machined.RegistrationInfo(
-        name="vm1", uuid=UUID, leader_pid=42, vsock_cid=99, ssh_private_key_path="/k", control_address="/c",
+        name="vm1",
+        uuid=UUID,
+        leader_pid=42,
+        vsock_cid=99,
+        ssh_private_key_path="/k",
+        control_address="/c",
     )
 
     bare = MachineRecord(name="vm2", id="a2", uid=0, spec={})
@@ -116,6 +142,9 @@ async def test_register_with_machined_absent_everywhere_is_no_problem(tmp_path: 
     monkeypatch.setenv("DBUS_SYSTEM_BUS_ADDRESS", f"unix:path={tmp_path / 'no-bus'}")
     info = machined.RegistrationInfo(name="vm1", leader_pid=os.getpid())
     result = await machined.register_with_machined(
-        info, str(tmp_path / "no-machined"), functools.partial(connect_bus, True), exists_ok=False,
+        info,
+        str(tmp_path / "no-machined"),
+        functools.partial(connect_bus, True),
+        exists_ok=False,
     )
     assert result == machined.MachinedResult()

@@ -26,8 +26,12 @@ SAME_OPTIONS_AS = {"run": "start"}
 
 def render(name: str, tmp_path: Path) -> Path:
     out = tmp_path / name
-    subprocess.run([sys.executable, str(ROOT / "scripts/manpage.py"), str(PAGES[name]), "-o", str(out)],
-                   check=True, capture_output=True, text=True)
+    subprocess.run(
+        [sys.executable, str(ROOT / "scripts/manpage.py"), str(PAGES[name]), "-o", str(out)],
+        check=True,
+        capture_output=True,
+        text=True,
+    )
     return out
 
 
@@ -103,14 +107,16 @@ def test_every_verb_and_option_of_vmspawnctl_is_in_its_page(pages: dict[str, Pat
         if not texts:
             missing.append(f"the verb {verb}")
             continue
-        missing += [f"{verb} {option}" for option in sorted(option_strings(sub))
-                    if not any(mentions(text, option) for text in texts)]
+        missing += [
+            f"{verb} {option}" for option in sorted(option_strings(sub)) if not any(mentions(text, option) for text in texts)
+        ]
     assert not missing, f"not documented where their verb is in docs/vmspawnctl.md: {missing}"
 
 
 def test_every_option_of_vmspawnd_help_is_in_its_page(pages: dict[str, Path]) -> None:
-    help_text = subprocess.run([sys.executable, "-m", "vmspawnd.daemon", "--help"], capture_output=True, text=True,
-                               check=True).stdout
+    help_text = subprocess.run(
+        [sys.executable, "-m", "vmspawnd.daemon", "--help"], capture_output=True, text=True, check=True
+    ).stdout
     options = set(re.findall(r"(?<![\w-])--[a-z][a-z-]*", help_text)) - {"--help"}
     assert {"--runtime-dir", "--listen", "--log-level"} <= options, help_text
     documented = entries(pages["vmspawnd.8"].read_text())
@@ -124,9 +130,13 @@ def test_the_renderer_guards_roff_syntax(tmp_path: Path) -> None:
     """Text that roff would misread: a line starting with '.', backslashes, options' minus
     signs, non-ASCII; and a first heading that is no NAME(SECTION) is refused."""
     source = tmp_path / "x.md"
-    source.write_text("# demo(7)\n\n## Name\n\ndemo — test\n\n## Bits\n\nA line\n.that starts with a dot, a \\\\ backslash,"
-                      " `--opt` and “quotes”.\n")
-    out = subprocess.run([sys.executable, str(ROOT / "scripts/manpage.py"), str(source)], capture_output=True, text=True, check=True).stdout
+    source.write_text(
+        "# demo(7)\n\n## Name\n\ndemo — test\n\n## Bits\n\nA line\n.that starts with a dot, a \\\\ backslash,"
+        " `--opt` and “quotes”.\n"
+    )
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "scripts/manpage.py"), str(source)], capture_output=True, text=True, check=True
+    ).stdout
     assert '.TH "DEMO" "7"' in out
     assert "demo \\- test" in out
     assert "\n\\&.that starts" in out

@@ -55,7 +55,11 @@ def test_host_signal_description() -> None:
         (ExitFacts(-70), MachineState.FAILED, "QEMU was killed by signal 70"),
         (ExitFacts(0), MachineState.STOPPED, "QEMU exited: the guest powered off"),
         # QEMU that caught SIGTERM exits 0: that is no guest power-off.
-        (ExitFacts(0, host_signal=HostSignal(15, 1, "systemd")), MachineState.STOPPED, "QEMU terminated on SIGTERM from pid 1 (systemd)"),
+        (
+            ExitFacts(0, host_signal=HostSignal(15, 1, "systemd")),
+            MachineState.STOPPED,
+            "QEMU terminated on SIGTERM from pid 1 (systemd)",
+        ),
         (ExitFacts(0, shutdown_cause="host-signal"), MachineState.STOPPED, "QEMU terminated on a signal from the host"),
         (ExitFacts(0, shutdown_cause="host-qmp-quit"), MachineState.STOPPED, "QEMU quit on a QMP request"),
         (ExitFacts(0, shutdown_cause="guest-shutdown"), MachineState.STOPPED, "QEMU exited: the guest powered off"),
@@ -63,9 +67,17 @@ def test_host_signal_description() -> None:
         (ExitFacts(None), MachineState.FAILED, "QEMU exited (status unknown: not our child)"),
         (ExitFacts(-9, requested_signal=9), MachineState.STOPPED, "killed with SIGKILL on request"),
         (ExitFacts(-RTMIN4, requested_signal=RTMIN4), MachineState.STOPPED, "killed with SIGRTMIN+4 on request"),
-        (ExitFacts(0, requested_signal=15, host_signal=HostSignal(15, 4, "vmspawnd")), MachineState.STOPPED, "terminated with SIGTERM on request"),
+        (
+            ExitFacts(0, requested_signal=15, host_signal=HostSignal(15, 4, "vmspawnd")),
+            MachineState.STOPPED,
+            "terminated with SIGTERM on request",
+        ),
         (ExitFacts(-9, stop_reason="terminated on request"), MachineState.STOPPED, "terminated on request"),
-        (ExitFacts(-15, stop_reason="helper swtpm exited (status 1)", helper_failed=True), MachineState.FAILED, "helper swtpm exited (status 1)"),
+        (
+            ExitFacts(-15, stop_reason="helper swtpm exited (status 1)", helper_failed=True),
+            MachineState.FAILED,
+            "helper swtpm exited (status 1)",
+        ),
     ],
 )
 def test_decide_outcome(facts: ExitFacts, state: MachineState, reason: str) -> None:
@@ -82,10 +94,15 @@ def test_describe_exit_never_raises_for_any_status() -> None:
     [
         ("qemu-system-x86_64: Parameter 'smp.foo' is unexpected\n", "qemu-system-x86_64: Parameter 'smp.foo' is unexpected"),
         # Warnings and the reaper's lines are context; the last error is the one that ended QEMU.
-        ("qemu-system-x86_64: warning: Deprecated CPU topology\nvmspawnd-reaper: started\n"
-         "qemu-system-x86_64: -drive file=/x: Could not open '/x': No such file or directory\n",
-         "qemu-system-x86_64: -drive file=/x: Could not open '/x': No such file or directory"),
-        ("/usr/bin/qemu-kvm: -smp 2,maxcpus=1: Invalid CPU topology\n", "/usr/bin/qemu-kvm: -smp 2,maxcpus=1: Invalid CPU topology"),
+        (
+            "qemu-system-x86_64: warning: Deprecated CPU topology\nvmspawnd-reaper: started\n"
+            "qemu-system-x86_64: -drive file=/x: Could not open '/x': No such file or directory\n",
+            "qemu-system-x86_64: -drive file=/x: Could not open '/x': No such file or directory",
+        ),
+        (
+            "/usr/bin/qemu-kvm: -smp 2,maxcpus=1: Invalid CPU topology\n",
+            "/usr/bin/qemu-kvm: -smp 2,maxcpus=1: Invalid CPU topology",
+        ),
         ("qemu-system-x86_64: terminating on signal 15 from pid 1 (systemd)\n", None),
         ("qemu-system-x86_64: warning: host doesn't support requested feature\n", None),
         ("", None),

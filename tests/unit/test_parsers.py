@@ -544,9 +544,7 @@ def test_parse_private_users_invalid(text: str) -> None:
 # --------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(
-    "name", ["a", "foo", "foo-bar", "foo--bar", "Foo9", "foo.bar", "a.b.c", "x" * 64, "9", "a-b.c-d"]
-)
+@pytest.mark.parametrize("name", ["a", "foo", "foo-bar", "foo--bar", "Foo9", "foo.bar", "a.b.c", "x" * 64, "9", "a-b.c-d"])
 def test_hostname_valid(name: str) -> None:
     assert is_valid_hostname(name)
 
@@ -790,9 +788,7 @@ _VERIFIED_VERSIONS = {"252"}
 
 
 def _load_libsystemd_shared() -> tuple[ctypes.CDLL, ctypes.CDLL] | None:
-    candidates = glob.glob("/usr/lib/*/systemd/libsystemd-shared-*.so") + glob.glob(
-        "/usr/lib/systemd/libsystemd-shared-*.so"
-    )
+    candidates = glob.glob("/usr/lib/*/systemd/libsystemd-shared-*.so") + glob.glob("/usr/lib/systemd/libsystemd-shared-*.so")
     for path in sorted(candidates):
         m = re.search(r"libsystemd-shared-(\d+)\.so$", path)
         if not m or m.group(1) not in _VERIFIED_VERSIONS:
@@ -808,9 +804,7 @@ def _load_libsystemd_shared() -> tuple[ctypes.CDLL, ctypes.CDLL] | None:
 
 _LIBS = _load_libsystemd_shared()
 needs_libsystemd = pytest.mark.skipif(_LIBS is None, reason="libsystemd-shared-252.so not available")
-_oracle_settings = settings(
-    max_examples=300, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck)
-)
+_oracle_settings = settings(max_examples=300, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
 
 
 def _c(text: str) -> bytes:
@@ -832,18 +826,32 @@ class _Oracle:
         libc.free.argtypes = [ctypes.c_void_p]
         lib.cunescape_length_with_prefix.restype = ctypes.c_ssize_t
         lib.cunescape_length_with_prefix.argtypes = [
-            ctypes.c_char_p, ctypes.c_size_t, ctypes.c_char_p, ctypes.c_int, ctypes.POINTER(ctypes.c_void_p)
+            ctypes.c_char_p,
+            ctypes.c_size_t,
+            ctypes.c_char_p,
+            ctypes.c_int,
+            ctypes.POINTER(ctypes.c_void_p),
         ]
         lib.extract_first_word.argtypes = [
-            ctypes.POINTER(ctypes.c_void_p), ctypes.POINTER(ctypes.c_void_p), ctypes.c_char_p, ctypes.c_int
+            ctypes.POINTER(ctypes.c_void_p),
+            ctypes.POINTER(ctypes.c_void_p),
+            ctypes.c_char_p,
+            ctypes.c_int,
         ]
         lib.hostname_is_valid.restype = ctypes.c_bool
         lib.credential_name_valid.restype = ctypes.c_bool
         lib.unit_name_mangle_with_suffix.argtypes = [
-            ctypes.c_char_p, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.POINTER(ctypes.c_void_p)
+            ctypes.c_char_p,
+            ctypes.c_char_p,
+            ctypes.c_int,
+            ctypes.c_char_p,
+            ctypes.POINTER(ctypes.c_void_p),
         ]
         lib.strv_split_full.argtypes = [
-            ctypes.POINTER(ctypes.POINTER(ctypes.c_char_p)), ctypes.c_char_p, ctypes.c_char_p, ctypes.c_int
+            ctypes.POINTER(ctypes.POINTER(ctypes.c_char_p)),
+            ctypes.c_char_p,
+            ctypes.c_char_p,
+            ctypes.c_int,
         ]
 
     def parse_size(self, s: str) -> Any:
@@ -971,8 +979,11 @@ def test_oracle_parse_boolean(oracle: _Oracle, text: str) -> None:
 
 @needs_libsystemd
 @_oracle_settings
-@given(text=st.text(alphabet="\\abfnrtvs\"'xuU01234567ABCDEFabcdefz \u00e9\U0001f600", max_size=16).filter(
-    lambda s: not _SURROGATE_U.search(s)))
+@given(
+    text=st.text(alphabet="\\abfnrtvs\"'xuU01234567ABCDEFabcdefz \u00e9\U0001f600", max_size=16).filter(
+        lambda s: not _SURROGATE_U.search(s)
+    )
+)
 def test_oracle_cunescape(oracle: _Oracle, text: str) -> None:
     assert _ours(c_unescape, text) == oracle.cunescape(text)
 
@@ -1013,12 +1024,14 @@ def test_oracle_credential_name(oracle: _Oracle, text: str) -> None:
 
 @needs_libsystemd
 @_oracle_settings
-@given(text=st.one_of(
-    st.text(alphabet="0123456789abcdefABCDEF-", min_size=30, max_size=37),
-    st.uuids().map(str),
-    st.uuids().map(lambda u: u.hex.upper()),
-    st.text(max_size=8).filter(_no_nul),
-))
+@given(
+    text=st.one_of(
+        st.text(alphabet="0123456789abcdefABCDEF-", min_size=30, max_size=37),
+        st.uuids().map(str),
+        st.uuids().map(lambda u: u.hex.upper()),
+        st.text(max_size=8).filter(_no_nul),
+    )
+)
 def test_oracle_uuid(oracle: _Oracle, text: str) -> None:
     assert _ours(parse_uuid, text) == oracle.id128(text)
 
@@ -1062,7 +1075,20 @@ def test_oracle_mangle_unit_name(oracle: _Oracle, text: str, suffix: str) -> Non
 # --- --cpus: QEMU's -smp rules -----------------------------------------------------------
 
 
-@pytest.mark.parametrize("text", ["1", "4", "4,sockets=2", "cores=2,threads=1", "2,maxcpus=8", "0x2", "+2", "2,", "8,sockets=2,dies=1,clusters=1,cores=2,threads=2"])
+@pytest.mark.parametrize(
+    "text",
+    [
+        "1",
+        "4",
+        "4,sockets=2",
+        "cores=2,threads=1",
+        "2,maxcpus=8",
+        "0x2",
+        "+2",
+        "2,",
+        "8,sockets=2,dies=1,clusters=1,cores=2,threads=2",
+    ],
+)
 def test_parse_smp_accepts_what_qemu_accepts(text: str) -> None:
     from vmspawnd.spec.parsers import parse_smp
 

@@ -60,7 +60,7 @@ def test_payload_files_hold_smbios_strings() -> None:
     assert all(path.startswith(PAYLOAD + "/") for path in cmd.files)
     # Direct boot: the cmdline goes to -append, not to SMBIOS.
     assert "io.systemd.stub.kernel-cmdline-extra" not in files
-    assert args_after(cmd.argv, "-append") == ["console=hvc0 root=/dev/vda1 systemd.mount-extra=\"mnt0:/srv:virtiofs:rw\""]
+    assert args_after(cmd.argv, "-append") == ['console=hvc0 root=/dev/vda1 systemd.mount-extra="mnt0:/srv:virtiofs:rw"']
     # Secrets never in the argv.
     assert not any(base64.b64encode(b"v1").decode() in a for a in cmd.argv)
 
@@ -141,8 +141,20 @@ def test_memory_rounds_up_to_mib() -> None:
     assert args_after(build_qemu_command(spec, res).argv, "-m") == ["301M"]
 
 
-@pytest.mark.parametrize("prop", ["MemoryMax=1G", "MemoryHigh=80%", "CPUQuota=150%", "TasksMax=infinity", "CPUWeight=idle",
-                                  "IOWeight=100", "DeviceAllow=/dev/kvm rw", "DevicePolicy=closed", "AllowedCPUs=0-1,3"])
+@pytest.mark.parametrize(
+    "prop",
+    [
+        "MemoryMax=1G",
+        "MemoryHigh=80%",
+        "CPUQuota=150%",
+        "TasksMax=infinity",
+        "CPUWeight=idle",
+        "IOWeight=100",
+        "DeviceAllow=/dev/kvm rw",
+        "DevicePolicy=closed",
+        "AllowedCPUs=0-1,3",
+    ],
+)
 def test_property_subset_accepts(prop: str) -> None:
     check_property(prop)
 

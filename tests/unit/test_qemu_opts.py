@@ -81,9 +81,7 @@ def qemu_opts_split(params: str, firstname: str | None = None) -> list[tuple[str
         ("x=1,y", "driver", [("x", "1"), ("y", "on")]),  # firstname only if the 1st token has no '='
     ],
 )
-def test_model_splitter_matches_qemu_examples(
-    params: str, firstname: str | None, expected: list[tuple[str, str]]
-) -> None:
+def test_model_splitter_matches_qemu_examples(params: str, firstname: str | None, expected: list[tuple[str, str]]) -> None:
     assert qemu_opts_split(params, firstname) == expected
 
 

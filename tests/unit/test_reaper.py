@@ -37,9 +37,23 @@ class Reaper:
         ours, theirs = socket.socketpair()
         with open(self.log, "ab") as log, ours, theirs:
             self.process = subprocess.Popen(
-                [sys.executable, "-I", "-S", REAPER_SCRIPT, *options, str(self.status), str(theirs.fileno()), "--",
-                 "sleep", "600"],
-                pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True,
+                [
+                    sys.executable,
+                    "-I",
+                    "-S",
+                    REAPER_SCRIPT,
+                    *options,
+                    str(self.status),
+                    str(theirs.fileno()),
+                    "--",
+                    "sleep",
+                    "600",
+                ],
+                pass_fds=[theirs.fileno()],
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=log,
+                start_new_session=True,
             )
             theirs.close()
             data, fds, _flags, _address = socket.recv_fds(ours, 64, 1)

@@ -35,7 +35,10 @@ def test_plan(register: bool | None, keep_unit: bool, booted: bool, expected: r.
             VarlinkCallError("org.varlink.service.InvalidParameter", {"parameter": "controlAddress"}),
             'org.varlink.service.InvalidParameter {"parameter": "controlAddress"}',
         ),
-        (DBusCallError("org.freedesktop.DBus.Error.AccessDenied", "not root"), "org.freedesktop.DBus.Error.AccessDenied: not root"),
+        (
+            DBusCallError("org.freedesktop.DBus.Error.AccessDenied", "not root"),
+            "org.freedesktop.DBus.Error.AccessDenied: not root",
+        ),
         (DBusCallError("org.freedesktop.systemd1.NoSuchUnit"), "org.freedesktop.systemd1.NoSuchUnit"),
     ],
 )

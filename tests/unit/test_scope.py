@@ -20,12 +20,19 @@ from vmspawnd.host import dbus, scope
 def test_systemd_messages() -> None:
     start = scope.start_transient_unit_message("a.scope", [["Description", Variant("s", "x")]])
     assert (start.member, start.signature, start.body[0], start.body[1], start.body[3]) == (
-        "StartTransientUnit", "ssa(sv)a(sa(sv))", "a.scope", "fail", [],
+        "StartTransientUnit",
+        "ssa(sv)a(sa(sv))",
+        "a.scope",
+        "fail",
+        [],
     )
     assert start.destination == "org.freedesktop.systemd1" and start.path == "/org/freedesktop/systemd1"
     kill = scope.kill_unit_message("a.scope")
     assert (kill.member, kill.signature, kill.body) == ("KillUnit", "ssi", ["a.scope", "all", int(signal.SIGKILL)])
-    assert (scope.abandon_scope_message("a.scope").member, scope.abandon_scope_message("a.scope").signature) == ("AbandonScope", "s")
+    assert (scope.abandon_scope_message("a.scope").member, scope.abandon_scope_message("a.scope").signature) == (
+        "AbandonScope",
+        "s",
+    )
     assert (scope.unref_unit_message("a.scope").member, scope.unref_unit_message("a.scope").body) == ("UnrefUnit", ["a.scope"])
 
 

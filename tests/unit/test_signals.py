@@ -13,10 +13,19 @@ from vmspawnd.spec.parsers import parse_signal, signal_name
 @pytest.mark.parametrize(
     ("text", "number"),
     [
-        ("SIGTERM", 15), ("TERM", 15), ("term", 15), ("15", 15), (15, 15), ("SIGKILL", 9),
-        ("SIGRTMIN+4", int(signal.SIGRTMIN) + 4), ("RTMIN+4", int(signal.SIGRTMIN) + 4),
-        ("SIGRTMIN", int(signal.SIGRTMIN)), ("SIGRTMAX", int(signal.SIGRTMAX)), ("SIGRTMAX-2", int(signal.SIGRTMAX) - 2),
-        ("SIGIOT", 6), ("64", 64),
+        ("SIGTERM", 15),
+        ("TERM", 15),
+        ("term", 15),
+        ("15", 15),
+        (15, 15),
+        ("SIGKILL", 9),
+        ("SIGRTMIN+4", int(signal.SIGRTMIN) + 4),
+        ("RTMIN+4", int(signal.SIGRTMIN) + 4),
+        ("SIGRTMIN", int(signal.SIGRTMIN)),
+        ("SIGRTMAX", int(signal.SIGRTMAX)),
+        ("SIGRTMAX-2", int(signal.SIGRTMAX) - 2),
+        ("SIGIOT", 6),
+        ("64", 64),
     ],
 )
 def test_parse_signal(text: str | int, number: int) -> None:

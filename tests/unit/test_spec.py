@@ -20,9 +20,7 @@ paths = st.text(min_size=1).map(lambda s: "/" + s.replace("\0", ""))
     kvm=st.none() | st.booleans(),
     words=st.lists(st.text().filter(lambda w: "\n" not in w and "\0" not in w), max_size=4),
 )
-def test_spec_json_round_trip(
-    name: str, linux: str, initrds: list[str], ram: int, kvm: bool | None, words: list[str]
-) -> None:
+def test_spec_json_round_trip(name: str, linux: str, initrds: list[str], ram: int, kvm: bool | None, words: list[str]) -> None:
     spec = VmSpec(name=name, linux=linux, initrds=initrds, ram=ram, kvm=kvm, kernel_cmdline=words)
     assert VmSpec.from_json(spec.to_json()) == spec
 

@@ -63,7 +63,16 @@ BAD_FORMS = [
     ("--machine", ["-M-bad", "--machine=a..b", "--machine=" + "x" * 65, "--machine=under_score"]),
     ("--uuid", ["--uuid=xyz", "--uuid=00000000-0000-0000-0000-000000000000", "--uuid=123"]),
     ("--slice", ["--slice=foo.service", "-S/"]),
-    ("--property", ["--property=Nice=5", "--property=MemoryMax", "--property=CPUQuota=fast", "--property=TasksMax=-1", "--property=DevicePolicy=open"]),
+    (
+        "--property",
+        [
+            "--property=Nice=5",
+            "--property=MemoryMax",
+            "--property=CPUQuota=fast",
+            "--property=TasksMax=-1",
+            "--property=DevicePolicy=open",
+        ],
+    ),
     ("--register", ["--register=auto-ish", "--register=maybe"]),
     ("--private-users", ["--private-users=abc", "--private-users=100:0", "--private-users=4294967295", "--private-users=-1"]),
     ("--bind", ["--bind=", "--bind=share:relative", "--bind=missing:/m", "--bind=share"]),
@@ -77,7 +86,10 @@ BAD_FORMS = [
     ("--ssh-key-type", ["--ssh-key-type=dsa"]),
     ("--console", ["--console=tty", "--console=headless"]),
     ("--background", ["--background=red", "--background=41;"]),
-    ("--load-credential", ["--load-credential=id", "--load-credential=a/b:./x", "--load-credential=id:./missing", "--load-credential=id:cred"]),
+    (
+        "--load-credential",
+        ["--load-credential=id", "--load-credential=a/b:./x", "--load-credential=id:./missing", "--load-credential=id:cred"],
+    ),
     ("--set-credential", ["--set-credential=novalue", "--set-credential=a/b:v", "--set-credential=x:\\q"]),
     ("--directory", ["--directory="]),
     ("--image", ["--image="]),
@@ -140,15 +152,57 @@ def test_bad_env_refused(work: Path, capsys: pytest.CaptureFixture[str], monkeyp
 def test_all_good_forms(work: Path) -> None:
     (work / "cred").write_bytes(b"\0\x01file")
     s = spec(
-        "-q", "--no-pager", "--no-ask-password", "-i", "disk.raw", "--cpus=2,sockets=2", "--ram=1.5G", "--kvm=no",
-        "--vsock=auto", "--vsock-cid=0x10", "--tpm=yes", "--tpm-state=./state", "--linux=k", "--initrd=k", "--initrd=k",
-        "-n", "--firmware=./fw.json", "--discard-disk=no", "--secure-boot=yes", "-G", "1M", "-s", "a=b", "--smbios11=c",
-        "--notify-ready=no", "-M", "vm1", "--uuid=0123456789abcdef0123456789ABCDEF", "-S", "vms", "--property=MemoryMax=1G",
-        "--property=CPUQuota=50%", "--register=no", "--keep-unit", "--private-users=100000", "--bind=share:/mnt/rw",
-        "--bind-ro=share:/mnt/ro", "--extra-drive=disk.raw", "--bind-user=root", "--bind-user=root",
-        "--bind-user-shell=no", "--bind-user-group=wheel", "--forward-journal=j.journal", "--pass-ssh-key=no",
-        "--ssh-key-type=rsa", "--console=read-only", "--background=48;2;1;2;3", "--set-credential=s:a\\x00b",
-        "--load-credential=f:./cred", "root=/dev/vda1", "--not-an-option",
+        "-q",
+        "--no-pager",
+        "--no-ask-password",
+        "-i",
+        "disk.raw",
+        "--cpus=2,sockets=2",
+        "--ram=1.5G",
+        "--kvm=no",
+        "--vsock=auto",
+        "--vsock-cid=0x10",
+        "--tpm=yes",
+        "--tpm-state=./state",
+        "--linux=k",
+        "--initrd=k",
+        "--initrd=k",
+        "-n",
+        "--firmware=./fw.json",
+        "--discard-disk=no",
+        "--secure-boot=yes",
+        "-G",
+        "1M",
+        "-s",
+        "a=b",
+        "--smbios11=c",
+        "--notify-ready=no",
+        "-M",
+        "vm1",
+        "--uuid=0123456789abcdef0123456789ABCDEF",
+        "-S",
+        "vms",
+        "--property=MemoryMax=1G",
+        "--property=CPUQuota=50%",
+        "--register=no",
+        "--keep-unit",
+        "--private-users=100000",
+        "--bind=share:/mnt/rw",
+        "--bind-ro=share:/mnt/ro",
+        "--extra-drive=disk.raw",
+        "--bind-user=root",
+        "--bind-user=root",
+        "--bind-user-shell=no",
+        "--bind-user-group=wheel",
+        "--forward-journal=j.journal",
+        "--pass-ssh-key=no",
+        "--ssh-key-type=rsa",
+        "--console=read-only",
+        "--background=48;2;1;2;3",
+        "--set-credential=s:a\\x00b",
+        "--load-credential=f:./cred",
+        "root=/dev/vda1",
+        "--not-an-option",
     )
     w = str(work)
     assert s.image == f"{w}/disk.raw" and s.linux == f"{w}/k" and s.initrds == [f"{w}/k", f"{w}/k"]
@@ -162,7 +216,11 @@ def test_all_good_forms(work: Path) -> None:
     assert s.binds == [BindMount(f"{w}/share", "/mnt/rw"), BindMount(f"{w}/share", "/mnt/ro", True)]
     assert s.extra_drives == [f"{w}/disk.raw"] and s.bind_users == ["root"] and s.bind_user_groups == ["wheel"]
     assert (s.bind_user_shell, s.forward_journal, s.pass_ssh_key, s.ssh_key_type, s.console) == (
-        "no", f"{w}/j.journal", False, "rsa", "read-only",
+        "no",
+        f"{w}/j.journal",
+        False,
+        "rsa",
+        "read-only",
     )
     assert [(c.id, base64.b64decode(c.data)) for c in s.credentials] == [("s", b"a\0b"), ("f", b"\0\x01file")]
     assert s.kernel_cmdline == ["root=/dev/vda1", "--not-an-option"]
@@ -247,8 +305,17 @@ def test_help_documents_every_option_grouped(capsys: pytest.CaptureFixture[str])
     with pytest.raises(SystemExit):
         main(["start", "--help"])
     out = capsys.readouterr().out
-    for group in ("Image options", "Host configuration", "System identity options", "Property options",
-                  "User namespacing options", "Mount options", "Integration options", "Input/output options", "Credentials"):
+    for group in (
+        "Image options",
+        "Host configuration",
+        "System identity options",
+        "Property options",
+        "User namespacing options",
+        "Mount options",
+        "Integration options",
+        "Input/output options",
+        "Credentials",
+    ):
         assert group in out
     for action in _actions():
         for opt in action.option_strings:

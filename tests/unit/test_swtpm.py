@@ -36,12 +36,8 @@ def test_decision_follows_259() -> None:
 
 def test_state_location(tmp_path: Path) -> None:
     vmdir = tmp_path / "vm"
-    assert state_location(VmSpec(name="v", image="/img/disk.raw"), "v", vmdir) == TpmState(
-        Path("/img/disk.raw.tpmstate"), True
-    )
-    assert state_location(VmSpec(name="v", directory="/srv/tree/"), "v", vmdir) == TpmState(
-        Path("/srv/tree.tpmstate"), True
-    )
+    assert state_location(VmSpec(name="v", image="/img/disk.raw"), "v", vmdir) == TpmState(Path("/img/disk.raw.tpmstate"), True)
+    assert state_location(VmSpec(name="v", directory="/srv/tree/"), "v", vmdir) == TpmState(Path("/srv/tree.tpmstate"), True)
     assert state_location(VmSpec(name="v", linux="/k"), "v", vmdir) == TpmState(vmdir / "v-tpm", False)
     assert state_location(VmSpec(name="v", image="/i", tpm_state="off"), "v", vmdir) == TpmState(vmdir / "v-tpm", False)
     assert state_location(VmSpec(name="v", linux="/k", tpm_state="/s"), "v", vmdir) == TpmState(Path("/s"), True)
@@ -51,12 +47,25 @@ def test_state_location(tmp_path: Path) -> None:
 
 def test_command_lines() -> None:
     assert setup_argv("swtpm_setup", Path("/s"), True) == [
-        "swtpm_setup", "--tpm-state", "/s", "--tpm2", "--pcr-banks", "sha256", "--not-overwrite",
-        "--profile-name", "default-v2",
+        "swtpm_setup",
+        "--tpm-state",
+        "/s",
+        "--tpm2",
+        "--pcr-banks",
+        "sha256",
+        "--not-overwrite",
+        "--profile-name",
+        "default-v2",
     ]
     assert "--profile-name" not in setup_argv("swtpm_setup", Path("/s"), False)
     assert swtpm_argv("swtpm", Path("/s"), 5) == [
-        "swtpm", "socket", "--tpm2", "--tpmstate", "dir=/s,mode=0600", "--ctrl", "type=unixio,fd=5",
+        "swtpm",
+        "socket",
+        "--tpm2",
+        "--tpmstate",
+        "dir=/s,mode=0600",
+        "--ctrl",
+        "type=unixio,fd=5",
     ]
 
 

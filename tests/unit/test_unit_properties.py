@@ -46,9 +46,21 @@ def test_convert_unit_property(assignment: str, expected: tuple[str, str, object
 
 @pytest.mark.parametrize(
     "assignment",
-    ["CPUQuota=20", "CPUQuota=0%", "CPUWeight=0", "IOWeight=10001", "TasksMax=0", "MemoryMax=1x",
-     "DeviceAllow=/dev/kvm rx", "KillMode=mixed", "NoEquals", "MemoryMax=101%", "DevicePolicy=open",
-     "AllowedCPUs=3-1", "AllowedCPUs=a"],
+    [
+        "CPUQuota=20",
+        "CPUQuota=0%",
+        "CPUWeight=0",
+        "IOWeight=10001",
+        "TasksMax=0",
+        "MemoryMax=1x",
+        "DeviceAllow=/dev/kvm rx",
+        "KillMode=mixed",
+        "NoEquals",
+        "MemoryMax=101%",
+        "DevicePolicy=open",
+        "AllowedCPUs=3-1",
+        "AllowedCPUs=a",
+    ],
 )
 def test_convert_unit_property_refuses(assignment: str) -> None:
     with pytest.raises(ValueError):

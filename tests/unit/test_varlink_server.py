@@ -183,6 +183,7 @@ async def serve(tmp_path: Path) -> AsyncIterator[Serve]:
 
 # --- a server whose connections are cut must not break the loop's other servers -------------
 
+
 @pytest.mark.asyncio
 @pytest.mark.parametrize("call_ends", ["after the close", "never"])
 async def test_clients_closed_mid_call_leave_the_other_server_serving(serve: Serve, call_ends: str) -> None:
@@ -213,6 +214,7 @@ async def test_clients_closed_mid_call_leave_the_other_server_serving(serve: Ser
 
 
 # --- close_gracefully ---------------------------------------------------------------------------
+
 
 @pytest.mark.asyncio
 async def test_graceful_close_answers_the_call_in_flight(serve: Serve) -> None:
@@ -298,6 +300,7 @@ async def test_graceful_close_is_bounded(serve: Serve) -> None:
 
 
 # --- peers that go away mid-call ------------------------------------------------------------------
+
 
 @pytest.mark.asyncio
 async def test_peer_reset_mid_call_cancels_it_and_the_server_serves_on(serve: Serve) -> None:

@@ -47,8 +47,17 @@ def test_probe_recognises_installed_c_virtiofsd() -> None:
 
 def test_rust_argv_is_vmspawns() -> None:
     assert virtiofsd_argv(RUST, Share("root", "/srv/root", uid_map=(0, 100000, 65536)), 7) == [
-        "/usr/libexec/virtiofsd", "--shared-dir", "/srv/root", "--xattr", "--fd", "7", "--no-announce-submounts",
-        "--translate-uid", "map:0:100000:65536", "--translate-gid", "map:0:100000:65536",
+        "/usr/libexec/virtiofsd",
+        "--shared-dir",
+        "/srv/root",
+        "--xattr",
+        "--fd",
+        "7",
+        "--no-announce-submounts",
+        "--translate-uid",
+        "map:0:100000:65536",
+        "--translate-gid",
+        "map:0:100000:65536",
     ]
     assert virtiofsd_argv(RUST, Share("mnt0", "/srv/ro", read_only=True), 3)[-1] == "--readonly"
     no_ro = Virtiofsd("/v", Dialect.RUST, readonly=False)
@@ -57,7 +66,11 @@ def test_rust_argv_is_vmspawns() -> None:
 
 def test_c_argv_escapes_option_separators() -> None:
     assert virtiofsd_argv(C, Share("mnt0", "/srv/a,b\\c"), 9) == [
-        C_VIRTIOFSD, "--fd=9", "-f", "-o", "source=/srv/a\\,b\\\\c,cache=auto,xattr",
+        C_VIRTIOFSD,
+        "--fd=9",
+        "-f",
+        "-o",
+        "source=/srv/a\\,b\\\\c,cache=auto,xattr",
     ]
     with pytest.raises(NotSupported, match=C_VIRTIOFSD):
         virtiofsd_argv(C, Share("root", "/srv", uid_map=(0, 1, 1)), 3)
@@ -72,11 +85,16 @@ def test_plan_root_and_binds(tmp_path: Path) -> None:
     spec = VmSpec(name="v", directory="/srv/root", binds=[BindMount("/a", "/mnt/a"), BindMount("/b", "/mnt/b", True)])
     shares, words = plan_shares(spec)
     assert [(s.tag, s.source, s.read_only) for s in shares] == [
-        ("root", "/srv/root", False), ("mnt0", "/a", False), ("mnt1", "/b", True),
+        ("root", "/srv/root", False),
+        ("mnt0", "/a", False),
+        ("mnt1", "/b", True),
     ]
     assert words == [
-        "root=root", "rootfstype=virtiofs", "rw",
-        'systemd.mount-extra="mnt0:/mnt/a:virtiofs:rw"', 'systemd.mount-extra="mnt1:/mnt/b:virtiofs:ro"',
+        "root=root",
+        "rootfstype=virtiofs",
+        "rw",
+        'systemd.mount-extra="mnt0:/mnt/a:virtiofs:rw"',
+        'systemd.mount-extra="mnt1:/mnt/b:virtiofs:ro"',
     ]
     shares, _ = plan_shares(VmSpec(name="v", directory="/srv", private_users="100000"))
     assert shares[0].uid_map == (0, 100000, 65536)

@@ -62,9 +62,7 @@ def generate_private_key(key_type: str) -> PrivateKey:
 def generate_keypair(key_type: str, comment: str) -> tuple[bytes, bytes]:
     """(private key in OpenSSH format, public key line `TYPE BASE64 COMMENT\\n`)."""
     key = generate_private_key(key_type)
-    private = key.private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption()
-    )
+    private = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption())
     public = key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
     return private, public + b" " + comment.encode() + b"\n"
 

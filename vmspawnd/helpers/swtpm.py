@@ -121,8 +121,14 @@ async def _run_logged(argv: list[str], log: Path) -> int:
     fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
     try:
         proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-c", _REAPER, *argv,
-            stdin=asyncio.subprocess.DEVNULL, stdout=fd, stderr=fd, start_new_session=True,
+            sys.executable,
+            "-c",
+            _REAPER,
+            *argv,
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=fd,
+            stderr=fd,
+            start_new_session=True,
         )
     finally:
         os.close(fd)
@@ -159,9 +165,7 @@ async def start_swtpm(
         await manufacture(swtpm_setup, state.path, log_path(directory, "swtpm_setup"))
         sock_path = directory / SOCKET_NAME
         sock = listen_unix(sock_path, stack)
-        child = start_helper(
-            "swtpm", swtpm_argv(swtpm, state.path, sock.fileno()), directory=directory, stack=stack, listen=sock
-        )
+        child = start_helper("swtpm", swtpm_argv(swtpm, state.path, sock.fileno()), directory=directory, stack=stack, listen=sock)
     except (StartFailed, OSError) as exc:
         if spec.tpm:
             raise

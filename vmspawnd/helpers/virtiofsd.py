@@ -88,8 +88,11 @@ async def probe() -> Virtiofsd | None:
     """The first installed virtiofsd whose dialect we recognise (bounded, reaped)."""
     for path in candidates():
         proc = await asyncio.create_subprocess_exec(
-            path, "--help", stdin=asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+            path,
+            "--help",
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.STDOUT,
         )
         try:
             async with asyncio.timeout(PROBE_TIMEOUT):

@@ -40,8 +40,12 @@ async def dbus_call(bus: MessageBus, message: Message, timeout: float = CALL_TIM
 def add_match_message(rule: str) -> Message:
     """org.freedesktop.DBus.AddMatch: the bus delivers signals matching `rule` to us."""
     return Message(
-        destination="org.freedesktop.DBus", path="/org/freedesktop/DBus", interface="org.freedesktop.DBus",
-        member="AddMatch", signature="s", body=[rule],
+        destination="org.freedesktop.DBus",
+        path="/org/freedesktop/DBus",
+        interface="org.freedesktop.DBus",
+        member="AddMatch",
+        signature="s",
+        body=[rule],
     )
 
 

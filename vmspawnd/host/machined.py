@@ -148,7 +148,10 @@ def machined_address(environ: Mapping[str, str], is_root: bool) -> str:
 def register_machine_message(info: RegistrationInfo) -> Message:
     """RegisterMachine(sayssus): name, id, service, class, leader, root directory."""
     return Message(
-        destination=MACHINE1, path=MACHINE1_PATH, interface=MACHINE1_MANAGER, member="RegisterMachine",
+        destination=MACHINE1,
+        path=MACHINE1_PATH,
+        interface=MACHINE1_MANAGER,
+        member="RegisterMachine",
         signature="sayssus",
         body=[info.name, id128_bytes(info.uuid), SERVICE, MACHINE_CLASS, info.leader_pid, info.root_directory or ""],
     )
@@ -156,8 +159,12 @@ def register_machine_message(info: RegistrationInfo) -> Message:
 
 def unregister_machine_message(name: str) -> Message:
     return Message(
-        destination=MACHINE1, path=MACHINE1_PATH, interface=MACHINE1_MANAGER, member="UnregisterMachine",
-        signature="s", body=[name],
+        destination=MACHINE1,
+        path=MACHINE1_PATH,
+        interface=MACHINE1_MANAGER,
+        member="UnregisterMachine",
+        signature="s",
+        body=[name],
     )
 
 
@@ -178,7 +185,10 @@ def _unavailable(exc: BaseException) -> bool:
 
 
 async def varlink_call(
-    address: str, method: str, parameters: Mapping[str, object], timeout: float = CALL_TIMEOUT,
+    address: str,
+    method: str,
+    parameters: Mapping[str, object],
+    timeout: float = CALL_TIMEOUT,
     connection: socket.socket | None = None,
 ) -> dict[str, Any]:
     """One Varlink call on a fresh connection (or on `connection`, already connected, which

@@ -325,8 +325,7 @@ async def spawn_reaped(
         try:
             reaper = spawn_detached(
                 "reaper",
-                [sys.executable, "-I", "-S", REAPER_SCRIPT, *leader_options, str(status_path), str(theirs.fileno()),
-                 "--", *argv],
+                [sys.executable, "-I", "-S", REAPER_SCRIPT, *leader_options, str(status_path), str(theirs.fileno()), "--", *argv],
                 pass_fds=[*pass_fds, theirs.fileno()],
                 log_path=log_path,
             )

@@ -263,8 +263,11 @@ def main(argv: list[str]) -> int:
     try:
         options, status_file, report, command = _parse(list(argv))
     except ValueError:
-        print("usage: reaper.py [--control=PATH] [--qmp=PATH] [--deadline=SECONDS] [--machined=PATH] "
-              "STATUS_FILE REPORT_FD -- ARGV...", file=sys.stderr)
+        print(
+            "usage: reaper.py [--control=PATH] [--qmp=PATH] [--deadline=SECONDS] [--machined=PATH] "
+            "STATUS_FILE REPORT_FD -- ARGV...",
+            file=sys.stderr,
+        )
         return 2
     try:
         ctypes.CDLL(None).prctl(PR_SET_NAME, NAME, 0, 0, 0)

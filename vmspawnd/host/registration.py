@@ -75,8 +75,10 @@ def plan(register: bool | None, keep_unit: bool, systemd_booted: bool) -> Plan:
     finds the unit from the leader's cgroup."""
     wants = register is not False
     return Plan(
-        register=wants, required=register is True,
-        own_scope=systemd_booted and not keep_unit, join_unit=systemd_booted and keep_unit,
+        register=wants,
+        required=register is True,
+        own_scope=systemd_booted and not keep_unit,
+        join_unit=systemd_booted and keep_unit,
     )
 
 
@@ -187,8 +189,11 @@ async def register_machine(
             await _place_processes(registration, steps, info, caller_unit, slice_name, properties, processes, on_request_stop)
         if steps.register:
             result = await register_with_machined(
-                info, machined_address(env, root), registration.bus_connection,
-                exists_ok=adopting, connection=machined_connection,
+                info,
+                machined_address(env, root),
+                registration.bus_connection,
+                exists_ok=adopting,
+                connection=machined_connection,
             )
             registration.varlink_address = result.varlink_address
             registration.dbus_registered = result.dbus_registered
@@ -201,7 +206,9 @@ async def register_machine(
             else:
                 _log.debug("%s: systemd-machined is not running, not registering", info.name)
         elif registration.registered:
-            _log.info("%s: registered with systemd-machined over %s", info.name, "Varlink" if registration.varlink_address else "D-Bus")
+            _log.info(
+                "%s: registered with systemd-machined over %s", info.name, "Varlink" if registration.varlink_address else "D-Bus"
+            )
     except BaseException:
         await registration.close()
         raise

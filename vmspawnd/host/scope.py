@@ -46,7 +46,8 @@ SYSTEMD1_SCOPE = "org.freedesktop.systemd1.Scope"
 
 # What PID 1 answers to a property it does not know (a systemd without PIDFDs): PIDs are sent instead.
 _NO_SUCH_PROPERTY = (
-    "org.freedesktop.DBus.Error.UnknownProperty", "org.freedesktop.DBus.Error.PropertyReadOnly",
+    "org.freedesktop.DBus.Error.UnknownProperty",
+    "org.freedesktop.DBus.Error.PropertyReadOnly",
     "org.freedesktop.systemd1.UnknownProperty",
 )
 
@@ -106,8 +107,13 @@ def scope_properties(
 
 def _systemd_call(member: str, signature: str, body: list[object], unix_fds: list[int] | None = None) -> Message:
     return Message(
-        destination=SYSTEMD1, path=SYSTEMD1_PATH, interface=SYSTEMD1_MANAGER,
-        member=member, signature=signature, body=body, unix_fds=unix_fds or [],
+        destination=SYSTEMD1,
+        path=SYSTEMD1_PATH,
+        interface=SYSTEMD1_MANAGER,
+        member=member,
+        signature=signature,
+        body=body,
+        unix_fds=unix_fds or [],
     )
 
 
@@ -132,9 +138,7 @@ def unref_unit_message(unit: str) -> Message:
     return _systemd_call("UnrefUnit", "s", [unit])
 
 
-JOB_REMOVED_MATCH = (
-    f"type='signal',sender='{SYSTEMD1}',path='{SYSTEMD1_PATH}',interface='{SYSTEMD1_MANAGER}',member='JobRemoved'"
-)
+JOB_REMOVED_MATCH = f"type='signal',sender='{SYSTEMD1}',path='{SYSTEMD1_PATH}',interface='{SYSTEMD1_MANAGER}',member='JobRemoved'"
 
 
 def request_stop_match(unit: str) -> str:
@@ -146,8 +150,12 @@ def unit_delegate_message(unit: str) -> Message:
     scopes both have it; any other type answers with an error)."""
     interface = f"{SYSTEMD1}.{'Scope' if unit.endswith('.scope') else 'Service'}"
     return Message(
-        destination=SYSTEMD1, path=unit_object_path(unit), interface="org.freedesktop.DBus.Properties",
-        member="Get", signature="ss", body=[interface, "Delegate"],
+        destination=SYSTEMD1,
+        path=unit_object_path(unit),
+        interface="org.freedesktop.DBus.Properties",
+        member="Get",
+        signature="ss",
+        body=[interface, "Delegate"],
     )
 
 
@@ -185,7 +193,8 @@ class ScopeStart:
                 await self._changed.wait()
         if self._results[self._job] != "done":
             raise DBusCallError(
-                "org.freedesktop.systemd1.JobFailed", f"starting {self.unit} ended with {self._results[self._job]!r}",
+                "org.freedesktop.systemd1.JobFailed",
+                f"starting {self.unit} ended with {self._results[self._job]!r}",
             )
 
 

@@ -79,7 +79,14 @@ _LIMITS = ("MemoryMax", "MemoryHigh", "MemoryLow", "MemoryMin", "MemorySwapMax",
 _WEIGHTS = ("CPUWeight", "StartupCPUWeight", "IOWeight", "StartupIOWeight")
 _CHOICES = {"DevicePolicy": ("auto", "closed", "strict"), "ManagedOOMMemoryPressure": ("auto", "kill")}
 SUPPORTED_PROPERTIES = (
-    "AllowedCPUs", "AllowedMemoryNodes", "CPUQuota", *_WEIGHTS, "DeviceAllow", *_CHOICES, *_LIMITS, "Description",
+    "AllowedCPUs",
+    "AllowedMemoryNodes",
+    "CPUQuota",
+    *_WEIGHTS,
+    "DeviceAllow",
+    *_CHOICES,
+    *_LIMITS,
+    "Description",
 )
 
 

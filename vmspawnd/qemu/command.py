@@ -118,8 +118,7 @@ def build_qemu_command(spec: VmSpec, res: Resources) -> QemuCommand:
             mac = derive_mac(res.host_machine_id, name)
         argv += [
             "-nic",
-            (f"tap,ifname={escape_qemu_value(shorten_tap_name(name))},script=no,downscript=no,"
-            f"model=virtio-net-pci,mac={mac}"),
+            (f"tap,ifname={escape_qemu_value(shorten_tap_name(name))},script=no,downscript=no,model=virtio-net-pci,mac={mac}"),
         ]
     elif spec.network_user_mode:
         argv += ["-nic", "user,model=virtio-net-pci"]
@@ -164,8 +163,10 @@ def build_qemu_command(spec: VmSpec, res: Resources) -> QemuCommand:
     if spec.image:
         argv += [
             "-drive",
-            (f"if=none,id=vmspawn,file={escape_qemu_value(spec.image)},format=raw,"
-            f"discard={'on' if spec.discard_disk else 'off'}"),
+            (
+                f"if=none,id=vmspawn,file={escape_qemu_value(spec.image)},format=raw,"
+                f"discard={'on' if spec.discard_disk else 'off'}"
+            ),
         ]
         serial = escape_qemu_value(os.path.basename(spec.image))
         argv += ["-device", f"virtio-blk-pci,drive=vmspawn,bootindex=1,serial={serial}"]
@@ -180,8 +181,10 @@ def build_qemu_command(spec: VmSpec, res: Resources) -> QemuCommand:
         driver = "host_device" if path in res.block_devices else "file"
         argv += [
             "-blockdev",
-            (f"driver=raw,cache.direct=off,cache.no-flush=on,file.driver={driver},"
-            f"file.filename={escape_qemu_value(path)},node-name={node}"),
+            (
+                f"driver=raw,cache.direct=off,cache.no-flush=on,file.driver={driver},"
+                f"file.filename={escape_qemu_value(path)},node-name={node}"
+            ),
         ]
         serial = escape_qemu_value(os.path.basename(path))
         argv += ["-device", f"virtio-blk-pci,drive={node},serial={serial}"]
@@ -250,8 +253,7 @@ def _console_args(spec: VmSpec, res: Resources, fds: list[int]) -> list[str]:
     assert res.console_fd is not None
     fds.append(res.console_fd)
     chardev = (
-        f"socket,id=console,fd={res.console_fd},server=on,wait=off,"
-        f"logfile={escape_qemu_value(res.console_log)},logappend=on"
+        f"socket,id=console,fd={res.console_fd},server=on,wait=off,logfile={escape_qemu_value(res.console_log)},logappend=on"
     )
     if mode is ConsoleMode.NATIVE:
         # QEMU's multiplexed console with its monitor (Ctrl-a c), relayed by the daemon.

@@ -83,7 +83,7 @@ class History:
                 chunks.append(chunk)
                 offset += len(chunk)
             os.ftruncate(self._fd, 0)
-            replace_private_file(self.rotated, b"".join(chunks)[-self.cap:])
+            replace_private_file(self.rotated, b"".join(chunks)[-self.cap :])
         except OSError:
             _log.exception("could not rotate %s", self.path)
 

@@ -105,9 +105,7 @@ class QemuMonitor:
             raise NotConnected(self._name)
         return await self._session.execute(command, arguments, timeout)
 
-    async def request(
-        self, operation: str, state: str, command: str, arguments: Mapping[str, object] | None = None
-    ) -> object:
+    async def request(self, operation: str, state: str, command: str, arguments: Mapping[str, object] | None = None) -> object:
         """A client's command: QEMU's refusal is InvalidState naming `operation`."""
         if not self.connected:
             raise NotConnected(self._name)

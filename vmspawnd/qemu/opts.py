@@ -18,6 +18,7 @@ from __future__ import annotations
 
 __all__ = ["escape_qemu_value"]
 
+
 def _check_value(value: str, what: str) -> None:
     if not isinstance(value, str):
         raise TypeError(f"{what} must be a str, not {type(value).__name__}")

@@ -38,9 +38,7 @@ class QmpError(Exception):
 class QmpSession:
     """A connected QMP session to one QEMU, owned by one Machine."""
 
-    def __init__(
-        self, machine_name: str, on_event: EventCallback, on_disconnect: Callable[[], None] | None = None
-    ) -> None:
+    def __init__(self, machine_name: str, on_event: EventCallback, on_disconnect: Callable[[], None] | None = None) -> None:
         self._name = machine_name
         self._client = QMPClient(machine_name)
         self._on_event = on_event

@@ -134,9 +134,7 @@ def firmware_for(chosen: firmware_db.FirmwareDescriptor, vars_copy: Path) -> Fir
     )
 
 
-def load_firmware(
-    arch: str, descriptor: str | None, secure_boot: bool | None, vars_copy: Path
-) -> Firmware:
+def load_firmware(arch: str, descriptor: str | None, secure_boot: bool | None, vars_copy: Path) -> Firmware:
     """`--firmware=PATH` (parsed, not filtered) or the search; `--secure-boot=yes` with a
     non-Secure-Boot descriptor is refused as vmspawn 259 does (EMEDIUMTYPE)."""
     if descriptor is None:
@@ -229,7 +227,14 @@ def resolve_host(spec: VmSpec, name: str, machine_id: str, paths: VmPaths) -> Ho
             os.close(vsock_fd)
         raise StartFailed("resolve", f"vsock: {exc.strerror or exc}") from None
     return HostResources(
-        qemu_binary=qemu_binary, kvm=kvm, arch=arch, firmware=firmware, initrd=initrd,
-        host_machine_id=machine_id_bytes, vmgenid=derive_vmgenid(machine_id), block_devices=drives,
-        vsock_cid=vsock_cid, vhost_vsock_fd=vsock_fd,
+        qemu_binary=qemu_binary,
+        kvm=kvm,
+        arch=arch,
+        firmware=firmware,
+        initrd=initrd,
+        host_machine_id=machine_id_bytes,
+        vmgenid=derive_vmgenid(machine_id),
+        block_devices=drives,
+        vsock_cid=vsock_cid,
+        vhost_vsock_fd=vsock_fd,
     )

@@ -100,7 +100,7 @@ class SipHash24:
         buf = self._buffer + data
         full = len(buf) - len(buf) % 8
         for off in range(0, full, 8):
-            self._compress(int.from_bytes(buf[off:off + 8], "little"))
+            self._compress(int.from_bytes(buf[off : off + 8], "little"))
         self._buffer = buf[full:]
 
     def copy(self) -> SipHash24:

@@ -175,8 +175,7 @@ def check_machine_name(name: str, field: str = "name", hint: str = "") -> None:
     """Machine names are hostnames (systemd's hostname_is_valid without a trailing dot)."""
     if not is_valid_hostname(name):
         reason = (
-            "must be a valid hostname: 1-64 characters of letters, digits, '-' and '.', "
-            "not starting or ending with '-' or '.'"
+            "must be a valid hostname: 1-64 characters of letters, digits, '-' and '.', not starting or ending with '-' or '.'"
         )
         raise InvalidSpec(field, f"{reason}{'; ' + hint if hint else ''}")
 
@@ -266,9 +265,22 @@ SSH_KEY_TYPES = ("ed25519", "rsa", "ecdsa", "ecdsa-sk", "ed25519-sk")
 # applies only what it implements, see docs/deviations.md).
 SCOPE_PROPERTIES = frozenset(
     {
-        "CPUQuota", "CPUWeight", "StartupCPUWeight", "AllowedCPUs", "AllowedMemoryNodes",
-        "MemoryMin", "MemoryLow", "MemoryHigh", "MemoryMax", "MemorySwapMax", "TasksMax",
-        "IOWeight", "StartupIOWeight", "DeviceAllow", "DevicePolicy", "ManagedOOMMemoryPressure",
+        "CPUQuota",
+        "CPUWeight",
+        "StartupCPUWeight",
+        "AllowedCPUs",
+        "AllowedMemoryNodes",
+        "MemoryMin",
+        "MemoryLow",
+        "MemoryHigh",
+        "MemoryMax",
+        "MemorySwapMax",
+        "TasksMax",
+        "IOWeight",
+        "StartupIOWeight",
+        "DeviceAllow",
+        "DevicePolicy",
+        "ManagedOOMMemoryPressure",
     }
 )
 
@@ -290,7 +302,9 @@ def check_property(text: str) -> None:
         if not (value.endswith("%") and value[:-1].isdigit() and int(value[:-1]) > 0):
             raise bad("a positive percentage such as 50% or 200%")
     elif name in ("CPUWeight", "StartupCPUWeight", "IOWeight", "StartupIOWeight"):
-        if not (value == "" or (value.isdigit() and 1 <= int(value) <= 10000) or (name.endswith("CPUWeight") and value == "idle")):
+        if not (
+            value == "" or (value.isdigit() and 1 <= int(value) <= 10000) or (name.endswith("CPUWeight") and value == "idle")
+        ):
             raise bad("an integer 1…10000" + (" or idle" if "CPU" in name else ""))
     elif name.startswith("Memory"):
         if value == "infinity" or (value.endswith("%") and value[:-1].isdigit() and int(value[:-1]) <= 100):

@@ -248,9 +248,7 @@ def parse_descriptor(path: str, data: bytes) -> FirmwareDescriptor:
     )
 
 
-def select_firmware(
-    descriptors: Sequence[FirmwareDescriptor], arch: str, secure_boot: bool | None
-) -> FirmwareDescriptor:
+def select_firmware(descriptors: Sequence[FirmwareDescriptor], arch: str, secure_boot: bool | None) -> FirmwareDescriptor:
     """The first acceptable descriptor, in the given (search-list) order — find_ovmf_config().
 
     Filters, in vmspawn's order: skip firmware with ``enrolled-keys`` (pre-enrolled
@@ -268,6 +266,4 @@ def select_firmware(
             continue
         return d
     wanted = "" if secure_boot is None else f" with secure-boot={'yes' if secure_boot else 'no'}"
-    raise LookupError(
-        f"Failed to find OVMF config: no firmware descriptor for {arch}{wanted} without enrolled keys"
-    )
+    raise LookupError(f"Failed to find OVMF config: no firmware descriptor for {arch}{wanted} without enrolled keys")

@@ -84,9 +84,7 @@ def _decode(data: bytes) -> str:
 _SAFE_ATO_REFUSE_PLUS_MINUS = 1 << 30
 _SAFE_ATO_REFUSE_LEADING_ZERO = 1 << 29
 _SAFE_ATO_REFUSE_LEADING_WHITESPACE = 1 << 28
-_SAFE_ATO_FLAGS = (
-    _SAFE_ATO_REFUSE_PLUS_MINUS | _SAFE_ATO_REFUSE_LEADING_ZERO | _SAFE_ATO_REFUSE_LEADING_WHITESPACE
-)
+_SAFE_ATO_FLAGS = _SAFE_ATO_REFUSE_PLUS_MINUS | _SAFE_ATO_REFUSE_LEADING_ZERO | _SAFE_ATO_REFUSE_LEADING_WHITESPACE
 
 
 class _RangeError(ValueError):
@@ -622,10 +620,7 @@ def parse_bind(text: str, cwd: str) -> tuple[str, str]:
 # Credentials
 # --------------------------------------------------------------------------------------
 
-_CRED_FORMS = (
-    "credential names must be 1-255 printable ASCII characters, without '/' or ':', "
-    "and not '.' or '..'"
-)
+_CRED_FORMS = "credential names must be 1-255 printable ASCII characters, without '/' or ':', and not '.' or '..'"
 
 
 def credential_name_is_valid(name: str) -> bool:
@@ -971,7 +966,7 @@ def _unit_name_is_valid(name: str) -> bool:
     dot = name.rfind(".")
     if dot <= 0:
         return False
-    if name[dot + 1:] not in _UNIT_TYPES:
+    if name[dot + 1 :] not in _UNIT_TYPES:
         return False
     prefix = name[:dot]
     if any(ch not in _VALID_CHARS_WITH_AT for ch in prefix):
@@ -1027,10 +1022,7 @@ def _unit_name_from_path(path: str, suffix: str) -> str | None:
     if len(_encode(name)) >= _UNIT_NAME_MAX:
         # systemd falls back to a hashed name here (unit_name_hash_long()); we do not
         # implement that hash, so refuse instead of producing a different name.
-        raise ValueError(
-            f"Unit name derived from path {path!r} is too long ({len(name)} ≥ 256 bytes); "
-            "pass a shorter name"
-        )
+        raise ValueError(f"Unit name derived from path {path!r} is too long ({len(name)} ≥ 256 bytes); pass a shorter name")
     return name if _unit_name_is_valid(name) else None
 
 
@@ -1085,11 +1077,37 @@ def mangle_unit_name(name: str, suffix: str) -> str:
 _SIGRTMIN = 34
 _SIGRTMAX = 64
 _STANDARD_SIGNALS = {
-    1: "SIGHUP", 2: "SIGINT", 3: "SIGQUIT", 4: "SIGILL", 5: "SIGTRAP", 6: "SIGABRT", 7: "SIGBUS",
-    8: "SIGFPE", 9: "SIGKILL", 10: "SIGUSR1", 11: "SIGSEGV", 12: "SIGUSR2", 13: "SIGPIPE",
-    14: "SIGALRM", 15: "SIGTERM", 16: "SIGSTKFLT", 17: "SIGCHLD", 18: "SIGCONT", 19: "SIGSTOP",
-    20: "SIGTSTP", 21: "SIGTTIN", 22: "SIGTTOU", 23: "SIGURG", 24: "SIGXCPU", 25: "SIGXFSZ",
-    26: "SIGVTALRM", 27: "SIGPROF", 28: "SIGWINCH", 29: "SIGIO", 30: "SIGPWR", 31: "SIGSYS",
+    1: "SIGHUP",
+    2: "SIGINT",
+    3: "SIGQUIT",
+    4: "SIGILL",
+    5: "SIGTRAP",
+    6: "SIGABRT",
+    7: "SIGBUS",
+    8: "SIGFPE",
+    9: "SIGKILL",
+    10: "SIGUSR1",
+    11: "SIGSEGV",
+    12: "SIGUSR2",
+    13: "SIGPIPE",
+    14: "SIGALRM",
+    15: "SIGTERM",
+    16: "SIGSTKFLT",
+    17: "SIGCHLD",
+    18: "SIGCONT",
+    19: "SIGSTOP",
+    20: "SIGTSTP",
+    21: "SIGTTIN",
+    22: "SIGTTOU",
+    23: "SIGURG",
+    24: "SIGXCPU",
+    25: "SIGXFSZ",
+    26: "SIGVTALRM",
+    27: "SIGPROF",
+    28: "SIGWINCH",
+    29: "SIGIO",
+    30: "SIGPWR",
+    31: "SIGSYS",
 }
 _SIGNAL_NUMBERS = {name: number for number, name in _STANDARD_SIGNALS.items()} | {"SIGIOT": 6, "SIGPOLL": 29}
 _RT_SIGNAL = re.compile(r"SIGRT(MIN|MAX)(?:([+-])(\d{1,2}))?")
@@ -1133,7 +1151,6 @@ def parse_signal(text: str | int) -> int:
             if _SIGRTMIN <= base + offset <= _SIGRTMAX:
                 return base + offset
     raise ValueError(f"{text!r} is not a signal ({accepted})")
-
 
 
 # --------------------------------------------------------------------------------------

@@ -28,7 +28,9 @@ INTERFACE = "io.systemd.MachineInstance"
 
 
 def _error(name: str) -> type[TypedVarlinkErrorReply]:
-    return type(name, (TypedVarlinkErrorReply,), {"Parameters": type("Parameters", (), {"__annotations__": {}})}, interface=INTERFACE)
+    return type(
+        name, (TypedVarlinkErrorReply,), {"Parameters": type("Parameters", (), {"__annotations__": {}})}, interface=INTERFACE
+    )
 
 
 NotConnectedError = _error("NotConnected")
@@ -38,6 +40,7 @@ StorageExists = _error("StorageExists")
 StorageImmutable = _error("StorageImmutable")
 BadConfig = _error("BadConfig")
 ConfigNotSupported = _error("ConfigNotSupported")
+
 
 class DescribeResult(typing.TypedDict):
     running: bool
@@ -132,7 +135,6 @@ class MachineInstanceInterface(VarlinkInterface, name=INTERFACE):
     def ReplaceStorage(self, *, fileDescriptorIndex: int, name: str) -> None:
         """Replace the backing of a previously attached storage volume in place."""
         raise NotSupportedError()
-
 
 
 def _make_data_optional() -> None:

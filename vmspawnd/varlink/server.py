@@ -139,9 +139,7 @@ def _clip(text: str, limit: int = 200) -> str:
 class HardenedServerProtocol(VarlinkInterfaceServerProtocol):
     """One connection: peer check per call, hang-up detection, size cap, error mapping."""
 
-    def __init__(
-        self, registry: VarlinkInterfaceRegistry, policy: PeerPolicy, server: HardenedUnixServer | None = None
-    ) -> None:
+    def __init__(self, registry: VarlinkInterfaceRegistry, policy: PeerPolicy, server: HardenedUnixServer | None = None) -> None:
         super().__init__(registry)
         self._policy = policy
         self._server = server
@@ -241,7 +239,9 @@ class HardenedServerProtocol(VarlinkInterfaceServerProtocol):
         # `invalid.asyncvarlink`, which no client can look up: use our typed error instead.
         # (request_received catches malformed calls first; this stays as the safety net.)
         if error.name == "invalid.asyncvarlink.ProtocolViolation":
-            error = to_varlink_error(ProtocolViolation("not a Varlink call (method, parameters, oneway, more or upgrade missing or mistyped)"))
+            error = to_varlink_error(
+                ProtocolViolation("not a Varlink call (method, parameters, oneway, more or upgrade missing or mistyped)")
+            )
         elif error.name.startswith("invalid.asyncvarlink."):
             error = GenericVarlinkErrorReply("io.vmspawnd.Manager.InternalError", {"message": error.name})
         return super().send_error(error)
@@ -275,9 +275,7 @@ class HardenedServerProtocol(VarlinkInterfaceServerProtocol):
         return handled
 
     @override
-    def call_received(
-        self, call: VarlinkMethodCall, fds: FileDescriptorArray | None
-    ) -> asyncio.Future[None] | None:
+    def call_received(self, call: VarlinkMethodCall, fds: FileDescriptorArray | None) -> asyncio.Future[None] | None:
         if call.method_interface not in PUBLIC_INTERFACES:
             if self._peer is None or not self._policy(self._peer):
                 raise to_varlink_error(PermissionDenied())
@@ -292,9 +290,7 @@ class HardenedServerProtocol(VarlinkInterfaceServerProtocol):
         return _quiet_when_cancelled(call_fut)
 
     @override
-    def send_message(
-        self, obj: JSONObject, fds: list[int] | None = None, autoclose: bool = True
-    ) -> asyncio.Future[None]:
+    def send_message(self, obj: JSONObject, fds: list[int] | None = None, autoclose: bool = True) -> asyncio.Future[None]:
         # A call cancelled by item 1 cancels the send it awaits, and that is the transport's
         # own future: its writer then fails with InvalidStateError on set_exception() and
         # leaves its queue unresolved. Hand out a relay, so cancellation stops at the caller.
@@ -442,7 +438,8 @@ class HardenedUnixServer(VarlinkUnixServer):
         except TimeoutError:
             _log.warning(
                 "%d Varlink connection(s) still busy %gs after their server closed; cutting them off",
-                len(self._connections), timeout,
+                len(self._connections),
+                timeout,
             )
         finally:  # also when cancelled (the daemon exits): nothing may stay open
             for conn in list(self._connections):
@@ -460,9 +457,7 @@ def close_gracefully(server: VarlinkUnixServer, timeout: float = DRAIN_TIMEOUT) 
     return done
 
 
-async def serve_unix(
-    sock: socket.socket, registry: VarlinkInterfaceRegistry, policy: PeerPolicy
-) -> HardenedUnixServer:
+async def serve_unix(sock: socket.socket, registry: VarlinkInterfaceRegistry, policy: PeerPolicy) -> HardenedUnixServer:
     """Serve `registry` on a bound (or socket-activated) AF_UNIX stream socket."""
     # What asyncvarlink's create_unix_server(sock=...) does, with our server class.
     sock.setblocking(False)
