@@ -21,9 +21,12 @@ import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from vmspawnctl.varlink import Connection, JsonObject
+
+if TYPE_CHECKING:
+    from tests.guest.build import Guest
 
 MANAGER = "io.vmspawnd.Manager"
 BOOT_TIMEOUT = 120.0  # TCG on 2 shared cores with OVMF: ~13 s normally, much more under load
@@ -452,3 +455,17 @@ def orphans_reaped() -> Iterator[None]:
     finally:
         reap_orphans()
         set_subreaper(False)
+
+
+def spawn_waiting(daemon: Daemon, guest: Guest, name: str) -> JsonObject:
+    """Spawn the busybox test guest as `name` (TCG, 256 MiB) idling in its `wait` mode."""
+    spec = {
+        "name": name,
+        "kvm": False,
+        "ram": 256 * 1024 * 1024,
+        "linux": str(guest.kernel),
+        "initrds": [str(guest.initrd)],
+        "kernelCmdline": ["vmspawnd_test.mode=wait"],
+    }
+    machine: JsonObject = daemon.call("Spawn", {"spec": spec})["machine"]
+    return machine

@@ -14,36 +14,22 @@ import sys
 import time
 
 import pytest
-from vmspawnctl.varlink import Connection, JsonObject, VarlinkError
+from vmspawnctl.varlink import Connection, VarlinkError
 
 from tests.guest.build import Guest
-from tests.support import MANAGER, Daemon
+from tests.support import MANAGER, Daemon, spawn_waiting
 
 pytestmark = pytest.mark.vm
 
-MIB = 1024 * 1024
 ROUNDS = 3  # VMs in sequence on one daemon: each frees other fd numbers for reuse
 CALLS = 100
 CALL_BOUND = 10.0  # seconds for one List round trip (they take milliseconds when nothing hangs)
 
 
-def spawn(daemon: Daemon, guest: Guest, name: str) -> JsonObject:
-    spec = {
-        "name": name,
-        "kvm": False,
-        "ram": 256 * MIB,
-        "linux": str(guest.kernel),
-        "initrds": [str(guest.initrd)],
-        "kernelCmdline": ["vmspawnd_test.mode=wait"],
-    }
-    machine: JsonObject = daemon.call("Spawn", {"spec": spec})["machine"]
-    return machine
-
-
 def test_terminate_on_the_control_socket_is_answered_and_the_manager_serves_on(daemon: Daemon, guest: Guest) -> None:
     for round_ in range(ROUNDS):
         name = f"term{round_}"
-        machine = spawn(daemon, guest, name)
+        machine = spawn_waiting(daemon, guest, name)
         control = str(machine["controlAddress"])
         try:
             # A SubscribeEvents stream on the same socket ends with NotConnected (as systemd's).

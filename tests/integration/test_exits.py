@@ -21,26 +21,12 @@ import pytest
 from vmspawnctl.varlink import JsonObject, VarlinkError
 
 from tests.guest.build import Guest
-from tests.support import Console, Daemon, EventStream, make_runtime_dir, orphans_reaped, start_daemon, stop_daemon
+from tests.support import Console, Daemon, EventStream, make_runtime_dir, orphans_reaped, spawn_waiting, start_daemon, stop_daemon
 
 pytestmark = pytest.mark.vm
 
-MIB = 1024 * 1024
 RTMIN4 = int(signal.SIGRTMIN) + 4
 END_WITHIN = 5.0  # seconds from the signal to the recorded end (the bound)
-
-
-def spawn(daemon: Daemon, guest: Guest, name: str) -> JsonObject:
-    spec = {
-        "name": name,
-        "kvm": False,
-        "ram": 256 * MIB,
-        "linux": str(guest.kernel),
-        "initrds": [str(guest.initrd)],
-        "kernelCmdline": ["vmspawnd_test.mode=wait"],
-    }
-    machine: JsonObject = daemon.call("Spawn", {"spec": spec})["machine"]
-    return machine
 
 
 def ended_after(daemon: Daemon, name: str, send: Callable[[], object]) -> tuple[JsonObject, float]:
@@ -66,7 +52,7 @@ def test_qemu_killed_from_outside_ends_with_the_signal_named(
     daemon: Daemon, guest: Guest, signo: int, state: str, reason: str
 ) -> None:
     name = f"killed-{signo}"
-    machine = spawn(daemon, guest, name)
+    machine = spawn_waiting(daemon, guest, name)
     qemu = machine["qemu"]["pid"]
     final, took = ended_after(daemon, name, lambda: os.kill(qemu, signo))
     assert final["state"] == state and str(final["reason"]).startswith(reason), final
@@ -78,7 +64,7 @@ def test_qemu_killed_from_outside_ends_with_the_signal_named(
 
 
 def test_kill_takes_realtime_signal_names(daemon: Daemon, guest: Guest) -> None:
-    spawn(daemon, guest, "rt")
+    spawn_waiting(daemon, guest, "rt")
     refused = daemon.ctl("kill", "rt", "--signal=SIGFOO")
     assert refused.returncode != 0 and "--signal" in refused.stderr and "SIGRTMIN+4" in refused.stderr, refused.stderr
     with pytest.raises(VarlinkError) as invalid:
@@ -102,7 +88,7 @@ def wait_in_log(console: Console, offset: int, needle: bytes, timeout: float = 1
 
 
 def test_leader_turns_rtmin4_into_acpi_power_off_and_sigint_into_reset(daemon: Daemon, guest: Guest) -> None:
-    machine = spawn(daemon, guest, "led")
+    machine = spawn_waiting(daemon, guest, "led")
     leader = machine["reaper"]["pid"]
     with Console(machine) as console:
         console.wait_for(r"VMSPAWND-TEST: acpid-running")
@@ -129,7 +115,7 @@ def leader_powers_off_without_daemon(guest: Guest) -> None:
     first = start_daemon(runtime)
     second = None
     try:
-        machine = spawn(first, guest, "orphan")
+        machine = spawn_waiting(first, guest, "orphan")
         with Console(machine) as console:
             console.wait_for(r"VMSPAWND-TEST: acpid-running")
         first.process.send_signal(signal.SIGTERM)  # the daemon goes; the VM stays
