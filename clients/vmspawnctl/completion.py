@@ -139,22 +139,27 @@ def annotate(parser: argparse.ArgumentParser, shell: str) -> None:
             action.metavar = action.metavar.replace(":", "\\:")
         if not action.option_strings:
             if action.dest == "name":
-                action.complete = FUNCTIONS[MACHINE]  # type: ignore[attr-defined]
+                set_complete(action, FUNCTIONS[MACHINE])
             elif action.dest == "file":
-                action.complete = FUNCTIONS[FILE]  # type: ignore[attr-defined]
+                set_complete(action, FUNCTIONS[FILE])
             continue
         for option in action.option_strings:
             if option in OPTION_VALUES:
                 values, kind = OPTION_VALUES[option]
                 if values and kind:
                     # shtab completes either choices or a function: both at once is a function.
-                    action.complete = values_and_names(option, values, kind)  # type: ignore[attr-defined]
+                    set_complete(action, values_and_names(option, values, kind))
                 elif values:
                     # Only this throw-away parser gets choices; it never parses anything.
                     action.choices = values
                 elif kind:
-                    action.complete = FUNCTIONS[kind]  # type: ignore[attr-defined]
+                    set_complete(action, FUNCTIONS[kind])
                 break
+
+
+def set_complete(action: argparse.Action, how: object) -> None:
+    """shtab reads an action's `complete` attribute (its documented way to name a completer)."""
+    vars(action)["complete"] = how
 
 
 def values_and_names(option: str, values: Sequence[str], kind: str) -> dict[str, object]:

@@ -297,7 +297,7 @@ def stop_with_progress(conn: Connection, name: str, deadline: float | None) -> M
     if deadline is not None:
         params["deadline"] = deadline
     if not sys.stderr.isatty():
-        return conn.call(f"{INTERFACE}.PowerOff", params)["machine"]  # type: ignore[no-any-return]
+        return typing.cast("MachineJson", conn.call(f"{INTERFACE}.PowerOff", params)["machine"])
     limit = DEFAULT_POWEROFF_DEADLINE if deadline is None else deadline
     done = threading.Event()
 
@@ -317,7 +317,7 @@ def stop_with_progress(conn: Connection, name: str, deadline: float | None) -> M
     progress = threading.Thread(target=show_progress, name="stop-progress", daemon=True)
     progress.start()
     try:
-        return conn.call(f"{INTERFACE}.PowerOff", params)["machine"]  # type: ignore[no-any-return]
+        return typing.cast("MachineJson", conn.call(f"{INTERFACE}.PowerOff", params)["machine"])
     finally:
         done.set()
         progress.join()
