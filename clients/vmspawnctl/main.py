@@ -357,7 +357,7 @@ def run(args: argparse.Namespace) -> int:
     address = args.address or default_address()
     method = f"{INTERFACE}."
     if args.command == "start":
-        from .start_options import spec_from_args
+        from .start_spec import spec_from_args
 
         spec = spec_from_args(args)
         with Connection(address) as conn:

@@ -125,7 +125,7 @@ class _Signals:
 
 
 def run_vm(args: argparse.Namespace, address: str) -> int:
-    from .start_options import spec_from_args
+    from .start_spec import spec_from_args
 
     spec = spec_from_args(args).to_json()
     mode = str(spec.get("console") or "interactive")

@@ -61,7 +61,7 @@ SIMILARITY_CUTOFF = 0.7
 
 
 class UsageError(Exception):
-    """A command line that parses but cannot mean what it says (start_options.check_arguments)."""
+    """A command line that parses but cannot mean what it says (start_spec.check_arguments)."""
 
 
 def usage_error(prog: str, message: str) -> NoReturn:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 from vmspawnctl.main import main
-from vmspawnctl.start_options import looks_like_machine_name, parse_start, spec_from_args
+from vmspawnctl.start_spec import looks_like_machine_name, parse_start, spec_from_args
 
 NOWHERE = "/nonexistent/vmspawnd.socket"
 

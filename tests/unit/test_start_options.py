@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 from vmspawnctl.main import main
-from vmspawnctl.start_options import parse_start, spec_from_args
+from vmspawnctl.start_spec import parse_start, spec_from_args
 
 from vmspawnd.spec import BindMount, VmSpec
 
