@@ -22,6 +22,7 @@ from pathlib import Path
 
 from vmspawnd import __version__
 from vmspawnd.host import sdnotify
+from vmspawnd.host.identity import DEFAULT_COUNT, DEFAULT_FIRST, IdRange, parse_range
 from vmspawnd.host.peer import owner_only
 from vmspawnd.runtime_dir import MANAGER_SOCKET_NAME, bind_listening_socket, default_runtime_dir
 from vmspawnd.settings import Settings
@@ -54,9 +55,32 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="where guests report readiness: vsock (what guests can reach), or unix: an AF_UNIX "
         "socket per VM at machines/ID/notify, for hosts without vsock (tests, development)",
     )
+    parser.add_argument(
+        "--qemu-user",
+        choices=["per-vm", "root"],
+        default="per-vm",
+        help="system instance: run each VM's QEMU and swtpm as a uid of its own, sandboxed and without "
+        "capabilities (per-vm, the default), or as root like systemd-vmspawn (docs/security.md); "
+        "a user instance always runs them as its user",
+    )
+    parser.add_argument(
+        "--vm-id-range",
+        type=parse_range,
+        default=IdRange(),
+        metavar="FIRST-LAST",
+        help=f"the uids/gids VMs get with --qemu-user=per-vm (default {DEFAULT_FIRST:#x}-{DEFAULT_FIRST + DEFAULT_COUNT - 1:#x})",
+    )
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     parser.add_argument("--version", action="version", version=f"vmspawnd {__version__}")
     return parser.parse_args(argv)
+
+
+def confinement_range(args: argparse.Namespace) -> IdRange | None:
+    """The ids VMs run as: only the system instance (root) confines, unless told not to."""
+    if os.geteuid() != 0 or args.qemu_user == "root":
+        return None
+    ids: IdRange = args.vm_id_range
+    return ids
 
 
 def take_lock(runtime_dir: Path) -> int:
@@ -90,7 +114,11 @@ async def serve(args: argparse.Namespace) -> int:
     runtime_dir.mkdir(mode=0o755, parents=True, exist_ok=True)
     lock_fd = take_lock(runtime_dir)
     # Only the instance's owner may call, on the manager socket and on every VM's.
-    settings = Settings(notify_transport=args.notify_transport, serve_control=machine_instance_servers(owner_only))
+    settings = Settings(
+        notify_transport=args.notify_transport,
+        serve_control=machine_instance_servers(owner_only),
+        vm_ids=confinement_range(args),
+    )
     manager = Manager(runtime_dir, settings)
     await manager.adopt_all()
     sock = manager_socket(args, runtime_dir)

@@ -19,11 +19,15 @@ from pathlib import Path
 from typing import TypeVar
 
 from vmspawnd.errors import StartFailed
+from vmspawnd.host.confinement import unprivileged_prefix
+from vmspawnd.host.identity import VmIdentity, hand_over
 from vmspawnd.host.machined import machined_address
 from vmspawnd.host.process import ReapedProcess, read_tail
 from vmspawnd.outcome import describe_exit, qemu_error_line
+from vmspawnd.qemu.command import QemuCommand
 from vmspawnd.qemu.console import History
 from vmspawnd.qemu.guest_notify import MessageCallback, NotifyListener, open_unix_listener, open_vsock_listener
+from vmspawnd.qemu.resources import HostResources
 from vmspawnd.runtime_dir import VmPaths, bind_listening_socket, make_private_dir
 from vmspawnd.spec import ConsoleMode, VmSpec
 
@@ -45,6 +49,41 @@ def bind_qemu_sockets(spec: VmSpec, paths: VmPaths, stack: contextlib.AsyncExitS
         stack.callback(sock.close)
         sockets[name] = sock
     return sockets
+
+
+class FdsForQemu:
+    """The daemon's copies of the fds it opened for QEMU (vhost-vsock, TAP, files): QEMU's
+    once passed, so closed right after the spawn, or on any failure before it."""
+
+    def __init__(self, host: HostResources) -> None:
+        fds = [host.vhost_vsock_fd, host.tap_fd, *(fd for fds in host.file_fds.values() for fd in fds)]
+        self._fds = [fd for fd in fds if fd is not None]
+
+    def close(self) -> None:
+        """Idempotent: the start stack calls it again on failure."""
+        fds, self._fds = self._fds, []
+        for fd in fds:
+            os.close(fd)
+
+
+def confine(argv: list[str], identity: VmIdentity | None, kvm: bool) -> list[str]:
+    """QEMU's argv, run as the VM's identity without capabilities (host/confinement.py);
+    with KVM it keeps /dev/kvm's group, which gives access to that device alone."""
+    if identity is None:
+        return argv
+    groups = [os.stat("/dev/kvm").st_gid] if kvm and os.path.exists("/dev/kvm") else []
+    return [*unprivileged_prefix(identity, groups), *argv]
+
+
+def hand_over_channels(paths: VmPaths, command: QemuCommand, identity: VmIdentity) -> None:
+    """What a confined QEMU opens by path in the VM's directory: the SMBIOS payloads
+    (read) and the console log (appended to)."""
+    if command.files:
+        hand_over(paths.payload, identity)
+    for path in command.files:
+        hand_over(Path(path), identity)
+    if paths.console_log.exists():
+        hand_over(paths.console_log, identity)
 
 
 def make_payload_dir(paths: VmPaths) -> Path:

@@ -27,6 +27,7 @@ from vmspawnd.control import ControlServer, QmpEvent
 from vmspawnd.errors import InvalidSpec, InvalidState, NotConnected, NotSupported, StartFailed, Timeout
 from vmspawnd.fanout import FanOut
 from vmspawnd.helpers import HelperSet, start_helpers, stop_recorded_helpers
+from vmspawnd.host.identity import VmIdentity, hand_over, ids_in_use, pick_identity
 from vmspawnd.host.machined import info_for
 from vmspawnd.host.process import ChildProcess, ReapedProcess, process_tree, spawn_reaped
 from vmspawnd.host.registration import Registration, register_machine
@@ -156,20 +157,22 @@ class Machine:
             async with contextlib.AsyncExitStack() as stack:
                 make_private_dir(self.directory)
                 stack.callback(shutil.rmtree, self.directory, ignore_errors=True)
+                identity = self._take_identity()
                 self.record.runtime_directory = str(self.directory)
                 self._persist()
                 self._notify()  # events show the VM from its first state, "starting"
 
                 step = "resolve"
-                host = resolve_host(self.spec, self.name, self.record.id, self.paths)
-                # The vhost-vsock fd is QEMU's once passed: ours closes after the spawn, or
-                # on any failure before it (FileIO.close is idempotent).
-                vhost_vsock = None if host.vhost_vsock_fd is None else os.fdopen(host.vhost_vsock_fd, "rb", buffering=0)
-                if vhost_vsock is not None:
-                    stack.callback(vhost_vsock.close)
+                host = resolve_host(self.spec, self.name, self.record.id, self.paths, identity)
+                # The fds opened for QEMU (vhost-vsock, TAP, files) are QEMU's once passed:
+                # ours close after the spawn, or on any failure before it.
+                qemu_fds = launch.FdsForQemu(host)
+                stack.callback(qemu_fds.close)
 
                 step = "helpers"
-                helpers = await start_helpers(self.spec, self.name, self.directory, stack, vsock_cid=host.vsock_cid)
+                helpers = await start_helpers(
+                    self.spec, self.name, self.directory, stack, vsock_cid=host.vsock_cid, identity=identity
+                )
                 self._helpers = helpers.processes
                 self._helper_set = helpers
                 self.record.helpers = {name: p.record for name, p in helpers.processes.items()}
@@ -190,10 +193,12 @@ class Machine:
                     notify_address=notify_address,
                     display_socket=launch.display_socket(self.spec, self.paths, self.settings.gui_window),
                 )
-                resources = assemble(self.name, host, helpers.resources, channels)
+                resources = assemble(self.name, host, helpers.resources, channels, confined=identity is not None)
                 command = build_qemu_command(self.spec, resources)
                 for path, content in command.files.items():
                     write_private_file(Path(path), content)
+                if identity is not None:
+                    launch.hand_over_channels(self.paths, command, identity)
 
                 step = "qemu"
                 # Secrets travel in payload files (path=), never in the argv: safe to log, and
@@ -201,7 +206,7 @@ class Machine:
                 _log.debug("%s: %s", self.name, shlex.join(command.argv))
                 self._qemu = await spawn_reaped(
                     "qemu",
-                    command.argv,
+                    launch.confine(command.argv, identity, resources.kvm),
                     pass_fds=command.pass_fds,
                     log_path=self.paths.qemu_log,
                     status_path=self.paths.exit_status,
@@ -210,8 +215,7 @@ class Machine:
                 stack.push_async_callback(self._kill_qemu)
                 for sock in sockets.values():
                     sock.close()  # QEMU holds them now; we reconnect by path
-                if vhost_vsock is not None:
-                    vhost_vsock.close()
+                qemu_fds.close()
                 self.record.qemu = self._qemu.record
                 if self._qemu.reaper is not None:
                     self.record.reaper = self._qemu.reaper.record
@@ -271,6 +275,20 @@ class Machine:
         self._enter(MachineState.RUNNING)
         if self._notify_listener is None or not self.spec.notify_ready or self._ready_pending:
             self._set_ready()
+
+    def _take_identity(self) -> VmIdentity | None:
+        """The uid=gid the VM's QEMU and swtpm run as (system instance), recorded as the
+        owner of the VM's directory: lowest free id, no await between the pick and the chown,
+        so two starts never pick the same (host/identity.py)."""
+        ids = self.settings.vm_ids
+        if ids is None:
+            return None
+        try:
+            identity = pick_identity(ids, ids_in_use(self.directory.parent, ids))
+        except LookupError as exc:
+            raise StartFailed("runtime-directory", str(exc)) from None
+        hand_over(self.directory, identity)
+        return identity
 
     # --- readiness and the guest's notify channel ------------------------------------------
     async def _open_notify_listener(self, stack: contextlib.AsyncExitStack, vsock_cid: int | None) -> str | None:

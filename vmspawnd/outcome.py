@@ -100,9 +100,17 @@ def qemu_error_line(stderr: str) -> str | None:
     return found[0].strip() if found else None
 
 
+SIGSYS = 31
+# A seccomp filter's kill action (QEMU's -sandbox: SCMP_ACT_KILL_PROCESS, else TRAP) ends
+# the process with SIGSYS; nothing else on Linux sends it in practice.
+SECCOMP_KILL = "QEMU's seccomp sandbox (-sandbox) refused a system call"
+
+
 def describe_exit(returncode: int | None) -> str:
     if returncode is None:
         return "QEMU exited (status unknown: not our child)"
+    if returncode == -SIGSYS:
+        return f"QEMU was killed by SIGSYS: {SECCOMP_KILL}"
     if returncode < 0:
         return f"QEMU was killed by {signal_name(-returncode)}"
     return f"QEMU exited with status {returncode}"

@@ -18,6 +18,7 @@
         display                   --console=gui without a session: QEMU's VNC socket
         notify                    the guest's notify socket (AF_UNIX stand-in for vsock)
         efi-vars.fd, initrd       the VM's NVRAM copy and merged initrd (gone with QEMU)
+        kernel                    a confined QEMU's copy of --linux (and initrd: of a single one)
         payload/                  0700: SMBIOS payload files, credentials (gone with QEMU)
 
 `VmPaths` names these; the helpers own their own names in the same directory (swtpm's
@@ -92,6 +93,10 @@ class VmPaths:
         return self.directory / "initrd"
 
     @property
+    def kernel(self) -> Path:
+        return self.directory / "kernel"
+
+    @property
     def payload(self) -> Path:
         return self.directory / "payload"
 
@@ -102,7 +107,7 @@ class VmPaths:
     def transient(self) -> tuple[Path, ...]:
         """What ends with QEMU (sockets, NVRAM copy, merged initrd); the record, logs and
         console history stay until Remove."""
-        return (self.qmp, self.console, self.display, self.notify, self.efi_vars, self.initrd)
+        return (self.qmp, self.console, self.display, self.notify, self.efi_vars, self.initrd, self.kernel)
 
 
 def default_runtime_dir() -> Path:

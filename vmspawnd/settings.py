@@ -7,6 +7,7 @@ import dataclasses
 import os
 
 from vmspawnd.control import ServeControl
+from vmspawnd.host.identity import IdRange
 
 
 def session_has_display() -> bool:
@@ -27,3 +28,7 @@ class Settings:
     serve_control: ServeControl = dataclasses.field(kw_only=True)
     notify_transport: str = "vsock"  # or "unix": an AF_UNIX stand-in where vsock is missing
     gui_window: bool = dataclasses.field(default_factory=session_has_display)
+    # The system instance confines every VM: QEMU and swtpm run as a uid=gid of their own
+    # from this range, sandboxed (docs/security.md). None: they run as the daemon does
+    # (a user instance, or `vmspawnd --qemu-user=root`).
+    vm_ids: IdRange | None = None

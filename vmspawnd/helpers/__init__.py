@@ -21,6 +21,7 @@ from pathlib import Path
 
 from vmspawnd.helpers import bind_user, journal, sshkeys, swtpm, virtiofsd
 from vmspawnd.helpers.spawn import stop_helper
+from vmspawnd.host.identity import VmIdentity, hand_over
 from vmspawnd.host.process import ChildProcess, is_same_process
 from vmspawnd.model import ProcessRecord
 from vmspawnd.qemu.resources import Credential, HelperResources
@@ -51,11 +52,14 @@ async def start_helpers(
     directory: Path,
     stack: contextlib.AsyncExitStack,
     vsock_cid: int | None = None,
+    identity: VmIdentity | None = None,
 ) -> HelperSet:
     """Start every helper the spec asks for; unwinds what it started if one fails.
 
     `vsock_cid` is the guest CID the machine assigned (None without vsock): journal
-    forwarding listens on host port = that CID, as vmspawn.
+    forwarding listens on host port = that CID, as vmspawn. `identity`: the VM's own uid
+    (a confined QEMU, docs/security.md): swtpm runs as it, and the sockets QEMU connects to
+    are its. virtiofsd stays root: it serves files of every owner.
     """
     if spec.pass_ssh_key:
         sshkeys.check_key_type(spec.ssh_key_type)  # refuse before starting anything
@@ -69,8 +73,11 @@ async def start_helpers(
     processes, shares, words = await virtiofsd.start_virtiofsd(spec, directory, own)
     helpers.processes.update(processes)
     cmdline += words
+    if identity is not None:
+        for share in shares:
+            hand_over(Path(share.socket_path), identity)
 
-    tpm = await swtpm.start_swtpm(spec, machine_name, directory, native_arch(), own)
+    tpm = await swtpm.start_swtpm(spec, machine_name, directory, native_arch(), own, identity)
     if tpm is not None:
         helpers.processes["swtpm"], sock = tpm
         tpm_socket = str(sock)

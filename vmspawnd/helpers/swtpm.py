@@ -18,11 +18,14 @@ import dataclasses
 import logging
 import os
 import shutil
+import socket
 import sys
 from pathlib import Path
 
 from vmspawnd.errors import InvalidSpec, NotSupported, StartFailed
 from vmspawnd.helpers.spawn import listen_unix, log_path, start_helper
+from vmspawnd.host.confinement import unprivileged_prefix
+from vmspawnd.host.identity import VmIdentity, hand_over, hand_over_tree
 from vmspawnd.host.process import ChildProcess, read_tail
 from vmspawnd.spec import VmSpec
 
@@ -142,10 +145,50 @@ async def _run_logged(argv: list[str], log: Path) -> int:
         raise
 
 
+def give_state_to(state: TpmState, identity: VmIdentity, stack: contextlib.AsyncExitStack) -> None:
+    """The VM's swtpm runs as the VM's uid: its state becomes the VM's while it runs, and a
+    persistent state goes back to its owner afterwards (the next start may get another id,
+    and an id left owning files would let a later VM with that id read them)."""
+    if state.persistent:
+        owner = os.lstat(state.path)
+        stack.callback(hand_over_tree, state.path, VmIdentity(owner.st_uid, owner.st_gid))
+    hand_over_tree(state.path, identity)
+
+
+def _start_confined(
+    swtpm: str,
+    state: TpmState,
+    sock: socket.socket,
+    sock_path: Path,
+    identity: VmIdentity,
+    directory: Path,
+    stack: contextlib.AsyncExitStack,
+) -> ChildProcess:
+    """swtpm as the VM's id, without capabilities. It reaches its state through an inherited
+    directory fd (/proc/self/fd/N: a magic link, no search permission needed on the path's
+    parents), and QEMU, the same id, may connect to its socket."""
+    give_state_to(state, identity, stack)
+    hand_over(sock_path, identity)
+    state_fd = os.open(state.path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        argv = [*unprivileged_prefix(identity), *swtpm_argv(swtpm, Path(f"/proc/self/fd/{state_fd}"), sock.fileno())]
+        return start_helper("swtpm", argv, directory=directory, stack=stack, listen=sock, pass_fds=[state_fd])
+    finally:
+        os.close(state_fd)
+
+
 async def start_swtpm(
-    spec: VmSpec, machine_name: str, directory: Path, arch: str, stack: contextlib.AsyncExitStack
+    spec: VmSpec,
+    machine_name: str,
+    directory: Path,
+    arch: str,
+    stack: contextlib.AsyncExitStack,
+    identity: VmIdentity | None = None,
 ) -> tuple[ChildProcess, Path] | None:
-    """Start swtpm if wanted; returns the process and the socket QEMU connects to."""
+    """Start swtpm if wanted; returns the process and the socket QEMU connects to.
+
+    With an `identity`, swtpm_setup and swtpm run as it, without capabilities
+    (host/confinement.py), and QEMU (the same identity) may connect to the socket."""
     swtpm = shutil.which("swtpm")
     if not tpm_wanted(spec, arch, swtpm):
         return None
@@ -162,10 +205,17 @@ async def start_swtpm(
         else:
             state.path.mkdir(mode=0o700)
             stack.callback(shutil.rmtree, state.path, ignore_errors=True)
+        # Manufacturing runs before any guest code, as root: swtpm_setup spawns swtpm
+        # itself (closing inherited fds), and the state may lie below directories the VM's
+        # id cannot enter (a caller's 0700 home).
         await manufacture(swtpm_setup, state.path, log_path(directory, "swtpm_setup"))
         sock_path = directory / SOCKET_NAME
         sock = listen_unix(sock_path, stack)
-        child = start_helper("swtpm", swtpm_argv(swtpm, state.path, sock.fileno()), directory=directory, stack=stack, listen=sock)
+        if identity is None:
+            argv = swtpm_argv(swtpm, state.path, sock.fileno())
+            child = start_helper("swtpm", argv, directory=directory, stack=stack, listen=sock)
+        else:
+            child = _start_confined(swtpm, state, sock, sock_path, identity, directory, stack)
     except (StartFailed, OSError) as exc:
         if spec.tpm:
             raise

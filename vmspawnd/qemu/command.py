@@ -62,6 +62,32 @@ def kernel_command_line(spec: VmSpec, res: Resources | None = None) -> list[str]
     return words
 
 
+SANDBOX = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"
+
+
+class _FdSets:
+    """Files the daemon opened for a confined QEMU: `-add-fd` puts each fd in its own
+    set (a read-write and a read-only fd for what QEMU writes), and QEMU opens
+    `/dev/fdset/N` instead of the path, dup'ing the set's fd whose access mode matches."""
+
+    def __init__(self, res: Resources, fds: list[int]) -> None:
+        self.file_fds = res.file_fds
+        self.fds = fds
+        self.next_set = 0
+
+    def file(self, path: str, argv: list[str]) -> str:
+        """What QEMU is told to open for `path`; adds the `-add-fd` it needs to `argv`."""
+        fds = self.file_fds.get(path)
+        if not fds:
+            return path
+        fdset = self.next_set
+        self.next_set += 1
+        for fd in fds:
+            argv += ["-add-fd", f"fd={fd},set={fdset},opaque={escape_qemu_value(path)}"]
+        self.fds += fds
+        return f"/dev/fdset/{fdset}"
+
+
 class _Payloads:
     """SMBIOS type 11 payload files: path= keeps them (secrets included) out of the cmdline."""
 
@@ -90,6 +116,7 @@ def build_qemu_command(spec: VmSpec, res: Resources) -> QemuCommand:
     name = res.name or spec.machine_name()
     virtiofs = bool(res.virtiofs)
     payloads = _Payloads(res)
+    fdsets = _FdSets(res, fds)
 
     machine = f"type={machine_type(res.arch)}"
     if x86:
@@ -116,10 +143,7 @@ def build_qemu_command(spec: VmSpec, res: Resources) -> QemuCommand:
             if res.host_machine_id is None:
                 raise InvalidSpec("networkTap", "the host has no /etc/machine-id to derive the MAC from")
             mac = derive_mac(res.host_machine_id, name)
-        argv += [
-            "-nic",
-            (f"tap,ifname={escape_qemu_value(shorten_tap_name(name))},script=no,downscript=no,model=virtio-net-pci,mac={mac}"),
-        ]
+        argv += ["-nic", f"{_tap(name, res, fds)},model=virtio-net-pci,mac={mac}"]
     elif spec.network_user_mode:
         argv += ["-nic", "user,model=virtio-net-pci"]
     else:
@@ -139,34 +163,30 @@ def build_qemu_command(spec: VmSpec, res: Resources) -> QemuCommand:
     argv += ["-chardev", f"socket,id=vmspawn-qmp,fd={res.qmp_fd},server=on,wait=off"]
     argv += ["-mon", "chardev=vmspawn-qmp,mode=control"]
     fds.append(res.qmp_fd)
+    if res.confined:  # docs/security.md
+        argv += ["-sandbox", SANDBOX]
 
     argv += _console_args(spec, res, fds)
 
     if res.firmware is not None:
         fw = res.firmware
-        argv += [
-            "-drive",
-            f"if=pflash,format={fw.code_format},readonly=on,file={escape_qemu_value(fw.code_path)}",
-        ]
+        code = fdsets.file(fw.code_path, argv)
+        argv += ["-drive", f"if=pflash,format={fw.code_format},readonly=on,file={escape_qemu_value(code)}"]
         if fw.secure_boot and fw.vars_path is not None:
             argv += ["-global", "ICH9-LPC.disable_s3=1"]
             argv += ["-global", "driver=cfi.pflash01,property=secure,value=on"]
             # vmspawn uses the executable's format for the vars drive too (docs/reference/systemd-vmspawn.md §3.3).
-            argv += [
-                "-drive",
-                f"file={escape_qemu_value(fw.vars_path)},if=pflash,format={fw.code_format}",
-            ]
+            nvram = fdsets.file(fw.vars_path, argv)
+            argv += ["-drive", f"file={escape_qemu_value(nvram)},if=pflash,format={fw.code_format}"]
 
     if spec.linux:
-        argv += ["-kernel", spec.linux]
+        argv += ["-kernel", res.kernel or spec.linux]
 
     if spec.image:
+        image = fdsets.file(spec.image, argv)
         argv += [
             "-drive",
-            (
-                f"if=none,id=vmspawn,file={escape_qemu_value(spec.image)},format=raw,"
-                f"discard={'on' if spec.discard_disk else 'off'}"
-            ),
+            (f"if=none,id=vmspawn,file={escape_qemu_value(image)},format=raw,discard={'on' if spec.discard_disk else 'off'}"),
         ]
         serial = escape_qemu_value(os.path.basename(spec.image))
         argv += ["-device", f"virtio-blk-pci,drive=vmspawn,bootindex=1,serial={serial}"]
@@ -179,11 +199,12 @@ def build_qemu_command(spec: VmSpec, res: Resources) -> QemuCommand:
     for index, path in enumerate(spec.extra_drives):
         node = f"vmspawn_extra_{index}"
         driver = "host_device" if path in res.block_devices else "file"
+        filename = fdsets.file(path, argv)
         argv += [
             "-blockdev",
             (
                 f"driver=raw,cache.direct=off,cache.no-flush=on,file.driver={driver},"
-                f"file.filename={escape_qemu_value(path)},node-name={node}"
+                f"file.filename={escape_qemu_value(filename)},node-name={node}"
             ),
         ]
         serial = escape_qemu_value(os.path.basename(path))
@@ -230,6 +251,15 @@ def build_qemu_command(spec: VmSpec, res: Resources) -> QemuCommand:
 
     argv += spec.qemu_extra
     return QemuCommand(argv=argv, pass_fds=fds, files=payloads.files)
+
+
+def _tap(name: str, res: Resources, fds: list[int]) -> str:
+    """vmspawn lets QEMU create the TAP device by name; a confined QEMU (no CAP_NET_ADMIN)
+    gets the device the daemon created (qemu/handover.py) as an fd instead."""
+    if res.tap_fd is not None:
+        fds.append(res.tap_fd)
+        return f"tap,fd={res.tap_fd}"
+    return f"tap,ifname={escape_qemu_value(shorten_tap_name(name))},script=no,downscript=no"
 
 
 def _virtiofs_args(share: VirtiofsShare) -> list[str]:

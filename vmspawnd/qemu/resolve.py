@@ -14,8 +14,10 @@ import stat
 from pathlib import Path
 
 from vmspawnd.errors import InvalidSpec, StartFailed
-from vmspawnd.qemu import vsock
+from vmspawnd.host.identity import VmIdentity, hand_over
+from vmspawnd.qemu import handover, vsock
 from vmspawnd.qemu.resources import Firmware, HostResources
+from vmspawnd.qemu.siphash import shorten_tap_name
 from vmspawnd.runtime_dir import VmPaths
 from vmspawnd.spec import VmSpec
 from vmspawnd.spec import firmware as firmware_db
@@ -200,12 +202,13 @@ def derive_vmgenid(invocation_id: str) -> str:
     return str(uuid.UUID(bytes=bytes(digest)))
 
 
-def resolve_host(spec: VmSpec, name: str, machine_id: str, paths: VmPaths) -> HostResources:
+def resolve_host(spec: VmSpec, name: str, machine_id: str, paths: VmPaths, identity: VmIdentity | None = None) -> HostResources:
     """Everything the host must answer for the VM, checked before anything starts.
 
     Grows the image and writes the VM's merged initrd and NVRAM copy into its directory.
-    The vhost-vsock device is opened last, so nothing can fail with its fd open: the
-    caller owns the fd from here on.
+    With an `identity` (a confined QEMU) the daemon also opens what QEMU would open
+    (qemu/handover.py) and copies kernel and initrd for it. The fds are opened last, so
+    nothing can fail with them open: the caller owns them from here on.
     """
     check_spec_paths(spec)
     arch = native_arch()
@@ -213,19 +216,27 @@ def resolve_host(spec: VmSpec, name: str, machine_id: str, paths: VmPaths) -> Ho
         grow_image(spec.image, spec.grow_image)
     initrd = merge_initrds(list(spec.initrds), paths.initrd) if spec.initrds else None
     firmware = load_firmware(arch, spec.firmware, spec.secure_boot, paths.efi_vars)
+    kernel = None
+    if identity is not None:
+        kernel, initrd = _readable_boot_files(spec, initrd, paths, identity)
     qemu_binary = find_qemu_binary(arch)
     kvm = decide_kvm(spec.kvm)
     drives = block_devices(list(spec.extra_drives))
     machine_id_bytes = host_machine_id()
-    vsock_fd = vsock_cid = None
+    file_fds = handover.open_files(spec, firmware) if identity is not None else {}
+    tap_fd = vsock_fd = vsock_cid = None
+    step = "TAP device"
     try:
+        if identity is not None and spec.network_tap:
+            tap_fd = handover.open_tap(shorten_tap_name(name))
+        step = "vsock"
         vsock_fd = vsock.open_vhost_vsock(spec.vsock)
         if vsock_fd is not None:
             vsock_cid = vsock.assign_cid(vsock_fd, name, spec.vsock_cid)
     except OSError as exc:
-        if vsock_fd is not None:
-            os.close(vsock_fd)
-        raise StartFailed("resolve", f"vsock: {exc.strerror or exc}") from None
+        handover.close_all([fd for fd in (vsock_fd, tap_fd) if fd is not None])
+        handover.close_all(fd for fds in file_fds.values() for fd in fds)
+        raise StartFailed("resolve", f"{step}: {exc.strerror or exc}") from None
     return HostResources(
         qemu_binary=qemu_binary,
         kvm=kvm,
@@ -237,4 +248,18 @@ def resolve_host(spec: VmSpec, name: str, machine_id: str, paths: VmPaths) -> Ho
         block_devices=drives,
         vsock_cid=vsock_cid,
         vhost_vsock_fd=vsock_fd,
+        file_fds=file_fds,
+        kernel=kernel,
+        tap_fd=tap_fd,
     )
+
+
+def _readable_boot_files(spec: VmSpec, initrd: str | None, paths: VmPaths, identity: VmIdentity) -> tuple[str | None, str | None]:
+    """Kernel and initrd as a confined QEMU can read them (it takes no fd for them)."""
+    kernel = handover.copy_for_vm(spec.linux, paths.kernel, identity) if spec.linux else None
+    if initrd is not None:
+        if initrd == str(paths.initrd):
+            hand_over(paths.initrd, identity)  # the merged copy is ours already
+        else:
+            initrd = handover.copy_for_vm(initrd, paths.initrd, identity)
+    return kernel, initrd

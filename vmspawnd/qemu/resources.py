@@ -70,6 +70,11 @@ class Resources:
     host_machine_id: bytes | None = None  # /etc/machine-id as 16 bytes, for the TAP MAC
     vmgenid: str | None = None  # a UUID; None gives QEMU's guid=auto (a random one)
     block_devices: frozenset[str] = frozenset()  # extra drives that are block devices
+    # A confined QEMU (system instance, docs/security.md): the daemon opens, QEMU receives.
+    confined: bool = False  # -sandbox on, with every optional deny
+    file_fds: dict[str, tuple[int, ...]] = dataclasses.field(default_factory=dict)  # path → fds opened for QEMU (-add-fd)
+    kernel: str | None = None  # the VM's readable copy of --linux (None: the spec's path)
+    tap_fd: int | None = None  # --network-tap: the TAP device the daemon created
 
 
 @dataclasses.dataclass(frozen=True)
@@ -86,6 +91,10 @@ class HostResources:
     block_devices: frozenset[str]
     vsock_cid: int | None
     vhost_vsock_fd: int | None  # QEMU's once passed; Machine.start closes the daemon's copy
+    # Confined QEMU only (qemu/handover.py); like vhost_vsock_fd, the daemon closes its copies after the spawn.
+    file_fds: dict[str, tuple[int, ...]] = dataclasses.field(default_factory=dict)
+    kernel: str | None = None
+    tap_fd: int | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -110,8 +119,8 @@ class Channels:
     display_socket: str | None
 
 
-def assemble(name: str, host: HostResources, helpers: HelperResources, channels: Channels) -> Resources:
-    """The one `Resources` of a VM, from its three sources."""
+def assemble(name: str, host: HostResources, helpers: HelperResources, channels: Channels, confined: bool = False) -> Resources:
+    """The one `Resources` of a VM, from its three sources; `confined`: QEMU runs sandboxed."""
     return Resources(
         name=name,
         qemu_binary=host.qemu_binary,
@@ -124,6 +133,10 @@ def assemble(name: str, host: HostResources, helpers: HelperResources, channels:
         block_devices=host.block_devices,
         vsock_cid=host.vsock_cid,
         vhost_vsock_fd=host.vhost_vsock_fd,
+        confined=confined,
+        file_fds=host.file_fds,
+        kernel=host.kernel,
+        tap_fd=host.tap_fd,
         tpm_socket=helpers.tpm_socket,
         virtiofs=helpers.virtiofs,
         credentials=helpers.credentials,
