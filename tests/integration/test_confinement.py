@@ -111,7 +111,7 @@ def test_qemu_and_swtpm_run_unprivileged_sandboxed_and_open_only_what_the_daemon
         "extraDrives": [str(image), str(drive)],
         "qemuExtra": ["-qmp", f"unix:{qmp_path},server=on,wait=off"],
     }
-    with no_leaks(daemon), EventStream(daemon) as events:
+    with no_leaks(daemon):
         machine = daemon.call("Spawn", {"spec": spec})["machine"]
         qemu = proc_status(int(machine["qemu"]["pid"]))
         swtpm = proc_status(int(machine["helpers"]["swtpm"]["pid"]))
