@@ -42,15 +42,19 @@ class Differences(TypedDict, total=False):
 
     arch: str
     block_devices: frozenset[str]
+    confined: bool
     console_fd: int | None
     credentials: tuple[Credential, ...]
     display_socket: str | None
+    file_fds: dict[str, tuple[int, ...]]
     firmware: Firmware | None
     initrd: str | None
+    kernel: str | None
     kernel_cmdline_extra: tuple[str, ...]
     kvm: bool
     notify_address: str | None
     qemu_binary: str
+    tap_fd: int | None
     tpm_socket: str | None
     vhost_vsock_fd: int | None
     virtiofs: tuple[VirtiofsShare, ...]
@@ -190,6 +194,28 @@ SCENARIOS: dict[str, tuple[VmSpec, Resources]] = {
             kernel_cmdline_extra=('systemd.mount-extra="mnt0:/srv:virtiofs:rw"',),
             notify_address="vsock-stream:2:999",
             credentials=(Credential("ssh.ephemeral-authorized_keys-all", b"ssh-ed25519 K"),),
+        ),
+    ),
+    # The system instance's confined QEMU (docs/security.md): -sandbox, disks and firmware
+    # by fd (-add-fd; a writable file's set holds a read-write and a read-only fd), the TAP
+    # device by fd, kernel and initrd from the VM's own copies.
+    "confined-image": (
+        VmSpec(image=IMG, network_tap=True, extra_drives=[f"{G}/images/data.raw"]),
+        _r(
+            confined=True,
+            file_fds={OVMF.code_path: (10,), IMG: (11, 12), f"{G}/images/data.raw": (13, 14)},
+            tap_fd=15,
+        ),
+    ),
+    "confined-secure-boot-linux": (
+        VmSpec(name="direct", image=IMG, linux=KERNEL, initrds=[INITRD], secure_boot=True, credentials=[_cred("c1", b"v1")]),
+        _r(
+            confined=True,
+            firmware=OVMF_SB,
+            file_fds={OVMF_SB.code_path: (10,), f"{G}/run/efi-vars.fd": (11, 12), IMG: (13, 14)},
+            kernel=f"{G}/run/kernel",
+            initrd=f"{G}/run/initrd",
+            tpm_socket=f"{G}/run/tpm.sock",
         ),
     ),
 }

@@ -26,6 +26,7 @@ from tests.golden.scenarios import HAND_WRITTEN, SCENARIOS
 from tests.guest.build import Guest
 from tests.support import children_of
 from vmspawnd.qemu.command import build_qemu_command
+from vmspawnd.qemu.handover import open_tap
 
 HERE = Path(__file__).parent
 REGENERATE = os.environ.get("VMSPAWND_REGENERATE") == "1"
@@ -94,6 +95,7 @@ class _Launch:
         self.guest = guest
         self.helpers: list[subprocess.Popen[bytes]] = []
         self.socks: list[socket.socket] = []
+        self.fds: list[int] = []  # what the daemon would open for a confined QEMU (-add-fd, TAP)
 
     def real(self, path: str) -> Path:
         return Path(path.replace("/GOLDEN", str(self.root), 1))
@@ -112,9 +114,27 @@ class _Launch:
             p = self.real(path)
             p.parent.mkdir(parents=True, exist_ok=True)
             p.write_bytes(content)
+        # -add-fd: a set of two fds is read-write + read-only (a file QEMU writes), one is read-only.
+        set_sizes: dict[str | None, int] = {}
+        for before, arg in zip(argv, argv[1:], strict=False):
+            if before == "-add-fd":
+                set_sizes[_opt_value(arg, "set")] = set_sizes.get(_opt_value(arg, "set"), 0) + 1
+        seen: dict[str | None, int] = {}
         prev = ""
         for arg in argv:
-            if prev == "-kernel":
+            if prev == "-add-fd":
+                fdset = _opt_value(arg, "set")
+                seen[fdset] = seen.get(fdset, 0) + 1
+                writable = set_sizes[fdset] == 2 and seen[fdset] == 1
+                fd = self._open_for_fdset(_opt_value(arg, "opaque") or "", writable)
+                fds.append(fd)
+                arg = arg.replace(f"fd={_opt_value(arg, 'fd')},", f"fd={fd},", 1)
+            elif prev == "-nic" and arg.startswith("tap,fd="):
+                fd = open_tap(f"gold{os.getpid() % 100000}")
+                self.fds.append(fd)
+                fds.append(fd)
+                arg = arg.replace(f"fd={_opt_value(arg, 'fd')},", f"fd={fd},", 1)
+            elif prev == "-kernel":
                 p = self.real(arg)
                 p.parent.mkdir(parents=True, exist_ok=True)
                 p.symlink_to(self.guest.kernel)
@@ -159,6 +179,19 @@ class _Launch:
         if "-vga" in out and "-display" not in out:
             out += ["-display", "none"]
         return out, fds, qmp_path
+
+    def _open_for_fdset(self, opaque: str, writable: bool) -> int:
+        """The file an -add-fd names, made real as the daemon would have it, opened as QEMU expects."""
+        path = self.real(opaque)
+        if not path.exists():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            if path.name == "efi-vars.fd":
+                shutil.copyfile("/usr/share/OVMF/OVMF_VARS_4M.fd", path)
+            else:
+                self.touch(opaque)
+        fd = os.open(path, os.O_RDWR if writable else os.O_RDONLY)
+        self.fds.append(fd)
+        return fd
 
     def _wait_for_socket(self, path: Path, proc: subprocess.Popen[bytes]) -> None:
         import time
@@ -213,6 +246,8 @@ class _Launch:
                 proc.stderr.close()
         for sock in self.socks:
             sock.close()
+        for fd in self.fds:
+            os.close(fd)
 
 
 def _qmp_status(path: Path, qemu: subprocess.Popen[bytes]) -> str:

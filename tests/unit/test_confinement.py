@@ -1,0 +1,177 @@
+# SPDX-License-Identifier: LGPL-2.1-or-later
+"""The pieces of a confined VM (docs/security.md): its id, the setpriv prefix, what the
+daemon opens for QEMU, and how the argv builder refers to it."""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from vmspawnd.host.confinement import unprivileged_prefix
+from vmspawnd.host.identity import IdRange, VmIdentity, hand_over_tree, ids_in_use, known_to_nss, parse_range, pick_identity
+from vmspawnd.outcome import describe_exit
+from vmspawnd.qemu.command import SANDBOX, build_qemu_command
+from vmspawnd.qemu.handover import copy_for_vm, open_files
+from vmspawnd.qemu.resources import Firmware, Resources
+from vmspawnd.spec import VmSpec
+
+as_root = pytest.mark.skipif(os.geteuid() != 0, reason="changing owners and identities needs root")
+
+
+def test_parse_range_takes_inclusive_bounds_and_refuses_the_16_bit_ids() -> None:
+    assert parse_range("0x70000000-0x7000ffff") == IdRange(0x70000000, 0x10000)
+    assert parse_range("100000-100009") == IdRange(100000, 10)
+    for bad in ("70000", "5-1000000", "200000-100000", "0-10"):
+        with pytest.raises(ValueError):
+            parse_range(bad)
+
+
+def test_pick_identity_takes_the_lowest_id_no_vm_holds_and_no_database_names() -> None:
+    ids = IdRange(500000, 5)
+    assert pick_identity(ids, set(), lambda _: False) == VmIdentity(500000, 500000)
+    assert pick_identity(ids, {500000, 500001}, lambda value: value == 500002) == VmIdentity(500003, 500003)
+    with pytest.raises(LookupError, match="500000…500004"):
+        pick_identity(ids, {500000, 500001, 500002}, lambda value: value > 500002)
+
+
+def test_pick_identity_skips_what_the_user_database_knows() -> None:
+    # root (0) is in every user database; the first id nobody names is handed out.
+    free = next(v for v in range(0x70000000, 0x70001000) if not known_to_nss(v))
+    assert known_to_nss(0)
+    assert pick_identity(IdRange(free, 1), set()).uid == free
+    with pytest.raises(LookupError):
+        pick_identity(IdRange(0, 1), set())
+
+
+@as_root
+def test_ids_in_use_are_the_owners_of_the_vm_directories_in_the_range(tmp_path: Path) -> None:
+    ids = IdRange(0x70000000, 16)
+    for name, owner in (("a", 0x70000003), ("b", 0x70000000), ("c", 0), ("d", 0x70000010)):
+        (tmp_path / name).mkdir()
+        os.chown(tmp_path / name, owner, owner)
+    assert ids_in_use(tmp_path, ids) == {0x70000000, 0x70000003}
+
+
+@as_root
+def test_hand_over_tree_changes_every_owner_and_follows_no_symlink(tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    (state / "sub").mkdir(parents=True)
+    (state / "sub" / "file").write_text("x")
+    outside = tmp_path / "outside"
+    outside.write_text("y")
+    (state / "link").symlink_to(outside)
+    hand_over_tree(state, VmIdentity(0x70000001, 0x70000001))
+    owners = {p.name: (os.lstat(p).st_uid, os.lstat(p).st_gid) for p in [state, *state.rglob("*")]}
+    assert set(owners.values()) == {(0x70000001, 0x70000001)}
+    assert os.stat(outside).st_uid == 0
+
+
+@as_root
+def test_the_prefix_leaves_no_privilege_and_keeps_the_pid() -> None:
+    identity = VmIdentity(0x70000002, 0x70000002)
+    argv = [*unprivileged_prefix(identity), "sh", "-c", 'echo "$$"; cat /proc/self/status']
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, text=True)
+    out, _ = proc.communicate(timeout=30)
+    assert proc.returncode == 0
+    pid, *lines = out.splitlines()
+    assert int(pid) == proc.pid  # setpriv execs: the reaper reports QEMU's own pid
+    status = {k: v.strip() for k, _, v in (line.partition(":") for line in lines)}
+    assert status["Uid"].split() == [str(identity.uid)] * 4 and status["Gid"].split() == [str(identity.gid)] * 4
+    assert status["Groups"] == ""
+    assert [int(status[k], 16) for k in ("CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb")] == [0] * 5
+    assert status["NoNewPrivs"] == "1"
+
+
+def test_the_prefix_keeps_only_the_groups_asked_for() -> None:
+    prefix = unprivileged_prefix(VmIdentity(7, 8), groups=[36])
+    assert "--groups=36" in prefix and "--clear-groups" not in prefix
+    assert prefix[-1] == "--"
+
+
+def test_open_files_opens_read_only_what_qemu_only_reads(tmp_path: Path) -> None:
+    code, nvram, image, drive = (tmp_path / n for n in ("code.fd", "vars.fd", "image.raw", "drive.raw"))
+    for path in (code, nvram, image, drive):
+        path.write_bytes(b"\0" * 512)
+    firmware = Firmware(str(code), "raw", True, str(nvram))
+    fds = open_files(VmSpec(image=str(image), extra_drives=[str(drive)]), firmware)
+    try:
+        assert {path: [_accmode(fd) for fd in fd_tuple] for path, fd_tuple in fds.items()} == {
+            str(code): [os.O_RDONLY],
+            str(nvram): [os.O_RDWR, os.O_RDONLY],
+            str(image): [os.O_RDWR, os.O_RDONLY],
+            str(drive): [os.O_RDWR, os.O_RDONLY],
+        }
+    finally:
+        for fd_tuple in fds.values():
+            for fd in fd_tuple:
+                os.close(fd)
+
+
+def _accmode(fd: int) -> int:
+    return fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_ACCMODE
+
+
+def test_open_files_closes_what_it_opened_when_one_file_is_missing(tmp_path: Path) -> None:
+    image = tmp_path / "image.raw"
+    image.write_bytes(b"\0")
+    before = set(os.listdir("/proc/self/fd"))
+    with pytest.raises(FileNotFoundError):
+        open_files(VmSpec(image=str(image), extra_drives=[str(tmp_path / "missing")]), None)
+    assert set(os.listdir("/proc/self/fd")) == before
+
+
+@as_root
+def test_copy_for_vm_is_a_private_copy_the_vm_owns(tmp_path: Path) -> None:
+    source = tmp_path / "vmlinuz"
+    source.write_bytes(b"kernel" * 1000)
+    copy = Path(copy_for_vm(str(source), tmp_path / "kernel", VmIdentity(0x70000004, 0x70000004)))
+    st = os.stat(copy)
+    assert copy.read_bytes() == source.read_bytes()
+    assert (st.st_uid, st.st_gid, st.st_mode & 0o777) == (0x70000004, 0x70000004, 0o400)
+
+
+def test_a_confined_qemu_gets_fdsets_for_its_files_and_the_sandbox() -> None:
+    spec = VmSpec(image="/img/a,b.raw", extra_drives=["/img/d.raw"])
+    res = Resources(
+        qemu_binary="qemu",
+        kvm=False,
+        qmp_fd=3,
+        console_fd=4,
+        console_log="/run/console.log",
+        firmware=Firmware("/fw/code.fd", "raw", False, None),
+        initrd=None,
+        payload_dir="/run/payload",
+        confined=True,
+        file_fds={"/fw/code.fd": (10,), "/img/a,b.raw": (11, 12), "/img/d.raw": (13, 14)},
+    )
+    command = build_qemu_command(spec, res)
+    argv = command.argv
+    add_fds = [argv[i + 1] for i, arg in enumerate(argv) if arg == "-add-fd"]
+    assert add_fds == [
+        "fd=10,set=0,opaque=/fw/code.fd",
+        "fd=11,set=1,opaque=/img/a,,b.raw",
+        "fd=12,set=1,opaque=/img/a,,b.raw",
+        "fd=13,set=2,opaque=/img/d.raw",
+        "fd=14,set=2,opaque=/img/d.raw",
+    ]
+    assert {10, 11, 12, 13, 14} <= set(command.pass_fds)
+    assert argv[argv.index("-sandbox") + 1] == SANDBOX
+    assert not [a for a in argv if "/img/" in a and not a.startswith(("fd=", "virtio-blk"))]  # paths only as opaque labels
+    # The serial the guest sees is still the file's name, not the fdset's.
+    assert "virtio-blk-pci,drive=vmspawn,bootindex=1,serial=a,,b.raw" in argv
+
+
+def test_an_unconfined_qemu_is_vmspawns() -> None:
+    res = Resources("qemu", False, 3, 4, "/run/console.log", None, None, payload_dir="/run/payload")
+    argv = build_qemu_command(VmSpec(image="/img/a.raw"), res).argv
+    assert "-sandbox" not in argv and "-add-fd" not in argv
+    assert "if=none,id=vmspawn,file=/img/a.raw,format=raw,discard=on" in argv
+
+
+def test_a_seccomp_kill_is_named() -> None:
+    assert describe_exit(-31) == "QEMU was killed by SIGSYS: QEMU's seccomp sandbox (-sandbox) refused a system call"
+    assert describe_exit(-9) == "QEMU was killed by SIGKILL"
