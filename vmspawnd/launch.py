@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import os
 import socket
 from collections.abc import Awaitable
@@ -27,7 +28,7 @@ from vmspawnd.outcome import describe_exit, qemu_error_line
 from vmspawnd.qemu.command import QemuCommand
 from vmspawnd.qemu.console import History
 from vmspawnd.qemu.guest_notify import MessageCallback, NotifyListener, open_unix_listener, open_vsock_listener
-from vmspawnd.qemu.resources import HostResources
+from vmspawnd.qemu.resources import HostResources, Resources
 from vmspawnd.runtime_dir import VmPaths, bind_listening_socket, make_private_dir
 from vmspawnd.spec import ConsoleMode, VmSpec
 
@@ -75,13 +76,37 @@ def confine(argv: list[str], identity: VmIdentity | None, kvm: bool) -> list[str
     return [*unprivileged_prefix(identity, groups), *argv]
 
 
+def as_seen_from_vm_dir(res: Resources, directory: Path) -> Resources:
+    """The VM's own files as a confined QEMU names them: relative to its working
+    directory, the VM's directory. machines/ (0700 root) lies above it, and the VM's id may
+    not search it; a relative path from the working directory needs no search permission
+    on the directories above it."""
+
+    def inside(path: str | None) -> str | None:
+        if path is None or not Path(path).is_relative_to(directory):
+            return path
+        return str(Path(path).relative_to(directory))
+
+    shares = tuple(dataclasses.replace(s, socket_path=inside(s.socket_path) or s.socket_path) for s in res.virtiofs)
+    return dataclasses.replace(
+        res,
+        console_log=inside(res.console_log) or res.console_log,
+        payload_dir=inside(res.payload_dir),
+        display_socket=inside(res.display_socket),
+        tpm_socket=inside(res.tpm_socket),
+        kernel=inside(res.kernel),
+        initrd=inside(res.initrd),
+        virtiofs=shares,
+    )
+
+
 def hand_over_channels(paths: VmPaths, command: QemuCommand, identity: VmIdentity) -> None:
     """What a confined QEMU opens by path in the VM's directory: the SMBIOS payloads
     (read) and the console log (appended to)."""
     if command.files:
         hand_over(paths.payload, identity)
     for path in command.files:
-        hand_over(Path(path), identity)
+        hand_over(paths.directory / path, identity)
     if paths.console_log.exists():
         hand_over(paths.console_log, identity)
 

@@ -194,9 +194,11 @@ class Machine:
                     display_socket=launch.display_socket(self.spec, self.paths, self.settings.gui_window),
                 )
                 resources = assemble(self.name, host, helpers.resources, channels, confined=identity is not None)
+                if identity is not None:
+                    resources = launch.as_seen_from_vm_dir(resources, self.directory)
                 command = build_qemu_command(self.spec, resources)
                 for path, content in command.files.items():
-                    write_private_file(Path(path), content)
+                    write_private_file(self.directory / path, content)  # payload paths may be relative to it
                 if identity is not None:
                     launch.hand_over_channels(self.paths, command, identity)
 
@@ -211,6 +213,7 @@ class Machine:
                     log_path=self.paths.qemu_log,
                     status_path=self.paths.exit_status,
                     leader_options=launch.leader_options(self.spec, self.paths, DEFAULT_POWEROFF_DEADLINE),
+                    cwd=self.directory,  # a confined QEMU names its own files relative to it
                 )
                 stack.push_async_callback(self._kill_qemu)
                 for sock in sockets.values():
@@ -223,7 +226,7 @@ class Machine:
                 if console:
                     self.record.console_address = str(self.paths.console)
                     self.record.console_log = str(self.paths.console_log)
-                self.record.display_address = resources.display_socket or ""
+                self.record.display_address = channels.display_socket or ""
                 self._persist()
 
                 step = "qmp"
@@ -620,7 +623,12 @@ class Machine:
         path = self.directory / f".screenshot-{secrets.token_hex(4)}.{image_format}"
         try:
             await self.monitor.request(
-                "take a screenshot", self.record.state.value, "screendump", {"filename": str(path), "format": image_format}
+                "take a screenshot",
+                self.record.state.value,
+                "screendump",
+                # Relative to QEMU's working directory, the VM's: a confined QEMU cannot
+                # search machines/ above it. QEMU writes the file as its own user.
+                {"filename": path.name, "format": image_format},
             )
             return os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
         finally:

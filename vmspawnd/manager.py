@@ -80,10 +80,6 @@ class Manager:
         self.runtime_dir = runtime_dir
         self.machines_dir = runtime_dir / "machines"
         make_private_dir(self.machines_dir)
-        if settings.vm_ids is not None:
-            # Confined VMs reach their own directory below by path (0700, theirs): search
-            # only, so no VM (nor any other user) can list the others.
-            os.chmod(self.machines_dir, 0o711)
         self._machines: dict[str, Machine] = {}
         self._held = TaskOwner("manager")  # ending VMs whose holding client went away
         self._starts = TaskOwner("manager")  # Machine.start tasks: a client that leaves does not cancel them

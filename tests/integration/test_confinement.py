@@ -129,6 +129,7 @@ def test_qemu_and_swtpm_run_unprivileged_sandboxed_and_open_only_what_the_daemon
         # The VM's directory is the VM's, private.
         directory = os.stat(machine["runtimeDirectory"])
         assert (directory.st_uid, directory.st_gid, stat.S_IMODE(directory.st_mode)) == (uid, uid, 0o700)
+        assert stat.S_IMODE(os.stat(Path(machine["runtimeDirectory"]).parent).st_mode) == 0o700  # machines/: root's alone
 
         # Everything guest-facing works: the disks the daemon opened, the TPM, the shares.
         with Console(machine) as console:

@@ -172,6 +172,7 @@ def spawn_detached(
     pass_fds: Sequence[int] = (),
     log_path: Path,
     env: dict[str, str] | None = None,
+    cwd: Path | None = None,
 ) -> ChildProcess:
     """Start `argv` in its own session with stdin /dev/null and output appended to `log_path`.
 
@@ -190,6 +191,7 @@ def spawn_detached(
             close_fds=True,
             start_new_session=True,
             env=env,
+            cwd=cwd,
         )
     finally:
         os.close(log_fd)
@@ -313,13 +315,14 @@ async def spawn_reaped(
     log_path: Path,
     status_path: Path,
     leader_options: Sequence[str] = (),
+    cwd: Path | None = None,
 ) -> ReapedProcess:
     """Start `argv` under a reaper; returns once the reaper reported the child's pid.
 
     `leader_options` tell the reaper, as the VM's leader, where to forward machined's
     signals (--control=, --qmp=, --deadline=) and where machined listens (--machined=: it
     connects there and hands the connection over, `ReapedProcess.machined_connection`;
-    see reaper.py)."""
+    see reaper.py). `cwd`: where the reaper, and so the child, start."""
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         try:
@@ -328,6 +331,7 @@ async def spawn_reaped(
                 [sys.executable, "-I", "-S", REAPER_SCRIPT, *leader_options, str(status_path), str(theirs.fileno()), "--", *argv],
                 pass_fds=[*pass_fds, theirs.fileno()],
                 log_path=log_path,
+                cwd=cwd,
             )
         finally:
             theirs.close()
