@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from vmspawnd.daemon import confinement_range, parse_args
 from vmspawnd.host.confinement import unprivileged_prefix
 from vmspawnd.host.identity import IdRange, VmIdentity, hand_over_tree, ids_in_use, known_to_nss, parse_range, pick_identity
 from vmspawnd.outcome import describe_exit
@@ -175,3 +176,13 @@ def test_an_unconfined_qemu_is_vmspawns() -> None:
 def test_a_seccomp_kill_is_named() -> None:
     assert describe_exit(-31) == "QEMU was killed by SIGSYS: QEMU's seccomp sandbox (-sandbox) refused a system call"
     assert describe_exit(-9) == "QEMU was killed by SIGKILL"
+
+
+def test_the_daemon_confines_only_as_root_and_unless_told_to_run_qemu_as_root() -> None:
+    default = confinement_range(parse_args([]))
+    assert default == (IdRange() if os.geteuid() == 0 else None)
+    assert confinement_range(parse_args(["--qemu-user=root"])) is None
+    ranged = confinement_range(parse_args(["--vm-id-range=0x71000000-0x710000ff"]))
+    assert ranged == (IdRange(0x71000000, 256) if os.geteuid() == 0 else None)
+    with pytest.raises(SystemExit):
+        parse_args(["--vm-id-range=10-20"])  # inside the 16-bit ids: refused at the command line
