@@ -14,6 +14,7 @@ import logging
 import shutil
 from pathlib import Path
 
+from vmspawnd import state_seal
 from vmspawnd.host.process import ChildProcess, children_of, is_same_process, processes_mentioning
 from vmspawnd.model import ProcessRecord
 from vmspawnd.runtime_dir import VmPaths, read_json
@@ -29,7 +30,8 @@ async def discard_leftovers(directory: Path) -> None:
     Used for unreadable or other-version state: parse what can be parsed, best effort.
     """
     try:
-        data = read_json(VmPaths(directory).state)
+        # A state.json the daemon did not write names no process to stop (state_seal).
+        data = read_json(VmPaths(directory).state) if state_seal.trusted_state(directory) else {}
         machine = data.get("machine", {}) if isinstance(data, dict) else {}
     except (OSError, ValueError):
         machine = {}
@@ -50,6 +52,7 @@ async def discard_leftovers(directory: Path) -> None:
             with contextlib.suppress(ProcessLookupError):
                 await ChildProcess("leftover", child, None).terminate(TERM_GRACE)
     shutil.rmtree(directory, ignore_errors=True)
+    state_seal.remove_seal(directory)
 
 
 def remove_transient_files(paths: VmPaths, name: str) -> None:

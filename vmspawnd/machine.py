@@ -22,7 +22,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import TypeVar
 
-from vmspawnd import adoption, launch
+from vmspawnd import adoption, launch, state_seal
 from vmspawnd.control import ControlServer, QmpEvent
 from vmspawnd.errors import InvalidSpec, InvalidState, NotConnected, NotSupported, StartFailed, Timeout
 from vmspawnd.fanout import FanOut
@@ -41,7 +41,7 @@ from vmspawnd.qemu.monitor import QemuMonitor
 from vmspawnd.qemu.qmp import QmpError
 from vmspawnd.qemu.resolve import resolve_host
 from vmspawnd.qemu.resources import Channels, assemble
-from vmspawnd.runtime_dir import VmPaths, make_private_dir, write_json_atomic, write_private_file
+from vmspawnd.runtime_dir import VmPaths, json_bytes, make_private_dir, replace_private_file, write_private_file
 from vmspawnd.settings import Settings
 from vmspawnd.spec import ConsoleMode, VmSpec
 from vmspawnd.tasks import TaskOwner
@@ -125,7 +125,9 @@ class Machine:
 
     def _persist(self) -> None:
         try:
-            write_json_atomic(self.paths.state, {"version": STATE_FORMAT_VERSION, "machine": self.record.to_json()})
+            content = json_bytes({"version": STATE_FORMAT_VERSION, "machine": self.record.to_json()})
+            state_seal.seal(self.directory, content)  # a confined VM's directory is not ours alone
+            replace_private_file(self.paths.state, content)
         except OSError:
             # Losing state.json costs re-adoption after a restart, not the running VM.
             _log.exception("%s: could not write state.json", self.name)
@@ -646,6 +648,7 @@ class Machine:
 
     def remove_files(self) -> None:
         shutil.rmtree(self.directory, ignore_errors=True)
+        state_seal.remove_seal(self.directory)
 
     async def detach(self) -> None:
         """Daemon exit without stopping the VM: let go of QMP and the process watch."""

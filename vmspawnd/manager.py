@@ -19,6 +19,7 @@ from pathlib import Path
 
 from dbus_fast.errors import InvalidAddressError
 
+from vmspawnd import state_seal
 from vmspawnd.errors import DBusCallError, InvalidSpec, InvalidState, MachineExists, NoSuchMachine, Timeout, VmspawnError
 from vmspawnd.fanout import FanOut
 from vmspawnd.host.cgroup import own_unit, unit_of_pid
@@ -155,6 +156,8 @@ class Manager:
                 entry.unlink(missing_ok=True)
                 continue
             try:
+                if not state_seal.trusted_state(entry):
+                    raise ValueError("state.json is not the one this daemon wrote (docs/security.md)")
                 data = read_json(entry / "state.json")
                 if not isinstance(data, dict) or data.get("version") != STATE_FORMAT_VERSION:
                     raise ValueError(

@@ -161,9 +161,10 @@ def replace_private_file(path: Path, content: bytes) -> None:
         raise
 
 
-def write_json_atomic(path: Path, data: object) -> None:
-    """state.json and friends, replaced atomically (`replace_private_file`)."""
-    replace_private_file(path, (json.dumps(data, indent=1, sort_keys=True) + "\n").encode())
+def json_bytes(data: object) -> bytes:
+    """How state.json is written (stable: sorted keys), replaced atomically with
+    `replace_private_file` once state_seal has its fingerprint."""
+    return (json.dumps(data, indent=1, sort_keys=True) + "\n").encode()
 
 
 def read_json(path: Path) -> object:

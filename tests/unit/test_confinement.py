@@ -6,11 +6,13 @@ from __future__ import annotations
 
 import fcntl
 import os
+import stat
 import subprocess
 from pathlib import Path
 
 import pytest
 
+from vmspawnd import state_seal
 from vmspawnd.daemon import confinement_range, parse_args
 from vmspawnd.host.confinement import unprivileged_prefix
 from vmspawnd.host.identity import IdRange, VmIdentity, hand_over_tree, ids_in_use, known_to_nss, parse_range, pick_identity
@@ -186,3 +188,34 @@ def test_the_daemon_confines_only_as_root_and_unless_told_to_run_qemu_as_root() 
     assert ranged == (IdRange(0x71000000, 256) if os.geteuid() == 0 else None)
     with pytest.raises(SystemExit):
         parse_args(["--vm-id-range=10-20"])  # inside the 16-bit ids: refused at the command line
+
+
+@as_root
+def test_a_confined_vms_state_is_trusted_only_as_the_daemon_wrote_it(tmp_path: Path) -> None:
+    directory = tmp_path / "machines" / "0a1b2c3d"
+    directory.mkdir(parents=True)
+    state = directory / "state.json"
+    # The daemon's own directory: nothing else writes there, nothing to check.
+    state.write_bytes(b"{}")
+    assert not state_seal.needs_seal(directory) and state_seal.trusted_state(directory)
+
+    os.chown(directory, 0x70000005, 0x70000005)  # now the VM's
+    for version in (b'{"v": 1}', b'{"v": 2}', b'{"v": 3}'):
+        state_seal.seal(directory, version)
+        state.write_bytes(version)
+        assert state_seal.trusted_state(directory)
+    assert stat.S_IMODE(os.stat(tmp_path / "seals").st_mode) == 0o700
+    # A crash between the seal and the write: the previous state is still known.
+    state_seal.seal(directory, b'{"v": 4}')
+    assert state_seal.trusted_state(directory)
+    state.write_bytes(b'{"v": 1}')  # older than the last two writes
+    assert not state_seal.trusted_state(directory)
+    # What the VM can do in its own directory: rename a root-owned file it filled over it.
+    (directory / "qemu.log").write_bytes(b'{"machine": {"qemu": {"pid": 1}}}')
+    os.replace(directory / "qemu.log", state)
+    assert not state_seal.trusted_state(directory)
+    state.unlink()
+    state.symlink_to(tmp_path / "seals" / "0a1b2c3d")
+    assert not state_seal.trusted_state(directory)  # never read through a link
+    state_seal.remove_seal(directory)
+    assert not (tmp_path / "seals" / "0a1b2c3d").exists()
