@@ -6,7 +6,9 @@
       io.vmspawnd.Manager         manager socket, 0666 (when not socket-activated)
       lock                        one daemon per runtime directory (flock), 0600
       machines/                   0700
-      machines/ID/                0700, one per VM; ID is 8 hex digits; files 0600
+      seals/                      0700: SHA-256 of each confined VM's state.json (state_seal)
+      machines/ID/                0700, one per VM; ID is 8 hex digits; files 0600; owned by
+                                  the VM's own id when confined (docs/security.md)
         state.json                versioned MachineRecord, replaced atomically
         qmp                       QMP listening socket (bound by the daemon, fd passed to QEMU)
         console                   console listening socket (ditto)
