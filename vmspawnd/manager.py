@@ -156,13 +156,13 @@ class Manager:
                 entry.unlink(missing_ok=True)
                 continue
             try:
-                if not state_seal.trusted_state(entry):
-                    raise ValueError("state.json is not the one this daemon wrote (docs/security.md)")
                 data = read_json(entry / "state.json")
                 if not isinstance(data, dict) or data.get("version") != STATE_FORMAT_VERSION:
                     raise ValueError(
                         f"unsupported state format version {data.get('version') if isinstance(data, dict) else data!r}"
                     )
+                if not state_seal.trusted_state(entry):  # parsing is harmless, acting on it is not
+                    raise ValueError("state.json is not the one this daemon wrote (docs/security.md)")
                 record = MachineRecord.from_json(data["machine"])
                 spec = VmSpec.from_json(record.spec)
             except (OSError, ValueError, KeyError, TypeError, VmspawnError) as exc:
