@@ -13,8 +13,10 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import socket
 import stat
+import subprocess
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,7 +24,19 @@ from pathlib import Path
 import pytest
 
 from tests.guest.build import Guest
-from tests.support import Console, Daemon, EventStream, no_leaks
+from tests.support import (
+    Console,
+    Daemon,
+    EventStream,
+    kill_leftovers,
+    make_runtime_dir,
+    no_leaks,
+    orphans_reaped,
+    qemu_processes,
+    start_daemon,
+    stop_daemon,
+)
+from vmspawnd.host.process import describe_process
 
 pytestmark = pytest.mark.vm
 
@@ -189,3 +203,51 @@ def test_a_qemu_its_sandbox_kills_is_reported_as_such(daemon: Daemon, guest: Gue
         machine = daemon.call("Describe", {"name": "sandboxed"})["machine"]
         assert machine["reason"] == "QEMU was killed by SIGSYS: QEMU's seccomp sandbox (-sandbox) refused a system call"
         daemon.call("Remove", {"name": "sandboxed"})
+
+
+def test_a_forged_state_of_a_confined_vm_is_not_adopted_and_names_nothing_to_stop(guest: Guest) -> None:
+    """An escaped QEMU owns its VM's directory: it can rename a file whose bytes it chose
+    (its log, its console history) over state.json, naming a host process. A restarted daemon
+    must neither adopt that record nor stop what it names (vmspawnd/state_seal.py)."""
+    if os.geteuid() != 0:
+        pytest.skip("only the system instance (root) confines its VMs")
+    runtime = make_runtime_dir()
+    victim = subprocess.Popen(["sleep", "600"])
+    try:
+        with orphans_reaped():
+            first = start_daemon(runtime)
+            try:
+                spec = {
+                    "name": "forged",
+                    "kvm": False,
+                    "ram": 256 * MIB,
+                    "linux": str(guest.kernel),
+                    "initrds": [str(guest.initrd)],
+                    "kernelCmdline": ["vmspawnd_test.mode=wait"],
+                }
+                machine = first.call("Spawn", {"spec": spec})["machine"]
+            finally:
+                first.process.send_signal(signal.SIGKILL)
+                first.process.wait()
+                first.notify.close()
+            directory = Path(str(machine["runtimeDirectory"]))
+            data = json.loads((directory / "state.json").read_text())
+            data["machine"]["helpers"] = {"swtpm": describe_process(victim.pid).to_json()}
+            filled = directory / "qemu.log"  # root's file, with bytes QEMU wrote
+            filled.write_text(json.dumps(data))
+            os.replace(filled, directory / "state.json")
+
+            second = start_daemon(runtime)
+            try:
+                assert second.call("List")["machines"] == []
+                assert "state.json is not the one this daemon wrote" in second.log()
+                assert victim.poll() is None  # what the forged record named was left alone
+                assert machine["qemu"]["pid"] not in qemu_processes()  # the VM itself was stopped
+                assert not directory.exists() and not (runtime / "seals" / directory.name).exists()
+            finally:
+                stop_daemon(second)
+    finally:
+        victim.kill()
+        victim.wait()
+        kill_leftovers(runtime)
+        shutil.rmtree(runtime.parent, ignore_errors=True)
