@@ -140,6 +140,7 @@ def test_qemu_and_swtpm_run_unprivileged_sandboxed_and_open_only_what_the_daemon
         # swtpm: the same identity, no capabilities either.
         assert swtpm["Uid"].split() == [str(uid)] * 4 and swtpm["Gid"].split() == [str(uid)] * 4
         assert int(swtpm["CapEff"], 16) == 0 and int(swtpm["CapBnd"], 16) == 0
+        assert swtpm["NoNewPrivs"] == "1" and swtpm["Seccomp"] == "2"  # swtpm's own filter, on top
         # The VM's directory is the VM's, private.
         directory = os.stat(machine["runtimeDirectory"])
         assert (directory.st_uid, directory.st_gid, stat.S_IMODE(directory.st_mode)) == (uid, uid, 0o700)
