@@ -160,6 +160,7 @@ class Machine:
                 make_private_dir(self.directory)
                 stack.callback(shutil.rmtree, self.directory, ignore_errors=True)
                 identity = self._take_identity()
+                stack.callback(state_seal.remove_seal, self.directory)
                 self.record.runtime_directory = str(self.directory)
                 self._persist()
                 self._notify()  # events show the VM from its first state, "starting"
