@@ -252,3 +252,33 @@ def test_a_forged_state_of_a_confined_vm_is_not_adopted_and_names_nothing_to_sto
         victim.wait()
         kill_leftovers(runtime)
         shutil.rmtree(runtime.parent, ignore_errors=True)
+
+
+def test_qemu_user_root_runs_qemu_as_systemd_vmspawn_does(guest: Guest) -> None:
+    """The opt-out: `vmspawnd --qemu-user=root` starts QEMU as root, unsandboxed, with the
+    paths of the spec on its command line (vmspawn's own argv)."""
+    if os.geteuid() != 0:
+        pytest.skip("only the system instance (root) confines its VMs")
+    runtime = make_runtime_dir()
+    try:
+        daemon = start_daemon(runtime, "--qemu-user=root")
+        try:
+            spec = {
+                "name": "asroot",
+                "kvm": False,
+                "ram": 256 * MIB,
+                "linux": str(guest.kernel),
+                "initrds": [str(guest.initrd)],
+                "kernelCmdline": ["vmspawnd_test.mode=wait"],
+            }
+            machine = daemon.call("Spawn", {"spec": spec})["machine"]
+            pid = int(machine["qemu"]["pid"])
+            status = proc_status(pid)
+            assert status["Uid"].split() == ["0"] * 4 and status["Seccomp"] == "0"
+            argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+            assert str(guest.kernel).encode() in argv and b"-sandbox" not in argv
+            assert os.stat(machine["runtimeDirectory"]).st_uid == 0
+        finally:
+            stop_daemon(daemon)
+    finally:
+        shutil.rmtree(runtime.parent, ignore_errors=True)
