@@ -70,4 +70,11 @@ def trusted_state(directory: Path) -> bool:
 
 
 def remove_seal(directory: Path) -> None:
-    seal_path(directory).unlink(missing_ok=True)
+    """Forget a VM's seal; the seals directory goes with the last one (it is made again
+    by the next confined VM), so a daemon without VMs leaves its runtime directory as it was."""
+    path = seal_path(directory)
+    path.unlink(missing_ok=True)
+    try:
+        path.parent.rmdir()
+    except OSError:
+        pass  # other VMs' seals, or never made

@@ -17,7 +17,7 @@ import json
 import os
 import shutil
 import signal
-import stat
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -55,16 +55,22 @@ exec /usr/bin/qemu-system-x86_64 "$@"
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, object]]:
+def world() -> Iterator[dict[str, object]]:
     set_subreaper(True)
     runtime = make_runtime_dir()
-    hold = tmp_path_factory.mktemp("hold")
-    bindir = tmp_path_factory.mktemp("bin")
+    # On the system instance QEMU, and so the wrapper, runs as the VM's own uid
+    # (docs/security.md): the wrapper and its FIFOs must be reachable by any user.
+    shared = Path(tempfile.mkdtemp(prefix="vmspawnd-restart-", dir="/tmp"))
+    shared.chmod(0o755)
+    hold, bindir = shared / "hold", shared / "bin"
+    hold.mkdir(mode=0o755)
+    bindir.mkdir(mode=0o755)
     wrapper = bindir / "qemu-system-x86_64"
     wrapper.write_text(WRAPPER)
-    wrapper.chmod(wrapper.stat().st_mode | stat.S_IXUSR)
+    wrapper.chmod(0o755)
     for fifo in ("held", "release"):
         os.mkfifo(hold / fifo)
+        (hold / fifo).chmod(0o666)
     env = dict(os.environ, PATH=f"{bindir}:{os.environ['PATH']}", VMSPAWND_TEST_HOLD=str(hold))
     state: dict[str, object] = {"runtime": runtime, "env": env, "hold": hold}
     try:
@@ -76,6 +82,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, object
         reap_orphans()
         set_subreaper(False)
         shutil.rmtree(runtime.parent, ignore_errors=True)
+        shutil.rmtree(shared, ignore_errors=True)
 
 
 def wait_for_file_text(path: Path, text: str, timeout: float = 60.0) -> None:
