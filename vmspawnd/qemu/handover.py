@@ -10,7 +10,7 @@ which checked them for the caller, opens them and passes the fds:
   read-write and a read-only fd (as QEMU's own -add-fd example); a read-only file's, one.
 - the TAP device: created here (TUNSETIFF needs CAP_NET_ADMIN) and passed as `tap,fd=`.
 
-QEMU 7.2 reads `-kernel` and `-initrd` with g_file_get_contents (no qemu_open, so no
+QEMU 7.2 reads `-kernel` and `-initrd` with fopen/g_file_get_contents (no qemu_open, so no
 /dev/fdset; a /proc/self/fd/N path would re-check the inode's permissions on open): they are
 copied into the VM's directory, owned by the VM. The SMBIOS payloads and the merged initrd
 are written there by the daemon anyway and handed over the same way.
