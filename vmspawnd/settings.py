@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from pathlib import Path
 
 from vmspawnd.control import ServeControl
 
@@ -27,3 +28,6 @@ class Settings:
     serve_control: ServeControl = dataclasses.field(kw_only=True)
     notify_transport: str = "vsock"  # or "unix": an AF_UNIX stand-in where vsock is missing
     gui_window: bool = dataclasses.field(default_factory=session_has_display)
+    # Where snapshot bundles are kept (the daemon's --state-dir + /snapshots); None: under
+    # the runtime directory, which outlives a daemon restart but not a reboot.
+    snapshot_dir: Path | None = None
