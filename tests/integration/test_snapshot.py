@@ -168,7 +168,7 @@ def refusal(daemon: Daemon, params: dict[str, object]) -> VarlinkError:
 def test_clone_with_other_memory_or_a_share_is_refused(sdaemon: Daemon, bundle: JsonObject, tmp_path: Path) -> None:
     err = refusal(sdaemon, {"spec": {"name": "bigger", "ram": 512 * MIB}, "fromSnapshot": BUNDLE})
     assert err.short_name == "SnapshotIncompatible" and err.parameters["options"] == ["ram"]
-    share = {"source": str(tmp_path), "target": "/mnt/share"}
+    share = {"source": str(tmp_path), "target": "/mnt/share", "readOnly": False}
     err = refusal(sdaemon, {"spec": {"name": "shared", "binds": [share]}, "fromSnapshot": BUNDLE})
     assert err.short_name == "SnapshotIncompatible" and err.parameters["options"] == ["binds"]
     err = refusal(sdaemon, {"spec": {"name": "nobundle"}, "fromSnapshot": "no-such-bundle"})
