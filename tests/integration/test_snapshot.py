@@ -80,6 +80,7 @@ def bundle(sdaemon: Daemon, guest: Guest, disk: Path) -> JsonObject:
         console.wait_for(r"source-42")
     sdaemon.call("Terminate", {"name": SOURCE})
     sdaemon.call("Remove", {"name": SOURCE})
+    assert isinstance(snapshot, dict)
     return snapshot
 
 
@@ -94,15 +95,19 @@ def check_clone(console: Console, index: int) -> None:
     of the source's or other clones' later writes), then writes its own marker."""
     forks = run(console, "echo fork-[$(dmesg | grep -c 'crng reseeded due to virtual machine fork')]", "fork")
     assert int(forks) >= 1
-    before = run(console, "echo 3 > /proc/sys/vm/drop_caches; echo disk$((1+0))-[$(head -c 16 /dev/vda | tr -dc A-Z0-9-)]", "disk1")
+    before = run(
+        console, "echo 3 > /proc/sys/vm/drop_caches; echo disk$((1+0))-[$(head -c 16 /dev/vda | tr -dc A-Z0-9-)]", "disk1"
+    )
     assert before == ""
     run(console, f"printf CLONE-{index} > /dev/vda && sync; echo wrote-[$((40+{index}))]", "wrote")
-    after = run(console, "echo 3 > /proc/sys/vm/drop_caches; echo disk$((2+0))-[$(head -c 16 /dev/vda | tr -dc A-Z0-9-)]", "disk2")
+    after = run(
+        console, "echo 3 > /proc/sys/vm/drop_caches; echo disk$((2+0))-[$(head -c 16 /dev/vda | tr -dc A-Z0-9-)]", "disk2"
+    )
     assert after == f"CLONE-{index}"
 
 
 def qemu_vmgenid(machine: JsonObject) -> str:
-    pid = machine["qemu"]["pid"]  # type: ignore[index]
+    pid = machine["qemu"]["pid"]
     argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
     (device,) = (a.decode() for a in argv if a.startswith(b"vmgenid,"))
     return device.split("guid=", 1)[1]
@@ -148,7 +153,9 @@ def test_three_clones_in_a_row(sdaemon: Daemon, bundle: JsonObject) -> None:
 def test_three_clones_at_once(sdaemon: Daemon, bundle: JsonObject) -> None:
     names = [f"many{index}" for index in range(3)]
     with concurrent.futures.ThreadPoolExecutor(3) as pool:
-        machines = list(pool.map(lambda n: sdaemon.call("Spawn", {"spec": {"name": n}, "fromSnapshot": BUNDLE})["machine"], names))
+        machines = list(
+            pool.map(lambda n: sdaemon.call("Spawn", {"spec": {"name": n}, "fromSnapshot": BUNDLE})["machine"], names)
+        )
     try:
         for index, machine in enumerate(machines):
             with Console(machine) as console:
