@@ -98,6 +98,7 @@ class Manager:
         self._starts = TaskOwner("manager")  # Machine.start tasks: a client that leaves does not cancel them
         self.events: FanOut[wire.EventJson] = FanOut(SUBSCRIBER_QUEUE_SIZE, overflow=_events_lost)
         self.snapshots = BundleStore(settings.snapshot_dir or runtime_dir / "snapshots")
+        self._snapshotting: set[str] = set()  # one snapshot per VM at a time
 
     # --- lookup ---------------------------------------------------------------------
     def get(self, name: str) -> Machine:
@@ -161,8 +162,14 @@ class Manager:
         """Save VM `name` into a new bundle (`bundle` in the store, default the VM's name,
         or the directory `output`); the VM then runs on, or stops (`stop`)."""
         machine = self.get(name)
-        path = self.snapshots.new_bundle(bundle or name, output)
-        return await take_snapshot(machine, path, path.name, stop)
+        if name in self._snapshotting:
+            raise InvalidState(name, machine.record.state.value, "snapshot (a snapshot of it is being taken)")
+        self._snapshotting.add(name)
+        try:
+            path = self.snapshots.new_bundle(bundle or name, output)
+            return await take_snapshot(machine, path, path.name, stop)
+        finally:
+            self._snapshotting.discard(name)
 
     def list_snapshots(self) -> builtins.list[SnapshotRecord]:
         return self.snapshots.list()

@@ -26,6 +26,7 @@ from vmspawnd.model import MachineState, SnapshotRecord
 from vmspawnd.qemu import migration
 from vmspawnd.qemu.command import QemuCommand
 from vmspawnd.qemu.monitor import QemuMonitor
+from vmspawnd.qemu.qmp import QmpError
 from vmspawnd.runtime_dir import VmPaths
 from vmspawnd.snapshot_bundle import DISK, NVRAM, STATE, write_metadata
 from vmspawnd.snapshot_config import clone_argv, differing_options, disk_device, normalize_argv, virtiofs_fields
@@ -80,7 +81,7 @@ async def take_snapshot(machine: Machine, bundle: Path, name: str, stop: bool) -
             await machine.pause()
         try:
             save_seconds = await migration.save_state(machine.monitor, machine.subscribe_qmp, bundle / STATE)
-        except migration.MigrationFailed as exc:
+        except (migration.MigrationFailed, QmpError) as exc:
             raise InvalidState(machine.name, machine.record.state.value, f"snapshot (QEMU: {exc})") from exc
         version = await migration.qemu_version(machine.monitor)
         argv = _qemu_argv(machine)
