@@ -213,3 +213,39 @@ def test_bundles_survive_a_daemon_restart_and_are_removed(runtime: Path, sdaemon
         assert gone.value.short_name == "NoSuchSnapshot"
     finally:
         stop_daemon(restarted)
+
+
+def test_tpm_clones_through_the_cli_read_the_saved_tpm(sdaemon: Daemon, guest: Guest, runtime: Path) -> None:
+    """`vmspawnctl snapshot --stop` and `start --from-snapshot`: with --tpm=yes each clone
+    reads the TPM, and its PCR 0 is the source's (the firmware's measurements, which a
+    fresh TPM would not have): the TPM state travelled in the bundle to each clone's swtpm."""
+    disk = runtime.parent / "tpm-disk.raw"
+    with open(disk, "wb") as f:
+        f.truncate(16 * MIB)
+    sdaemon.call("Spawn", {"spec": dict(spec("tpmsrc", guest, disk), tpm=True)})
+    machine = sdaemon.call("Describe", {"name": "tpmsrc"})["machine"]
+    read_pcr = "echo pcr-[$(cat /sys/class/tpm/tpm0/pcr-sha256/0)]"
+    with Console(machine) as console:
+        console.wait_for(r"guest# ")
+        source_pcr = run(console, read_pcr, "pcr")
+    assert len(source_pcr) == 64 and source_pcr != "0" * 64
+    out = sdaemon.ctl("snapshot", "tpmsrc", "--name=tpm-bundle", "--stop", check=True)
+    assert "tpmsrc: saved to" in out.stdout
+    assert sdaemon.call("Describe", {"name": "tpmsrc"})["machine"]["state"] == "stopped"
+    sdaemon.call("Remove", {"name": "tpmsrc"})
+    listed = sdaemon.ctl("snapshot", "list", check=True).stdout
+    assert "tpm-bundle\ttpmsrc\t256M RAM" in listed
+    try:
+        for index in range(2):
+            name = f"tpmclone{index}"
+            sdaemon.ctl("start", "--from-snapshot=tpm-bundle", "-M", name, check=True)
+            clone = sdaemon.call("Describe", {"name": name})["machine"]
+            assert "swtpm" in clone["helpers"]
+            with Console(clone) as console:
+                assert run(console, read_pcr, "pcr") == source_pcr
+            stop_and_remove(sdaemon, name)
+        refused = sdaemon.ctl("start", "--from-snapshot=tpm-bundle", "-M", "tpmbig", "--ram=1G")
+        assert refused.returncode == 1 and "SnapshotIncompatible" in refused.stderr + refused.stdout
+    finally:
+        sdaemon.ctl("snapshot", "remove", "tpm-bundle", check=True)
+    assert "tpm-bundle" not in sdaemon.ctl("snapshot", "list", check=True).stdout
