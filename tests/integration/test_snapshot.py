@@ -13,6 +13,7 @@ from __future__ import annotations
 import concurrent.futures
 import json
 import shutil
+import signal
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,7 +22,7 @@ import pytest
 from vmspawnctl.varlink import JsonObject, VarlinkError
 
 from tests.guest.build import Guest
-from tests.support import Console, Daemon, make_runtime_dir, start_daemon, stop_daemon
+from tests.support import Console, Daemon, make_runtime_dir, orphans_reaped, start_daemon, stop_daemon
 
 pytestmark = pytest.mark.vm
 
@@ -201,20 +202,6 @@ def test_bundle_of_another_qemu_version_is_refused(sdaemon: Daemon, bundle: Json
     assert not copy.exists()
 
 
-def test_bundles_survive_a_daemon_restart_and_are_removed(runtime: Path, sdaemon: Daemon, bundle: JsonObject) -> None:
-    stop_daemon(sdaemon)
-    restarted = start_daemon(runtime)
-    try:
-        assert [s["name"] for s in restarted.call("ListSnapshots")["snapshots"]] == [BUNDLE]
-        restarted.call("RemoveSnapshot", {"bundle": BUNDLE})
-        assert restarted.call("ListSnapshots")["snapshots"] == []
-        with pytest.raises(VarlinkError) as gone:
-            restarted.call("RemoveSnapshot", {"bundle": BUNDLE})
-        assert gone.value.short_name == "NoSuchSnapshot"
-    finally:
-        stop_daemon(restarted)
-
-
 def test_tpm_clones_through_the_cli_read_the_saved_tpm(sdaemon: Daemon, guest: Guest, runtime: Path) -> None:
     """`vmspawnctl snapshot --stop` and `start --from-snapshot`: with --tpm=yes each clone
     reads the TPM, and its PCR 0 is the source's (the firmware's measurements, which a
@@ -249,3 +236,32 @@ def test_tpm_clones_through_the_cli_read_the_saved_tpm(sdaemon: Daemon, guest: G
     finally:
         sdaemon.ctl("snapshot", "remove", "tpm-bundle", check=True)
     assert "tpm-bundle" not in sdaemon.ctl("snapshot", "list", check=True).stdout
+
+
+def test_bundles_survive_a_daemon_restart_and_are_removed(  # last: it stops the module's daemon
+    runtime: Path, sdaemon: Daemon, bundle: JsonObject
+) -> None:
+    """A clone running across the restart is adopted like any VM, and the store is read again."""
+    with orphans_reaped():  # the survivor's reaper outlives its daemon: ours to reap, not PID 1's
+        restart_with_a_clone(runtime, sdaemon)
+
+
+def restart_with_a_clone(runtime: Path, sdaemon: Daemon) -> None:
+    sdaemon.call("Spawn", {"spec": {"name": "survivor"}, "fromSnapshot": BUNDLE})
+    sdaemon.process.send_signal(signal.SIGTERM)  # the daemon goes, its VMs stay
+    sdaemon.process.wait(timeout=60)
+    restarted = start_daemon(runtime)
+    try:
+        survivor = restarted.call("Describe", {"name": "survivor"})["machine"]
+        assert survivor["state"] in ("running", "ready")
+        with Console(survivor) as console:
+            assert run(console, "echo adopted-[$((6*7))]", "adopted") == "42"
+        stop_and_remove(restarted, "survivor")
+        assert [s["name"] for s in restarted.call("ListSnapshots")["snapshots"]] == [BUNDLE]
+        restarted.call("RemoveSnapshot", {"bundle": BUNDLE})
+        assert restarted.call("ListSnapshots")["snapshots"] == []
+        with pytest.raises(VarlinkError) as gone:
+            restarted.call("RemoveSnapshot", {"bundle": BUNDLE})
+        assert gone.value.short_name == "NoSuchSnapshot"
+    finally:
+        stop_daemon(restarted)
