@@ -19,7 +19,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
@@ -428,9 +428,14 @@ def set_subreaper(on: bool) -> None:
         raise OSError(ctypes.get_errno(), "prctl(PR_SET_CHILD_SUBREAPER)")
 
 
-def reap_orphans(timeout: float = 60.0) -> None:
-    """Reap every child we adopted as subreaper, waiting (bounded) for those still running."""
+def reap_orphans(timeout: float = 60.0, keep: Collection[int] = ()) -> None:
+    """Reap every child we adopted as subreaper, waiting (bounded) for those still running.
+
+    `keep`: children that were ours before (a module's daemon fixture): they are not
+    orphans, they run on, and waiting for them would only burn the timeout."""
     for pid in children_of(os.getpid()):
+        if pid in keep:
+            continue
         try:
             pidfd = os.pidfd_open(pid)
         except ProcessLookupError:
@@ -449,11 +454,12 @@ def reap_orphans(timeout: float = 60.0) -> None:
 def orphans_reaped() -> Iterator[None]:
     """For tests whose daemon exits while its VMs run: their reapers and helpers become
     our children (not PID 1's, which would leave them zombies) and are reaped at the end."""
+    ours = set(children_of(os.getpid()))
     set_subreaper(True)
     try:
         yield
     finally:
-        reap_orphans()
+        reap_orphans(keep=ours)
         set_subreaper(False)
 
 
