@@ -227,6 +227,12 @@ def format_error(exc: VarlinkError) -> str:
             return f"timed out: {p.get('operation')}"
         case "NotSupported":
             return f"not supported: {p.get('feature')}"
+        case "NoSuchSnapshot":
+            return f"no snapshot bundle {p.get('bundle')!r} (see vmspawnctl snapshot list)"
+        case "SnapshotIncompatible":
+            options = p.get("options") or []
+            named = f" ({', '.join(str(o) for o in options)})" if isinstance(options, list) and options else ""
+            return f"snapshot {p.get('bundle')!r}: {p.get('reason')}{named}"
         case "ConsoleBusy":
             return (
                 f"the console of {p.get('name')!r} is in use by another interactive client "
