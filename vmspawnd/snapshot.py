@@ -69,12 +69,12 @@ async def take_snapshot(machine: Machine, bundle: Path, name: str, stop: bool) -
 
     On failure the bundle is deleted and a VM that was running runs again.
     """
-    spec = machine.spec
     shares = virtiofs_fields(machine.record.spec)
     if shares:
         raise SnapshotIncompatible(name, shares, "virtiofs shares (vhost-user-fs) cannot be migrated")
     if machine.record.state not in (MachineState.RUNNING, MachineState.READY):
         raise InvalidState(machine.name, machine.record.state.value, "snapshot")
+    spec = machine.spec
     was_paused = machine.record.paused
     try:
         if not was_paused:
