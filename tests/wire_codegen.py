@@ -19,7 +19,7 @@ import typing
 from collections.abc import Iterator, Mapping
 
 from vmspawnd.errors import to_camel
-from vmspawnd.model import MachineRecord, MachineState, ProcessRecord
+from vmspawnd.model import MachineRecord, MachineState, ProcessRecord, SnapshotRecord
 from vmspawnd.spec import BindMount, CredentialData, VmSpec
 
 
@@ -83,6 +83,7 @@ WIRE_NAMES: dict[type, str] = {
     VmSpec: "VmSpec",
     ProcessRecord: "Process",
     MachineRecord: "Machine",
+    SnapshotRecord: "Snapshot",
 }
 CHOICES: dict[type[enum.Enum], str] = {MachineState: "MachineState"}
 
@@ -135,6 +136,11 @@ def wire_types() -> tuple[WireType, ...]:
             MachineRecord,
             shapes={"spec": Ref("VmSpec")},
             doc="One VM as Describe reports it (vmspawnd.model.MachineRecord.to_json()).",
+        ),
+        mirror(
+            SnapshotRecord,
+            shapes={"spec": Ref("VmSpec")},
+            doc="One snapshot bundle (vmspawnd.model.SnapshotRecord.to_json()).",
         ),
         WireType(
             "Event",

@@ -43,6 +43,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--runtime-dir", type=Path, help="state and sockets (default: /run/vmspawnd as root, $XDG_RUNTIME_DIR/vmspawnd otherwise)"
     )
     parser.add_argument(
+        "--state-dir",
+        type=Path,
+        help="persistent state: snapshot bundles in STATE_DIR/snapshots (default: RUNTIME_DIR/snapshots; "
+        "the system unit passes /var/lib/vmspawnd)",
+    )
+    parser.add_argument(
         "--listen", type=Path, help="manager socket path when not socket-activated (default: RUNTIME_DIR/io.vmspawnd.Manager)"
     )
     parser.add_argument(
@@ -118,6 +124,7 @@ async def serve(args: argparse.Namespace) -> int:
         notify_transport=args.notify_transport,
         serve_control=machine_instance_servers(owner_only),
         vm_ids=confinement_range(args),
+        snapshot_dir=args.state_dir / "snapshots" if args.state_dir else None,
     )
     manager = Manager(runtime_dir, settings)
     await manager.adopt_all()

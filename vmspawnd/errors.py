@@ -20,6 +20,8 @@ the CLI can share the names.
      ├── NotSupported{feature}             valid, but not implemented here
      ├── ProtocolViolation{reason}         a frame that is not a Varlink call
      ├── ConsoleBusy{name}                 another client holds the interactive console
+ ├── NoSuchSnapshot{bundle}            no snapshot bundle of that name or path
+ ├── SnapshotIncompatible{bundle, options, reason}   a snapshot cannot be taken or restored so
      └── _InternalError                    private: never sent as itself (InternalError{message})
           ├── VarlinkCallError{error, replyParameters}   machined answered a Varlink call with an error
           └── DBusCallError{name, text}    systemd (PID 1, machine1) answered a D-Bus call with an error
@@ -160,6 +162,30 @@ class ConsoleBusy(VmspawnError):
 
 
 @dataclasses.dataclass
+class NoSuchSnapshot(VmspawnError):
+    bundle: str
+
+    @override
+    def __str__(self) -> str:
+        return f"no snapshot bundle {self.bundle!r}"
+
+
+@dataclasses.dataclass
+class SnapshotIncompatible(VmspawnError):
+    """A snapshot cannot be taken of this VM, or a clone cannot be restored from this bundle
+    as asked: `options` names what stands in the way (spec fields or QEMU options)."""
+
+    bundle: str
+    options: list[str]
+    reason: str
+
+    @override
+    def __str__(self) -> str:
+        named = f" ({', '.join(self.options)})" if self.options else ""
+        return f"snapshot {self.bundle!r}: {self.reason}{named}"
+
+
+@dataclasses.dataclass
 class _InternalError(VmspawnError):
     """A call the daemon makes to another service failed; the caller catches and translates
     it. Should one escape, a client sees only `InternalError{message}`, as for any
@@ -211,6 +237,8 @@ ALL_ERRORS: tuple[type[VmspawnError], ...] = (
     NotSupported,
     ProtocolViolation,
     ConsoleBusy,
+    NoSuchSnapshot,
+    SnapshotIncompatible,
 )
 
 

@@ -20,11 +20,11 @@ import shutil
 import signal
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 from vmspawnd import adoption, launch, state_seal
 from vmspawnd.control import ControlServer, QmpEvent
-from vmspawnd.errors import InvalidSpec, InvalidState, NotConnected, NotSupported, StartFailed, Timeout
+from vmspawnd.errors import InvalidSpec, InvalidState, NotConnected, NotSupported, SnapshotIncompatible, StartFailed, Timeout
 from vmspawnd.fanout import FanOut
 from vmspawnd.helpers import HelperSet, start_helpers, stop_recorded_helpers
 from vmspawnd.host.identity import VmIdentity, hand_over, ids_in_use, pick_identity
@@ -34,7 +34,7 @@ from vmspawnd.host.registration import Registration, register_machine
 from vmspawnd.leftovers import remove_transient_files
 from vmspawnd.model import STATE_FORMAT_VERSION, MachineRecord, MachineState
 from vmspawnd.outcome import ExitFacts, decide_outcome, describe_exit, describe_status, parse_host_signal
-from vmspawnd.qemu.command import build_qemu_command
+from vmspawnd.qemu.command import QemuCommand, build_qemu_command
 from vmspawnd.qemu.console import ConsoleHub
 from vmspawnd.qemu.guest_notify import NotifyListener, parse_exit_status
 from vmspawnd.qemu.monitor import QemuMonitor
@@ -45,6 +45,9 @@ from vmspawnd.runtime_dir import VmPaths, json_bytes, make_private_dir, replace_
 from vmspawnd.settings import Settings
 from vmspawnd.spec import ConsoleMode, VmSpec
 from vmspawnd.tasks import TaskOwner
+
+if TYPE_CHECKING:
+    from vmspawnd.snapshot import CloneSource
 
 _log = logging.getLogger(__name__)
 
@@ -89,6 +92,7 @@ class Machine:
         self.starting: asyncio.Task[None] | None = None  # Manager.spawn's start task, while it runs
         self.detached = False  # set when the daemon lets go of the VM without stopping it
         self.caller_unit: str | None = None  # --keep-unit: the unit of the client that spawned it
+        self.clone_of: CloneSource | None = None  # a clone: the snapshot bundle its state comes from
         self._notify_listener: NotifyListener | None = None
         self._ready_pending = False
         self._control: ControlServer | None = None
@@ -171,6 +175,8 @@ class Machine:
                 # ours close after the spawn, or on any failure before it.
                 qemu_fds = launch.FdsForQemu(host)
                 stack.callback(qemu_fds.close)
+                if self.clone_of is not None:
+                    await self.clone_of.prepare(self.paths)
 
                 step = "helpers"
                 helpers = await start_helpers(
@@ -199,7 +205,7 @@ class Machine:
                 resources = assemble(self.name, host, helpers.resources, channels, confined=identity is not None)
                 if identity is not None:
                     resources = launch.as_seen_from_vm_dir(resources, self.directory)
-                command = build_qemu_command(self.spec, resources)
+                command = self._clone_command(build_qemu_command(self.spec, resources))
                 for path, content in command.files.items():
                     write_private_file(self.directory / path, content)  # payload paths may be relative to it
                 if identity is not None:
@@ -269,12 +275,16 @@ class Machine:
                 self.record.unit = self._registration.unit or ""
                 self.record.registered = self._registration.registered
 
+                if self.clone_of is not None:
+                    step = "restore"
+                    await self._unless_qemu_exits(self.clone_of.load(self.monitor, self.subscribe_qmp), step)
+
                 step = "cont"
                 await self._unless_qemu_exits(self.monitor.execute("cont"), step)
 
                 self._supervisor = self._tasks.spawn(self._supervise(), "supervise")
                 stack.pop_all()
-        except (InvalidSpec, StartFailed):
+        except (InvalidSpec, StartFailed, SnapshotIncompatible):
             raise  # the client's mistake, or already named with its step
         except Exception as exc:
             raise StartFailed(step, _describe_failure(exc), self._stderr_tail()) from exc
@@ -295,6 +305,12 @@ class Machine:
             raise StartFailed("runtime-directory", str(exc)) from None
         hand_over(self.directory, identity)
         return identity
+
+    def _clone_command(self, command: QemuCommand) -> QemuCommand:
+        """A clone's command reads its state and disk from the bundle (snapshot.CloneSource)."""
+        if self.clone_of is None:
+            return command
+        return self.clone_of.adapt(command, self.paths, self.spec.discard_disk)
 
     # --- readiness and the guest's notify channel ------------------------------------------
     async def _open_notify_listener(self, stack: contextlib.AsyncExitStack, vsock_cid: int | None) -> str | None:

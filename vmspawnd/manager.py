@@ -11,6 +11,7 @@ until `Remove`, as machinectl/libvirt users expect to be able to ask what happen
 from __future__ import annotations
 
 import asyncio
+import builtins
 import contextlib
 import logging
 import os
@@ -20,15 +21,27 @@ from pathlib import Path
 from dbus_fast.errors import InvalidAddressError
 
 from vmspawnd import state_seal
-from vmspawnd.errors import DBusCallError, InvalidSpec, InvalidState, MachineExists, NoSuchMachine, Timeout, VmspawnError
+from vmspawnd.errors import (
+    DBusCallError,
+    InvalidSpec,
+    InvalidState,
+    MachineExists,
+    NoSuchMachine,
+    SnapshotIncompatible,
+    Timeout,
+    VmspawnError,
+)
 from vmspawnd.fanout import FanOut
 from vmspawnd.host.cgroup import own_unit, unit_of_pid
 from vmspawnd.host.scope import systemd_is_service_manager, unit_is_delegated
 from vmspawnd.leftovers import discard_leftovers
 from vmspawnd.machine import Machine
-from vmspawnd.model import STATE_FORMAT_VERSION, MachineRecord, MachineState
+from vmspawnd.model import STATE_FORMAT_VERSION, MachineRecord, MachineState, SnapshotRecord
 from vmspawnd.runtime_dir import make_private_dir, new_machine_id, read_json
 from vmspawnd.settings import Settings
+from vmspawnd.snapshot import CloneSource, take_snapshot
+from vmspawnd.snapshot_bundle import DISK, BundleStore
+from vmspawnd.snapshot_config import clone_spec_json, refused_clone_fields, virtiofs_fields
 from vmspawnd.spec import VmSpec, wire
 from vmspawnd.tasks import TaskOwner
 
@@ -85,6 +98,8 @@ class Manager:
         self._held = TaskOwner("manager")  # ending VMs whose holding client went away
         self._starts = TaskOwner("manager")  # Machine.start tasks: a client that leaves does not cancel them
         self.events: FanOut[wire.EventJson] = FanOut(SUBSCRIBER_QUEUE_SIZE, overflow=_events_lost)
+        self.snapshots = BundleStore(settings.snapshot_dir or runtime_dir / "snapshots")
+        self._snapshotting: set[str] = set()  # one snapshot per VM at a time
 
     # --- lookup ---------------------------------------------------------------------
     def get(self, name: str) -> Machine:
@@ -104,10 +119,17 @@ class Manager:
             if candidate not in taken and not (self.machines_dir / candidate).exists():
                 return candidate
 
-    async def spawn(self, spec_json: Mapping[str, object], uid: int, caller_pid: int = 0) -> MachineRecord:
+    async def spawn(
+        self, spec_json: Mapping[str, object], uid: int, caller_pid: int = 0, from_snapshot: str | None = None
+    ) -> MachineRecord:
         """Validate, reserve the name, start; returns once QEMU runs the guest.
 
-        `caller_pid` (SO_PEERCRED) is the client whose unit a --keep-unit VM joins."""
+        `caller_pid` (SO_PEERCRED) is the client whose unit a --keep-unit VM joins.
+        `from_snapshot` (a bundle's name or path) makes the VM a clone: its spec is the
+        bundle's with the request's fields on top (clone_spec_json)."""
+        clone_of = None
+        if from_snapshot is not None:
+            clone_of, spec_json = self._clone_request(from_snapshot, spec_json)
         spec = VmSpec.from_json(spec_json)
         name = spec.machine_name()
         if name in self._machines:
@@ -118,11 +140,45 @@ class Manager:
         record.enter(MachineState.STARTING)
         machine = Machine(record, spec, self.machines_dir / machine_id, self._publish, self.settings)
         machine.caller_unit = caller_unit
+        machine.clone_of = clone_of
         self._machines[name] = machine
         task = machine.starting = self._starts.spawn(machine.start(), f"start {name}", report=False)
         task.add_done_callback(lambda t: self._after_start(machine, t))
         await asyncio.shield(task)
         return machine.record
+
+    def _clone_request(self, reference: str, request: Mapping[str, object]) -> tuple[CloneSource, dict[str, object]]:
+        """The bundle a clone starts from and the clone's spec; SnapshotIncompatible naming
+        the request's fields a restore cannot honour (virtiofs shares, other hardware)."""
+        bundle = self.snapshots.load(reference)
+        refused = refused_clone_fields(bundle.spec, request)
+        refused += [name for name in virtiofs_fields(request) if name not in refused]
+        if refused:
+            raise SnapshotIncompatible(reference, refused, "a clone has the hardware of its snapshot; these options differ")
+        disk = str(Path(bundle.path) / DISK) if bundle.disk_size or bundle.spec.get("image") else None
+        return CloneSource(bundle, reference), clone_spec_json(bundle.spec, request, disk)
+
+    # --- snapshots ------------------------------------------------------------------------
+    async def snapshot(self, name: str, bundle: str | None, output: str | None, stop: bool) -> SnapshotRecord:
+        """Save VM `name` into a new bundle (`bundle` in the store, default the VM's name,
+        or the directory `output`); the VM then runs on, or stops (`stop`)."""
+        machine = self.get(name)
+        if name in self._snapshotting:
+            raise InvalidState(name, machine.record.state.value, "snapshot (a snapshot of it is being taken)")
+        self._snapshotting.add(name)
+        try:
+            path = self.snapshots.new_bundle(bundle or name, output)
+            return await take_snapshot(machine, path, path.name, stop)
+        finally:
+            self._snapshotting.discard(name)
+
+    def list_snapshots(self) -> builtins.list[SnapshotRecord]:
+        return self.snapshots.list()
+
+    def remove_snapshot(self, reference: str) -> None:
+        """Delete a bundle. Clones running from it keep their open files (the state is
+        loaded; the frozen disk stays open until they end)."""
+        self.snapshots.remove(reference)
 
     def _after_start(self, machine: Machine, task: asyncio.Task[None]) -> None:
         if task.cancelled() or task.exception() is not None:

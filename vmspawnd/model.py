@@ -134,3 +134,34 @@ class MachineRecord:
                 value = MachineState(str(value))
             kwargs[f.name] = value
         return cls(**kwargs)
+
+
+SNAPSHOT_FORMAT_VERSION = 1
+
+
+@dataclasses.dataclass
+class SnapshotRecord:
+    """One snapshot bundle, as `ListSnapshots` reports it and its bundle.json keeps it."""
+
+    name: str  # the bundle's name in the daemon's store, or its directory's name (--output)
+    path: str  # the bundle directory
+    machine: str  # the VM it was taken of
+    created: int  # µs since the epoch
+    qemu_version: str  # QEMU's query-version of the source: a clone's QEMU must be the same
+    ram: int  # the guest's memory in bytes
+    state_size: int  # bytes of saved device and memory state
+    disk_size: int  # bytes the frozen disk takes on the host (0 without a disk)
+    spec: dict[str, object]  # the source's VmSpec JSON: what a clone starts from
+    argv: list[str]  # the source's QEMU argv, normalized (snapshot_config.normalize_argv)
+    disk_device: str  # the source's guest-visible disk device ("" without a disk)
+    save_seconds: float  # how long QEMU took to write the state
+
+    def to_json(self) -> dict[str, object]:
+        return {to_camel(f.name): getattr(self, f.name) for f in dataclasses.fields(self)}
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> SnapshotRecord:
+        """From a bundle.json: unknown keys (a newer daemon's) are ignored."""
+        known = {to_camel(f.name): f.name for f in dataclasses.fields(cls)}
+        values: dict[str, Any] = {known[k]: v for k, v in data.items() if k in known}
+        return cls(**values)

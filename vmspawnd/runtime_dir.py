@@ -169,6 +169,11 @@ def json_bytes(data: object) -> bytes:
     return (json.dumps(data, indent=1, sort_keys=True) + "\n").encode()
 
 
+def write_json_atomic(path: Path, data: object) -> None:
+    """A JSON file replaced atomically (`replace_private_file`)."""
+    replace_private_file(path, json_bytes(data))
+
+
 def read_json(path: Path) -> object:
     fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
     with os.fdopen(fd) as f:

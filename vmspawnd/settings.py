@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from pathlib import Path
 
 from vmspawnd.control import ServeControl
 from vmspawnd.host.identity import IdRange
@@ -32,3 +33,6 @@ class Settings:
     # from this range, sandboxed (docs/security.md). None: they run as the daemon does
     # (a user instance, or `vmspawnd --qemu-user=root`).
     vm_ids: IdRange | None = None
+    # Where snapshot bundles are kept (the daemon's --state-dir + /snapshots); None: under
+    # the runtime directory, which outlives a daemon restart but not a reboot.
+    snapshot_dir: Path | None = None

@@ -56,6 +56,10 @@ OPTION_VALUES: dict[str, tuple[tuple[str, ...], str | None]] = {
     "--bind-user": ((), USER),
     "--bind-user-group": ((), GROUP),
     "--address": ((), FILE),
+    # snapshot --output and start --from-snapshot name bundle directories (or, the latter,
+    # a bundle in the daemon's store, which `vmspawnctl snapshot list` shows).
+    "--output": ((), DIRECTORY),
+    "--from-snapshot": ((), DIRECTORY),
 }
 
 # The shell functions each kind of name calls: bash's are run with the word being completed

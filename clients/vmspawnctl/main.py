@@ -27,7 +27,7 @@ EXIT_USAGE = 2
 DEFAULT_POWEROFF_DEADLINE = 60.0  # the daemon's, for the progress line (docs/vmspawnctl.md: stop)
 # The verbs with --json[=MODE] (only theirs is rewritten: start's words after the first
 # positional are the kernel's).
-JSON_VERBS = ("list", "status", "events")
+JSON_VERBS = ("list", "status", "events", "snapshot")
 
 
 def default_address() -> str:
@@ -71,6 +71,7 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
         "kill",
         "shutdown-all",
         "screenshot",
+        "snapshot",
     }
 
     parser = CommandLineParser(prog="vmspawnctl", description="Control virtual machines supervised by vmspawnd.")
@@ -91,6 +92,25 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     start.add_argument(
         "--timeout", type=float, default=300.0, metavar="SECONDS", help="with --wait: give up after this long (default 300)"
     )
+    start.add_argument(
+        "--from-snapshot",
+        metavar="BUNDLE",
+        help="start a clone of a snapshot (its name, or the directory given to snapshot --output); "
+        "-M names the clone (vmspawnctl extension)",
+    )
+    snap = sub.add_parser(
+        "snapshot",
+        help="save a running VM into a snapshot bundle; 'snapshot list', 'snapshot remove BUNDLE'",
+        description="Pause the VM, save its state, disk and NVRAM into a bundle, resume it (or stop it with --stop). "
+        "'snapshot list' lists the daemon's bundles, 'snapshot remove BUNDLE' deletes one. "
+        "Start clones with 'start --from-snapshot=BUNDLE -M CLONE'.",
+    )
+    snap.add_argument("name", help="the VM to save, or 'list' or 'remove'")
+    snap.add_argument("bundle", nargs="?", help="with 'remove': the bundle to delete (a name, or an --output directory)")
+    snap.add_argument("--name", dest="bundle_name", metavar="BUNDLE", help="the bundle's name (default: the VM's name)")
+    snap.add_argument("--output", metavar="DIR", help="write the bundle to DIR (absent or empty) instead of the daemon's store")
+    snap.add_argument("--stop", action="store_true", help="stop the VM after saving it, instead of resuming it")
+    add_json_option(snap, "print the Snapshot records as JSON")
     shutdown = sub.add_parser("shutdown-all", help="power off every running VM (host shutdown), terminating after the timeout")
     shutdown.add_argument(
         "--timeout", type=float, default=120.0, metavar="SECONDS", help="ACPI grace period per VM (default 120)"
@@ -207,6 +227,12 @@ def format_error(exc: VarlinkError) -> str:
             return f"timed out: {p.get('operation')}"
         case "NotSupported":
             return f"not supported: {p.get('feature')}"
+        case "NoSuchSnapshot":
+            return f"no snapshot bundle {p.get('bundle')!r} (see vmspawnctl snapshot list)"
+        case "SnapshotIncompatible":
+            options = p.get("options") or []
+            named = f" ({', '.join(str(o) for o in options)})" if isinstance(options, list) and options else ""
+            return f"snapshot {p.get('bundle')!r}: {p.get('reason')}{named}"
         case "ConsoleBusy":
             return (
                 f"the console of {p.get('name')!r} is in use by another interactive client "
@@ -357,11 +383,15 @@ def run(args: argparse.Namespace) -> int:
     address = args.address or default_address()
     method = f"{INTERFACE}."
     if args.command == "start":
-        from .start_spec import spec_from_args
+        from .start_spec import clone_request_from_args, spec_from_args
 
-        spec = spec_from_args(args)
+        params: dict[str, object]
+        if args.from_snapshot:
+            params = {"spec": clone_request_from_args(args), "fromSnapshot": absolute_bundle(args.from_snapshot)}
+        else:
+            params = {"spec": spec_from_args(args).to_json()}
         with Connection(address) as conn:
-            spawned: MachineJson = conn.call(method + "Spawn", {"spec": spec.to_json()})["machine"]
+            spawned: MachineJson = conn.call(method + "Spawn", params)["machine"]
         if not args.quiet:
             qemu = spawned.get("qemu")  # set once Spawn returns: QEMU runs
             print(f"Spawned VM {spawned['name']} (id {spawned['id']}, QEMU pid {qemu['pid'] if qemu else '-'}).")
@@ -413,6 +443,45 @@ def run(args: argparse.Namespace) -> int:
             return attach(conn, args.name, args.read_only, args.force)
         elif args.command == "screenshot":
             save_screenshot(conn, args.name, args.file, args.format)
+        elif args.command == "snapshot":
+            return snapshot_verb(conn, args)
+    return 0
+
+
+def absolute_bundle(reference: str) -> str:
+    """A bundle name stays a name; anything that looks like a path becomes absolute."""
+    return os.path.abspath(reference) if "/" in reference or reference.startswith(".") else reference
+
+
+def snapshot_verb(conn: Connection, args: argparse.Namespace) -> int:
+    """snapshot NAME | snapshot list | snapshot remove BUNDLE."""
+    method = f"{INTERFACE}."
+    if args.name == "list":
+        bundles = conn.call(method + "ListSnapshots")["snapshots"]
+        if args.json != "off":
+            print(output.dumps(bundles, args.json))
+        else:
+            mib = 1024 * 1024
+            for b in bundles:
+                print(f"{b['name']}\t{b['machine']}\t{b['ram'] // mib}M RAM\t{b['stateSize'] // mib}M state\t{b['path']}")
+        return 0
+    if args.name == "remove":
+        if not args.bundle:
+            raise UsageError("snapshot remove needs the bundle to delete")
+        conn.call(method + "RemoveSnapshot", {"bundle": absolute_bundle(args.bundle)})
+        return 0
+    if args.bundle:
+        raise UsageError(f"unexpected argument {args.bundle!r}: snapshot takes one VM name")
+    params: dict[str, object] = {"name": args.name, "stop": args.stop}
+    if args.bundle_name:
+        params["bundle"] = args.bundle_name
+    if args.output:
+        params["output"] = os.path.abspath(args.output)
+    bundle = conn.call(method + "Snapshot", params)["snapshot"]
+    if args.json != "off":
+        print(output.dumps(bundle, args.json))
+    else:
+        print(f"{args.name}: saved to {bundle['path']} ({bundle['stateSize']} bytes of state in {bundle['saveSeconds']}s)")
     return 0
 
 

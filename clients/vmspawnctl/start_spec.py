@@ -19,7 +19,7 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from vmspawnd.errors import InvalidSpec
+from vmspawnd.errors import InvalidSpec, to_camel
 from vmspawnd.spec import CredentialData, VmSpec, discovery, parsers
 
 from .start_options import add_start_options
@@ -60,6 +60,35 @@ def spec_from_args(args: argparse.Namespace, env: dict[str, str] | None = None) 
     notices about defaults the caller may not expect go to stderr unless -q."""
     env = dict(os.environ) if env is None else env
     check_arguments(args)
+    fields = _fields_from_args(args, env)
+
+    def notice(text: str) -> None:
+        if not getattr(args, "quiet", False):
+            print(f"vmspawnctl: {text}", file=sys.stderr, flush=True)
+
+    _discover(fields, user=os.geteuid() != 0, env=env, notice=notice)
+    spec = VmSpec(**fields)
+    spec.validate()
+    return spec
+
+
+def clone_request_from_args(args: argparse.Namespace, env: dict[str, str] | None = None) -> dict[str, object]:
+    """`start --from-snapshot`: the spec fields given on the command line, and only those
+    (the daemon takes the rest from the bundle and refuses what a clone cannot change, an
+    option given with its default value included). No discovery: the clone's disk is the
+    bundle's, and -M names the clone, not an image to look up."""
+    if not args.name:
+        raise UsageError("--from-snapshot= needs the clone's name (-M NAME)")
+    fields = _fields_from_args(args, dict(os.environ) if env is None else env)
+    spec = VmSpec(**fields)
+    request = spec.to_json()
+    for key in fields:
+        request.setdefault(to_camel(key), getattr(spec, key))
+    return request
+
+
+def _fields_from_args(args: argparse.Namespace, env: dict[str, str]) -> dict[str, Any]:
+    """VmSpec's keyword arguments for the options given, each from its option's parser."""
     fields: dict[str, Any] = {}  # VmSpec's keyword arguments, each from its option's parser
     for key in (
         "image",
@@ -126,15 +155,7 @@ def spec_from_args(args: argparse.Namespace, env: dict[str, str] | None = None) 
             raise InvalidSpec("networkMac", f"$SYSTEMD_VMSPAWN_NETWORK_MAC: {exc}") from None
     if term := env.get("TERM"):
         fields["term"] = term
-
-    def notice(text: str) -> None:
-        if not getattr(args, "quiet", False):
-            print(f"vmspawnctl: {text}", file=sys.stderr, flush=True)
-
-    _discover(fields, user=os.geteuid() != 0, env=env, notice=notice)
-    spec = VmSpec(**fields)
-    spec.validate()
-    return spec
+    return fields
 
 
 def _discover(fields: dict[str, Any], user: bool, env: dict[str, str], notice: Callable[[str], None]) -> None:

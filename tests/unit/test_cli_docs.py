@@ -135,7 +135,7 @@ def documented_values() -> list[tuple[str, str, str]]:
     return values
 
 
-POSITIONALS = {"status": ["x"], "stop": ["x"], "kill": ["x"], "log": ["x"], "screenshot": ["x", "out.png"]}
+POSITIONALS = {"status": ["x"], "stop": ["x"], "kill": ["x"], "log": ["x"], "screenshot": ["x", "out.png"], "snapshot": ["x"]}
 
 
 @pytest.mark.parametrize(("verb", "option", "value"), documented_values())

@@ -105,6 +105,12 @@ class QemuMonitor:
             raise NotConnected(self._name)
         return await self._session.execute(command, arguments, timeout)
 
+    async def pass_fd(self, fd: int, name: str) -> None:
+        """Give QEMU an open file under `name` (QmpSession.pass_fd)."""
+        if self._session is None:
+            raise NotConnected(self._name)
+        await self._session.pass_fd(fd, name)
+
     async def request(self, operation: str, state: str, command: str, arguments: Mapping[str, object] | None = None) -> object:
         """A client's command: QEMU's refusal is InvalidState naming `operation`."""
         if not self.connected:

@@ -91,6 +91,14 @@ class QmpSession:
         except (ExecInterruptedError, StateError, EOFError, ConnectionError) as exc:
             raise NotConnected(self._name) from exc
 
+    async def pass_fd(self, fd: int, name: str, timeout: float = DEFAULT_COMMAND_TIMEOUT) -> None:
+        """Hand QEMU an open file as `name` (SCM_RIGHTS, then getfd): how a daemon-opened
+        file reaches a QEMU that may open no path itself (migration's `fd:NAME`)."""
+        if not self.connected:
+            raise NotConnected(self._name)
+        self._client.send_fd_scm(fd)
+        await self.execute("getfd", {"fdname": name}, timeout)
+
     async def query_status(self, timeout: float = DEFAULT_COMMAND_TIMEOUT) -> dict[str, object]:
         result = await self.execute("query-status", timeout=timeout)
         assert isinstance(result, dict)

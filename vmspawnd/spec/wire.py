@@ -124,6 +124,24 @@ class Machine:
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
+class Snapshot:
+    """One snapshot bundle (vmspawnd.model.SnapshotRecord.to_json())."""
+
+    name: str
+    path: str
+    machine: str
+    created: int
+    qemuVersion: str
+    ram: int
+    stateSize: int
+    diskSize: int
+    spec: VmSpec
+    argv: list[str]
+    diskDevice: str
+    saveSeconds: float
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class Event:
     """One event: a VM's state change, a QMP event of its QEMU, or a notice to the subscriber."""
 
@@ -231,6 +249,23 @@ class MachineJson(typing.TypedDict):
     exitStatus: typing.NotRequired[int | None]
     unit: str
     registered: bool
+
+
+class SnapshotJson(typing.TypedDict):
+    """Snapshot as JSON."""
+
+    name: str
+    path: str
+    machine: str
+    created: int
+    qemuVersion: str
+    ram: int
+    stateSize: int
+    diskSize: int
+    spec: VmSpecJson
+    argv: list[str]
+    diskDevice: str
+    saveSeconds: float
 
 
 class EventJson(typing.TypedDict):

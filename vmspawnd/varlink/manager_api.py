@@ -115,6 +115,13 @@ def _caller() -> tuple[int, int]:
     return (peer.uid, peer.pid) if peer is not None else (-1, 0)
 
 
+def _snapshot_wire(data: dict[str, object]) -> wire.Snapshot:
+    """A SnapshotRecord's JSON as the wire type (its spec as the wire VmSpec)."""
+    spec = DataclassVarlinkType(wire.VmSpec).fromjson(typing.cast(JSONValue, data["spec"]))
+    fields = {k: v for k, v in data.items() if k != "spec"}
+    return wire.Snapshot(spec=spec, **fields)  # type: ignore[arg-type]
+
+
 def _parse_signal(value: int) -> int:
     try:
         return parsers.parse_signal(value)
@@ -132,10 +139,37 @@ class ManagerInterface(VarlinkInterface, name=INTERFACE):
 
     @_replies_machine
     @varlinkmethod(return_parameter="machine", return_type=wire.Machine)
-    async def Spawn(self, *, spec: wire.VmSpec) -> MachineReply:
-        """Create and start a VM; returns once QEMU runs it. A failed start leaves nothing behind."""
-        record = await self._manager.spawn(_spec_json(spec), *_caller())
+    async def Spawn(self, *, spec: wire.VmSpec, fromSnapshot: str | None = None) -> MachineReply:
+        """Create and start a VM; returns once QEMU runs it. A failed start leaves nothing behind.
+
+        With `fromSnapshot` (a bundle's name, or its absolute path) the VM is a clone of the
+        snapshot: `spec` names it and may set what a clone may change; the rest is the
+        bundle's. SnapshotIncompatible names what a restore cannot honour.
+        """
+        record = await self._manager.spawn(_spec_json(spec), *_caller(), from_snapshot=fromSnapshot)
         return record.to_json()
+
+    @varlinkmethod(return_parameter="snapshot")
+    async def Snapshot(
+        self, *, name: str, bundle: str | None = None, output: str | None = None, stop: bool | None = None
+    ) -> wire.Snapshot:
+        """Pause the VM, save its state, disk and NVRAM into a new snapshot bundle, then
+        resume it (or stop it, `stop`). The bundle goes to the daemon's store as `bundle`
+        (default: the VM's name), or to the absolute directory `output`. A bundle holds the
+        guest's memory: it is 0700/0600, readable by the daemon's user only.
+        """
+        record = await self._manager.snapshot(name, bundle, output, bool(stop))
+        return _snapshot_wire(record.to_json())
+
+    @varlinkmethod(return_parameter="snapshots")
+    def ListSnapshots(self) -> list[wire.Snapshot]:
+        """The bundles in the daemon's store (not those written to an `output` directory)."""
+        return [_snapshot_wire(r.to_json()) for r in self._manager.list_snapshots()]
+
+    @varlinkmethod
+    def RemoveSnapshot(self, *, bundle: str) -> None:
+        """Delete a snapshot bundle (by name, or the absolute path of an `output` bundle)."""
+        self._manager.remove_snapshot(bundle)
 
     @_replies_machines
     @varlinkmethod(return_parameter="machines", return_type=list[wire.Machine])

@@ -1,0 +1,103 @@
+# SPDX-License-Identifier: LGPL-2.1-or-later
+"""Save a VM's state to a file and load it into a new QEMU, over QMP.
+
+QEMU 7.2 has no `file:` migration URI, and a QEMU that runs unprivileged under
+`-sandbox on,spawn=deny` can neither fork (`exec:cat > FILE`) nor open the daemon's
+paths. So the daemon opens the state file itself and hands QEMU the open fd (SCM_RIGHTS +
+`getfd`), then migrates to or from `fd:NAME`. The end of a migration is QEMU's MIGRATION
+event (capability `events`), awaited on the VM's event stream; a failure is read back
+from `query-migrate`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from vmspawnd.control import QmpEvent
+from vmspawnd.errors import NotConnected, Timeout
+from vmspawnd.qemu.monitor import QemuMonitor
+
+FD_NAME = "vmspawnd-state"
+MAX_BANDWIDTH = 1 << 40  # bytes/s: the default (128 MiB/s) is for live links, not a local file
+DEFAULT_TIMEOUT = 300.0  # a 16 GiB guest written at ~1 GB/s, with room
+END_STATES = ("completed", "failed", "cancelled")
+
+Subscribe = Callable[[], contextlib.AbstractContextManager[asyncio.Queue[QmpEvent]]]
+
+
+class MigrationFailed(Exception):
+    """QEMU reported the migration failed (its error-desc) or it never ended."""
+
+
+async def qemu_version(monitor: QemuMonitor) -> str:
+    """QEMU's own version (`query-version`: qemu major.minor.micro and the package)."""
+    reply = await monitor.execute("query-version")
+    assert isinstance(reply, dict)
+    qemu = reply.get("qemu", {})
+    package = str(reply.get("package", "")).strip()
+    numbers = f"{qemu.get('major')}.{qemu.get('minor')}.{qemu.get('micro')}" if isinstance(qemu, dict) else "?"
+    return f"{numbers} {package}".strip()
+
+
+async def _enable_events(monitor: QemuMonitor) -> None:
+    await monitor.execute("migrate-set-capabilities", {"capabilities": [{"capability": "events", "state": True}]})
+
+
+async def _wait_end(monitor: QemuMonitor, queue: asyncio.Queue[QmpEvent], timeout: float) -> None:
+    try:
+        async with asyncio.timeout(timeout):
+            while True:
+                name, data = await queue.get()
+                if name is None:
+                    raise MigrationFailed("QEMU went away during the migration")
+                if name == "MIGRATION" and data is not None and data.get("status") in END_STATES:
+                    status = data["status"]
+                    break
+    except TimeoutError:
+        raise Timeout(f"migration did not end within {timeout:g}s") from None
+    if status != "completed":
+        info = await monitor.execute("query-migrate")
+        detail = info.get("error-desc", status) if isinstance(info, dict) else status
+        raise MigrationFailed(str(detail))
+
+
+async def save_state(monitor: QemuMonitor, subscribe: Subscribe, path: Path, timeout: float = DEFAULT_TIMEOUT) -> float:
+    """Write the (paused) VM's state to a new file at `path` (0600); the seconds QEMU took.
+
+    The VM must be paused already: then the state is one consistent point in time, and
+    QEMU ends in `postmigrate`, from which `cont` resumes it.
+    """
+    await _enable_events(monitor)
+    await monitor.execute("migrate-set-parameters", {"max-bandwidth": MAX_BANDWIDTH})
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    try:
+        await monitor.pass_fd(fd, FD_NAME)
+    finally:
+        os.close(fd)  # QEMU holds its own copy now
+    with subscribe() as queue:
+        started = time.monotonic()
+        await monitor.execute("migrate", {"uri": f"fd:{FD_NAME}"})
+        await _wait_end(monitor, queue, timeout)
+    return time.monotonic() - started
+
+
+async def load_state(monitor: QemuMonitor, subscribe: Subscribe, path: Path, timeout: float = DEFAULT_TIMEOUT) -> None:
+    """Load the state at `path` into a QEMU started with `-incoming defer` (and `-S`: it
+    stays paused afterwards, for the caller's `cont`)."""
+    await _enable_events(monitor)
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        await monitor.pass_fd(fd, FD_NAME)
+    finally:
+        os.close(fd)
+    with subscribe() as queue:
+        await monitor.execute("migrate-incoming", {"uri": f"fd:{FD_NAME}"})
+        try:
+            await _wait_end(monitor, queue, timeout)
+        except NotConnected:
+            raise MigrationFailed("QEMU closed its monitor while loading the state") from None

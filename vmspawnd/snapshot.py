@@ -1,0 +1,186 @@
+# SPDX-License-Identifier: LGPL-2.1-or-later
+"""Snapshots of a running VM, and clones started from them.
+
+`take_snapshot` pauses the VM, has QEMU write its state into a bundle (qemu/migration.py),
+freezes the disk and NVRAM next to it while the guest cannot write, records the exact
+QEMU configuration and version, then resumes or stops the VM. `CloneSource` is what a
+clone's `Machine.start` does differently: a qcow2 overlay on the frozen disk, the
+bundle's NVRAM, the argv checked against the bundle and rewritten to read the state, and
+the state loaded before `cont`. Everything else (a new vmgenid guid, runtime directory,
+console, control socket, vsock CID, swtpm) a clone gets as any VM does.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from vmspawnd.errors import InvalidState, SnapshotIncompatible
+from vmspawnd.model import MachineState, SnapshotRecord
+from vmspawnd.qemu import migration
+from vmspawnd.qemu.command import QemuCommand
+from vmspawnd.qemu.monitor import QemuMonitor
+from vmspawnd.qemu.qmp import QmpError
+from vmspawnd.runtime_dir import VmPaths
+from vmspawnd.snapshot_bundle import DISK, NVRAM, STATE, write_metadata
+from vmspawnd.snapshot_config import clone_argv, differing_options, disk_device, normalize_argv, virtiofs_fields
+
+if TYPE_CHECKING:
+    from vmspawnd.machine import Machine
+
+_log = logging.getLogger(__name__)
+
+OVERLAY = "disk.qcow2"
+
+
+async def _run(*argv: str) -> None:
+    """A short tool run (cp, qemu-img): its stderr becomes the error."""
+    proc = await asyncio.create_subprocess_exec(
+        *argv, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE
+    )
+    _, err = await proc.communicate()
+    if proc.returncode != 0:
+        raise OSError(f"{argv[0]} failed ({proc.returncode}): {err.decode(errors='replace').strip()}")
+
+
+async def freeze_disk(image: str, target: Path) -> None:
+    """A copy of the raw image as it is now. `cp --reflink=auto --sparse=always`: on btrfs
+    or XFS a reflink costs nothing however large the image; elsewhere the copy keeps the
+    holes (qemu-img convert would too, but reads every byte through QEMU's block layer)."""
+    await _run("cp", "--reflink=auto", "--sparse=always", "--", image, str(target))
+    os.chmod(target, 0o600)
+
+
+def _qemu_argv(machine: Machine) -> list[str]:
+    """The source's argv as the kernel has it: true for adopted VMs too."""
+    assert machine.record.qemu is not None
+    raw = Path(f"/proc/{machine.record.qemu.pid}/cmdline").read_bytes()
+    return [word.decode() for word in raw.split(b"\0")[:-1]]
+
+
+async def take_snapshot(machine: Machine, bundle: Path, name: str, stop: bool) -> SnapshotRecord:
+    """Save `machine` into the empty directory `bundle`; resume it (or stop it, `stop`).
+
+    On failure the bundle is deleted and a VM that was running runs again.
+    """
+    shares = virtiofs_fields(machine.record.spec)
+    if shares:
+        raise SnapshotIncompatible(name, shares, "virtiofs shares (vhost-user-fs) cannot be migrated")
+    if machine.record.state not in (MachineState.RUNNING, MachineState.READY):
+        raise InvalidState(machine.name, machine.record.state.value, "snapshot")
+    spec = machine.spec
+    was_paused = machine.record.paused
+    try:
+        if not was_paused:
+            await machine.pause()
+        try:
+            save_seconds = await migration.save_state(machine.monitor, machine.subscribe_qmp, bundle / STATE)
+        except (migration.MigrationFailed, QmpError) as exc:
+            raise InvalidState(machine.name, machine.record.state.value, f"snapshot (QEMU: {exc})") from exc
+        version = await migration.qemu_version(machine.monitor)
+        argv = _qemu_argv(machine)
+        disk_size = 0
+        if spec.image:
+            await freeze_disk(spec.image, bundle / DISK)
+            disk_size = os.stat(bundle / DISK).st_blocks * 512
+        if machine.paths.efi_vars.exists():
+            shutil.copyfile(machine.paths.efi_vars, bundle / NVRAM)
+            os.chmod(bundle / NVRAM, 0o600)
+        record = SnapshotRecord(
+            name=name,
+            path=str(bundle),
+            machine=machine.name,
+            created=time.time_ns() // 1000,
+            qemu_version=version,
+            ram=spec.ram,
+            state_size=os.stat(bundle / STATE).st_size,
+            disk_size=disk_size,
+            spec=dict(machine.record.spec),
+            argv=normalize_argv(argv, str(machine.directory)),
+            disk_device=disk_device(argv) or "",
+            save_seconds=round(save_seconds, 3),
+        )
+        write_metadata(bundle, record)
+    except BaseException:
+        shutil.rmtree(bundle, ignore_errors=True)
+        if not was_paused and not stop and machine.record.state.is_active:
+            await machine.resume()
+        raise
+    _log.info("%s: snapshot %s written in %.2fs (%d bytes of state)", machine.name, bundle, save_seconds, record.state_size)
+    if stop:
+        await machine.terminate()
+    elif not was_paused:
+        await machine.resume()
+    return record
+
+
+@dataclasses.dataclass(frozen=True)
+class CloneSource:
+    """The bundle a clone starts from, and the steps of Machine.start it changes."""
+
+    bundle: SnapshotRecord
+    reference: str  # how the client named the bundle, for errors
+
+    @property
+    def path(self) -> Path:
+        return Path(self.bundle.path)
+
+    async def prepare(self, paths: VmPaths) -> None:
+        """The clone's own files: a qcow2 overlay on the frozen disk, a copy of the NVRAM
+        (over the template copy resolve_host made: the guest's variables travel in the
+        state, but the firmware also reads and writes the file)."""
+        if (self.path / DISK).exists():
+            await _run(
+                "qemu-img",
+                "create",
+                "-q",
+                "-f",
+                "qcow2",
+                "-F",
+                "raw",
+                "-b",
+                str(self.path / DISK),
+                str(paths.directory / OVERLAY),
+            )
+        if (self.path / NVRAM).exists():
+            shutil.copyfile(self.path / NVRAM, paths.efi_vars)
+            os.chmod(paths.efi_vars, 0o600)
+
+    def adapt(self, command: QemuCommand, paths: VmPaths, discard: bool) -> QemuCommand:
+        """The clone's command: refused unless it is the source's configuration, then the
+        disk on the overlay and `-incoming defer`."""
+        differing = differing_options(self.bundle.argv, normalize_argv(command.argv, str(paths.directory)))
+        if differing:
+            raise SnapshotIncompatible(
+                self.reference, differing, "the clone's QEMU configuration differs from the one the state was saved with"
+            )
+        argv = clone_argv(
+            command.argv,
+            base=str(self.path / DISK),
+            overlay=str(paths.directory / OVERLAY),
+            device=self.bundle.disk_device or None,
+            discard=discard,
+        )
+        return dataclasses.replace(command, argv=argv)
+
+    async def load(self, monitor: QemuMonitor, subscribe: migration.Subscribe) -> None:
+        """Check QEMU's version against the bundle's, then load the state (the VM stays
+        paused for Machine.start's `cont`)."""
+        version = await migration.qemu_version(monitor)
+        if version != self.bundle.qemu_version:
+            raise SnapshotIncompatible(
+                self.reference,
+                ["qemu"],
+                f"the bundle was made by QEMU {self.bundle.qemu_version}, this QEMU is {version}; "
+                "migration streams are only loaded by the QEMU that wrote them",
+            )
+        try:
+            await migration.load_state(monitor, subscribe, self.path / STATE)
+        except migration.MigrationFailed as exc:
+            raise SnapshotIncompatible(self.reference, [], f"QEMU could not load the saved state: {exc}") from exc

@@ -1,0 +1,184 @@
+# SPDX-License-Identifier: LGPL-2.1-or-later
+"""Pure: what a snapshot bundle must agree on with a clone, and how a clone differs.
+
+A restored QEMU must have exactly the device configuration of the QEMU that saved the
+state: a wrong `-m`, firmware or a missing device fail, but an extra device does not (it
+then sits in the guest unannounced). So the bundle keeps the source's argv with the
+per-VM values blanked out (`normalize_argv`), and a clone's argv, blanked the same way,
+must equal it (`differing_options`). Spec fields that cannot survive a restore are named
+before anything starts (`clone_spec_json`); a clone's argv then reads its state from the
+bundle and its disk from a qcow2 overlay on the bundle's frozen base (`clone_argv`).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping, Sequence
+
+from vmspawnd.errors import to_camel
+
+# Spec fields a clone takes from the bundle and may not change: they shape the virtual
+# hardware (or, for a running guest, what it already booted with) and a restore cannot
+# change them. directory/binds/bindUsers are virtiofs shares, which block migration.
+FROZEN_FIELDS = (
+    "image",
+    "directory",
+    "linux",
+    "initrds",
+    "cpus",
+    "ram",
+    "kvm",
+    "vsock",
+    "tpm",
+    "network_tap",
+    "network_user_mode",
+    "network_mac",
+    "firmware",
+    "secure_boot",
+    "discard_disk",
+    "binds",
+    "extra_drives",
+    "bind_users",
+    "bind_user_shell",
+    "bind_user_groups",
+    "forward_journal",
+    "console",
+    "credentials",
+    "qemu_extra",
+    "kernel_cmdline",
+)
+# What a clone sets itself, whatever the source had: its state is restored, not booted.
+CLONE_OVERRIDES: dict[str, object] = {
+    "growImage": None,  # the source grew its image already; the frozen base is never written
+    "tpmState": "off",  # the TPM state travels in the migration stream; each clone's swtpm is its own
+    "notifyReady": False,  # the guest booted long ago and sends no second READY=1
+}
+# Fields that name the VM itself and are the clone's own, never the source's.
+OWN_FIELDS = ("name", "uuid", "vsockCid")
+
+VIRTIOFS_FIELDS = ("directory", "binds", "bindUsers")
+
+
+def refused_clone_fields(bundle_spec: Mapping[str, object], request: Mapping[str, object]) -> list[str]:
+    """The request's fields (camelCase) that differ from the bundle and cannot (FROZEN_FIELDS)."""
+    names = [to_camel(f) for f in FROZEN_FIELDS]
+    return [name for name in names if name in request and request[name] != bundle_spec.get(name)]
+
+
+def virtiofs_fields(spec: Mapping[str, object]) -> list[str]:
+    """The spec's virtiofs shares (camelCase field names): vhost-user-fs blocks migration."""
+    return [name for name in VIRTIOFS_FIELDS if spec.get(name)]
+
+
+def clone_spec_json(bundle_spec: Mapping[str, object], request: Mapping[str, object], disk: str | None) -> dict[str, object]:
+    """The clone's spec: the bundle's, the request's own and per-VM fields on top, the
+    clone's overrides, and the bundle's frozen disk as its image (`disk`, None without one).
+
+    The caller has checked `refused_clone_fields` first; the spec is then validated as any.
+    """
+    spec: dict[str, object] = {k: v for k, v in bundle_spec.items() if k not in OWN_FIELDS}
+    spec.update(request)
+    if disk is not None:
+        spec["image"] = disk
+    for key, value in CLONE_OVERRIDES.items():
+        if value is None:
+            spec.pop(key, None)
+        else:
+            spec[key] = value
+    return spec
+
+
+# --- the QEMU command line ------------------------------------------------------------------
+_PER_VM_VALUES = (
+    (re.compile(r"\bfd=\d+"), "fd=N"),
+    (re.compile(r"\bvhostfd=\d+"), "vhostfd=N"),
+    (re.compile(r"\bguest-cid=\d+"), "guest-cid=N"),
+    (re.compile(r"\bguid=[0-9a-fA-F-]+"), "guid=G"),
+    (re.compile(r"\bifname=[^,]*"), "ifname=T"),
+    (re.compile(r"\bmac=[0-9a-fA-F:]+"), "mac=M"),
+    (re.compile(r"notify_socket=[^,]*"), "notify_socket=S"),
+)
+DISK_DRIVE_PREFIX = "if=none,id=vmspawn,"
+DISK_DEVICE_PREFIX = "virtio-blk-pci,drive=vmspawn,"
+
+
+def normalize_argv(argv: Sequence[str], vm_directory: str) -> list[str]:
+    """`argv` with what legitimately differs per VM blanked: its runtime directory, fd
+    numbers, the vmgenid guid, the vsock CID, the TAP name and MAC, the UUID, and the disk's
+    path and serial (a clone's disk is an overlay with the source's serial, see clone_argv)."""
+    out: list[str] = []
+    previous = ""
+    for word in argv[1:]:  # the binary's path may differ; its version is checked on its own
+        value = word.replace(vm_directory.rstrip("/") + "/", "$VM/")
+        for pattern, blank in _PER_VM_VALUES:
+            value = pattern.sub(blank, value)
+        if previous == "-uuid":
+            value = "U"
+        elif previous == "-drive" and value.startswith(DISK_DRIVE_PREFIX):
+            value = DISK_DRIVE_PREFIX + ",".join(p for p in value.split(",") if p.startswith("discard="))
+        elif previous == "-device" and value.startswith(DISK_DEVICE_PREFIX):
+            value = ",".join(p for p in value.split(",") if not p.startswith("serial="))
+        out.append(value)
+        previous = word
+    return out
+
+
+def _options(argv: Sequence[str]) -> list[tuple[str, str]]:
+    """(option, value) pairs of a normalized argv; a flag has the value ""."""
+    pairs: list[tuple[str, str]] = []
+    index = 0
+    while index < len(argv):
+        option = argv[index]
+        has_value = index + 1 < len(argv) and not argv[index + 1].startswith("-")
+        pairs.append((option, argv[index + 1] if has_value else ""))
+        index += 2 if has_value else 1
+    return pairs
+
+
+def differing_options(saved: Sequence[str], clone: Sequence[str]) -> list[str]:
+    """What a clone's normalized argv has that the saved one lacks, and the reverse, as
+    `-option value` strings (each once, in argv order); empty when they agree."""
+    mine, theirs = _options(saved), _options(clone)
+    missing = [pair for pair in mine if pair not in theirs]
+    extra = [pair for pair in theirs if pair not in mine]
+    return [f"{option} {value}".rstrip() for option, value in missing + extra]
+
+
+def disk_device(argv: Sequence[str]) -> str | None:
+    """The guest-visible disk device of an argv (its serial included), None without one."""
+    for previous, word in zip(argv, argv[1:], strict=False):
+        if previous == "-device" and word.startswith(DISK_DEVICE_PREFIX):
+            return word
+    return None
+
+
+def clone_argv(argv: Sequence[str], *, base: str, overlay: str, device: str | None, discard: bool) -> list[str]:
+    """A clone's argv from the one built for its spec: the disk becomes a qcow2 `overlay`
+    on the bundle's read-only raw `base` as an explicit -blockdev graph (no backing path
+    followed, so each node can later be an fd), behind the source's exact device
+    (`device`, serial included), and QEMU waits for its state (`-incoming defer`)."""
+    out: list[str] = []
+    previous = ""
+    for word in argv:
+        if previous == "-drive" and word.startswith(DISK_DRIVE_PREFIX):
+            out[-1] = "-blockdev"
+            out += [
+                f"driver=file,filename={_opt(base)},read-only=on,node-name=vmspawn-base-file",
+                "-blockdev",
+                "driver=raw,file=vmspawn-base-file,read-only=on,node-name=vmspawn-base",
+                "-blockdev",
+                (
+                    f"driver=qcow2,file.driver=file,file.filename={_opt(overlay)},backing=vmspawn-base,"
+                    f"discard={'unmap' if discard else 'ignore'},node-name=vmspawn"
+                ),
+            ]
+        elif previous == "-device" and word.startswith(DISK_DEVICE_PREFIX) and device is not None:
+            out.append(device)
+        else:
+            out.append(word)
+        previous = word
+    return [*out, "-incoming", "defer"]
+
+
+def _opt(value: str) -> str:
+    return value.replace(",", ",,")
