@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import json
+import os
 import shutil
 import signal
 import time
@@ -27,6 +28,8 @@ from tests.support import Console, Daemon, make_runtime_dir, orphans_reaped, sta
 pytestmark = pytest.mark.vm
 
 MIB = 1024 * 1024
+# Snapshots need QEMU unconfined (Manager._snapshots_supported): as root, the opt-out.
+UNCONFINED = ("--qemu-user=root",) if os.geteuid() == 0 else ()
 SOURCE = "snapsrc"
 BUNDLE = "snapsrc-bundle"
 
@@ -40,7 +43,7 @@ def runtime() -> Iterator[Path]:
 
 @pytest.fixture(scope="module")
 def sdaemon(runtime: Path) -> Iterator[Daemon]:
-    daemon = start_daemon(runtime)
+    daemon = start_daemon(runtime, *UNCONFINED)
     try:
         yield daemon
     finally:
@@ -251,7 +254,7 @@ def restart_with_a_clone(runtime: Path, sdaemon: Daemon) -> None:
     sdaemon.call("Spawn", {"spec": {"name": "survivor"}, "fromSnapshot": BUNDLE})
     sdaemon.process.send_signal(signal.SIGTERM)  # the daemon goes, its VMs stay
     sdaemon.process.wait(timeout=60)
-    restarted = start_daemon(runtime)
+    restarted = start_daemon(runtime, *UNCONFINED)
     try:
         survivor = restarted.call("Describe", {"name": "survivor"})["machine"]
         assert survivor["state"] in ("running", "ready")
