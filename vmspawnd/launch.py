@@ -60,6 +60,11 @@ class FdsForQemu:
         fds = [host.vhost_vsock_fd, host.tap_fd, *(fd for fds in host.file_fds.values() for fd in fds)]
         self._fds = [fd for fd in fds if fd is not None]
 
+    def add(self, fds: tuple[int, ...]) -> tuple[int, ...]:
+        """Fds opened later (a clone's overlay), closed with the rest."""
+        self._fds += fds
+        return fds
+
     def close(self) -> None:
         """Idempotent: the start stack calls it again on failure."""
         fds, self._fds = self._fds, []

@@ -170,13 +170,18 @@ class Machine:
                 self._notify()  # events show the VM from its first state, "starting"
 
                 step = "resolve"
-                host = resolve_host(self.spec, self.name, self.record.id, self.paths, identity)
+                host = resolve_host(
+                    self.spec, self.name, self.record.id, self.paths, identity, frozen_image=self.clone_of is not None
+                )
                 # The fds opened for QEMU (vhost-vsock, TAP, files) are QEMU's once passed:
                 # ours close after the spawn, or on any failure before it.
                 qemu_fds = launch.FdsForQemu(host)
                 stack.callback(qemu_fds.close)
+                overlay_fds: tuple[int, ...] = ()
                 if self.clone_of is not None:
                     await self.clone_of.prepare(self.paths)
+                    if identity is not None:
+                        overlay_fds = qemu_fds.add(self.clone_of.open_overlay(self.paths))
 
                 step = "helpers"
                 helpers = await start_helpers(
@@ -205,7 +210,7 @@ class Machine:
                 resources = assemble(self.name, host, helpers.resources, channels, confined=identity is not None)
                 if identity is not None:
                     resources = launch.as_seen_from_vm_dir(resources, self.directory)
-                command = self._clone_command(build_qemu_command(self.spec, resources))
+                command = self._clone_command(build_qemu_command(self.spec, resources), overlay_fds)
                 for path, content in command.files.items():
                     write_private_file(self.directory / path, content)  # payload paths may be relative to it
                 if identity is not None:
@@ -306,11 +311,11 @@ class Machine:
         hand_over(self.directory, identity)
         return identity
 
-    def _clone_command(self, command: QemuCommand) -> QemuCommand:
+    def _clone_command(self, command: QemuCommand, overlay_fds: tuple[int, ...]) -> QemuCommand:
         """A clone's command reads its state and disk from the bundle (snapshot.CloneSource)."""
         if self.clone_of is None:
             return command
-        return self.clone_of.adapt(command, self.paths, self.spec.discard_disk)
+        return self.clone_of.adapt(command, self.paths, self.spec.discard_disk, overlay_fds)
 
     # --- readiness and the guest's notify channel ------------------------------------------
     async def _open_notify_listener(self, stack: contextlib.AsyncExitStack, vsock_cid: int | None) -> str | None:

@@ -27,7 +27,6 @@ from vmspawnd.errors import (
     InvalidState,
     MachineExists,
     NoSuchMachine,
-    NotSupported,
     SnapshotIncompatible,
     Timeout,
     VmspawnError,
@@ -130,7 +129,6 @@ class Manager:
         bundle's with the request's fields on top (clone_spec_json)."""
         clone_of = None
         if from_snapshot is not None:
-            self._snapshots_supported()
             clone_of, spec_json = self._clone_request(from_snapshot, spec_json)
         spec = VmSpec.from_json(spec_json)
         name = spec.machine_name()
@@ -164,7 +162,6 @@ class Manager:
     async def snapshot(self, name: str, bundle: str | None, output: str | None, stop: bool) -> SnapshotRecord:
         """Save VM `name` into a new bundle (`bundle` in the store, default the VM's name,
         or the directory `output`); the VM then runs on, or stops (`stop`)."""
-        self._snapshots_supported()
         machine = self.get(name)
         if name in self._snapshotting:
             raise InvalidState(name, machine.record.state.value, "snapshot (a snapshot of it is being taken)")
@@ -174,19 +171,6 @@ class Manager:
             return await take_snapshot(machine, path, path.name, stop)
         finally:
             self._snapshotting.discard(name)
-
-    def _snapshots_supported(self) -> None:
-        """Snapshots and clones need QEMU unconfined for now (vmspawnd --qemu-user=root, or
-        the user instance). A confined QEMU holds its disks through /dev/fdset: after the
-        state is saved, QEMU 7.2 cannot take its image locks back through those fds (the
-        resume fails with "Failed to get write lock"), and a clone's overlay and frozen base
-        are opened by path, which the VM's uid cannot. Refused here, before anything is
-        touched, rather than a half-made bundle or a clone that cannot open its disk."""
-        if self.settings.vm_ids is not None:
-            raise NotSupported(
-                "snapshots and clones of confined VMs (the system instance's default); "
-                "start vmspawnd with --qemu-user=root to use them (docs/snapshots.md)"
-            )
 
     def list_snapshots(self) -> builtins.list[SnapshotRecord]:
         return self.snapshots.list()

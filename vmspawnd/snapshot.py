@@ -23,13 +23,21 @@ from typing import TYPE_CHECKING
 
 from vmspawnd.errors import InvalidState, SnapshotIncompatible
 from vmspawnd.model import MachineState, SnapshotRecord
-from vmspawnd.qemu import migration
+from vmspawnd.qemu import handover, migration
 from vmspawnd.qemu.command import QemuCommand
 from vmspawnd.qemu.monitor import QemuMonitor
 from vmspawnd.qemu.qmp import QmpError
 from vmspawnd.runtime_dir import VmPaths
 from vmspawnd.snapshot_bundle import DISK, NVRAM, STATE, write_metadata
-from vmspawnd.snapshot_config import clone_argv, differing_options, disk_device, normalize_argv, virtiofs_fields
+from vmspawnd.snapshot_config import (
+    clone_argv,
+    differing_options,
+    disk_device,
+    disk_file,
+    next_fdset,
+    normalize_argv,
+    virtiofs_fields,
+)
 
 if TYPE_CHECKING:
     from vmspawnd.machine import Machine
@@ -152,22 +160,35 @@ class CloneSource:
             shutil.copyfile(self.path / NVRAM, paths.efi_vars)
             os.chmod(paths.efi_vars, 0o600)
 
-    def adapt(self, command: QemuCommand, paths: VmPaths, discard: bool) -> QemuCommand:
+    def open_overlay(self, paths: VmPaths) -> tuple[int, ...]:
+        """For a confined QEMU: the overlay prepare() made, opened (and write-locked) by the
+        daemon as any disk is (qemu/handover.py)."""
+        return handover.open_for_qemu(str(paths.directory / OVERLAY), True)
+
+    def adapt(self, command: QemuCommand, paths: VmPaths, discard: bool, overlay_fds: tuple[int, ...] = ()) -> QemuCommand:
         """The clone's command: refused unless it is the source's configuration, then the
-        disk on the overlay and `-incoming defer`."""
+        disk on the overlay (passed as `overlay_fds` to a confined QEMU) and `-incoming defer`."""
         differing = differing_options(self.bundle.argv, normalize_argv(command.argv, str(paths.directory)))
         if differing:
             raise SnapshotIncompatible(
                 self.reference, differing, "the clone's QEMU configuration differs from the one the state was saved with"
             )
+        argv, fds = list(command.argv), list(command.pass_fds)
+        overlay = str(paths.directory / OVERLAY)
+        if overlay_fds:
+            fdset = next_fdset(argv)
+            for fd in overlay_fds:
+                argv[1:1] = ["-add-fd", f"fd={fd},set={fdset},opaque={overlay.replace(',', ',,')}"]
+            overlay = f"/dev/fdset/{fdset}"
+            fds += overlay_fds
         argv = clone_argv(
-            command.argv,
-            base=str(self.path / DISK),
-            overlay=str(paths.directory / OVERLAY),
+            argv,
+            base=disk_file(argv) or str(self.path / DISK),  # the frozen base, by path or by fd
+            overlay=overlay,
             device=self.bundle.disk_device or None,
             discard=discard,
         )
-        return dataclasses.replace(command, argv=argv)
+        return dataclasses.replace(command, argv=argv, pass_fds=fds)
 
     async def load(self, monitor: QemuMonitor, subscribe: migration.Subscribe) -> None:
         """Check QEMU's version against the bundle's, then load the state (the VM stays

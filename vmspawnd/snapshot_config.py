@@ -16,6 +16,7 @@ import re
 from collections.abc import Mapping, Sequence
 
 from vmspawnd.errors import to_camel
+from vmspawnd.qemu.command import no_locking
 
 # Spec fields a clone takes from the bundle and may not change: they shape the virtual
 # hardware (or, for a running guest, what it already booted with) and a restore cannot
@@ -105,10 +106,16 @@ DISK_DEVICE_PREFIX = "virtio-blk-pci,drive=vmspawn,"
 def normalize_argv(argv: Sequence[str], vm_directory: str) -> list[str]:
     """`argv` with what legitimately differs per VM blanked: its runtime directory, fd
     numbers, the vmgenid guid, the vsock CID, the TAP name and MAC, the UUID, and the disk's
-    path and serial (a clone's disk is an overlay with the source's serial, see clone_argv)."""
+    path and serial (a clone's disk is an overlay with the source's serial, see clone_argv),
+    and `-add-fd` (which fds a confined QEMU's files arrive on)."""
     out: list[str] = []
     previous = ""
     for word in argv[1:]:  # the binary's path may differ; its version is checked on its own
+        if word == "-add-fd" or previous == "-add-fd":
+            # Plumbing of a confined QEMU: which fds carry the files, not what the guest sees
+            # (the drives name their sets; a clone's frozen base is one read-only fd).
+            previous = word
+            continue
         value = word.replace(vm_directory.rstrip("/") + "/", "$VM/")
         for pattern, blank in _PER_VM_VALUES:
             value = pattern.sub(blank, value)
@@ -152,23 +159,45 @@ def disk_device(argv: Sequence[str]) -> str | None:
     return None
 
 
+def disk_file(argv: Sequence[str]) -> str | None:
+    """What the VM's disk drive (`-drive if=none,id=vmspawn,file=…`) opens: a path, or the
+    /dev/fdset/N the daemon passed for a confined QEMU."""
+    for previous, word in zip(argv, argv[1:], strict=False):
+        if previous == "-drive" and word.startswith(DISK_DRIVE_PREFIX):
+            for part in _split_opts(word):
+                if part.startswith("file="):
+                    return part[len("file=") :].replace(",,", ",")
+    return None
+
+
+def _split_opts(value: str) -> list[str]:
+    """QEMU's option string split at single commas (a doubled comma is part of a value)."""
+    return [part.replace("\0", ",,") for part in value.replace(",,", "\0").split(",")]
+
+
+def next_fdset(argv: Sequence[str]) -> int:
+    """The first fdset number `argv`'s `-add-fd` options leave free."""
+    sets = [re.search(r"\bset=(\d+)", word) for previous, word in zip(argv, argv[1:], strict=False) if previous == "-add-fd"]
+    return max((int(m.group(1)) for m in sets if m), default=-1) + 1
+
+
 def clone_argv(argv: Sequence[str], *, base: str, overlay: str, device: str | None, discard: bool) -> list[str]:
     """A clone's argv from the one built for its spec: the disk becomes a qcow2 `overlay`
     on the bundle's read-only raw `base` as an explicit -blockdev graph (no backing path
-    followed, so each node can later be an fd), behind the source's exact device
-    (`device`, serial included), and QEMU waits for its state (`-incoming defer`)."""
+    followed, so each node can be an fdset: `base` and `overlay` may be /dev/fdset/N), behind
+    the source's exact device (`device`, serial included), and QEMU waits for its state (`-incoming defer`)."""
     out: list[str] = []
     previous = ""
     for word in argv:
         if previous == "-drive" and word.startswith(DISK_DRIVE_PREFIX):
             out[-1] = "-blockdev"
             out += [
-                f"driver=file,filename={_opt(base)},read-only=on,node-name=vmspawn-base-file",
+                f"driver=file,filename={_opt(base)}{no_locking(base, 'locking')},read-only=on,node-name=vmspawn-base-file",
                 "-blockdev",
                 "driver=raw,file=vmspawn-base-file,read-only=on,node-name=vmspawn-base",
                 "-blockdev",
                 (
-                    f"driver=qcow2,file.driver=file,file.filename={_opt(overlay)},backing=vmspawn-base,"
+                    f"driver=qcow2,file.driver=file,file.filename={_opt(overlay)}{no_locking(overlay)},backing=vmspawn-base,"
                     f"discard={'unmap' if discard else 'ignore'},node-name=vmspawn"
                 ),
             ]

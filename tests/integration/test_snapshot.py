@@ -28,8 +28,6 @@ from tests.support import Console, Daemon, make_runtime_dir, orphans_reaped, sta
 pytestmark = pytest.mark.vm
 
 MIB = 1024 * 1024
-# Snapshots need QEMU unconfined (Manager._snapshots_supported): as root, the opt-out.
-UNCONFINED = ("--qemu-user=root",) if os.geteuid() == 0 else ()
 SOURCE = "snapsrc"
 BUNDLE = "snapsrc-bundle"
 
@@ -43,7 +41,7 @@ def runtime() -> Iterator[Path]:
 
 @pytest.fixture(scope="module")
 def sdaemon(runtime: Path) -> Iterator[Daemon]:
-    daemon = start_daemon(runtime, *UNCONFINED)
+    daemon = start_daemon(runtime)
     try:
         yield daemon
     finally:
@@ -76,6 +74,7 @@ def bundle(sdaemon: Daemon, guest: Guest, disk: Path) -> JsonObject:
     """The source, booted to its shell, snapshotted once, then stopped (its bundle stays)."""
     sdaemon.call("Spawn", {"spec": spec(SOURCE, guest, disk)})
     machine = sdaemon.call("Describe", {"name": SOURCE})["machine"]
+    confined_as_root(machine)
     with Console(machine) as console:
         console.wait_for(r"guest# ")
         snapshot = sdaemon.call("Snapshot", {"name": SOURCE, "bundle": BUNDLE})["snapshot"]
@@ -117,6 +116,19 @@ def qemu_vmgenid(machine: JsonObject) -> str:
     return device.split("guid=", 1)[1]
 
 
+def confined_as_root(machine: JsonObject) -> None:
+    """As root (the system instance), source and clones run confined (docs/security.md):
+    QEMU under the VM's own uid, sandboxed, its disk nodes on fds the daemon passed."""
+    if os.geteuid() != 0:
+        return
+    pid = machine["qemu"]["pid"]
+    status = dict(line.split(":\t", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines() if ":\t" in line)
+    assert status["Uid"].split()[0] != "0" and status["Seccomp"].strip() == "2", status
+    argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    disks = [a for a in argv if a.startswith((b"if=none,id=vmspawn,", b"driver=file,", b"driver=qcow2,"))]
+    assert disks and all(b"/dev/fdset/" in a and b"locking=off" in a for a in disks), disks
+
+
 def stop_and_remove(daemon: Daemon, name: str) -> None:
     runtime = Path(str(daemon.call("Describe", {"name": name})["machine"]["runtimeDirectory"]))
     daemon.call("Terminate", {"name": name})
@@ -145,6 +157,7 @@ def test_three_clones_in_a_row(sdaemon: Daemon, bundle: JsonObject) -> None:
         name = f"clone{index}"
         started = time.monotonic()
         machine = sdaemon.call("Spawn", {"spec": {"name": name}, "fromSnapshot": BUNDLE})["machine"]
+        confined_as_root(machine)
         with Console(machine) as console:
             assert run(console, "echo answer-[$((6*7))]", "answer") == "42"
             print(f"{name}: console answered {time.monotonic() - started:.2f}s after Spawn")
@@ -254,7 +267,7 @@ def restart_with_a_clone(runtime: Path, sdaemon: Daemon) -> None:
     sdaemon.call("Spawn", {"spec": {"name": "survivor"}, "fromSnapshot": BUNDLE})
     sdaemon.process.send_signal(signal.SIGTERM)  # the daemon goes, its VMs stay
     sdaemon.process.wait(timeout=60)
-    restarted = start_daemon(runtime, *UNCONFINED)
+    restarted = start_daemon(runtime)
     try:
         survivor = restarted.call("Describe", {"name": "survivor"})["machine"]
         assert survivor["state"] in ("running", "ready")

@@ -18,7 +18,7 @@ from vmspawnd.host.confinement import unprivileged_prefix
 from vmspawnd.host.identity import IdRange, VmIdentity, hand_over_tree, ids_in_use, known_to_nss, parse_range, pick_identity
 from vmspawnd.outcome import describe_exit
 from vmspawnd.qemu.command import SANDBOX, build_qemu_command
-from vmspawnd.qemu.handover import copy_for_vm, open_files
+from vmspawnd.qemu.handover import FileInUse, copy_for_vm, open_files, open_for_qemu
 from vmspawnd.qemu.resources import Firmware, Resources
 from vmspawnd.spec import VmSpec
 
@@ -112,6 +112,44 @@ def test_open_files_opens_read_only_what_qemu_only_reads(tmp_path: Path) -> None
         for fd_tuple in fds.values():
             for fd in fd_tuple:
                 os.close(fd)
+
+
+def test_a_file_qemu_writes_is_locked_for_as_long_as_qemu_holds_it(tmp_path: Path) -> None:
+    """The daemon's OFD write lock (QEMU's own locking is off on fdsets): a second VM's
+    open of the same image is refused as in use; a frozen base (read-only) is not locked;
+    the lock goes with the last fd, as when QEMU exits."""
+    image = tmp_path / "image.raw"
+    image.write_bytes(b"\0" * 512)
+    first = open_for_qemu(str(image), True)
+    try:
+        with pytest.raises(FileInUse) as refused:
+            open_for_qemu(str(image), True)
+        assert refused.value.filename == str(image) and "in use" in str(refused.value)
+        # Another QEMU writing the image meets the lock (its own locks are OFD locks too).
+        probe = subprocess.run(["qemu-io", "-f", "raw", "-c", "write 0 512", str(image)], capture_output=True, text=True)
+        assert probe.returncode != 0 and "lock" in probe.stderr, probe.stderr
+        shared = open_for_qemu(str(image), False)
+        os.close(shared[0])
+    finally:
+        for fd in first:
+            os.close(fd)
+    again = open_for_qemu(str(image), True)
+    for fd in again:
+        os.close(fd)
+
+
+def test_a_spec_path_that_cannot_be_opened_is_a_start_failure_naming_it(tmp_path: Path) -> None:
+    image = tmp_path / "image.raw"
+    image.write_bytes(b"\0" * 512)
+    held = open_for_qemu(str(image), True)
+    try:
+        with pytest.raises(OSError) as refused:
+            open_files(VmSpec(image=str(image)), None)
+        assert refused.value.filename == str(image)
+        assert open_files(VmSpec(image=str(image)), None, image_writable=False)[str(image)]  # a frozen base
+    finally:
+        for fd in held:
+            os.close(fd)
 
 
 def _accmode(fd: int) -> int:

@@ -24,6 +24,8 @@ from vmspawnd.snapshot_config import (
     clone_spec_json,
     differing_options,
     disk_device,
+    disk_file,
+    next_fdset,
     normalize_argv,
     refused_clone_fields,
     virtiofs_fields,
@@ -90,6 +92,26 @@ def test_clone_argv_puts_the_disk_on_an_overlay_behind_the_source_device() -> No
         f"driver=qcow2,file.driver=file,file.filename={CLONE_DIR}/disk.qcow2,backing=vmspawn-base,discard=unmap,node-name=vmspawn",
     ]
     assert disk_device(argv) == device  # the guest sees the source's disk, serial and all
+
+
+def test_confined_clones_compare_without_fd_plumbing_and_put_both_disk_nodes_on_fdsets() -> None:
+    """A confined source passes its image read-write (two fds), a clone its frozen base
+    read-only (one): `-add-fd` is plumbing, not configuration. The clone's base stays on
+    the set the daemon passed, its overlay gets the next one; QEMU locks neither (the
+    daemon holds the lock, qemu/handover.py)."""
+    source = argv_of(SOURCE_SPEC, SOURCE_DIR, confined=True, file_fds={IMG: (20, 21)})
+    frozen = "/b/disk.raw"
+    clone = argv_of(dataclasses.replace(SOURCE_SPEC, image=frozen), CLONE_DIR, confined=True, file_fds={frozen: (30,)})
+    assert differing_options(normalize_argv(source, SOURCE_DIR), normalize_argv(clone, CLONE_DIR)) == []
+    base = disk_file(clone)
+    assert base is not None and base.startswith("/dev/fdset/")
+    overlay = f"/dev/fdset/{next_fdset(clone)}"
+    assert overlay != base
+    argv = clone_argv(clone, base=base, overlay=overlay, device=disk_device(source), discard=False)
+    blockdevs = [b for a, b in zip(argv, argv[1:], strict=False) if a == "-blockdev"]
+    assert blockdevs[0] == f"driver=file,filename={base},locking=off,read-only=on,node-name=vmspawn-base-file"
+    assert f"file.filename={overlay},file.locking=off," in blockdevs[2]
+    assert disk_file(source) is not None and disk_file(argv) is None  # the -drive went to the graph
 
 
 def test_clone_spec_is_the_bundle_spec_with_the_clone_own_fields() -> None:

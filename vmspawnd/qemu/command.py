@@ -88,6 +88,13 @@ class _FdSets:
         return f"/dev/fdset/{fdset}"
 
 
+def no_locking(filename: str, option: str = "file.locking") -> str:
+    """`,file.locking=off` for a node QEMU opens through an fdset: QEMU 7.2 cannot take its
+    image locks back through the set after a migration; the daemon holds the lock
+    (qemu/handover.py). Nothing for a path QEMU opens itself."""
+    return f",{option}=off" if filename.startswith("/dev/fdset/") else ""
+
+
 class _Payloads:
     """SMBIOS type 11 payload files: path= keeps them (secrets included) out of the cmdline."""
 
@@ -171,13 +178,13 @@ def build_qemu_command(spec: VmSpec, res: Resources) -> QemuCommand:
     if res.firmware is not None:
         fw = res.firmware
         code = fdsets.file(fw.code_path, argv)
-        argv += ["-drive", f"if=pflash,format={fw.code_format},readonly=on,file={escape_qemu_value(code)}"]
+        argv += ["-drive", f"if=pflash,format={fw.code_format},readonly=on,file={escape_qemu_value(code)}{no_locking(code)}"]
         if fw.secure_boot and fw.vars_path is not None:
             argv += ["-global", "ICH9-LPC.disable_s3=1"]
             argv += ["-global", "driver=cfi.pflash01,property=secure,value=on"]
             # vmspawn uses the executable's format for the vars drive too (docs/reference/systemd-vmspawn.md §3.3).
             nvram = fdsets.file(fw.vars_path, argv)
-            argv += ["-drive", f"file={escape_qemu_value(nvram)},if=pflash,format={fw.code_format}"]
+            argv += ["-drive", f"file={escape_qemu_value(nvram)}{no_locking(nvram)},if=pflash,format={fw.code_format}"]
 
     if spec.linux:
         argv += ["-kernel", res.kernel or spec.linux]
@@ -186,7 +193,10 @@ def build_qemu_command(spec: VmSpec, res: Resources) -> QemuCommand:
         image = fdsets.file(spec.image, argv)
         argv += [
             "-drive",
-            (f"if=none,id=vmspawn,file={escape_qemu_value(image)},format=raw,discard={'on' if spec.discard_disk else 'off'}"),
+            (
+                f"if=none,id=vmspawn,file={escape_qemu_value(image)},format=raw,"
+                f"discard={'on' if spec.discard_disk else 'off'}{no_locking(image)}"
+            ),
         ]
         serial = escape_qemu_value(os.path.basename(spec.image))
         argv += ["-device", f"virtio-blk-pci,drive=vmspawn,bootindex=1,serial={serial}"]
@@ -204,7 +214,7 @@ def build_qemu_command(spec: VmSpec, res: Resources) -> QemuCommand:
             "-blockdev",
             (
                 f"driver=raw,cache.direct=off,cache.no-flush=on,file.driver={driver},"
-                f"file.filename={escape_qemu_value(filename)},node-name={node}"
+                f"file.filename={escape_qemu_value(filename)}{no_locking(filename)},node-name={node}"
             ),
         ]
         serial = escape_qemu_value(os.path.basename(path))

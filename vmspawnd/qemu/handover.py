@@ -8,6 +8,11 @@ which checked them for the caller, opens them and passes the fds:
   QEMU dups the set's fd whose access mode matches each open, and its block layer opens
   a writable file read-only as well (probing, locking), so a writable file's set holds a
   read-write and a read-only fd (as QEMU's own -add-fd example); a read-only file's, one.
+  QEMU's own image locking is off for these (`file.locking=off`): after a migration (a
+  snapshot) QEMU 7.2 cannot take its locks back through a set's fds. The daemon locks
+  instead: an OFD write lock on the read-write fd it passes, held for as long as QEMU
+  holds that fd (its life), which conflicts with the byte locks any other QEMU takes on
+  the file just as QEMU's own would ("in use" instead of two writers).
 - the TAP device: created here (TUNSETIFF needs CAP_NET_ADMIN) and passed as `tap,fd=`.
 
 QEMU 7.2 reads `-kernel` and `-initrd` with fopen/g_file_get_contents (no qemu_open, so no
@@ -18,6 +23,7 @@ are written there by the daemon anyway and handed over the same way.
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import os
 import shutil
@@ -35,20 +41,42 @@ IFF_NO_PI = 0x1000
 IFF_VNET_HDR = 0x4000
 
 
+class FileInUse(OSError):
+    """Another process holds a lock on a file QEMU would write."""
+
+
 def open_for_qemu(path: str, writable: bool) -> tuple[int, ...]:
-    """The fds of `path`'s fdset: read-write and read-only for what QEMU writes, read-only otherwise."""
+    """The fds of `path`'s fdset: read-write and read-only for what QEMU writes (the
+    read-write one write-locked), read-only otherwise."""
     read_only = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     if not writable:
         return (read_only,)
+    read_write = -1
     try:
-        return (os.open(path, os.O_RDWR | os.O_CLOEXEC), read_only)
+        read_write = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+        lock_for_writing(read_write, path)
+        return (read_write, read_only)
     except BaseException:
-        os.close(read_only)
+        close_all(fd for fd in (read_write, read_only) if fd >= 0)
         raise
 
 
-def open_files(spec: VmSpec, firmware: Firmware | None) -> dict[str, tuple[int, ...]]:
+def lock_for_writing(fd: int, path: str) -> None:
+    """An OFD write lock on the whole file: it belongs to the open file description, so it
+    travels with the fd into QEMU and goes when QEMU's last copy closes."""
+    flock = struct.pack("hhqqi4x", fcntl.F_WRLCK, os.SEEK_SET, 0, 0, 0)  # struct flock, whole file
+    try:
+        fcntl.fcntl(fd, fcntl.F_OFD_SETLK, flock)
+    except OSError as exc:
+        if exc.errno in (errno.EAGAIN, errno.EACCES):
+            raise FileInUse(exc.errno, "in use by another process (it holds a lock on the file)", path) from None
+        raise
+
+
+def open_files(spec: VmSpec, firmware: Firmware | None, image_writable: bool = True) -> dict[str, tuple[int, ...]]:
     """Every file QEMU opens through the block layer, opened by the daemon (path → its fds).
+
+    `image_writable` False: the image is a clone's frozen base, read through its overlay.
 
     On a failure the fds opened so far are closed before the error propagates.
     """
@@ -58,7 +86,7 @@ def open_files(spec: VmSpec, firmware: Firmware | None) -> dict[str, tuple[int, 
         if firmware.secure_boot and firmware.vars_path is not None:
             wanted.append((firmware.vars_path, True))
     if spec.image:
-        wanted.append((spec.image, True))
+        wanted.append((spec.image, image_writable))
     wanted += [(path, True) for path in spec.extra_drives]
     opened: dict[str, tuple[int, ...]] = {}
     try:

@@ -202,13 +202,21 @@ def derive_vmgenid(invocation_id: str) -> str:
     return str(uuid.UUID(bytes=bytes(digest)))
 
 
-def resolve_host(spec: VmSpec, name: str, machine_id: str, paths: VmPaths, identity: VmIdentity | None = None) -> HostResources:
+def resolve_host(
+    spec: VmSpec,
+    name: str,
+    machine_id: str,
+    paths: VmPaths,
+    identity: VmIdentity | None = None,
+    frozen_image: bool = False,
+) -> HostResources:
     """Everything the host must answer for the VM, checked before anything starts.
 
     Grows the image and writes the VM's merged initrd and NVRAM copy into its directory.
     With an `identity` (a confined QEMU) the daemon also opens what QEMU would open
     (qemu/handover.py) and copies kernel and initrd for it. The fds are opened last, so
-    nothing can fail with them open: the caller owns them from here on.
+    nothing can fail with them open: the caller owns them from here on. `frozen_image`: the
+    image is a clone's frozen base (snapshot bundle), opened read-only.
     """
     check_spec_paths(spec)
     arch = native_arch()
@@ -223,7 +231,10 @@ def resolve_host(spec: VmSpec, name: str, machine_id: str, paths: VmPaths, ident
     kvm = decide_kvm(spec.kvm)
     drives = block_devices(list(spec.extra_drives))
     machine_id_bytes = host_machine_id()
-    file_fds = handover.open_files(spec, firmware) if identity is not None else {}
+    try:
+        file_fds = handover.open_files(spec, firmware, image_writable=not frozen_image) if identity is not None else {}
+    except OSError as exc:
+        raise StartFailed("resolve", f"{exc.filename}: {exc.strerror or exc}") from None
     tap_fd = vsock_fd = vsock_cid = None
     step = "TAP device"
     try:
