@@ -30,7 +30,7 @@ sys.path.insert(1, str(REPO / "clients"))
 from vmspawnctl.varlink import Connection, JsonObject
 
 from tests.guest.build import Guest, ensure_guest
-from tests.support import Console, Daemon, make_runtime_dir, start_daemon, stop_daemon
+from tests.support import Console, Daemon, make_runtime_dir, start_daemon, stop_daemon, waiting_spec
 
 MANAGER = "io.vmspawnd.Manager"
 MIB = 1024 * 1024
@@ -42,16 +42,8 @@ def call(d: Daemon, method: str, params: dict[str, object] | None = None) -> Jso
 
 
 def spec(guest: Guest, name: str, disk: Path, ram: int) -> dict[str, object]:
-    return {
-        "name": name,
-        "kvm": False,
-        "tpm": False,
-        "ram": ram,
-        "linux": str(guest.kernel),
-        "initrds": [str(guest.initrd)],
-        "image": str(disk),
-        "kernelCmdline": ["vmspawnd_test.mode=wait"],
-    }
+    # tpm off: a clone of a VM with a TPM gets its own swtpm, which the cold start would not need.
+    return waiting_spec(guest, name, tpm=False, ram=ram, image=str(disk))
 
 
 def end(d: Daemon, name: str) -> None:

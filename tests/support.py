@@ -463,15 +463,21 @@ def orphans_reaped() -> Iterator[None]:
         set_subreaper(False)
 
 
-def spawn_waiting(daemon: Daemon, guest: Guest, name: str) -> JsonObject:
-    """Spawn the busybox test guest as `name` (TCG, 256 MiB) idling in its `wait` mode."""
-    spec = {
+def waiting_spec(guest: Guest, name: str, **fields: object) -> dict[str, object]:
+    """The busybox test guest as `name` (TCG, 256 MiB) idling in its `wait` mode, as a
+    Spawn spec; `fields` (wire names) add to it or replace its own."""
+    return {
         "name": name,
         "kvm": False,
         "ram": 256 * 1024 * 1024,
         "linux": str(guest.kernel),
         "initrds": [str(guest.initrd)],
         "kernelCmdline": ["vmspawnd_test.mode=wait"],
+        **fields,
     }
-    machine: JsonObject = daemon.call("Spawn", {"spec": spec})["machine"]
+
+
+def spawn_waiting(daemon: Daemon, guest: Guest, name: str) -> JsonObject:
+    """Spawn the busybox test guest as `name` (waiting_spec)."""
+    machine: JsonObject = daemon.call("Spawn", {"spec": waiting_spec(guest, name)})["machine"]
     return machine

@@ -35,6 +35,7 @@ from tests.support import (
     qemu_processes,
     start_daemon,
     stop_daemon,
+    waiting_spec,
 )
 from vmspawnd.host.process import describe_process
 
@@ -112,19 +113,15 @@ def test_qemu_and_swtpm_run_unprivileged_sandboxed_and_open_only_what_the_daemon
     drive = root_only_file(tmp_path / "second.raw", 2 * MIB)
     secret = root_only_file(tmp_path / "secret.raw")
     qmp_path = qmp_dir / "test.qmp"
-    spec = {
-        "name": "confined",
-        "kvm": False,
-        "ram": 256 * MIB,
-        "linux": str(guest.kernel),
-        "initrds": [str(guest.initrd)],
-        "kernelCmdline": ["vmspawnd_test.mode=wait"],
-        "directory": str(root),
-        "binds": [{"source": str(bind), "target": "/mnt/bind", "readOnly": False}],
-        "tpm": True,
-        "extraDrives": [str(image), str(drive)],
-        "qemuExtra": ["-qmp", f"unix:{qmp_path},server=on,wait=off"],
-    }
+    spec = waiting_spec(
+        guest,
+        "confined",
+        directory=str(root),
+        binds=[{"source": str(bind), "target": "/mnt/bind", "readOnly": False}],
+        tpm=True,
+        extraDrives=[str(image), str(drive)],
+        qemuExtra=["-qmp", f"unix:{qmp_path},server=on,wait=off"],
+    )
     with no_leaks(daemon):
         machine = daemon.call("Spawn", {"spec": spec})["machine"]
         qemu = proc_status(int(machine["qemu"]["pid"]))
@@ -183,15 +180,7 @@ def test_a_qemu_its_sandbox_kills_is_reported_as_such(daemon: Daemon, guest: Gue
     if os.geteuid() != 0:
         pytest.skip("only the system instance (root) confines its VMs")
     qmp_path = qmp_dir / "kill.qmp"
-    spec = {
-        "name": "sandboxed",
-        "kvm": False,
-        "ram": 256 * MIB,
-        "linux": str(guest.kernel),
-        "initrds": [str(guest.initrd)],
-        "kernelCmdline": ["vmspawnd_test.mode=wait"],
-        "qemuExtra": ["-qmp", f"unix:{qmp_path},server=on,wait=off"],
-    }
+    spec = waiting_spec(guest, "sandboxed", qemuExtra=["-qmp", f"unix:{qmp_path},server=on,wait=off"])
     with no_leaks(daemon), EventStream(daemon) as events:
         daemon.call("Spawn", {"spec": spec})
         qmp = Qmp(qmp_path)
@@ -218,15 +207,7 @@ def test_a_forged_state_of_a_confined_vm_is_not_adopted_and_names_nothing_to_sto
         with orphans_reaped():
             first = start_daemon(runtime)
             try:
-                spec = {
-                    "name": "forged",
-                    "kvm": False,
-                    "ram": 256 * MIB,
-                    "linux": str(guest.kernel),
-                    "initrds": [str(guest.initrd)],
-                    "kernelCmdline": ["vmspawnd_test.mode=wait"],
-                }
-                machine = first.call("Spawn", {"spec": spec})["machine"]
+                machine = first.call("Spawn", {"spec": waiting_spec(guest, "forged")})["machine"]
             finally:
                 first.process.send_signal(signal.SIGKILL)
                 first.process.wait()
@@ -263,15 +244,7 @@ def test_qemu_user_root_runs_qemu_as_systemd_vmspawn_does(guest: Guest) -> None:
     try:
         daemon = start_daemon(runtime, "--qemu-user=root")
         try:
-            spec = {
-                "name": "asroot",
-                "kvm": False,
-                "ram": 256 * MIB,
-                "linux": str(guest.kernel),
-                "initrds": [str(guest.initrd)],
-                "kernelCmdline": ["vmspawnd_test.mode=wait"],
-            }
-            machine = daemon.call("Spawn", {"spec": spec})["machine"]
+            machine = daemon.call("Spawn", {"spec": waiting_spec(guest, "asroot")})["machine"]
             pid = int(machine["qemu"]["pid"])
             status = proc_status(pid)
             assert status["Uid"].split() == ["0"] * 4 and status["Seccomp"] == "0"

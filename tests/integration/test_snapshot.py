@@ -23,7 +23,7 @@ import pytest
 from vmspawnctl.varlink import JsonObject, VarlinkError
 
 from tests.guest.build import Guest
-from tests.support import Console, Daemon, make_runtime_dir, orphans_reaped, start_daemon, stop_daemon
+from tests.support import Console, Daemon, make_runtime_dir, orphans_reaped, start_daemon, stop_daemon, waiting_spec
 
 pytestmark = pytest.mark.vm
 
@@ -58,15 +58,7 @@ def disk(runtime: Path) -> Path:
 
 
 def spec(name: str, guest: Guest, disk: Path) -> dict[str, object]:
-    return {
-        "name": name,
-        "kvm": False,
-        "ram": 256 * MIB,
-        "linux": str(guest.kernel),
-        "initrds": [str(guest.initrd)],
-        "image": str(disk),
-        "kernelCmdline": ["vmspawnd_test.mode=wait"],
-    }
+    return waiting_spec(guest, name, image=str(disk))
 
 
 @pytest.fixture(scope="module")
