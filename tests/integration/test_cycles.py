@@ -42,9 +42,10 @@ def tmpdir_daemon() -> Iterator[tuple[Daemon, Path]]:
 
 
 def ours(entry: str) -> bool:
-    """Shared temp entries the daemon or QEMU could create (other tests' runtime dirs aside)."""
+    """Shared temp entries the daemon or QEMU could create (other tests' runtime and
+    short_tmp dirs aside: a test run beside this one must not fail it)."""
     return entry.startswith(("qemu", "vmspawnd.", "vmspawnd-", "swtpm", "virtiofsd", "tmp")) and not entry.startswith(
-        ("vmspawnd-test-", "vmspawnd-cycles-", "tmp.")
+        ("vmspawnd-test-", "vmspawnd-cycles-", "vmspawnd-c-", "tmp.")
     )
 
 
