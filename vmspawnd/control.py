@@ -17,6 +17,8 @@ from typing import Protocol
 
 # A raw QMP event of the VM: (name, data); (None, None) marks the end of the VM.
 QmpEvent = tuple[str | None, dict[str, object] | None]
+# How a QMP exchange waits for QEMU's events: a queue of them while the block runs.
+SubscribeQmp = Callable[[], contextlib.AbstractContextManager[asyncio.Queue[QmpEvent]]]
 
 
 class ControlledMachine(Protocol):

@@ -286,6 +286,9 @@ class Machine:
 
                 step = "cont"
                 await self._unless_qemu_exits(self.monitor.execute("cont"), step)
+                step = "hotplug"
+                for device in command.hotplug:  # a clone's network card: the guest runs again
+                    await self._unless_qemu_exits(self.monitor.execute("device_add", device), step)
 
                 self._supervisor = self._tasks.spawn(self._supervise(), "supervise")
                 stack.pop_all()

@@ -1,13 +1,14 @@
 # SPDX-License-Identifier: LGPL-2.1-or-later
 """Snapshots of a running VM, and clones started from them.
 
-`take_snapshot` pauses the VM, has QEMU write its state into a bundle (qemu/migration.py),
+`take_snapshot` unplugs the VM's network card (qemu/nic.py: the bundle holds none, so each
+clone can plug one with its own MAC), pauses the VM, has QEMU write its state into a bundle (qemu/migration.py),
 freezes the disk and NVRAM next to it while the guest cannot write, records the exact
 QEMU configuration and version, then resumes or stops the VM. `CloneSource` is what a
 clone's `Machine.start` does differently: a qcow2 overlay on the frozen disk, the
 bundle's NVRAM, the argv checked against the bundle and rewritten to read the state, and
 the state loaded before `cont`. Everything else (a new vmgenid guid, runtime directory,
-console, control socket, vsock CID, swtpm) a clone gets as any VM does.
+console, control socket, vsock CID, swtpm, the network card's MAC) a clone gets as any VM does.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from typing import TYPE_CHECKING
 
 from vmspawnd.errors import InvalidState, SnapshotIncompatible
 from vmspawnd.model import MachineState, SnapshotRecord
-from vmspawnd.qemu import handover, migration
+from vmspawnd.qemu import handover, migration, nic
 from vmspawnd.qemu.command import QemuCommand
 from vmspawnd.qemu.monitor import QemuMonitor
 from vmspawnd.qemu.qmp import QmpError
@@ -35,6 +36,7 @@ from vmspawnd.snapshot_config import (
     disk_device,
     disk_file,
     next_fdset,
+    nic_device,
     normalize_argv,
     virtiofs_fields,
 )
@@ -84,7 +86,18 @@ async def take_snapshot(machine: Machine, bundle: Path, name: str, stop: bool) -
         raise InvalidState(machine.name, machine.record.state.value, "snapshot")
     spec = machine.spec
     was_paused = machine.record.paused
+    has_card = spec.network_tap or spec.network_user_mode
+    if has_card and was_paused:
+        raise InvalidState(
+            machine.name, machine.record.state.value, "snapshot (a paused guest cannot release its network card; resume it first)"
+        )
+    card_mac: str | None = None  # set while the source's card is unplugged
     try:
+        if has_card:
+            try:
+                card_mac = await nic.unplug(machine.monitor, machine.subscribe_qmp)
+            except nic.UnplugRefused as exc:
+                raise InvalidState(machine.name, machine.record.state.value, f"snapshot ({exc})") from exc
         if not was_paused:
             await machine.pause()
         try:
@@ -117,13 +130,19 @@ async def take_snapshot(machine: Machine, bundle: Path, name: str, stop: bool) -
         write_metadata(bundle, record)
     except BaseException:
         shutil.rmtree(bundle, ignore_errors=True)
-        if not was_paused and not stop and machine.record.state.is_active:
-            await machine.resume()
+        if machine.record.state.is_active:
+            if card_mac is not None:
+                await nic.plug(machine.monitor, card_mac)
+            if not was_paused:
+                await machine.resume()
         raise
     _log.info("%s: snapshot %s written in %.2fs (%d bytes of state)", machine.name, bundle, save_seconds, record.state_size)
     if stop:
         await machine.terminate()
-    elif not was_paused:
+        return record
+    if card_mac is not None:
+        await nic.plug(machine.monitor, card_mac)  # the source's own card, its MAC unchanged
+    if not was_paused:
         await machine.resume()
     return record
 
@@ -167,13 +186,16 @@ class CloneSource:
 
     def adapt(self, command: QemuCommand, paths: VmPaths, discard: bool, overlay_fds: tuple[int, ...] = ()) -> QemuCommand:
         """The clone's command: refused unless it is the source's configuration, then the
-        disk on the overlay (passed as `overlay_fds` to a confined QEMU) and `-incoming defer`."""
+        disk on the overlay (passed as `overlay_fds` to a confined QEMU), `-incoming defer`,
+        and the network card (with the clone's own MAC) plugged after `cont`."""
         differing = differing_options(self.bundle.argv, normalize_argv(command.argv, str(paths.directory)))
         if differing:
             raise SnapshotIncompatible(
                 self.reference, differing, "the clone's QEMU configuration differs from the one the state was saved with"
             )
         argv, fds = list(command.argv), list(command.pass_fds)
+        card = nic_device(argv)  # what a VM of the clone's name gets, plugged after `cont`
+        hotplug = [nic.device_properties(nic.mac_of(card))] if card is not None else []
         overlay = str(paths.directory / OVERLAY)
         if overlay_fds:
             fdset = next_fdset(argv)
@@ -188,7 +210,7 @@ class CloneSource:
             device=self.bundle.disk_device or None,
             discard=discard,
         )
-        return dataclasses.replace(command, argv=argv, pass_fds=fds)
+        return dataclasses.replace(command, argv=argv, pass_fds=fds, hotplug=command.hotplug + hotplug)
 
     async def load(self, monitor: QemuMonitor, subscribe: migration.Subscribe) -> None:
         """Check QEMU's version against the bundle's, then load the state (the VM stays

@@ -13,9 +13,10 @@ bundle and its disk from a qcow2 overlay on the bundle's frozen base (`clone_arg
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 from vmspawnd.errors import to_camel
+from vmspawnd.qemu import nic
 from vmspawnd.qemu.command import no_locking
 
 # Spec fields a clone takes from the bundle and may not change: they shape the virtual
@@ -33,7 +34,6 @@ FROZEN_FIELDS = (
     "tpm",
     "network_tap",
     "network_user_mode",
-    "network_mac",
     "firmware",
     "secure_boot",
     "discard_disk",
@@ -54,8 +54,9 @@ CLONE_OVERRIDES: dict[str, object] = {
     "tpmState": "off",  # the TPM state travels in the migration stream; each clone's swtpm is its own
     "notifyReady": False,  # the guest booted long ago and sends no second READY=1
 }
-# Fields that name the VM itself and are the clone's own, never the source's.
-OWN_FIELDS = ("name", "uuid", "vsockCid")
+# Fields that name the VM itself and are the clone's own, never the source's. The MAC is:
+# the bundle holds no network card, each clone plugs its own (qemu/nic.py).
+OWN_FIELDS = ("name", "uuid", "vsockCid", "networkMac")
 
 VIRTIOFS_FIELDS = ("directory", "binds", "bindUsers")
 
@@ -107,10 +108,11 @@ def normalize_argv(argv: Sequence[str], vm_directory: str) -> list[str]:
     """`argv` with what legitimately differs per VM blanked: its runtime directory, fd
     numbers, the vmgenid guid, the vsock CID, the TAP name and MAC, the UUID, and the disk's
     path and serial (a clone's disk is an overlay with the source's serial, see clone_argv),
-    and `-add-fd` (which fds a confined QEMU's files arrive on)."""
+    and `-add-fd` (which fds a confined QEMU's files arrive on); the network card is left
+    out (a snapshot unplugs it from the source, a clone plugs its own after the restore)."""
     out: list[str] = []
     previous = ""
-    for word in argv[1:]:  # the binary's path may differ; its version is checked on its own
+    for word in _without_nic(argv)[1:]:  # the binary's path may differ; its version is checked on its own
         if word == "-add-fd" or previous == "-add-fd":
             # Plumbing of a confined QEMU: which fds carry the files, not what the guest sees
             # (the drives name their sets; a clone's frozen base is one read-only fd).
@@ -151,12 +153,30 @@ def differing_options(saved: Sequence[str], clone: Sequence[str]) -> list[str]:
     return [f"{option} {value}".rstrip() for option, value in missing + extra]
 
 
+def _without_nic(argv: Sequence[str]) -> list[str]:
+    """`argv` without the network card's `-device` (its root port and netdev stay)."""
+    out: list[str] = []
+    for word in argv:
+        if out and out[-1] == "-device" and nic.is_device_options(word):
+            out.pop()
+        else:
+            out.append(word)
+    return out
+
+
+def _device(argv: Sequence[str], matches: Callable[[str], bool]) -> str | None:
+    """The first `-device` value of `argv` that `matches`, None without one."""
+    return next((word for previous, word in zip(argv, argv[1:], strict=False) if previous == "-device" and matches(word)), None)
+
+
+def nic_device(argv: Sequence[str]) -> str | None:
+    """The argv's network card (qemu/nic.py), None without one."""
+    return _device(argv, nic.is_device_options)
+
+
 def disk_device(argv: Sequence[str]) -> str | None:
     """The guest-visible disk device of an argv (its serial included), None without one."""
-    for previous, word in zip(argv, argv[1:], strict=False):
-        if previous == "-device" and word.startswith(DISK_DEVICE_PREFIX):
-            return word
-    return None
+    return _device(argv, lambda word: word.startswith(DISK_DEVICE_PREFIX))
 
 
 def disk_file(argv: Sequence[str]) -> str | None:
@@ -185,10 +205,11 @@ def clone_argv(argv: Sequence[str], *, base: str, overlay: str, device: str | No
     """A clone's argv from the one built for its spec: the disk becomes a qcow2 `overlay`
     on the bundle's read-only raw `base` as an explicit -blockdev graph (no backing path
     followed, so each node can be an fdset: `base` and `overlay` may be /dev/fdset/N), behind
-    the source's exact device (`device`, serial included), and QEMU waits for its state (`-incoming defer`)."""
+    the source's exact device (`device`, serial included), without the network card (the
+    clone plugs it after `cont`), and QEMU waits for its state (`-incoming defer`)."""
     out: list[str] = []
     previous = ""
-    for word in argv:
+    for word in _without_nic(argv):
         if previous == "-drive" and word.startswith(DISK_DRIVE_PREFIX):
             out[-1] = "-blockdev"
             out += [

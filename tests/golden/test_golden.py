@@ -129,7 +129,7 @@ class _Launch:
                 fd = self._open_for_fdset(_opt_value(arg, "opaque") or "", writable)
                 fds.append(fd)
                 arg = arg.replace(f"fd={_opt_value(arg, 'fd')},", f"fd={fd},", 1)
-            elif prev == "-nic" and arg.startswith("tap,fd="):
+            elif prev == "-netdev" and arg.startswith("tap,fd="):
                 fd = open_tap(f"gold{os.getpid() % 100000}")
                 self.fds.append(fd)
                 fds.append(fd)

@@ -2,7 +2,9 @@
 """Snapshots and clones of a real guest (issue #17): the busybox test guest with a raw
 disk, saved once, restored into clones that each answer on their console, see the
 vmgenid change (the guest kernel logs the "virtual machine fork"), write to their own
-disk only, and stop and go cleanly. Refusals are typed and name what is in the way.
+disk only, have a network card with a MAC of their own (the source's card is unplugged
+for the snapshot and plugged back), and stop and go cleanly. Refusals are typed and name
+what is in the way.
 
 At most two VMs at once (the machine's limit), except the "at once" test, which stops the
 source first and runs three clones together.
@@ -24,6 +26,8 @@ from vmspawnctl.varlink import JsonObject, VarlinkError
 
 from tests.guest.build import Guest
 from tests.support import Console, Daemon, make_runtime_dir, orphans_reaped, start_daemon, stop_daemon, waiting_spec
+from vmspawnd.qemu.resolve import host_machine_id
+from vmspawnd.qemu.siphash import derive_mac
 
 pytestmark = pytest.mark.vm
 
@@ -57,8 +61,27 @@ def disk(runtime: Path) -> Path:
     return path
 
 
+# As root the daemon creates each VM's TAP device (vt-NAME) and derives its MAC from the
+# host's machine-id and the VM's name; a user instance has user-mode networking, where every
+# VM has QEMU's default MAC (as with systemd-vmspawn), so only root checks MACs.
+AS_ROOT = os.geteuid() == 0
+NETWORK = {"networkTap": True} if AS_ROOT else {"networkUserMode": True}
+# What the source's guest reported around its snapshot (the bundle fixture fills it).
+SOURCE_FACTS: dict[str, str] = {}
+
+
 def spec(name: str, guest: Guest, disk: Path) -> dict[str, object]:
-    return waiting_spec(guest, name, image=str(disk))
+    return waiting_spec(guest, name, image=str(disk), **NETWORK)
+
+
+def guest_mac(console: Console) -> str:
+    """The MAC of the guest's eth0, once the (hot-plugged) card has appeared."""
+    return run(
+        console,
+        "for i in $(seq 100); do [ -e /sys/class/net/eth0 ] && break; sleep 0.1; done;"
+        " echo mac$((1+0))-[$(cat /sys/class/net/eth0/address)]",
+        "mac1",
+    )
 
 
 @pytest.fixture(scope="module")
@@ -69,10 +92,18 @@ def bundle(sdaemon: Daemon, guest: Guest, disk: Path) -> JsonObject:
     confined_as_root(machine)
     with Console(machine) as console:
         console.wait_for(r"guest# ")
+        SOURCE_FACTS["mac before"] = guest_mac(console)
+        sdaemon.call("Pause", {"name": SOURCE})
+        with pytest.raises(VarlinkError) as paused:
+            sdaemon.call("Snapshot", {"name": SOURCE, "bundle": BUNDLE})
+        SOURCE_FACTS["paused refusal"] = f"{paused.value.short_name}: {paused.value.parameters}"
+        sdaemon.call("Resume", {"name": SOURCE})
         snapshot = sdaemon.call("Snapshot", {"name": SOURCE, "bundle": BUNDLE})["snapshot"]
         # The source runs on after the snapshot: its console answers, and its disk is its own.
         console.send("printf SOURCE > /dev/vda && sync && echo source-$((6*7))\r")
         console.wait_for(r"source-42")
+        SOURCE_FACTS["mac after"] = guest_mac(console)
+        SOURCE_FACTS["cards"] = run(console, "echo cards$((1+0))-[$(ls /sys/class/net | tr '\\n' ' ')]", "cards1")
     sdaemon.call("Terminate", {"name": SOURCE})
     sdaemon.call("Remove", {"name": SOURCE})
     assert isinstance(snapshot, dict)
@@ -85,9 +116,15 @@ def run(console: Console, command: str, marker: str) -> str:
     return console.wait_for(marker + r"-\[([^\]\r\n]*)\]", timeout=60).group(1)
 
 
-def check_clone(console: Console, index: int) -> None:
+def check_clone(console: Console, index: int, name: str) -> str:
     """Answers, saw the vmgenid change, and finds the disk as the snapshot left it (none
-    of the source's or other clones' later writes), then writes its own marker."""
+    of the source's or other clones' later writes), then writes its own marker; has a
+    network card with the MAC a VM of its name gets; that MAC."""
+    mac = guest_mac(console)
+    if AS_ROOT:
+        machine_id = host_machine_id()
+        assert machine_id is not None and mac == derive_mac(machine_id, name)
+        assert mac != SOURCE_FACTS["mac before"]
     forks = run(console, "echo fork-[$(dmesg | grep -c 'crng reseeded due to virtual machine fork')]", "fork")
     assert int(forks) >= 1
     before = run(
@@ -99,6 +136,7 @@ def check_clone(console: Console, index: int) -> None:
         console, "echo 3 > /proc/sys/vm/drop_caches; echo disk$((2+0))-[$(head -c 16 /dev/vda | tr -dc A-Z0-9-)]", "disk2"
     )
     assert after == f"CLONE-{index}"
+    return mac
 
 
 def qemu_vmgenid(machine: JsonObject) -> str:
@@ -143,8 +181,17 @@ def test_snapshot_bundle_is_private_and_records_the_source(sdaemon: Daemon, bund
     assert [s["name"] for s in sdaemon.call("ListSnapshots")["snapshots"]] == [BUNDLE]
 
 
+def test_the_source_keeps_its_card_and_its_mac(bundle: JsonObject) -> None:
+    """The snapshot unplugged the source's card (the bundle holds none) and plugged it
+    back with its MAC; a paused source was refused first (its guest cannot eject a card)."""
+    assert SOURCE_FACTS["mac after"] == SOURCE_FACTS["mac before"] != ""
+    assert SOURCE_FACTS["cards"].split() == ["eth0", "lo"]
+    assert SOURCE_FACTS["paused refusal"].startswith("InvalidState:")
+    assert "network card" in SOURCE_FACTS["paused refusal"]
+
+
 def test_three_clones_in_a_row(sdaemon: Daemon, bundle: JsonObject) -> None:
-    guids = set()
+    guids, macs = set(), set()
     for index in range(3):
         name = f"clone{index}"
         started = time.monotonic()
@@ -153,14 +200,16 @@ def test_three_clones_in_a_row(sdaemon: Daemon, bundle: JsonObject) -> None:
         with Console(machine) as console:
             assert run(console, "echo answer-[$((6*7))]", "answer") == "42"
             print(f"{name}: console answered {time.monotonic() - started:.2f}s after Spawn")
-            check_clone(console, index)
+            macs.add(check_clone(console, index, name))
         guids.add(qemu_vmgenid(machine))
         stop_and_remove(sdaemon, name)
     assert len(guids) == 3
+    assert len(macs) == (3 if AS_ROOT else 1)
 
 
 def test_three_clones_at_once(sdaemon: Daemon, bundle: JsonObject) -> None:
     names = [f"many{index}" for index in range(3)]
+    macs = set()
     with concurrent.futures.ThreadPoolExecutor(3) as pool:
         machines = list(
             pool.map(lambda n: sdaemon.call("Spawn", {"spec": {"name": n}, "fromSnapshot": BUNDLE})["machine"], names)
@@ -168,8 +217,9 @@ def test_three_clones_at_once(sdaemon: Daemon, bundle: JsonObject) -> None:
     try:
         for index, machine in enumerate(machines):
             with Console(machine) as console:
-                check_clone(console, index)
+                macs.add(check_clone(console, index, names[index]))
         assert len({qemu_vmgenid(m) for m in machines}) == 3
+        assert len(macs) == (3 if AS_ROOT else 1)
     finally:
         for name in names:
             stop_and_remove(sdaemon, name)

@@ -100,17 +100,38 @@ def test_notify_address_inline() -> None:
     )
 
 
+def _card(argv: list[str]) -> tuple[dict[str, str], dict[str, str]]:
+    """The network card's netdev and device options (qemu/nic.py)."""
+    (netdev,) = args_after(argv, "-netdev")
+    (device,) = [d for d in args_after(argv, "-device") if d.startswith("virtio-net-pci,")]
+    return dict(split_qemu_opts(netdev)), dict(split_qemu_opts(device))
+
+
 def test_tap_mac_derived_from_machine_id_and_name() -> None:
     from vmspawnd.qemu.siphash import derive_mac
 
     spec, res = SCENARIOS["network-tap"]
-    (nic,) = args_after(build_qemu_command(spec, res).argv, "-nic")
-    opts = dict(split_qemu_opts(nic))
-    assert opts["ifname"] == "vt-fedora" and opts["mac"] == derive_mac(res.host_machine_id or b"", "fedora")
+    netdev, device = _card(build_qemu_command(spec, res).argv)
+    assert netdev["ifname"] == "vt-fedora" and device["mac"] == derive_mac(res.host_machine_id or b"", "fedora")
     spec, res = SCENARIOS["network-tap-long-name"]
-    (nic,) = args_after(build_qemu_command(spec, res).argv, "-nic")
-    ifname = dict(split_qemu_opts(nic))["ifname"]
-    assert len(ifname) == 15 and ifname.startswith("vt-a-very-l")
+    netdev, _ = _card(build_qemu_command(spec, res).argv)
+    assert len(netdev["ifname"]) == 15 and netdev["ifname"].startswith("vt-a-very-l")
+
+
+@pytest.mark.parametrize("scenario", ["network-tap", "network-tap-mac", "network-user"])
+def test_the_card_sits_on_its_own_root_port_and_reaches_its_netdev(scenario: str) -> None:
+    """Unpluggable for snapshots: on a pcie-root-port, not the root bus (-nic)."""
+    spec, res = SCENARIOS[scenario]
+    argv = build_qemu_command(spec, res).argv
+    netdev, device = _card(argv)
+    (port,) = [dict(split_qemu_opts(d)) for d in args_after(argv, "-device") if d.startswith("pcie-root-port,")]
+    assert device["bus"] == port["id"] and device["netdev"] == netdev["id"] and "-nic" not in argv
+
+
+def test_a_vm_without_network_has_no_card_and_no_port() -> None:
+    spec, res = SCENARIOS["image-minimal"]
+    argv = build_qemu_command(spec, res).argv
+    assert args_after(argv, "-nic") == ["none"] and not [d for d in args_after(argv, "-device") if "pcie-root-port" in d]
 
 
 def test_vsock_fd_is_passed() -> None:

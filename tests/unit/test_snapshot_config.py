@@ -16,6 +16,7 @@ import pytest
 from tests.golden.scenarios import BASE, IMG
 from vmspawnd.errors import InvalidSpec, NoSuchSnapshot
 from vmspawnd.model import SnapshotRecord
+from vmspawnd.qemu import nic
 from vmspawnd.qemu.command import build_qemu_command
 from vmspawnd.qemu.resources import Resources
 from vmspawnd.snapshot_bundle import BundleStore, write_metadata
@@ -26,6 +27,7 @@ from vmspawnd.snapshot_config import (
     disk_device,
     disk_file,
     next_fdset,
+    nic_device,
     normalize_argv,
     refused_clone_fields,
     virtiofs_fields,
@@ -114,6 +116,32 @@ def test_confined_clones_compare_without_fd_plumbing_and_put_both_disk_nodes_on_
     assert disk_file(source) is not None and disk_file(argv) is None  # the -drive went to the graph
 
 
+NETWORKED = dataclasses.replace(SOURCE_SPEC, network_tap=True)
+
+
+def test_the_card_is_not_configuration_and_a_clone_plugs_its_own_after_cont() -> None:
+    """A snapshot unplugs the source's card: neither its recorded argv nor a clone's carry
+    one (an extra device would sit in the restored guest unannounced); the clone's card,
+    with the MAC a VM of its name gets, is what Machine.start plugs after `cont`."""
+    source = argv_of(NETWORKED, SOURCE_DIR)
+    clone_spec = dataclasses.replace(NETWORKED, name="clone", image="/b/disk.raw")
+    clone = argv_of(clone_spec, CLONE_DIR)
+    card, clone_card = nic_device(source), nic_device(clone)
+    assert card is not None and clone_card is not None
+    assert nic.mac_of(card) != nic.mac_of(clone_card)  # derived from each VM's name
+    saved = normalize_argv(source, SOURCE_DIR)
+    assert nic_device(saved) is None and "-netdev" in saved  # the backend and its port stay
+    assert differing_options(saved, normalize_argv(clone, CLONE_DIR)) == []
+    argv = clone_argv(clone, base="/b/disk.raw", overlay=f"{CLONE_DIR}/disk.qcow2", device=None, discard=True)
+    assert nic_device(argv) is None and f"id={nic.PORT_ID}" in ",".join(argv)
+
+
+def test_a_source_without_network_and_a_networked_clone_differ() -> None:
+    saved = normalize_argv(argv_of(SOURCE_SPEC, SOURCE_DIR), SOURCE_DIR)
+    networked = normalize_argv(argv_of(NETWORKED, CLONE_DIR), CLONE_DIR)
+    assert "-nic none" in differing_options(saved, networked)
+
+
 def test_clone_spec_is_the_bundle_spec_with_the_clone_own_fields() -> None:
     bundle = {"name": "src", "image": "/img/src.raw", "ram": 268435456, "growImage": 1 << 30, "uuid": "u", "tpm": True}
     spec = clone_spec_json(bundle, {"name": "c1", "register": False}, disk="/b/disk.raw")
@@ -133,6 +161,12 @@ def test_refused_fields_are_those_that_shape_the_hardware() -> None:
     bundle = {"name": "src", "image": "/img/src.raw", "ram": 268435456, "cpus": "2"}
     request = {"name": "c", "ram": 536870912, "cpus": "2", "register": False, "binds": [{"source": "/a", "target": "/b"}]}
     assert refused_clone_fields(bundle, request) == ["ram", "binds"]
+    # The MAC is the clone's own (its card is plugged after the restore), the TAP mode is not.
+    assert (
+        refused_clone_fields({"networkTap": True, "networkMac": "02:00:00:00:00:01"}, {"networkMac": "02:00:00:00:00:02"}) == []
+    )
+    assert refused_clone_fields({"networkTap": True}, {"networkTap": False}) == ["networkTap"]
+    assert "networkMac" not in clone_spec_json({"networkTap": True, "networkMac": "02:00:00:00:00:01"}, {"name": "c"}, None)
     assert virtiofs_fields({"directory": "/srv/root", "binds": []}) == ["directory"]
 
 

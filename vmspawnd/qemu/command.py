@@ -8,7 +8,7 @@ so this function can be golden-tested scenario by scenario (libvirt's way).
 The argument order follows systemd-vmspawn 259 (docs/reference/systemd-vmspawn.md §3.0). Where a
 daemon must differ, docs/deviations.md says so (`-S` and a QMP monitor on a daemon-made
 socket, the console chardev on a daemon-made socket with `logfile=` instead of a pty,
-payload file names, vmgenid, ...); nothing else may differ, and the goldens in
+payload file names, vmgenid, the network card on its own root port, ...); nothing else may differ, and the goldens in
 tests/golden/ pin it scenario by scenario.
 """
 
@@ -20,6 +20,7 @@ import math
 import os
 
 from vmspawnd.errors import InvalidSpec
+from vmspawnd.qemu import nic
 from vmspawnd.qemu.opts import escape_qemu_value
 from vmspawnd.qemu.resources import Resources, VirtiofsShare
 from vmspawnd.qemu.siphash import derive_mac, shorten_tap_name
@@ -33,6 +34,8 @@ class QemuCommand:
     argv: list[str]
     pass_fds: list[int]
     files: dict[str, bytes] = dataclasses.field(default_factory=dict)  # path → content, written 0600 first
+    # device_add arguments of devices plugged after `cont` (a clone's network card: snapshot.py).
+    hotplug: list[dict[str, str]] = dataclasses.field(default_factory=list)
 
 
 def is_x86(arch: str) -> bool:
@@ -144,15 +147,18 @@ def build_qemu_command(spec: VmSpec, res: Resources) -> QemuCommand:
     if x86:
         argv += ["-device", f"vmgenid,guid={res.vmgenid or 'auto'}"]
 
+    # Daemon deviation: the card on a root port of its own, unpluggable for snapshots (qemu/nic.py).
     if spec.network_tap:
         mac = spec.network_mac
         if mac is None:
             if res.host_machine_id is None:
                 raise InvalidSpec("networkTap", "the host has no /etc/machine-id to derive the MAC from")
             mac = derive_mac(res.host_machine_id, name)
-        argv += ["-nic", f"{_tap(name, res, fds)},model=virtio-net-pci,mac={mac}"]
+        argv += ["-netdev", f"{_tap(name, res, fds)},id={nic.NETDEV_ID}"]
+        argv += ["-device", nic.port_options(), "-device", nic.device_options(mac)]
     elif spec.network_user_mode:
-        argv += ["-nic", "user,model=virtio-net-pci"]
+        argv += ["-netdev", f"user,id={nic.NETDEV_ID}"]
+        argv += ["-device", nic.port_options(), "-device", nic.device_options(None)]
     else:
         argv += ["-nic", "none"]
 

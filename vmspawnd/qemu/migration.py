@@ -12,13 +12,11 @@ from `query-migrate`.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 import time
-from collections.abc import Callable
 from pathlib import Path
 
-from vmspawnd.control import QmpEvent
+from vmspawnd.control import QmpEvent, SubscribeQmp
 from vmspawnd.errors import NotConnected, Timeout
 from vmspawnd.qemu.monitor import QemuMonitor
 
@@ -27,7 +25,7 @@ MAX_BANDWIDTH = 1 << 40  # bytes/s: the default (128 MiB/s) is for live links, n
 DEFAULT_TIMEOUT = 300.0  # a 16 GiB guest written at ~1 GB/s, with room
 END_STATES = ("completed", "failed", "cancelled")
 
-Subscribe = Callable[[], contextlib.AbstractContextManager[asyncio.Queue[QmpEvent]]]
+Subscribe = SubscribeQmp
 
 
 class MigrationFailed(Exception):
