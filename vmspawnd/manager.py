@@ -39,7 +39,7 @@ from vmspawnd.machine import Machine
 from vmspawnd.model import STATE_FORMAT_VERSION, MachineRecord, MachineState, SnapshotRecord
 from vmspawnd.runtime_dir import make_private_dir, new_machine_id, read_json
 from vmspawnd.settings import Settings
-from vmspawnd.snapshot import CloneSource, take_snapshot
+from vmspawnd.snapshot import CloneSource, refuse_unless_snapshottable, take_snapshot
 from vmspawnd.snapshot_bundle import DISK, BundleStore
 from vmspawnd.snapshot_config import clone_spec_json, refused_clone_fields, virtiofs_fields
 from vmspawnd.spec import VmSpec, wire
@@ -165,6 +165,7 @@ class Manager:
         machine = self.get(name)
         if name in self._snapshotting:
             raise InvalidState(name, machine.record.state.value, "snapshot (a snapshot of it is being taken)")
+        refuse_unless_snapshottable(machine, bundle or output or name)
         self._snapshotting.add(name)
         try:
             path = self.snapshots.new_bundle(bundle or name, output)

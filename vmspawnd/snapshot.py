@@ -74,23 +74,33 @@ def _qemu_argv(machine: Machine) -> list[str]:
     return [word.decode() for word in raw.split(b"\0")[:-1]]
 
 
+def _has_card(machine: Machine) -> bool:
+    return machine.spec.network_tap or machine.spec.network_user_mode
+
+
+def refuse_unless_snapshottable(machine: Machine, reference: str) -> None:
+    """Raise what keeps `machine` from being saved, before anything is touched: virtiofs
+    shares (SnapshotIncompatible naming them), a VM that does not run, a paused one with a
+    network card (its guest must eject the card first: InvalidState)."""
+    shares = virtiofs_fields(machine.record.spec)
+    if shares:
+        raise SnapshotIncompatible(reference, shares, "virtiofs shares (vhost-user-fs) cannot be migrated")
+    state = machine.record.state
+    if state not in (MachineState.RUNNING, MachineState.READY):
+        raise InvalidState(machine.name, state.value, "snapshot")
+    if _has_card(machine) and machine.record.paused:
+        raise InvalidState(machine.name, state.value, "snapshot (a paused guest cannot release its network card; resume it first)")
+
+
 async def take_snapshot(machine: Machine, bundle: Path, name: str, stop: bool) -> SnapshotRecord:
     """Save `machine` into the empty directory `bundle`; resume it (or stop it, `stop`).
 
-    On failure the bundle is deleted and a VM that was running runs again.
+    The caller has checked `refuse_unless_snapshottable` first. On failure the bundle is
+    deleted and a VM that was running runs again, with its network card.
     """
-    shares = virtiofs_fields(machine.record.spec)
-    if shares:
-        raise SnapshotIncompatible(name, shares, "virtiofs shares (vhost-user-fs) cannot be migrated")
-    if machine.record.state not in (MachineState.RUNNING, MachineState.READY):
-        raise InvalidState(machine.name, machine.record.state.value, "snapshot")
     spec = machine.spec
     was_paused = machine.record.paused
-    has_card = spec.network_tap or spec.network_user_mode
-    if has_card and was_paused:
-        raise InvalidState(
-            machine.name, machine.record.state.value, "snapshot (a paused guest cannot release its network card; resume it first)"
-        )
+    has_card = _has_card(machine)
     card_mac: str | None = None  # set while the source's card is unplugged
     try:
         if has_card:

@@ -190,3 +190,22 @@ async def test_an_unreadable_record_is_discarded_with_its_processes(fake_host: F
     assert not Path(before.runtime_directory).exists()
     reap(before.reaper.pid)
     assert fake_host.processes() == []  # found by the directory on their command lines and stopped
+
+
+@pytest.mark.asyncio
+async def test_a_vm_that_cannot_be_saved_is_refused_before_a_bundle_is_made(fake_host: FakeHost) -> None:
+    """A paused VM with a network card (its guest must eject the card for the save) and a
+    VM that no longer runs: InvalidState naming why, and the store stays empty."""
+    manager = manager_for(fake_host)
+    await manager.spawn(fake_host.spec("net", networkUserMode=True), UID)
+    machine = manager.get("net")
+    await machine.pause()
+    with pytest.raises(InvalidState) as paused:
+        await manager.snapshot("net", None, None, stop=False)
+    assert "network card" in str(paused.value) and not manager.snapshots.root.exists()
+    await machine.resume()
+    await machine.power_off()
+    with pytest.raises(InvalidState):
+        await manager.snapshot("net", "later", None, stop=False)
+    assert not manager.snapshots.root.exists()  # not even the store: nothing was made
+    await stop_all(manager)
