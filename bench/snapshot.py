@@ -7,7 +7,10 @@ In one run, against one daemon and the same test guest (busybox on a raw disk, T
 * clone: Spawn{fromSnapshot} → the console answers a command typed at once (the computed
   `echo $((6*7))` comes back, so the guest really runs);
 * snapshot: for each RAM size, the time of the Snapshot call and of QEMU's save alone,
-  and the size of the state file.
+  and the size of the state file;
+* networked (as root: TAP networking): the Snapshot call of a source with a network card
+  (the guest ejects it first, qemu/nic.py), and per clone Spawn → console answer and
+  Spawn → the guest sees its own card (eth0 with the clone's MAC).
 
 Nothing is asserted; the figures go to a JSON file and a markdown table on stdout.
 Usage: flock /tmp/vmspawnd-vm.lock .venv/bin/python bench/snapshot.py --json=bench/results/snapshot.json
@@ -17,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import statistics
 import sys
@@ -41,9 +45,9 @@ def call(d: Daemon, method: str, params: dict[str, object] | None = None) -> Jso
         return conn.call(f"{MANAGER}.{method}", params)
 
 
-def spec(guest: Guest, name: str, disk: Path, ram: int) -> dict[str, object]:
+def spec(guest: Guest, name: str, disk: Path, ram: int, **fields: object) -> dict[str, object]:
     # tpm off: a clone of a VM with a TPM gets its own swtpm, which the cold start would not need.
-    return waiting_spec(guest, name, tpm=False, ram=ram, image=str(disk))
+    return waiting_spec(guest, name, tpm=False, ram=ram, image=str(disk), **fields)
 
 
 def end(d: Daemon, name: str) -> None:
@@ -51,10 +55,10 @@ def end(d: Daemon, name: str) -> None:
     call(d, "Remove", {"name": name})
 
 
-def cold_start(d: Daemon, guest: Guest, name: str, disk: Path, ram: int) -> tuple[float, Console]:
+def cold_start(d: Daemon, guest: Guest, name: str, disk: Path, ram: int, **fields: object) -> tuple[float, Console]:
     """Seconds from Spawn to the shell prompt; the console is left open for the caller."""
     started = time.perf_counter()
-    machine = call(d, "Spawn", {"spec": spec(guest, name, disk, ram)})["machine"]
+    machine = call(d, "Spawn", {"spec": spec(guest, name, disk, ram, **fields)})["machine"]
     console = Console(machine)
     console.wait_for(r"guest# ", timeout=300)
     return time.perf_counter() - started, console
@@ -69,6 +73,52 @@ def clone_start(d: Daemon, name: str, bundle: str) -> tuple[float, float]:
         console.send("echo answer-$((6*7))\r")
         console.wait_for(r"answer-42", timeout=60)
     return spawned, time.perf_counter() - started
+
+
+# Polls for the hot-plugged card from inside the guest (no round trip per poll); the marker
+# is computed so that the echoed command line does not match it.
+CARD_WAIT = "while [ ! -e /sys/class/net/eth0 ]; do sleep 0.01; done; echo card$((1+0))-[$(cat /sys/class/net/eth0/address)]\r"
+
+
+def networked_clone_start(d: Daemon, name: str, bundle: str) -> tuple[float, float, str]:
+    """Seconds from Spawn{fromSnapshot} to the console's answer and to the guest's own
+    card; the MAC the guest sees."""
+    started = time.perf_counter()
+    machine = call(d, "Spawn", {"spec": {"name": name}, "fromSnapshot": bundle})["machine"]
+    with Console(machine) as console:
+        console.send("echo answer-$((6*7))\r")
+        console.wait_for(r"answer-42", timeout=60)
+        answered = time.perf_counter() - started
+        console.send(CARD_WAIT)
+        mac = console.wait_for(r"card1-\[([0-9a-f:]+)\]", timeout=60).group(1)
+    return answered, time.perf_counter() - started, mac
+
+
+def networked(d: Daemon, guest: Guest, disk: Path, runs: int) -> dict[str, object]:
+    """The networked series (TAP: root only)."""
+    _, console = cold_start(d, guest, "netsrc", disk, 256 * MIB, networkTap=True)
+    started = time.perf_counter()
+    call(d, "Snapshot", {"name": "netsrc", "bundle": "net", "stop": True})
+    snapshot_seconds = time.perf_counter() - started
+    console.close()
+    call(d, "Remove", {"name": "netsrc"})
+    answers: list[float] = []
+    cards: list[float] = []
+    macs: set[str] = set()
+    for i in range(runs):
+        answer, card, mac = networked_clone_start(d, f"netclone{i}", "net")
+        answers.append(answer)
+        cards.append(card)
+        macs.add(mac)
+        end(d, f"netclone{i}")
+        print(f"networked clone {i}: console answer {answer:.2f}s, own card {card:.2f}s ({mac})", file=sys.stderr)
+    call(d, "RemoveSnapshot", {"bundle": "net"})
+    return {
+        "snapshot_call_s": round(snapshot_seconds, 3),
+        "clone_start_to_answer": answers,
+        "clone_start_to_own_card": cards,
+        "distinct_macs": len(macs),
+    }
 
 
 def median(xs: list[float]) -> float:
@@ -134,6 +184,10 @@ def main() -> None:
             sizes.append(row)
             print(f"snapshot {row}", file=sys.stderr)
         report["snapshots"] = sizes
+        if os.geteuid() == 0:
+            report["networked"] = networked(d, guest, disk, args.runs)
+        else:
+            print("networked series skipped: TAP networking needs root", file=sys.stderr)
     finally:
         stop_daemon(d)
         shutil.rmtree(runtime.parent, ignore_errors=True)
@@ -151,6 +205,14 @@ def main() -> None:
             f"| {row['ram_mib']} MiB | {row['snapshot_call_s']:.2f} s | {row['qemu_save_s']:.2f} s | "
             f"{row['state_mib']} MiB | {row['clone_to_answer_s']:.2f} s |"
         )
+    net = report.get("networked")
+    if isinstance(net, dict):
+        answers, cards = net["clone_start_to_answer"], net["clone_start_to_own_card"]
+        print(f"\nnetworked (TAP): Snapshot call {net['snapshot_call_s']:.2f} s (card ejected, saved, plugged back)")
+        print("| networked clone | median | all runs |\n| --- | --- | --- |")
+        print(f"| Spawn → console answer | {median(answers):.2f} s | {', '.join(f'{x:.2f}' for x in answers)} |")
+        print(f"| Spawn → own card in the guest | {median(cards):.2f} s | {', '.join(f'{x:.2f}' for x in cards)} |")
+        print(f"distinct MACs: {net['distinct_macs']} of {len(cards)} clones")
 
 
 if __name__ == "__main__":
