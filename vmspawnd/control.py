@@ -21,6 +21,19 @@ QmpEvent = tuple[str | None, dict[str, object] | None]
 SubscribeQmp = Callable[[], contextlib.AbstractContextManager[asyncio.Queue[QmpEvent]]]
 
 
+async def next_event(
+    queue: asyncio.Queue[QmpEvent], name: str, matches: Callable[[dict[str, object]], bool]
+) -> dict[str, object] | None:
+    """The data of the first event `name` on `queue` whose data `matches`; None when the
+    VM ends first (the caller bounds the wait)."""
+    while True:
+        event, data = await queue.get()
+        if event is None:
+            return None
+        if event == name and data is not None and matches(data):
+            return data
+
+
 class ControlledMachine(Protocol):
     """What the control interface may ask of a VM (vmspawnd.machine.Machine provides it)."""
 

@@ -89,7 +89,8 @@ def refuse_unless_snapshottable(machine: Machine, reference: str) -> None:
     if state not in (MachineState.RUNNING, MachineState.READY):
         raise InvalidState(machine.name, state.value, "snapshot")
     if _has_card(machine) and machine.record.paused:
-        raise InvalidState(machine.name, state.value, "snapshot (a paused guest cannot release its network card; resume it first)")
+        reason = "snapshot (a paused guest cannot release its network card; resume it first)"
+        raise InvalidState(machine.name, state.value, reason)
 
 
 async def take_snapshot(machine: Machine, bundle: Path, name: str, stop: bool) -> SnapshotRecord:

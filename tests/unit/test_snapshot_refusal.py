@@ -13,8 +13,8 @@ import pytest
 
 from vmspawnd.errors import SnapshotIncompatible
 from vmspawnd.model import MachineRecord, MachineState
-from vmspawnd.spec import VmSpec
 from vmspawnd.snapshot import refuse_unless_snapshottable
+from vmspawnd.spec import VmSpec
 
 
 class SharingMachine:

@@ -16,7 +16,7 @@ import os
 import time
 from pathlib import Path
 
-from vmspawnd.control import QmpEvent, SubscribeQmp
+from vmspawnd.control import QmpEvent, SubscribeQmp, next_event
 from vmspawnd.errors import NotConnected, Timeout
 from vmspawnd.qemu.monitor import QemuMonitor
 
@@ -49,15 +49,12 @@ async def _enable_events(monitor: QemuMonitor) -> None:
 async def _wait_end(monitor: QemuMonitor, queue: asyncio.Queue[QmpEvent], timeout: float) -> None:
     try:
         async with asyncio.timeout(timeout):
-            while True:
-                name, data = await queue.get()
-                if name is None:
-                    raise MigrationFailed("QEMU went away during the migration")
-                if name == "MIGRATION" and data is not None and data.get("status") in END_STATES:
-                    status = data["status"]
-                    break
+            data = await next_event(queue, "MIGRATION", lambda d: d.get("status") in END_STATES)
     except TimeoutError:
         raise Timeout(f"migration did not end within {timeout:g}s") from None
+    if data is None:
+        raise MigrationFailed("QEMU went away during the migration")
+    status = data["status"]
     if status != "completed":
         info = await monitor.execute("query-migrate")
         detail = info.get("error-desc", status) if isinstance(info, dict) else status

@@ -17,9 +17,10 @@ from __future__ import annotations
 import asyncio
 from typing import TYPE_CHECKING
 
+from vmspawnd.control import next_event
 from vmspawnd.qemu.qmp import QmpError
 
-if TYPE_CHECKING:  # the argv half of this module is pure (qemu/command.py uses it)
+if TYPE_CHECKING:
     from vmspawnd.control import SubscribeQmp
     from vmspawnd.qemu.monitor import QemuMonitor
 
@@ -79,16 +80,13 @@ async def unplug(monitor: QemuMonitor, subscribe: SubscribeQmp, timeout: float =
         await monitor.execute("device_del", {"id": DEVICE_ID})
         try:
             async with asyncio.timeout(timeout):
-                while True:
-                    name, data = await queue.get()
-                    if name is None:
-                        raise UnplugRefused("QEMU went away while the guest released its network card")
-                    if name == "DEVICE_DELETED" and data is not None and data.get("device") == DEVICE_ID:
-                        break
+                deleted = await next_event(queue, "DEVICE_DELETED", lambda data: data.get("device") == DEVICE_ID)
         except TimeoutError:
             raise UnplugRefused(
                 f"the guest did not release its network card within {timeout:g}s (it must handle PCIe/ACPI hot-unplug)"
             ) from None
+    if deleted is None:
+        raise UnplugRefused("QEMU went away while the guest released its network card")
     return str(mac)
 
 
