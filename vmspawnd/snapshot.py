@@ -2,9 +2,10 @@
 """Snapshots of a running VM, and clones started from them.
 
 `take_snapshot` unplugs the VM's network card (qemu/nic.py: the bundle holds none, so each
-clone can plug one with its own MAC), pauses the VM, has QEMU write its state into a bundle (qemu/migration.py),
-freezes the disk and NVRAM next to it while the guest cannot write, records the exact
-QEMU configuration and version, then resumes or stops the VM. `CloneSource` is what a
+clone can plug one with its own MAC), pauses the VM, has QEMU write its state into a
+bundle (qemu/migration.py), freezes the disk and NVRAM next to it while the guest cannot
+write, records the exact QEMU configuration and version, then plugs the card back and
+resumes or stops the VM. `CloneSource` is what a
 clone's `Machine.start` does differently: a qcow2 overlay on the frozen disk, the
 bundle's NVRAM, the argv checked against the bundle and rewritten to read the state, and
 the state loaded before `cont`. Everything else (a new vmgenid guid, runtime directory,
@@ -22,6 +23,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from vmspawnd.control import SubscribeQmp
 from vmspawnd.errors import InvalidState, SnapshotIncompatible
 from vmspawnd.model import MachineState, SnapshotRecord
 from vmspawnd.qemu import handover, migration, nic
@@ -103,6 +105,7 @@ async def take_snapshot(machine: Machine, bundle: Path, name: str, stop: bool) -
     was_paused = machine.record.paused
     has_card = _has_card(machine)
     card_mac: str | None = None  # set while the source's card is unplugged
+    paused_here = False
     try:
         if has_card:
             try:
@@ -111,6 +114,7 @@ async def take_snapshot(machine: Machine, bundle: Path, name: str, stop: bool) -
                 raise InvalidState(machine.name, machine.record.state.value, f"snapshot ({exc})") from exc
         if not was_paused:
             await machine.pause()
+            paused_here = True
         try:
             save_seconds = await migration.save_state(machine.monitor, machine.subscribe_qmp, bundle / STATE)
         except (migration.MigrationFailed, QmpError) as exc:
@@ -144,7 +148,7 @@ async def take_snapshot(machine: Machine, bundle: Path, name: str, stop: bool) -
         if machine.record.state.is_active:
             if card_mac is not None:
                 await nic.plug(machine.monitor, card_mac)
-            if not was_paused:
+            if paused_here:
                 await machine.resume()
         raise
     _log.info("%s: snapshot %s written in %.2fs (%d bytes of state)", machine.name, bundle, save_seconds, record.state_size)
@@ -153,7 +157,7 @@ async def take_snapshot(machine: Machine, bundle: Path, name: str, stop: bool) -
         return record
     if card_mac is not None:
         await nic.plug(machine.monitor, card_mac)  # the source's own card, its MAC unchanged
-    if not was_paused:
+    if paused_here:
         await machine.resume()
     return record
 
@@ -223,7 +227,7 @@ class CloneSource:
         )
         return dataclasses.replace(command, argv=argv, pass_fds=fds, hotplug=command.hotplug + hotplug)
 
-    async def load(self, monitor: QemuMonitor, subscribe: migration.Subscribe) -> None:
+    async def load(self, monitor: QemuMonitor, subscribe: SubscribeQmp) -> None:
         """Check QEMU's version against the bundle's, then load the state (the VM stays
         paused for Machine.start's `cont`)."""
         version = await migration.qemu_version(monitor)

@@ -8,8 +8,8 @@ so this function can be golden-tested scenario by scenario (libvirt's way).
 The argument order follows systemd-vmspawn 259 (docs/reference/systemd-vmspawn.md §3.0). Where a
 daemon must differ, docs/deviations.md says so (`-S` and a QMP monitor on a daemon-made
 socket, the console chardev on a daemon-made socket with `logfile=` instead of a pty,
-payload file names, vmgenid, the network card on its own root port, ...); nothing else may differ, and the goldens in
-tests/golden/ pin it scenario by scenario.
+payload file names, vmgenid, the network card on its own root port, ...); nothing else
+may differ, and the goldens in tests/golden/ pin it scenario by scenario.
 """
 
 from __future__ import annotations

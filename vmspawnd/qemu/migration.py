@@ -25,8 +25,6 @@ MAX_BANDWIDTH = 1 << 40  # bytes/s: the default (128 MiB/s) is for live links, n
 DEFAULT_TIMEOUT = 300.0  # a 16 GiB guest written at ~1 GB/s, with room
 END_STATES = ("completed", "failed", "cancelled")
 
-Subscribe = SubscribeQmp
-
 
 class MigrationFailed(Exception):
     """QEMU reported the migration failed (its error-desc) or it never ended."""
@@ -61,7 +59,7 @@ async def _wait_end(monitor: QemuMonitor, queue: asyncio.Queue[QmpEvent], timeou
         raise MigrationFailed(str(detail))
 
 
-async def save_state(monitor: QemuMonitor, subscribe: Subscribe, path: Path, timeout: float = DEFAULT_TIMEOUT) -> float:
+async def save_state(monitor: QemuMonitor, subscribe: SubscribeQmp, path: Path, timeout: float = DEFAULT_TIMEOUT) -> float:
     """Write the (paused) VM's state to a new file at `path` (0600); the seconds QEMU took.
 
     The VM must be paused already: then the state is one consistent point in time, and
@@ -81,7 +79,7 @@ async def save_state(monitor: QemuMonitor, subscribe: Subscribe, path: Path, tim
     return time.monotonic() - started
 
 
-async def load_state(monitor: QemuMonitor, subscribe: Subscribe, path: Path, timeout: float = DEFAULT_TIMEOUT) -> None:
+async def load_state(monitor: QemuMonitor, subscribe: SubscribeQmp, path: Path, timeout: float = DEFAULT_TIMEOUT) -> None:
     """Load the state at `path` into a QEMU started with `-incoming defer` (and `-S`: it
     stays paused afterwards, for the caller's `cont`)."""
     await _enable_events(monitor)
