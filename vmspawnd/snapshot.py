@@ -91,7 +91,7 @@ def refuse_unless_snapshottable(machine: Machine, reference: str) -> None:
     if state not in (MachineState.RUNNING, MachineState.READY):
         raise InvalidState(machine.name, state.value, "snapshot")
     if _has_card(machine) and machine.record.paused:
-        reason = "snapshot (a paused guest cannot release its network card; resume it first)"
+        reason = "snapshot (it is paused, and a paused guest cannot release its network card; resume it first)"
         raise InvalidState(machine.name, state.value, reason)
 
 

@@ -212,7 +212,11 @@ def format_error(exc: VarlinkError) -> str:
         case "MachineExists":
             return f"a machine named {p.get('name')!r} already exists"
         case "InvalidState":
-            text = f"cannot {p.get('operation')} {p.get('name')!r} while it is {p.get('state')}"
+            # The daemon may say why in the operation: "snapshot (REASON)".
+            operation, _, reason = str(p.get("operation")).partition(" (")
+            text = f"cannot {operation} {p.get('name')!r} while it is {p.get('state')}"
+            if reason:
+                text += f": {reason.removesuffix(')')}"
             if p.get("operation") == "remove":
                 text += f"; stop it first (vmspawnctl stop {p.get('name')}, or terminate to pull the plug)"
             return text

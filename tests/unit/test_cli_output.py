@@ -205,3 +205,26 @@ def test_the_ram_message_in_full(capsys: pytest.CaptureFixture[str]) -> None:
         "optional decimal fraction and an optional suffix B, K, M, G, T, P or E (upper case, powers of 1024), e.g. 2G, "
         "512M or 1.5K"
     )
+
+
+@pytest.mark.parametrize(
+    ("operation", "expected"),
+    [
+        ("remove", "cannot remove 'vm' while it is ready; stop it first"),
+        (
+            "snapshot (it is paused, and a paused guest cannot release its network card; resume it first)",
+            "cannot snapshot 'vm' while it is ready: it is paused, and a paused guest cannot release its network card;"
+            " resume it first",
+        ),
+        (
+            "snapshot (QEMU: migrate: GenericError: x (y))",
+            "cannot snapshot 'vm' while it is ready: QEMU: migrate: GenericError: x (y)",
+        ),
+    ],
+)
+def test_invalid_state_reads_as_a_sentence_with_the_daemons_reason(operation: str, expected: str) -> None:
+    from vmspawnctl.main import format_error
+    from vmspawnctl.varlink import VarlinkError
+
+    error = VarlinkError("io.vmspawnd.Manager.InvalidState", {"name": "vm", "state": "ready", "operation": operation})
+    assert format_error(error).startswith(expected)
