@@ -173,11 +173,16 @@ class CloneSource:
     def path(self) -> Path:
         return Path(self.bundle.path)
 
+    @property
+    def has_disk(self) -> bool:
+        """Whether the source had a disk image (a `--linux` VM may have none)."""
+        return (self.path / DISK).exists()
+
     async def prepare(self, paths: VmPaths) -> None:
         """The clone's own files: a qcow2 overlay on the frozen disk, a copy of the NVRAM
         (over the template copy resolve_host made: the guest's variables travel in the
         state, but the firmware also reads and writes the file)."""
-        if (self.path / DISK).exists():
+        if self.has_disk:
             await _run(
                 "qemu-img",
                 "create",
@@ -196,7 +201,9 @@ class CloneSource:
 
     def open_overlay(self, paths: VmPaths) -> tuple[int, ...]:
         """For a confined QEMU: the overlay prepare() made, opened (and write-locked) by the
-        daemon as any disk is (qemu/handover.py)."""
+        daemon as any disk is (qemu/handover.py); none for a source without a disk."""
+        if not self.has_disk:
+            return ()
         return handover.open_for_qemu(str(paths.directory / OVERLAY), True)
 
     def adapt(self, command: QemuCommand, paths: VmPaths, discard: bool, overlay_fds: tuple[int, ...] = ()) -> QemuCommand:

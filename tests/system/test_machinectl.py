@@ -314,3 +314,34 @@ def test_registered_again_after_a_daemon_restart(
     assert machine_property(c, "rereg", "Unit") == "rereg.scope"
     remote.call("Terminate", {"name": "rereg"})
     remote.call("Remove", {"name": "rereg"})
+
+
+def test_a_clone_is_a_machine_like_any_other(
+    system_container: Container, vmspawnd_installed: Installation, remote: Remote
+) -> None:
+    """A snapshot in the unit's state directory, and a clone of it started through
+    vmspawnctl: registered with machined in a scope of its own (every process of it there),
+    its guest answering machinectl poweroff from where the source was saved."""
+    c = system_container
+    source = start_vm(c, vmspawnd_installed, "snapsrc")
+    wait_booted(remote, source)
+    c.run(["vmspawnctl", "snapshot", "snapsrc", "--name=sysbundle", "--stop"], timeout=120)
+    assert c.run(["stat", "-c", "%a %U", "/var/lib/vmspawnd/snapshots/sysbundle"]).stdout.split() == ["700", "root"]
+    c.run(["vmspawnctl", "remove", "snapsrc"])
+    try:
+        c.run(["vmspawnctl", "start", "--from-snapshot=sysbundle", "-M", "sysclone"], timeout=120)
+        clone = remote.describe("sysclone")
+        assert clone["state"] in ("running", "ready") and clone["registered"] is True, clone
+        assert machine_property(c, "sysclone", "Class") == "vm"
+        assert machine_property(c, "sysclone", "Unit") == "sysclone.scope" == clone["unit"]
+        wrong = {pid: p for pid, p in vm_processes(c, clone).items() if unit_of(str(p["cgroup"])) != "sysclone.scope"}
+        assert not wrong, f"processes of the clone outside sysclone.scope: {wrong}"
+        offset = log_size(remote, clone)
+        with ends(remote, "sysclone") as result:
+            machinectl(c, "poweroff", "sysclone")
+        wait_in_log(remote, clone, offset, b"VMSPAWND-TEST: acpi-powerdown")  # the restored guest's acpid
+        assert (result["machine"]["state"], result["machine"]["reason"]) == ("stopped", "powered off on request")
+        remote.call("Remove", {"name": "sysclone"})
+    finally:
+        c.run(["vmspawnctl", "snapshot", "remove", "sysbundle"])
+    assert "sysbundle" not in c.run(["vmspawnctl", "snapshot", "list"]).stdout

@@ -111,6 +111,12 @@ class QemuMonitor:
             raise NotConnected(self._name)
         await self._session.pass_fd(fd, name)
 
+    async def add_fd(self, fd: int, opaque: str) -> int:
+        """Give QEMU an open file in a new fd set; its id (QmpSession.add_fd)."""
+        if self._session is None:
+            raise NotConnected(self._name)
+        return await self._session.add_fd(fd, opaque)
+
     async def request(self, operation: str, state: str, command: str, arguments: Mapping[str, object] | None = None) -> object:
         """A client's command: QEMU's refusal is InvalidState naming `operation`."""
         if not self.connected:

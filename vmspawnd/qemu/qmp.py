@@ -99,6 +99,16 @@ class QmpSession:
         self._client.send_fd_scm(fd)
         await self.execute("getfd", {"fdname": name}, timeout)
 
+    async def add_fd(self, fd: int, opaque: str, timeout: float = DEFAULT_COMMAND_TIMEOUT) -> int:
+        """Hand QEMU an open file in a new fd set (SCM_RIGHTS, then add-fd); the set's id,
+        for a `/dev/fdset/N` path QEMU then opens by dup (migration's `file:` URI)."""
+        if not self.connected:
+            raise NotConnected(self._name)
+        self._client.send_fd_scm(fd)
+        reply = await self.execute("add-fd", {"opaque": opaque}, timeout)
+        assert isinstance(reply, dict)
+        return int(reply["fdset-id"])
+
     async def query_status(self, timeout: float = DEFAULT_COMMAND_TIMEOUT) -> dict[str, object]:
         result = await self.execute("query-status", timeout=timeout)
         assert isinstance(result, dict)
