@@ -5,11 +5,11 @@
 clone can plug one with its own MAC), pauses the VM, has QEMU write its state into a
 bundle (qemu/migration.py), freezes the disk and NVRAM next to it while the guest cannot
 write, records the exact QEMU configuration and version, then plugs the card back and
-resumes or stops the VM. `CloneSource` is what a
-clone's `Machine.start` does differently: a qcow2 overlay on the frozen disk, the
-bundle's NVRAM, the argv checked against the bundle and rewritten to read the state, and
-the state loaded before `cont`. Everything else (a new vmgenid guid, runtime directory,
-console, control socket, vsock CID, swtpm, the network card's MAC) a clone gets as any VM does.
+resumes or stops the VM. `CloneSource` is what a clone's `Machine.start` does
+differently: a qcow2 overlay on the frozen disk, the bundle's NVRAM, the argv checked
+against the bundle and rewritten to read the state, the state loaded before `cont`, and
+the clone's own card plugged after it. Everything else (a new vmgenid guid, runtime
+directory, console, control socket, vsock CID, swtpm) a clone gets as any VM does.
 """
 
 from __future__ import annotations
